@@ -1,0 +1,46 @@
+# The two front doors: `make demo` and `make test`. Both create .venv and install what they
+# need, including Debian packages when run as root (see deploy/apt-install.sh).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_TOOLS_STAMP := $(VENV)/.test-tools
+
+.PHONY: demo test lint venv build-prerequisites test-tools clean
+
+demo: venv
+	$(BIN)/mrrp-pacs demo
+
+test: venv test-tools lint
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+venv: $(STAMP)
+
+# Prerequisites for creating the venv and building pyradiomics' C extension.
+build-prerequisites:
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || deploy/apt-install.sh python3-venv
+	@$(PYTHON) -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+		|| deploy/apt-install.sh python3-dev
+	@command -v gcc >/dev/null || deploy/apt-install.sh gcc libc6-dev
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory build-prerequisites
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Real external programs the tests use: Orthanc (PACS), dcmtk, dicom3tools, R survival.
+test-tools:
+	@if command -v storescu >/dev/null && command -v dsrdump >/dev/null \
+		&& command -v dciodvfy >/dev/null && test -x /usr/sbin/Orthanc \
+		&& Rscript -e 'suppressMessages(library(survival))' >/dev/null 2>&1; then :; \
+	else deploy/apt-install.sh orthanc dcmtk dicom3tools r-cran-survival; fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,397 @@
+"""Recognise a DICOM file by content, prove it is whole, and read what the pipeline needs.
+
+pydicom reads a truncated file without complaint (a short value is returned as it is), so
+:func:`check_complete` first walks the element headers of the whole file, seeking over values,
+and fails on any element, item or fragment that runs past the end. That costs a few reads even
+for a multi-gigabyte slide, since pixel data are never loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+PREAMBLE_BYTES = 128
+MAGIC = b"DICM"
+
+# SOP classes the pipeline treats specially (PS3.4 Annex B)
+VL_WHOLE_SLIDE_MICROSCOPY = "1.2.840.10008.5.1.4.1.1.77.1.6"
+ULTRASOUND_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+ULTRASOUND_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+MICROSCOPY_BULK_ANNOTATIONS = "1.2.840.10008.5.1.4.1.1.91.1"
+SR_CLASSES = {ENHANCED_SR, COMPREHENSIVE_SR, COMPREHENSIVE_3D_SR}
+US_CLASSES = {ULTRASOUND_IMAGE, ULTRASOUND_MULTIFRAME}
+
+DEFLATED_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
+BIG_ENDIAN_TRANSFER_SYNTAX = "1.2.840.10008.1.2.2"
+IMPLICIT_VR_TRANSFER_SYNTAX = "1.2.840.10008.1.2"
+
+# A bulk annotation group with more shapes than this is recorded without its coordinates
+# (e.g. every nucleus of a slide); readers go back to the instance for them.
+MAX_INDEXED_SHAPES = 1000
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQUENCE_END = (0xFFFE, 0xE0DD)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+
+
+class DicomError(ValueError):
+    """A file that looks like DICOM but cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Roi:
+    """A region found inside an SR (SCOORD/SCOORD3D) or a bulk annotation group."""
+
+    kind: str
+    graphic_type: str
+    coordinate_space: str  # image_px (column, row) | frame_mm (x, y, z in the frame of reference)
+    shapes: list[list[list[float]]] | None
+    shape_count: int
+    label: str | None = None
+    referenced_sop_instance_uid: str | None = None
+    referenced_series_instance_uid: str | None = None
+
+    def shapes_json(self) -> str | None:
+        return None if self.shapes is None else json.dumps(self.shapes)
+
+
+@dataclass(frozen=True)
+class DicomMeta:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str | None
+    patient_id: str | None
+    issuer_of_patient_id: str | None
+    accession_number: str | None
+    study_date: str | None
+    transfer_syntax_uid: str | None
+    rois: list[Roi] = field(default_factory=list)
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """True for a DICOM Part 10 file: 128-byte preamble then ``DICM``."""
+    return head[PREAMBLE_BYTES : PREAMBLE_BYTES + 4] == MAGIC
+
+
+def read_meta(source: Path | bytes) -> DicomMeta:
+    """Check ``source`` is a whole DICOM Part 10 object and read its identifying attributes.
+
+    Raises
+    ------
+    DicomError
+        Not Part 10, truncated, unparsable, or missing a UID the store needs.
+    """
+    fp: BinaryIO
+    if isinstance(source, bytes):
+        fp, size = io.BytesIO(source), len(source)
+    else:
+        fp, size = source.open("rb"), source.stat().st_size
+    with fp:
+        check_complete(fp, size)
+        fp.seek(0)
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError,
+                struct.error, NotImplementedError, OverflowError) as exc:
+            raise DicomError(f"cannot be parsed as DICOM: {exc}") from exc
+    try:
+        return _meta_from_dataset(ds)
+    except DicomError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
+        raise DicomError(f"has an attribute that cannot be decoded: {exc}") from exc
+
+
+def check_complete(fp: BinaryIO, size: int) -> None:
+    """Walk every element header of a Part 10 file; fail if anything runs past the end."""
+    walker = _Walker(fp, size)
+    if size < PREAMBLE_BYTES + 4:
+        raise DicomError(f"is only {size} bytes long: too short for DICOM")
+    fp.seek(PREAMBLE_BYTES)
+    if fp.read(4) != MAGIC:
+        raise DicomError("is not DICOM Part 10 (no 'DICM' after the 128-byte preamble)")
+    transfer_syntax = walker.file_meta()
+    if transfer_syntax in DEFLATED_TRANSFER_SYNTAXES:
+        return  # a zlib stream cannot be walked by seeking; pydicom's inflate will fail on damage
+    walker.implicit = transfer_syntax == IMPLICIT_VR_TRANSFER_SYNTAX
+    walker.little = transfer_syntax != BIG_ENDIAN_TRANSFER_SYNTAX
+    walker.dataset(until_item_end=False)
+
+
+class _Walker:
+    """Seeks through element headers (PS3.5 §7) without reading values."""
+
+    def __init__(self, fp: BinaryIO, size: int) -> None:
+        self.fp, self.size = fp, size
+        self.implicit, self.little = False, True
+
+    def _read(self, n: int, what: str) -> bytes:
+        at = self.fp.tell()
+        data = self.fp.read(n)
+        if len(data) < n:
+            raise DicomError(f"is truncated: {what} at byte {at} runs past the end ({self.size})")
+        return data
+
+    def _skip(self, n: int, what: str) -> None:
+        at = self.fp.tell()
+        if at + n > self.size:
+            raise DicomError(
+                f"is truncated: {what} at byte {at} needs {n} bytes, only {self.size - at} remain"
+            )
+        self.fp.seek(at + n)
+
+    def _tag(self, little: bool) -> tuple[int, int]:
+        group, element = struct.unpack("<HH" if little else ">HH", self._read(4, "a tag"))
+        return group, element
+
+    def file_meta(self) -> str:
+        """Walk group 0002 (always explicit VR little endian); return the transfer syntax."""
+        transfer_syntax = ""
+        while True:
+            at = self.fp.tell()
+            if at + 4 > self.size:
+                raise DicomError("is truncated inside the file meta information")
+            group, element = self._tag(True)
+            if group != 0x0002:
+                self.fp.seek(at)
+                break
+            vr = self._read(2, "a VR")
+            if vr in _LONG_VRS:
+                self._read(2, "reserved bytes")
+                (length,) = struct.unpack("<I", self._read(4, "a length"))
+            else:
+                (length,) = struct.unpack("<H", self._read(2, "a length"))
+            if element == 0x0010:
+                transfer_syntax = self._read(length, "the transfer syntax").decode(
+                    "ascii", "replace").strip("\0 ")
+            else:
+                self._skip(length, f"element (0002,{element:04X})")
+        if not transfer_syntax:
+            raise DicomError("has no Transfer Syntax UID (0002,0010) in its file meta information")
+        return transfer_syntax
+
+    def dataset(self, until_item_end: bool, implicit: bool | None = None) -> None:
+        implicit = self.implicit if implicit is None else implicit
+        little = self.little
+        endian = "<" if little else ">"
+        while True:
+            if not until_item_end and self.fp.tell() >= self.size:
+                return
+            tag = self._tag(little)
+            if tag == _ITEM_END:
+                self._read(4, "an item delimiter length")
+                if until_item_end:
+                    return
+                raise DicomError(f"has a stray item delimiter at byte {self.fp.tell() - 8}")
+            if tag[0] == 0xFFFE:
+                raise DicomError(f"has a misplaced item tag at byte {self.fp.tell() - 4}")
+            vr = b""
+            if implicit:
+                (length,) = struct.unpack(endian + "I", self._read(4, "a length"))
+            else:
+                vr = self._read(2, "a VR")
+                if vr in _LONG_VRS:
+                    self._read(2, "reserved bytes")
+                    (length,) = struct.unpack(endian + "I", self._read(4, "a length"))
+                else:
+                    (length,) = struct.unpack(endian + "H", self._read(2, "a length"))
+            name = f"element ({tag[0]:04X},{tag[1]:04X})"
+            if length == _UNDEFINED:
+                # undefined length: a sequence, encapsulated pixel data, or UN holding a sequence
+                self._items(name, nested_implicit=implicit or vr == b"UN")
+            else:
+                self._skip(length, name)
+
+    def _items(self, name: str, nested_implicit: bool) -> None:
+        endian = "<" if self.little else ">"
+        while True:
+            tag = self._tag(self.little)
+            (length,) = struct.unpack(endian + "I", self._read(4, "an item length"))
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM:
+                raise DicomError(
+                    f"is corrupt: {name} holds tag ({tag[0]:04X},{tag[1]:04X}) where an item "
+                    f"belongs (byte {self.fp.tell() - 8})"
+                )
+            if length == _UNDEFINED:
+                self.dataset(until_item_end=True, implicit=nested_implicit)
+            else:
+                self._skip(length, f"an item of {name}")
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _uid(ds: Dataset, keyword: str, required: bool = True) -> str | None:
+    value = _text(ds, keyword)
+    if value is None:
+        if required:
+            raise DicomError(f"has no {keyword}, which every stored object needs")
+        return None
+    value = value.rstrip("\0")
+    if len(value) > 64 or not _UID.match(value):
+        raise DicomError(f"has an invalid {keyword}: {value[:80]!r}")
+    return value
+
+
+def _meta_from_dataset(ds: Dataset) -> DicomMeta:
+    sop_class = _uid(ds, "SOPClassUID")
+    assert sop_class is not None
+    file_meta = getattr(ds, "file_meta", None)
+    meta_sop = file_meta.get("MediaStorageSOPInstanceUID") if file_meta is not None else None
+    sop_instance = _uid(ds, "SOPInstanceUID")
+    if meta_sop and str(meta_sop).rstrip("\0") != sop_instance:
+        raise DicomError(
+            "has a MediaStorageSOPInstanceUID that differs from its SOPInstanceUID"
+        )
+    study = _uid(ds, "StudyInstanceUID")
+    series = _uid(ds, "SeriesInstanceUID")
+    assert sop_instance is not None and study is not None and series is not None
+    transfer_syntax = None
+    if file_meta is not None and "TransferSyntaxUID" in file_meta:
+        transfer_syntax = str(file_meta.TransferSyntaxUID)
+    if sop_class in SR_CLASSES:
+        rois = _sr_rois(ds)
+    elif sop_class == MICROSCOPY_BULK_ANNOTATIONS:
+        rois = _annotation_rois(ds)
+    else:
+        rois = []
+    return DicomMeta(
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        modality=_text(ds, "Modality"),
+        patient_id=_text(ds, "PatientID"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
+        transfer_syntax_uid=transfer_syntax,
+        rois=rois,
+    )
+
+
+def _concept(item: Dataset) -> str | None:
+    seq = item.get("ConceptNameCodeSequence")
+    if seq:
+        return _text(seq[0], "CodeMeaning")
+    return None
+
+
+def _pairs(values: Any, per_point: int) -> list[list[float]]:
+    flat = [float(v) for v in values]
+    if not flat or len(flat) % per_point:
+        raise DicomError(
+            f"has graphic data of {len(flat)} values, not a whole number of points"
+        )
+    return [flat[i : i + per_point] for i in range(0, len(flat), per_point)]
+
+
+def _sr_rois(ds: Dataset) -> list[Roi]:
+    """Every SCOORD / SCOORD3D in the SR content tree (TID 1410 planar ROIs among them)."""
+    rois: list[Roi] = []
+    stack = list(ds.get("ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        value_type = _text(item, "ValueType")
+        if value_type == "SCOORD":
+            referenced = None
+            for child in item.get("ContentSequence", []):
+                refs = child.get("ReferencedSOPSequence")
+                if _text(child, "ValueType") == "IMAGE" and refs:
+                    referenced = _uid(refs[0], "ReferencedSOPInstanceUID", required=False)
+            rois.append(Roi(
+                kind="sr_scoord",
+                graphic_type=_text(item, "GraphicType") or "",
+                coordinate_space="image_px",
+                shapes=[_pairs(item.get("GraphicData", []), 2)],
+                shape_count=1,
+                label=_concept(item),
+                referenced_sop_instance_uid=referenced,
+            ))
+        elif value_type == "SCOORD3D":
+            rois.append(Roi(
+                kind="sr_scoord3d",
+                graphic_type=_text(item, "GraphicType") or "",
+                coordinate_space="frame_mm",
+                shapes=[_pairs(item.get("GraphicData", []), 3)],
+                shape_count=1,
+                label=_concept(item),
+            ))
+        stack.extend(item.get("ContentSequence", []))
+    return rois
+
+
+def _annotation_rois(ds: Dataset) -> list[Roi]:
+    """One ROI per annotation group of a Microscopy Bulk Simple Annotations object."""
+    two_d = _text(ds, "AnnotationCoordinateType") == "2D"
+    per_point = 2 if two_d else 3
+    ref_instance = ref_series = None
+    if ds.get("ReferencedImageSequence"):
+        ref_instance = _uid(ds.ReferencedImageSequence[0], "ReferencedSOPInstanceUID", False)
+    if ds.get("ReferencedSeriesSequence"):
+        ref_series = _uid(ds.ReferencedSeriesSequence[0], "SeriesInstanceUID", False)
+    rois = []
+    for group in ds.get("AnnotationGroupSequence", []):
+        count = int(group.get("NumberOfAnnotations", 0))
+        graphic_type = _text(group, "GraphicType") or ""
+        shapes: list[list[list[float]]] | None = None
+        if count <= MAX_INDEXED_SHAPES:
+            if "DoublePointCoordinatesData" in group:
+                points = np.frombuffer(group.DoublePointCoordinatesData, dtype="<f8")
+            elif "PointCoordinatesData" in group:
+                points = np.frombuffer(group.PointCoordinatesData, dtype="<f4")
+            else:
+                raise DicomError("has an annotation group without point coordinates")
+            points = points.astype(float).reshape(-1, per_point)
+            if "LongPrimitivePointIndexList" in group:
+                # 1-based index of each shape's first value in the flat coordinate list
+                starts = np.frombuffer(group.LongPrimitivePointIndexList, dtype="<u4")
+                bounds = [int(s - 1) // per_point for s in starts] + [len(points)]
+                shapes = [points[a:b].tolist() for a, b in itertools.pairwise(bounds)]
+            else:
+                step = {"POINT": 1, "RECTANGLE": 4, "ELLIPSE": 4}.get(graphic_type, 0)
+                shapes = ([points[i : i + step].tolist() for i in range(0, len(points), step)]
+                          if step else [points.tolist()])
+            if len(shapes) != count:
+                raise DicomError(
+                    f"has an annotation group announcing {count} annotations but holding "
+                    f"{len(shapes)}"
+                )
+        rois.append(Roi(
+            kind="annotation_group",
+            graphic_type=graphic_type,
+            coordinate_space="image_px" if two_d else "frame_mm",
+            shapes=shapes,
+            shape_count=count,
+            label=_text(group, "AnnotationGroupLabel"),
+            referenced_sop_instance_uid=ref_instance,
+            referenced_series_instance_uid=ref_series,
+        ))
+    return rois

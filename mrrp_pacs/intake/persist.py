@@ -1,0 +1,276 @@
+"""The one door into the store: persist a DICOM object or HL7 message, then say what happened.
+
+Listeners (file drop, DICOM storage SCP, MLLP) all call :class:`Intake`. Order of work:
+digest → already stored? → parse and validate → copy the bytes into the object store
+(atomic) → one transaction for every row. A caller acknowledges only after ``receive_*``
+returned ``NEW`` or ``DUPLICATE``; a ``sqlite3`` or ``OSError`` raised from here means nothing
+was recorded and the sender should try again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
+from mrrp_pacs.config import Config
+from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, DicomError, looks_like_dicom, read_meta
+from mrrp_pacs.intake.hl7 import Hl7Error, looks_like_hl7, parse_message, split_messages
+from mrrp_pacs.intake.records import ResultContent, read_result
+from mrrp_pacs.store import Store, sha256_file, utc_now
+
+LOGGER = logging.getLogger(__name__)
+
+SNIFF_BYTES = PREAMBLE_BYTES + 4
+
+
+class Outcome(StrEnum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    outcome: Outcome
+    kind: str  # dicom | hl7 | unknown
+    reason: str | None = None
+    row_id: int | None = None
+    control_id: str | None = None  # HL7 MSH-10, for the acknowledgement
+
+
+class Intake:
+    """Persists received objects into one :class:`~mrrp_pacs.store.Store`."""
+
+    def __init__(self, store: Store, config: Config, schema: ClinicalSchema | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.schema = schema if schema is not None else load_schema(config.clinical.schema_file)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def receive_path(self, path: Path) -> list[IntakeResult]:
+        """Recognise a file by its content and persist it (an HL7 file may hold many messages)."""
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(SNIFF_BYTES)
+        except OSError as exc:
+            return [IntakeResult(Outcome.REJECTED, "unknown", f"cannot be read: {exc.strerror}")]
+        if looks_like_dicom(head):
+            return [self.receive_dicom(path, origin=f"file:{path}")]
+        if looks_like_hl7(head):
+            size = path.stat().st_size
+            limit = self.config.ingest.max_hl7_bytes
+            if size > limit:
+                return [IntakeResult(Outcome.REJECTED, "hl7", f"is {size} bytes, more than "
+                                     f"ingest.max_hl7_bytes ({limit})")]
+            try:
+                messages = split_messages(path.read_bytes())
+            except Hl7Error as exc:
+                return [IntakeResult(Outcome.REJECTED, "hl7", str(exc))]
+            return [self.receive_hl7(raw, origin=f"file:{path}") for raw in messages]
+        if not head:
+            return [IntakeResult(Outcome.REJECTED, "unknown", "is empty")]
+        return [IntakeResult(Outcome.REJECTED, "unknown",
+                             "is neither DICOM Part 10 nor an HL7 v2 message")]
+
+    # -- DICOM ---------------------------------------------------------------------------
+
+    def receive_dicom(self, source: Path | bytes, origin: str) -> IntakeResult:
+        """Persist one DICOM Part 10 object given as a file or as its encoded bytes."""
+        if isinstance(source, bytes):
+            sha, size = hashlib.sha256(source).hexdigest(), len(source)
+        else:
+            try:
+                sha, size = sha256_file(source)
+            except OSError as exc:
+                return IntakeResult(Outcome.REJECTED, "dicom", f"cannot be read: {exc.strerror}")
+        if self._known("instances", sha):
+            return IntakeResult(Outcome.DUPLICATE, "dicom", "identical object already stored")
+        try:
+            meta = read_meta(source)
+        except DicomError as exc:
+            return IntakeResult(Outcome.REJECTED, "dicom", f"DICOM object {exc}")
+        except OSError as exc:
+            return IntakeResult(Outcome.REJECTED, "dicom", f"cannot be read: {exc.strerror}")
+        try:
+            if isinstance(source, bytes):
+                self.store.objects.put_bytes(source)
+            else:
+                self.store.objects.put_file(source, expected_sha256=sha)
+        except ValueError as exc:
+            return IntakeResult(Outcome.REJECTED, "dicom", str(exc))
+
+        with self.store.transaction() as conn:
+            if self._known("instances", sha):
+                return IntakeResult(Outcome.DUPLICATE, "dicom", "identical object already stored")
+            earlier = [r[0] for r in conn.execute(
+                "SELECT id FROM instances WHERE sop_instance_uid = ? AND superseded_by IS NULL",
+                (meta.sop_instance_uid,))]
+            instance_id = self.store.insert(conn, "instances", {
+                "sop_instance_uid": meta.sop_instance_uid,
+                "sop_class_uid": meta.sop_class_uid,
+                "study_instance_uid": meta.study_instance_uid,
+                "series_instance_uid": meta.series_instance_uid,
+                "modality": meta.modality,
+                "patient_id": meta.patient_id,
+                "issuer_of_patient_id": meta.issuer_of_patient_id,
+                "accession_number": meta.accession_number,
+                "study_date": meta.study_date,
+                "transfer_syntax_uid": meta.transfer_syntax_uid,
+                "sha256": sha,
+                "size_bytes": size,
+                "source": origin,
+                "received_at": utc_now(),
+            })
+            for old in earlier:
+                conn.execute("UPDATE instances SET superseded_by = ? WHERE id = ?",
+                             (instance_id, old))
+            for roi in meta.rois:
+                self.store.insert(conn, "rois", {
+                    "instance_id": instance_id,
+                    "kind": roi.kind,
+                    "label": roi.label,
+                    "graphic_type": roi.graphic_type,
+                    "coordinate_space": roi.coordinate_space,
+                    "shape_count": roi.shape_count,
+                    "shapes": roi.shapes_json(),
+                    "referenced_sop_instance_uid": roi.referenced_sop_instance_uid,
+                    "referenced_series_instance_uid": roi.referenced_series_instance_uid,
+                })
+        note = "replaces an earlier object with the same SOP Instance UID" if earlier else None
+        LOGGER.debug("stored DICOM instance row %d (%s, %d bytes)%s", instance_id,
+                    meta.modality or "?", size, " replacing an earlier version" if earlier else "")
+        return IntakeResult(Outcome.NEW, "dicom", note, row_id=instance_id)
+
+    # -- HL7 -----------------------------------------------------------------------------
+
+    def receive_hl7(self, raw: bytes, origin: str) -> IntakeResult:
+        """Persist one HL7 v2 message (MLLP framing already removed or not)."""
+        limit = self.config.ingest.max_hl7_bytes
+        if len(raw) > limit:
+            return IntakeResult(Outcome.REJECTED, "hl7",
+                                f"message is {len(raw)} bytes, more than ingest.max_hl7_bytes "
+                                f"({limit})")
+        try:
+            message = parse_message(raw)
+            content = read_result(message, self.config.ingest, self.config.identity, self.schema)
+        except Hl7Error as exc:
+            return IntakeResult(Outcome.REJECTED, "hl7", f"HL7 message {exc}")
+        sha = hashlib.sha256(message.raw).hexdigest()
+        if self._known("hl7_messages", sha):
+            return IntakeResult(Outcome.DUPLICATE, "hl7", "identical message already stored",
+                                control_id=content.control_id)
+        self.store.objects.put_bytes(message.raw)
+        with self.store.transaction() as conn:
+            if self._known("hl7_messages", sha):
+                return IntakeResult(Outcome.DUPLICATE, "hl7", "identical message already stored",
+                                    control_id=content.control_id)
+            row = {
+                "control_id": content.control_id,
+                "sending_application": content.sending_application,
+                "sending_facility": content.sending_facility,
+                "message_type": content.message_type,
+                "message_datetime": content.message_datetime,
+                "version": content.version,
+                "processing_id": content.processing_id,
+                "charset": message.charset,
+                "patient_id": content.patient_id or None,
+                "assigning_authority": content.assigning_authority or None,
+                "sha256": sha,
+                "size_bytes": len(message.raw),
+                "source": origin,
+                "received_at": utc_now(),
+            }
+            earlier = conn.execute(
+                "SELECT id FROM hl7_messages WHERE sending_application = ? AND "
+                "sending_facility = ? AND control_id = ? AND state = 'parsed'",
+                (content.sending_application, content.sending_facility, content.control_id),
+            ).fetchone()
+            if earlier is not None:
+                reason = (f"control id {content.control_id!r} from "
+                          f"{content.sending_application or '?'} was already received "
+                          f"(message row {earlier[0]}); kept, not processed again")
+                message_id = self.store.insert(conn, "hl7_messages", {
+                    **row, "state": "duplicate_control_id", "note": reason})
+                return IntakeResult(Outcome.DUPLICATE, "hl7", reason, row_id=message_id,
+                                    control_id=content.control_id)
+            message_id = self.store.insert(conn, "hl7_messages", {**row, "state": "parsed"})
+            self._write_result(conn, message_id, content)
+        LOGGER.debug("stored HL7 %s message row %d (%d observations)", content.message_type,
+                    message_id, sum(len(o.observations) for o in content.orders))
+        return IntakeResult(Outcome.NEW, "hl7", row_id=message_id, control_id=content.control_id)
+
+    def _write_result(self, conn: sqlite3.Connection, message_id: int,
+                      content: ResultContent) -> None:
+        patient = {"patient_id": content.patient_id or None,
+                   "assigning_authority": content.assigning_authority or None}
+        observation_ids: dict[int, int] = {}
+        for order in content.orders:
+            for obx in order.observations:
+                observation_ids[id(obx)] = self.store.insert(conn, "observations", {
+                    "message_id": message_id, **vars(obx)})
+        for order, kind, text in content.reports(self.config.ingest):
+            report_id = self.store.insert(conn, "reports", {
+                "message_id": message_id, **patient,
+                "accession_number": order.accession_number or None,
+                "kind": kind,
+                "service_code": order.service_code,
+                "service_text": order.service_text,
+                "section": order.section,
+                "status": order.status,
+                "observed_at": order.observed_at,
+                "text": text,
+            })
+            if order.accession_number and content.patient_id:
+                self._supersede(conn, "reports", report_id, order.observed_at,
+                                "accession_number = ? AND kind = ? AND patient_id = ? AND "
+                                "assigning_authority IS ?",
+                                (order.accession_number, kind, content.patient_id,
+                                 content.assigning_authority or None))
+        for value in content.clinical_values:
+            value_id = self.store.insert(conn, "clinical_values", {
+                "message_id": message_id,
+                "observation_id": (observation_ids.get(id(value.observation))
+                                   if value.observation else None),
+                **patient,
+                "variable": value.variable,
+                "value_text": value.value_text,
+                "value_num": value.value_num,
+                "unit": value.unit,
+                "status": value.status,
+                "observed_at": value.observed_at,
+                "source": value.source,
+            })
+            if content.patient_id:
+                self._supersede(conn, "clinical_values", value_id, value.observed_at,
+                                "patient_id = ? AND assigning_authority IS ? AND variable = ?",
+                                (content.patient_id, content.assigning_authority or None,
+                                 value.variable))
+
+    @staticmethod
+    def _supersede(conn: sqlite3.Connection, table: str, new_id: int, observed_at: str,
+                   where: str, params: tuple[object, ...]) -> None:
+        """Mark the older of the new row and each current one as superseded by the newer.
+
+        Observation times are HL7 timestamps (YYYYMMDD[HHMM[SS]]), which order as strings;
+        at equal times the row received later wins.
+        """
+        current = conn.execute(
+            f"SELECT id, observed_at FROM {table} WHERE {where} AND superseded_by IS NULL "
+            "AND id != ?", (*params, new_id)).fetchall()
+        for row_id, old_at in current:
+            if (old_at or "") <= (observed_at or ""):
+                conn.execute(f"UPDATE {table} SET superseded_by = ? WHERE id = ?",
+                             (new_id, row_id))
+            else:
+                conn.execute(f"UPDATE {table} SET superseded_by = ? WHERE id = ?",
+                             (row_id, new_id))
+
+    def _known(self, table: str, sha: str) -> bool:
+        return self.store.conn.execute(
+            f"SELECT 1 FROM {table} WHERE sha256 = ?", (sha,)).fetchone() is not None

@@ -1,0 +1,110 @@
+import struct
+
+import pytest
+from builders import Patient, encode, tumour_annotation, us_image, us_roi_sr, wsi_image
+
+from mrrp_pacs.intake.dicom import (
+    COMPREHENSIVE_SR,
+    MICROSCOPY_BULK_ANNOTATIONS,
+    DicomError,
+    looks_like_dicom,
+    read_meta,
+)
+
+
+def test_reads_identifiers_of_an_ultrasound_image():
+    patient = Patient()
+    image = us_image(patient)
+    meta = read_meta(encode(image))
+    assert meta.sop_instance_uid == image.SOPInstanceUID
+    assert meta.study_instance_uid == patient.us_study_uid
+    assert (meta.patient_id, meta.issuer_of_patient_id) == ("MRN001", "HOSP")
+    assert meta.accession_number == "US-MRN001"
+    assert meta.modality == "US"
+    assert meta.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    assert meta.rois == []
+
+
+def test_reads_the_box_of_a_tid1500_sr_and_the_image_it_marks():
+    patient = Patient()
+    image = us_image(patient)
+    meta = read_meta(encode(us_roi_sr(patient, image, (10, 12, 40, 30))))
+    assert meta.sop_class_uid == COMPREHENSIVE_SR
+    (roi,) = meta.rois
+    assert roi.graphic_type == "POLYLINE"
+    assert roi.referenced_sop_instance_uid == image.SOPInstanceUID
+    assert roi.shapes == [[[10, 12], [40, 12], [40, 30], [10, 30], [10, 12]]]
+
+
+def test_reads_the_polygon_of_a_bulk_annotation():
+    patient = Patient()
+    slide = wsi_image(patient)
+    polygon = [(1.0, 1.0), (20.0, 2.0), (15.0, 25.0), (3.0, 20.0)]
+    meta = read_meta(encode(tumour_annotation(patient, slide, polygon)))
+    assert meta.sop_class_uid == MICROSCOPY_BULK_ANNOTATIONS
+    (roi,) = meta.rois
+    assert (roi.graphic_type, roi.coordinate_space, roi.label) == \
+        ("POLYGON", "image_px", "tumour region")
+    assert roi.shapes == [[list(p) for p in polygon]]
+    assert roi.referenced_sop_instance_uid == slide.SOPInstanceUID
+
+
+@pytest.mark.parametrize("keep", [0.999, 0.9, 0.5, 0.2, 0.1, 0.05])
+def test_truncated_files_are_refused(keep):
+    data = encode(us_image(Patient()))
+    cut = data[: int(len(data) * keep)]
+    with pytest.raises(DicomError, match=r"truncated|too short"):
+        read_meta(cut)
+
+
+def test_truncated_encapsulated_pixel_data_is_refused():
+    image = us_image(Patient())
+    image.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG baseline
+    from pydicom.encaps import encapsulate
+    image.PixelData = encapsulate([b"\xff\xd8" + b"\0" * 500 + b"\xff\xd9"])
+    image["PixelData"].VR = "OB"
+    data = encode(image)
+    read_meta(data)  # whole: fine
+    with pytest.raises(DicomError, match="truncated"):
+        read_meta(data[:-100])
+
+
+def test_an_element_length_past_the_end_is_refused():
+    data = bytearray(encode(us_image(Patient())))
+    at = data.index(b"\x08\x00\x60\x00CS")  # Modality
+    data[at + 6 : at + 8] = b"\xff\xff"  # now claims 65535 bytes
+    with pytest.raises(DicomError, match=r"element \(0008,0060\).*needs 65535 bytes"):
+        read_meta(bytes(data))
+
+
+def test_a_stray_item_tag_is_refused():
+    data = bytearray(encode(us_image(Patient())))
+    at = data.index(b"\x08\x00\x60\x00CS")
+    data[at : at + 4] = b"\xfe\xff\x00\xe0"
+    with pytest.raises(DicomError, match="misplaced item tag"):
+        read_meta(bytes(data))
+
+
+def test_missing_uid_is_named():
+    image = us_image(Patient())
+    del image.StudyInstanceUID
+    with pytest.raises(DicomError, match="StudyInstanceUID"):
+        read_meta(encode(image))
+
+
+def test_malformed_uid_is_refused():
+    image = us_image(Patient())
+    image.SeriesInstanceUID = "1.2.abc"
+    with pytest.raises(DicomError, match="invalid SeriesInstanceUID"):
+        read_meta(encode(image))
+
+
+def test_magic_detection():
+    assert looks_like_dicom(encode(us_image(Patient()))[:132])
+    assert not looks_like_dicom(b"\0" * 132)
+    assert not looks_like_dicom(b"MSH|^~\\&|")
+
+
+def test_not_part10_is_refused():
+    with pytest.raises(DicomError, match="not DICOM Part 10"):
+        read_meta(b"\0" * 128 + b"DICX" + struct.pack("<HH", 2, 1) + b"\0" * 20)

@@ -1,0 +1,164 @@
+import sqlite3
+
+import pytest
+from builders import (
+    PATHOLOGY_VALUES,
+    Patient,
+    encode,
+    mllp,
+    pathology_result,
+    tumour_annotation,
+    us_image,
+    us_report,
+    us_roi_sr,
+    write,
+    wsi_image,
+)
+
+from mrrp_pacs.intake import Intake, Outcome
+from mrrp_pacs.store import Store
+
+
+def _count(store: Store, table: str) -> int:
+    return store.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_dicom_file_is_copied_and_recorded(intake, store, tmp_path):
+    image = us_image(Patient())
+    path = write(image, tmp_path / "drop" / "image.bin")
+    result = intake.receive_dicom(path, origin="file:x")
+    assert result.outcome is Outcome.NEW
+    row = store.conn.execute("SELECT * FROM instances WHERE id = ?", (result.row_id,)).fetchone()
+    assert row["sop_instance_uid"] == image.SOPInstanceUID
+    assert row["size_bytes"] == path.stat().st_size
+    assert store.objects.read_bytes(row["sha256"]) == path.read_bytes()
+    again = intake.receive_dicom(path, origin="file:x")
+    assert again.outcome is Outcome.DUPLICATE
+    assert _count(store, "instances") == 1
+
+
+def test_dicom_bytes_and_rois(intake, store):
+    patient = Patient()
+    image, slide = us_image(patient), wsi_image(patient)
+    sr = us_roi_sr(patient, image, (5, 6, 30, 20))
+    ann = tumour_annotation(patient, slide, [(1, 1), (9, 1), (9, 9)])
+    for ds in (image, slide, sr, ann):
+        assert intake.receive_dicom(encode(ds), origin="dicom:TEST").outcome is Outcome.NEW
+    rois = store.conn.execute("SELECT kind, graphic_type, referenced_sop_instance_uid FROM rois "
+                              "ORDER BY kind").fetchall()
+    assert [tuple(r) for r in rois] == [
+        ("annotation_group", "POLYGON", slide.SOPInstanceUID),
+        ("sr_scoord", "POLYLINE", image.SOPInstanceUID),
+    ]
+
+
+def test_same_sop_instance_with_new_content_supersedes(intake, store):
+    image = us_image(Patient())
+    first = intake.receive_dicom(encode(image), origin="a")
+    image.InstanceNumber = 2
+    second = intake.receive_dicom(encode(image), origin="b")
+    assert second.outcome is Outcome.NEW and "replaces" in (second.reason or "")
+    rows = store.conn.execute("SELECT id, superseded_by FROM instances ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [(first.row_id, second.row_id), (second.row_id, None)]
+
+
+def test_rejected_dicom_writes_nothing(intake, store):
+    data = encode(us_image(Patient()))
+    result = intake.receive_dicom(data[: len(data) // 2], origin="x")
+    assert result.outcome is Outcome.REJECTED and "truncated" in (result.reason or "")
+    assert _count(store, "instances") == 0
+    assert not store.objects.root.exists() or not any(
+        p.is_file() for p in store.objects.root.rglob("*"))
+
+
+def test_hl7_result_fills_observations_reports_and_clinical_values(intake, store):
+    patient = Patient()
+    assert intake.receive_hl7(us_report(patient), "mllp:x").outcome is Outcome.NEW
+    result = intake.receive_hl7(pathology_result(patient), "mllp:x")
+    assert result.outcome is Outcome.NEW and result.control_id == "PA-0001"
+    message = store.conn.execute("SELECT * FROM hl7_messages WHERE id = ?",
+                                 (result.row_id,)).fetchone()
+    assert (message["patient_id"], message["assigning_authority"]) == ("MRN001", "HOSP")
+    assert message["message_type"] == "ORU^R01" and message["state"] == "parsed"
+    assert _count(store, "observations") == 3 + len(PATHOLOGY_VALUES)
+    (report,) = store.conn.execute("SELECT * FROM reports").fetchall()
+    assert report["kind"] == "ultrasound" and report["accession_number"] == "US-MRN001"
+    assert report["text"].splitlines()[-1] == "Assessment: BI-RADS 4C."
+    values = {r["variable"]: (r["value_text"], r["value_num"], r["unit"], r["source"]) for r in
+              store.conn.execute("SELECT * FROM clinical_values")}
+    assert values["tumour_size_mm"] == ("18", 18.0, "mm", "OBX LN:21889-1")
+    assert values["grade"] == ("2", None, "", "OBX L:MRRP-GRADE")
+    assert values["her2_ihc"][0] == "1+"
+    assert values["subtype"][0] == "luminal_a"
+    # no age OBX: derived from PID-7 (1979-03-14) at the result date (2026-01-10)
+    assert values["age_years"] == ("46", 46.0, "a", "PID-7")
+    assert len(values) == 9
+
+
+def test_mllp_framed_and_lf_messages_are_stored_alike(intake, store):
+    assert intake.receive_hl7(mllp(us_report(Patient(), "F1")), "x").outcome is Outcome.NEW
+    assert intake.receive_hl7(us_report(Patient(), "F2", end="\n"), "x").outcome is Outcome.NEW
+    assert _count(store, "reports") == 2
+
+
+def test_duplicate_control_id_is_kept_but_processed_once(intake, store):
+    patient = Patient()
+    first = intake.receive_hl7(pathology_result(patient, "SAME-1"), "x")
+    identical = intake.receive_hl7(pathology_result(patient, "SAME-1"), "x")
+    changed = intake.receive_hl7(pathology_result(patient, "SAME-1", observed="20260111"), "x")
+    assert first.outcome is Outcome.NEW
+    assert identical.outcome is Outcome.DUPLICATE and identical.row_id is None
+    assert changed.outcome is Outcome.DUPLICATE and "already received" in (changed.reason or "")
+    states = [r[0] for r in store.conn.execute("SELECT state FROM hl7_messages ORDER BY id")]
+    assert states == ["parsed", "duplicate_control_id"]
+    assert _count(store, "clinical_values") == 9  # the second copy added no values
+    # the same id from another sender is a different message
+    other = intake.receive_hl7(pathology_result(patient, "SAME-1").replace(b"|LIS|", b"|LIS2|"),
+                               "x")
+    assert other.outcome is Outcome.NEW
+
+
+def test_corrected_result_supersedes_and_late_older_result_does_not(intake, store):
+    patient = Patient()
+    size = [("NM", "21889-1^Size Tumor^LN", "18", "mm")]
+    intake.receive_hl7(pathology_result(patient, "R1", values=size, observed="20260110"), "x")
+    corrected = [("NM", "21889-1^Size Tumor^LN", "21", "mm")]
+    intake.receive_hl7(pathology_result(patient, "R2", status="C", values=corrected,
+                                        observed="20260112"), "x")
+    older = [("NM", "21889-1^Size Tumor^LN", "15", "mm")]
+    intake.receive_hl7(pathology_result(patient, "R3", values=older, observed="20251201"), "x")
+    current = store.conn.execute(
+        "SELECT value_text FROM clinical_values WHERE variable = 'tumour_size_mm' "
+        "AND superseded_by IS NULL").fetchall()
+    assert [r[0] for r in current] == ["21"]
+    assert _count(store, "clinical_values") - 3 == 3  # three sizes + three derived ages
+
+
+def test_unparsable_hl7_is_rejected_with_reason(intake, store):
+    result = intake.receive_hl7(b"MSH|^~\\&|A|B|C|D|2026||ORU^R01||P|2.5\r", "x")
+    assert result.outcome is Outcome.REJECTED and "MSH-10" in (result.reason or "")
+    assert _count(store, "hl7_messages") == 0
+
+
+def test_oversized_message_is_rejected(store, config):
+    small = Intake(store, config.replace("ingest", max_hl7_bytes=100))
+    result = small.receive_hl7(us_report(Patient()), "x")
+    assert result.outcome is Outcome.REJECTED and "max_hl7_bytes" in (result.reason or "")
+
+
+def test_a_failing_transaction_leaves_no_half_written_rows(intake, store, monkeypatch):
+    """The clinical value insert fails after the message row: everything rolls back."""
+    real_insert = store.insert
+
+    def failing(conn, table, row):
+        if table == "clinical_values":
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_insert(conn, table, row)
+
+    monkeypatch.setattr(store, "insert", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        intake.receive_hl7(pathology_result(Patient()), "x")
+    for table in ("hl7_messages", "observations", "reports", "clinical_values"):
+        assert _count(store, table) == 0
+    monkeypatch.setattr(store, "insert", real_insert)
+    assert intake.receive_hl7(pathology_result(Patient()), "x").outcome is Outcome.NEW

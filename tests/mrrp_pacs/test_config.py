@@ -1,0 +1,106 @@
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mrrp_pacs.config import SECTIONS, Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "mrrp.example.toml"
+
+
+def test_defaults_without_file():
+    config = load_config(None, environ={})
+    assert config.paths.db_file == Path("mrrp-data") / "mrrp.sqlite3"
+    assert config.paths.objects_dir == Path("mrrp-data") / "objects"
+    assert config.identity.match == "id+issuer"
+
+
+def test_example_documents_every_key_and_loads():
+    raw = tomllib.loads(EXAMPLE.read_text())
+    for name, section in SECTIONS.items():
+        documented = set(raw.get(name, {}))
+        declared = {f.name for f in dataclasses.fields(section)}
+        assert documented == declared, f"[{name}] example keys differ from the code"
+    config = load_config(EXAMPLE, environ={})
+    # relative paths resolve against the file's folder
+    assert config.paths.data_dir == EXAMPLE.parent / "mrrp-data"
+    assert config.paths.db is None and config.paths.db_file == EXAMPLE.parent / "mrrp-data" / \
+        "mrrp.sqlite3"
+
+
+def test_example_values_are_the_defaults():
+    from_file = load_config(EXAMPLE, environ={})
+    defaults = Config()
+    for name in SECTIONS:
+        for f in dataclasses.fields(getattr(defaults, name)):
+            if f.name == "data_dir":
+                continue  # resolved against the file's folder
+            assert getattr(getattr(from_file, name), f.name) == \
+                getattr(getattr(defaults, name), f.name), f"{name}.{f.name}"
+
+
+def test_environment_overrides_file(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('[paths]\ndata_dir = "a"\n[logging]\njson = false\n')
+    config = load_config(path, environ={
+        "MRRP__PATHS__DATA_DIR": "/srv/mrrp",
+        "MRRP__LOGGING__JSON": "true",
+        "MRRP__INGEST__ACCESSION_FIELDS": "OBR-18, OBR-2",
+        "MRRP__IDENTITY__ISSUER_ALIASES": '{ "A" = "B" }',
+        "MRRP__INGEST__MAX_HL7_BYTES": "1000",
+    })
+    assert config.paths.data_dir == Path("/srv/mrrp")
+    assert config.logging.json is True
+    assert config.ingest.accession_fields == ["OBR-18", "OBR-2"]
+    assert config.identity.issuer_aliases == {"A": "B"}
+    assert config.ingest.max_hl7_bytes == 1000
+
+
+def test_config_file_from_environment(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('[identity]\nmatch = "id"\n')
+    assert load_config(None, environ={"MRRP_CONFIG": str(path)}).identity.match == "id"
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ('[paths]\ndbfile = "x"\n', ["paths.dbfile", "data_dir"]),
+    ('[storage]\nx = 1\n', ["[storage]", "paths"]),
+    ('[identity]\nmatch = "fuzzy"\n', ["identity.match", "'fuzzy'", "'id+issuer'"]),
+    ('[ingest]\nmax_hl7_bytes = "big"\n', ["ingest.max_hl7_bytes", "'big'", "positive integer"]),
+    ('[ingest]\nmax_hl7_bytes = -5\n', ["ingest.max_hl7_bytes", "-5"]),
+    ('[logging]\njson = "yes"\n', ["logging.json", "true or false"]),
+    ('[ingest]\naccession_fields = "OBR-3"\n', ["ingest.accession_fields", "list of strings"]),
+    ('paths = 3\n', ["'paths' must be a [section]"]),
+    ('[paths\n', ["not valid TOML"]),
+])
+def test_invalid_values_are_named(tmp_path, text, names):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    message = str(caught.value)
+    assert str(path) in message
+    for name in names:
+        assert name in message
+
+
+def test_invalid_environment_override_is_named():
+    with pytest.raises(ConfigError, match=r"\$MRRP__LOGGING__JSON.*logging.json = 'maybe'"):
+        load_config(None, environ={"MRRP__LOGGING__JSON": "maybe"})
+    with pytest.raises(ConfigError, match="MRRP__NOPE"):
+        load_config(None, environ={"MRRP__NOPE": "1"})
+    with pytest.raises(ConfigError, match=r"unknown key 'paths\.colour'"):
+        load_config(None, environ={"MRRP__PATHS__COLOUR": "1"})
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_with_db_moves_objects_beside_it(tmp_path):
+    config = load_config(None, environ={}).with_db(tmp_path / "x" / "cohort.sqlite3")
+    assert config.paths.db_file == tmp_path / "x" / "cohort.sqlite3"
+    assert config.paths.objects_dir == tmp_path / "x" / "objects"
