@@ -12,8 +12,15 @@ TEST_TOOLS_STAMP := $(VENV)/.test-tools
 demo: venv
 	$(BIN)/mrrp-pacs demo
 
+# As root, the tests run in a private network namespace: only a loopback interface exists,
+# so the servers they start (Orthanc listens on all interfaces) reach nothing else.
 test: venv test-tools lint
-	$(BIN)/pytest
+	@if [ "$$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then \
+		echo "pytest in a private network namespace (loopback only)"; \
+		unshare --net sh -c 'ip link set lo up && exec $(BIN)/pytest'; \
+	else \
+		$(BIN)/pytest; \
+	fi
 
 lint: venv
 	$(BIN)/ruff check .
@@ -35,12 +42,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Real external programs the tests use: Orthanc (PACS), dcmtk, dicom3tools, R survival.
+# Real external programs the tests use: Orthanc (PACS), dcmtk, dicom3tools, R survival, and
+# iproute2 for the private network namespace.
 test-tools:
 	@if command -v storescu >/dev/null && command -v dsrdump >/dev/null \
-		&& command -v dciodvfy >/dev/null && test -x /usr/sbin/Orthanc \
+		&& command -v dciodvfy >/dev/null && test -x /usr/sbin/Orthanc && command -v ip >/dev/null \
 		&& Rscript -e 'suppressMessages(library(survival))' >/dev/null 2>&1; then :; \
-	else deploy/apt-install.sh orthanc dcmtk dicom3tools r-cran-survival; fi
+	else deploy/apt-install.sh orthanc dcmtk dicom3tools r-cran-survival iproute2; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

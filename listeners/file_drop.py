@@ -65,7 +65,7 @@ def ingest_paths(intake: Intake, paths: list[Path],
             else:
                 summary.rejected.append(Rejection(str(path), result.reason or "rejected"))
                 # the reason goes to the operator's summary, not the log: it may quote content
-                LOGGER.warning("rejected a %s file", result.kind)
+                LOGGER.warning("rejected a file (%s content)", result.kind)
         if progress is not None:
             progress(1)
     return summary

@@ -182,6 +182,144 @@ def show_config(state: _Context, db_path: Path | None) -> None:
     _guarded(work)
 
 
+@main.command()
+@click.option("--patients", type=click.IntRange(min=1), required=True, help="Cohort size.")
+@click.option("--seed", type=int, required=True, help="Random seed (same seed, same bytes).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="New or empty folder to write into.")
+@click.option("--slide-px", type=int, default=4096, show_default=True,
+              help="Slide width and height in pixels at 0.5 µm/px.")
+@click.option("--missing-wsi", type=float, default=0.1, show_default=True,
+              help="Fraction of patients without a slide.")
+@click.option("--missing-us", type=float, default=0.1, show_default=True,
+              help="Fraction without an ultrasound image and ROI.")
+@click.option("--missing-report", type=float, default=0.1, show_default=True,
+              help="Fraction without an ultrasound report.")
+@click.option("--signal", default="", help="Modality weights of the true hazard, e.g. "
+              "wsi=1,us=0.6,text=0.5,clinical=0.6 (those are the defaults).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: one per CPU core).")
+@click.option("--json", "as_json", is_flag=True, help="Print phantom.json's content.")
+def phantom(patients: int, seed: int, out_dir: Path, slide_px: int, missing_wsi: float,
+            missing_us: float, missing_report: float, signal: str, workers: int | None,
+            as_json: bool) -> None:
+    """Generate a synthetic hospital (DICOM, HL7, truth).
+
+    Outcomes follow a known hazard whose signal is rendered into the slides, ultrasound
+    images, report words and clinical values; phantom.json records the oracle C-index."""
+    import time
+
+    from mrrp_pacs.phantom.generator import PhantomSpec, generate, parse_signal
+
+    try:
+        spec = PhantomSpec(patients=patients, seed=seed, slide_px=slide_px,
+                           missing_wsi=missing_wsi, missing_us=missing_us,
+                           missing_report=missing_report, signal=parse_signal(signal))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    started = time.perf_counter()
+    try:
+        with _progress(patients, "patient") as bar:
+            summary = generate(spec, out_dir, workers=workers, progress=bar.update)
+    except FileExistsError as exc:
+        raise click.ClickException(str(exc)) from None
+    elapsed = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    files = summary["files"]
+    assert isinstance(files, dict)
+    click.echo(f"phantom of {patients} patients (seed {seed}) written to {out_dir} in "
+               f"{elapsed:.1f} s: {files['dicom']} DICOM files, {files['hl7']} HL7 messages")
+    oracle = summary["oracle_c_index"]
+    click.echo(f"events {summary['events']} ({summary['event_fraction']:.1%}); test split "
+               f"{summary['n_test']} patients, {summary['events_test']} events; oracle C-index "
+               f"(test) {'n/a (no test events)' if oracle is None else f'{oracle:.3f}'}")
+
+
+DEMO_MARKER = ".mrrp-demo"
+NOT_BUILT_YET = ("feature extraction", "MRRP model training and scoring",
+                 "PACS/HL7 listeners and the daemon", "DICOM SR / PDF export", "OHIF viewer")
+
+
+@main.command()
+@click.option("--patients", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Size of the synthetic hospital.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Phantom seed.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("demo-output"), show_default=True,
+              help="Folder for everything the demo writes (replaced on a re-run).")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json's content.")
+def demo(patients: int, seed: int, out_dir: Path, as_json: bool) -> None:
+    """Run the main job end to end on a synthetic hospital.
+
+    Today: phantom hospital -> file-drop ingest -> cases. The later stages are listed as
+    not built yet rather than faked."""
+    import shutil
+    import time
+
+    from listeners.file_drop import find_files, ingest_paths
+    from mrrp_pacs.cases import list_cases
+    from mrrp_pacs.intake import Intake
+    from mrrp_pacs.phantom.generator import PhantomSpec, generate
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / DEMO_MARKER).exists():
+            raise click.ClickException(
+                f"{out_dir} is not empty and was not made by the demo: choose another --out")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / DEMO_MARKER).write_text("made by mrrp-pacs demo; replaced on every run\n")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    click.echo(f"1/3 phantom hospital: {patients} patients (seed {seed})", err=True)
+    with _progress(patients, "patient") as bar:
+        phantom_summary = generate(PhantomSpec(patients=patients, seed=seed),
+                                   out_dir / "phantom", progress=bar.update)
+    timings["phantom_s"] = time.perf_counter() - started
+
+    config = load_config(None, environ={}).with_db(out_dir / "state" / "mrrp.sqlite3")
+    click.echo("2/3 file-drop ingest of its DICOM and HL7", err=True)
+    started = time.perf_counter()
+    sources = [out_dir / "phantom" / "dicom", out_dir / "phantom" / "hl7"]
+    total = sum(1 for _ in find_files(sources))
+    with Store(config.paths.db_file, config.paths.objects_dir) as store, \
+            _progress(total, "file") as bar:
+        ingested = ingest_paths(Intake(store, config), sources, progress=bar.update)
+        found = list_cases(store, config)
+    timings["ingest_s"] = time.perf_counter() - started
+    click.echo("3/3 cases", err=True)
+    summary = {
+        "received": len(found),
+        "ready": sum(c.ready for c in found),
+        "missing_wsi": sum("wsi" not in c.modalities for c in found),
+        "missing_us": sum("us_image" not in c.modalities for c in found),
+        "files_new": ingested.new,
+        "files_rejected": len(ingested.rejected),
+        "oracle_c_index": phantom_summary["oracle_c_index"],
+        "not_built_yet": list(NOT_BUILT_YET),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "database": str(config.paths.db_file),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    rows = [("patients received", summary["received"]),
+            ("ready to score", summary["ready"]),
+            ("without a slide (to compensate)", summary["missing_wsi"]),
+            ("without ultrasound (to compensate)", summary["missing_us"]),
+            ("files stored / rejected", f"{ingested.new} / {len(ingested.rejected)}"),
+            ("phantom oracle C-index (test)", summary["oracle_c_index"]
+             if summary["oracle_c_index"] is not None else "n/a (no event in the test split)")]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name.ljust(width)}  {value}")
+    click.echo(f"not built yet: {', '.join(NOT_BUILT_YET)}")
+    click.echo(f"summary: {out_dir / 'summary.json'}; database: {config.paths.db_file}; "
+               f"try: mrrp-pacs cases --db {config.paths.db_file}")
+
+
 def _toml_value(value: Any) -> str:
     if value is None:
         return '""  # default'

@@ -8,6 +8,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+QUIET_LIBRARIES = ("highdicom", "pydicom", "pynetdicom", "wsidicom")
+
 
 class JsonLinesFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -29,3 +31,6 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # libraries that narrate routine work (and name UIDs of what they copy) at INFO
+    for chatty in QUIET_LIBRARIES:
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

@@ -1,3 +1,4 @@
+import csv
 import json
 import subprocess
 import sys
@@ -89,3 +90,26 @@ def test_migrate_and_config_commands(tmp_path):
     shown = runner.invoke(main, ["config", "--db", str(db)])
     assert shown.exit_code == 0 and f"# database: {db}" in shown.output
     assert 'match = "id+issuer"' in shown.output
+
+
+def test_demo_runs_phantom_ingest_cases_and_is_rerunnable(tmp_path):
+    out = tmp_path / "demo"
+    runner = CliRunner()
+    for _ in range(2):  # a second run replaces the first
+        result = runner.invoke(main, ["demo", "--patients", "3", "--out", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["received"] == 3 and summary["files_rejected"] == 0
+    with (out / "phantom" / "truth.csv").open() as handle:
+        truth = list(csv.DictReader(handle))
+    assert summary["ready"] == sum(r["has_wsi"] == "1" or r["has_us"] == "1" for r in truth)
+    assert summary["missing_wsi"] == sum(r["has_wsi"] == "0" for r in truth)
+    assert "feature extraction" in summary["not_built_yet"]
+    assert json.loads(result.stdout) == summary
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["demo", "--patients", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "was not made by the demo" in result.output
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

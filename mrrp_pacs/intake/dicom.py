@@ -351,7 +351,6 @@ def _sr_rois(ds: Dataset) -> list[Roi]:
 def _annotation_rois(ds: Dataset) -> list[Roi]:
     """One ROI per annotation group of a Microscopy Bulk Simple Annotations object."""
     two_d = _text(ds, "AnnotationCoordinateType") == "2D"
-    per_point = 2 if two_d else 3
     ref_instance = ref_series = None
     if ds.get("ReferencedImageSequence"):
         ref_instance = _uid(ds.ReferencedImageSequence[0], "ReferencedSOPInstanceUID", False)
@@ -360,6 +359,9 @@ def _annotation_rois(ds: Dataset) -> list[Roi]:
     rois = []
     for group in ds.get("AnnotationGroupSequence", []):
         count = int(group.get("NumberOfAnnotations", 0))
+        # 3D points sharing one z store only (x, y) pairs plus CommonZCoordinateValue
+        common_z = None if two_d else group.get("CommonZCoordinateValue")
+        per_point = 2 if two_d or common_z is not None else 3
         graphic_type = _text(group, "GraphicType") or ""
         shapes: list[list[list[float]]] | None = None
         if count <= MAX_INDEXED_SHAPES:
@@ -370,6 +372,8 @@ def _annotation_rois(ds: Dataset) -> list[Roi]:
             else:
                 raise DicomError("has an annotation group without point coordinates")
             points = points.astype(float).reshape(-1, per_point)
+            if common_z is not None:
+                points = np.column_stack([points, np.full(len(points), float(common_z))])
             if "LongPrimitivePointIndexList" in group:
                 # 1-based index of each shape's first value in the flat coordinate list
                 starts = np.frombuffer(group.LongPrimitivePointIndexList, dtype="<u4")

@@ -1,0 +1,212 @@
+"""The phantom cohort: latent tumour traits, clinical variables and outcomes with a known hazard.
+
+Outcomes follow a Cox model. The log hazard is a weighted sum of standardised latent traits per
+modality (each modality's block scaled by its signal weight) plus one cross-modal interaction
+(nuclear size × ultrasound margin irregularity). The traits are not stored beside the data:
+:mod:`histology`, :mod:`ultrasound` and :mod:`reports` render them into pixels and words, and
+``truth.csv`` keeps them only to measure how well features recover them.
+
+Event times are Weibull (shape :data:`WEIBULL_SHAPE`) with a scale chosen by bisection so the
+event fraction is :data:`TARGET_EVENT_FRACTION` under uniform administrative censoring over
+:data:`FOLLOW_UP_MONTHS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sksurv.metrics import concordance_index_censored
+
+TARGET_EVENT_FRACTION = 0.16
+FOLLOW_UP_MONTHS = (24.0, 174.0)
+WEIBULL_SHAPE = 1.3
+CALIBRATION_SAMPLE = 20_000
+TEST_FRACTION = 1 / 6
+
+# Latent traits, standard normal, grouped by the modality they are rendered into.
+TRAITS: dict[str, str] = {
+    "nuclear_size": "wsi",       # tumour nuclear diameter
+    "pleomorphism": "wsi",       # variability of nuclear size, shape and staining
+    "tumour_density": "wsi",     # tumour-cell packing
+    "lymphocytes": "wsi",        # tumour-infiltrating lymphocytes (protective)
+    "lymph_clustering": "wsi",   # lymphocytes gathered in aggregates rather than scattered
+    "us_margin": "us",           # lesion margin irregularity / spiculation
+    "us_orientation": "us",      # taller-than-wide (not parallel) orientation
+    "us_shadowing": "us",        # posterior acoustic shadowing
+    "us_heterogeneity": "us",    # internal echo heterogeneity
+    "vascularity": "text",       # Doppler vascularity: only in the report's words
+}
+
+# Log-hazard coefficient per standard deviation of each trait (before the modality weight).
+COEFFICIENTS: dict[str, float] = {
+    "nuclear_size": 0.55, "pleomorphism": 0.45, "tumour_density": 0.35, "lymphocytes": -0.55,
+    "lymph_clustering": -0.20,
+    "us_margin": 0.55, "us_orientation": 0.25, "us_shadowing": 0.30, "us_heterogeneity": 0.25,
+    "vascularity": 0.45,
+    # clinical terms act on standardised transforms of the clinical variables
+    "clin_nodes": 0.45, "clin_size": 0.30, "clin_grade": 0.20, "clin_ki67": 0.25,
+    "clin_age": -0.15,
+}
+INTERACTION = ("nuclear_size", "us_margin", 0.30)  # cross-modal: wsi × us
+
+DEFAULT_SIGNAL: dict[str, float] = {"wsi": 1.0, "us": 0.6, "text": 0.5, "clinical": 0.6}
+
+
+@dataclass(frozen=True)
+class CohortParameters:
+    patients: int
+    seed: int
+    signal: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SIGNAL))
+    missing_wsi: float = 0.1
+    missing_us: float = 0.1
+    missing_report: float = 0.1
+
+
+@dataclass
+class Cohort:
+    """Per-patient arrays, all of length ``n``; index i is patient ``ids[i]``."""
+
+    ids: list[str]
+    traits: dict[str, np.ndarray]
+    clinical: dict[str, np.ndarray]
+    log_hazard: np.ndarray
+    time_months: np.ndarray
+    event: np.ndarray
+    split: np.ndarray  # "train" | "test"
+    has_wsi: np.ndarray
+    has_us: np.ndarray
+    has_report: np.ndarray
+    weibull_scale: float
+    oracle_c_index: float
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+
+def _draw_population(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray],
+                                                                dict[str, np.ndarray]]:
+    """Latent traits and clinical variables with realistic marginals (HR+/HER2- early BC).
+
+    Clinical targets: median age ~47, grade 1/2/3 ~15/58/27 %, node positive ~58 %.
+    """
+    traits = {name: rng.standard_normal(n) for name in TRAITS}
+    z_size, z_nodes, z_age, z_ki, z_grade = (rng.standard_normal(n) for _ in range(5))
+    age = np.clip(np.round(47.0 + 10.0 * z_age), 25, 80)
+    size_mm = np.clip(np.round(np.exp(np.log(20.0) + 0.45 * z_size), 0), 5, 80)
+    # thresholds are population quantiles of each drive (fixed, so a patient's values do not
+    # depend on who else was drawn): node_drive ~ N(0, 0.906), grade_drive ~ N(0, 0.986)
+    node_drive = 0.8 * z_nodes + 0.3 * z_size + 0.3 * traits["tumour_density"]
+    positive = node_drive > -0.183  # 58 % node positive
+    nodes = np.where(positive, 1 + rng.poisson(1.2 * np.exp(0.5 * np.clip(z_nodes, -2, 2))), 0)
+    grade_drive = 0.7 * traits["pleomorphism"] + 0.35 * traits["nuclear_size"] + 0.6 * z_grade
+    grade = 1 + (grade_drive > -1.02).astype(int) + (grade_drive > 0.605).astype(int)  # 15/58/27 %
+    ki67 = np.clip(np.round(np.exp(np.log(15.0) + 0.35 * (grade - 2) + 0.2 * traits[
+        "tumour_density"] + 0.4 * z_ki)), 1, 90)
+    er = np.clip(np.round(100 - np.exp(rng.normal(2.3, 0.8, n))), 1, 100)
+    pr = np.where(rng.random(n) < 0.15, 0,
+                  np.clip(np.round(100 * rng.beta(2.0, 1.2, n)), 1, 100))
+    her2 = rng.choice(np.array(["0", "1+", "2+"]), size=n, p=[0.35, 0.40, 0.25])
+    luminal_b = (ki67 >= 20) | (pr < 20) | (grade == 3)
+    subtype = np.where(luminal_b, "luminal_b", "luminal_a")
+    clinical = {"age_years": age, "tumour_size_mm": size_mm, "positive_nodes": nodes,
+                "grade": grade, "er_percent": er, "pr_percent": pr, "her2_ihc": her2,
+                "ki67_percent": ki67, "subtype": subtype}
+    return traits, clinical
+
+
+def log_hazard(traits: dict[str, np.ndarray], clinical: dict[str, np.ndarray],
+               signal: dict[str, float]) -> np.ndarray:
+    """The true log hazard (arbitrary origin). Higher = worse."""
+    eta = np.zeros_like(traits["nuclear_size"])
+    for name, modality in TRAITS.items():
+        eta += signal[modality] * COEFFICIENTS[name] * traits[name]
+    # clinical transforms centred and scaled on fixed population values, not on the sample
+    clin = {
+        "clin_nodes": (np.log1p(clinical["positive_nodes"]) - 0.75) / 0.75,
+        "clin_size": (np.log(clinical["tumour_size_mm"]) - np.log(20.0)) / 0.45,
+        "clin_grade": (clinical["grade"] - 2.1) / 0.64,
+        "clin_ki67": (np.log(clinical["ki67_percent"]) - np.log(15.0)) / 0.55,
+        "clin_age": (clinical["age_years"] - 47.0) / 10.0,
+    }
+    for name, values in clin.items():
+        eta += signal["clinical"] * COEFFICIENTS[name] * values
+    a, b, weight = INTERACTION
+    eta += np.sqrt(signal[TRAITS[a]] * signal[TRAITS[b]]) * weight * traits[a] * traits[b]
+    return eta
+
+
+def _event_fraction(scale: float, eta: np.ndarray, u_event: np.ndarray,
+                    follow_up: np.ndarray) -> float:
+    times = _weibull_times(scale, eta, u_event)
+    return float(np.mean(times <= follow_up))
+
+
+def _weibull_times(scale: float, eta: np.ndarray, u_event: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draw: S(t) = exp(-(t/scale)^k * exp(eta))."""
+    return scale * (-np.log(u_event) * np.exp(-eta)) ** (1.0 / WEIBULL_SHAPE)
+
+
+def calibrate_scale(rng: np.random.Generator, signal: dict[str, float]) -> float:
+    """Weibull scale (months) giving :data:`TARGET_EVENT_FRACTION` events in a large sample."""
+    traits, clinical = _draw_population(rng, CALIBRATION_SAMPLE)
+    eta = log_hazard(traits, clinical, signal)
+    u_event = rng.random(CALIBRATION_SAMPLE)
+    follow_up = rng.uniform(*FOLLOW_UP_MONTHS, CALIBRATION_SAMPLE)
+    low, high = 1.0, 1e7  # event fraction falls as the scale grows
+    for _ in range(80):
+        mid = np.sqrt(low * high)
+        if _event_fraction(mid, eta, u_event, follow_up) > TARGET_EVENT_FRACTION:
+            low = mid
+        else:
+            high = mid
+    return float(np.sqrt(low * high))
+
+
+def stratified_split(rng: np.random.Generator, event: np.ndarray) -> np.ndarray:
+    """5:1 train/test split, stratified by event status."""
+    split = np.full(len(event), "train", dtype=object)
+    for value in (False, True):
+        members = np.flatnonzero(event == value)
+        rng.shuffle(members)
+        split[members[: round(len(members) * TEST_FRACTION)]] = "test"
+    return split
+
+
+def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's C (risk: higher = worse), scikit-survival's definition."""
+    if not event.any():
+        return float("nan")
+    return float(concordance_index_censored(event.astype(bool), time, risk)[0])
+
+
+def make_cohort(params: CohortParameters) -> Cohort:
+    """Draw the whole cohort; deterministic in ``params`` (independent of worker count)."""
+    if params.patients < 1:
+        raise ValueError("a phantom needs at least one patient")
+    root = np.random.SeedSequence([params.seed, 0x4D525250])  # "MRRP"
+    calibration_seq, population_seq, outcome_seq, split_seq, missing_seq = root.spawn(5)
+    scale = calibrate_scale(np.random.default_rng(calibration_seq), params.signal)
+    n = params.patients
+    traits, clinical = _draw_population(np.random.default_rng(population_seq), n)
+    eta = log_hazard(traits, clinical, params.signal)
+    outcome_rng = np.random.default_rng(outcome_seq)
+    times = _weibull_times(scale, eta, outcome_rng.random(n))
+    follow_up = outcome_rng.uniform(*FOLLOW_UP_MONTHS, n)
+    event = times <= follow_up
+    observed = np.round(np.minimum(times, follow_up), 1)
+    observed = np.maximum(observed, 0.1)
+    split = stratified_split(np.random.default_rng(split_seq), event)
+    missing_rng = np.random.default_rng(missing_seq)
+    has_wsi = missing_rng.random(n) >= params.missing_wsi
+    has_us = missing_rng.random(n) >= params.missing_us
+    has_report = missing_rng.random(n) >= params.missing_report
+    test = split == "test"
+    oracle = harrell_c(observed[test], event[test], eta[test]) if test.any() else float("nan")
+    return Cohort(
+        ids=[f"PH{params.seed:04d}-{i + 1:05d}" for i in range(n)],
+        traits=traits, clinical=clinical, log_hazard=eta, time_months=observed, event=event,
+        split=split, has_wsi=has_wsi, has_us=has_us, has_report=has_report,
+        weibull_scale=scale, oracle_c_index=oracle,
+    )

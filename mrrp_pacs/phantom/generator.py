@@ -1,0 +1,289 @@
+"""Write a phantom hospital to disk: DICOM per patient, HL7 per patient, the truth table.
+
+Layout of ``out``::
+
+    dicom/<patient>/slide/level-<k>.dcm       VL WSI pyramid (TILED_FULL, JPEG baseline)
+    dicom/<patient>/slide/tumour-region.dcm   Microscopy Bulk Simple Annotations
+    dicom/<patient>/us/image.dcm              Ultrasound Image
+    dicom/<patient>/us/lesion-roi.dcm         Comprehensive SR (TID 1500, lesion box)
+    hl7/<patient>-us-report.hl7               ORU^R01 breast ultrasound report
+    hl7/<patient>-pathology.hl7               ORU^R01 pathology result
+    truth/nuclei/<patient>.csv.gz             every nucleus drawn (x, y level-0 px, type, µm)
+    truth.csv                                 outcomes, true log hazard, split, latent traits
+    phantom.json                              parameters, oracle C-index
+
+Each patient draws from its own random stream, so the output is byte-identical for a seed
+whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from mrrp_pacs import __version__
+from mrrp_pacs.phantom import cohort as cohort_model
+from mrrp_pacs.phantom.dicom_objects import (
+    Demographics,
+    StudyInfo,
+    lesion_roi_report,
+    phantom_uid,
+    tumour_region_annotation,
+    ultrasound_image,
+)
+from mrrp_pacs.phantom.histology import NUCLEUS_TYPES, Nuclei, render_slide
+from mrrp_pacs.phantom.messages import (
+    MessageContext,
+    pathology_result,
+    report_text,
+    ultrasound_report,
+)
+from mrrp_pacs.phantom.ultrasound import render_frame
+from mrrp_pacs.phantom.wsi_dicom import SlideIdentity, write_wsi_pyramid
+
+ISSUER = "PHANTOM"
+DEFAULT_MPP = 0.5
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    patients: int
+    seed: int
+    slide_px: int = 4096
+    mpp: float = DEFAULT_MPP
+    missing_wsi: float = 0.1
+    missing_us: float = 0.1
+    missing_report: float = 0.1
+    signal: tuple[tuple[str, float], ...] = tuple(cohort_model.DEFAULT_SIGNAL.items())
+
+    def __post_init__(self) -> None:
+        for name in ("missing_wsi", "missing_us", "missing_report"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1, "
+                                 f"got {value}")
+        if self.slide_px < 512 or self.slide_px % 256:
+            raise ValueError(f"--slide-px must be a multiple of 256, at least 512; got "
+                             f"{self.slide_px}")
+        unknown = {k for k, _ in self.signal} - set(cohort_model.DEFAULT_SIGNAL)
+        if unknown:
+            raise ValueError(f"--signal: unknown modality {sorted(unknown)}; known: "
+                             f"{', '.join(cohort_model.DEFAULT_SIGNAL)}")
+
+
+def parse_signal(text: str) -> tuple[tuple[str, float], ...]:
+    """``wsi=1,us=0.6`` → weights, the rest at their defaults."""
+    weights = dict(cohort_model.DEFAULT_SIGNAL)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--signal: {item!r} is not name=weight")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--signal: weight {value!r} of {name} is not a number") from None
+    return tuple(weights.items())
+
+
+@dataclass(frozen=True)
+class _PatientJob:
+    index: int
+    patient_id: str
+    seed: int
+    slide_px: int
+    mpp: float
+    traits: dict[str, float]
+    clinical: dict[str, object]
+    has_wsi: bool
+    has_us: bool
+    has_report: bool
+    out: Path
+
+
+def _dates(rng: np.random.Generator, age: int) -> tuple[date, date, date, date]:
+    """Diagnosis, US study, pathology sign-out and birth dates (2008–2018 diagnoses)."""
+    diagnosis = date(2008, 1, 1) + timedelta(days=int(rng.integers(0, 11 * 365)))
+    us_day = diagnosis - timedelta(days=int(rng.integers(3, 21)))
+    pathology_day = diagnosis + timedelta(days=int(rng.integers(5, 15)))
+    birth = diagnosis - timedelta(days=round(age * 365.25) + int(rng.integers(0, 365)))
+    return diagnosis, us_day, pathology_day, birth
+
+
+def _write_patient(job: _PatientJob) -> dict[str, int]:
+    rng = np.random.default_rng(np.random.SeedSequence([job.seed, job.index, 0x50484E54]))
+    age = int(job.clinical["age_years"])  # type: ignore[call-overload]
+    _, us_day, pathology_day, birth = _dates(rng, age)
+    laterality = "R" if rng.random() < 0.5 else "L"
+    who = Demographics(job.patient_id, ISSUER, f"PHANTOM^{job.patient_id}",
+                       birth.strftime("%Y%m%d"), "F")
+    seed_key = f"{job.seed}/{job.patient_id}"
+    us_accession = f"US{job.seed:04d}{job.index + 1:05d}"
+    path_accession = f"PA{job.seed:04d}{job.index + 1:05d}"
+    written = {"dicom": 0, "hl7": 0}
+    patient_dir = job.out / "dicom" / job.patient_id
+    # draw every random quantity in a fixed order whatever is missing, so that removing a
+    # modality does not change the others
+    slide_rng, us_rng, text_rng = (np.random.default_rng(s) for s in
+                                   np.random.SeedSequence([job.seed, job.index, 7]).spawn(3))
+
+    if job.has_wsi:
+        slide = render_slide(slide_rng, job.traits, job.slide_px, job.mpp)
+        identity = SlideIdentity(
+            patient_id=job.patient_id, issuer_of_patient_id=ISSUER,
+            patient_name=who.patient_name, patient_birth_date=who.birth_date,
+            patient_sex="F", study_instance_uid=phantom_uid(seed_key, "pathology-study"),
+            accession_number=path_accession, study_id="PATH1",
+            study_date=pathology_day.strftime("%Y%m%d"), study_time="090000",
+            uid_seed=f"{seed_key}/slide", container_identifier=f"{job.patient_id}-A1")
+        levels = write_wsi_pyramid(slide.rgb, job.mpp, identity, patient_dir / "slide")
+        level0 = pydicom.dcmread(levels[0], stop_before_pixels=True)
+        annotation = tumour_region_annotation(level0, slide.tumour_polygon_px, laterality,
+                                              f"{seed_key}/slide")
+        annotation.save_as(patient_dir / "slide" / "tumour-region.dcm", enforce_file_format=True)
+        _write_nuclei(job.out / "truth" / "nuclei" / f"{job.patient_id}.csv.gz", slide.nuclei,
+                      job.mpp)
+        written["dicom"] += len(levels) + 1
+
+    size_mm = float(job.clinical["tumour_size_mm"])  # type: ignore[arg-type]
+    if job.has_us:
+        frame = render_frame(us_rng, job.traits, size_mm)
+        study = StudyInfo(phantom_uid(seed_key, "us-study"), us_accession, "US1",
+                          us_day.strftime("%Y%m%d"), "101500", "US breast")
+        image = ultrasound_image(frame.pixels, frame.pixel_mm, who, study, laterality,
+                                 f"{seed_key}/us")
+        (patient_dir / "us").mkdir(parents=True, exist_ok=True)
+        image.save_as(patient_dir / "us" / "image.dcm", enforce_file_format=True)
+        roi = lesion_roi_report(image, frame.lesion_box_px, f"{seed_key}/us")
+        roi.save_as(patient_dir / "us" / "lesion-roi.dcm", enforce_file_format=True)
+        written["dicom"] += 2
+
+    context = MessageContext(job.patient_id, ISSUER, f"PHANTOM^{job.patient_id}",
+                             who.birth_date, "F", laterality)
+    hl7_dir = job.out / "hl7"
+    hl7_dir.mkdir(parents=True, exist_ok=True)
+    lines = report_text(text_rng, job.traits, size_mm, laterality)
+    if job.has_report:
+        message = ultrasound_report(context, f"{job.patient_id}-US", us_accession,
+                                    us_day.strftime("%Y%m%d"), lines)
+        (hl7_dir / f"{job.patient_id}-us-report.hl7").write_bytes(message)
+        written["hl7"] += 1
+    message = pathology_result(context, f"{job.patient_id}-PA", path_accession,
+                               pathology_day.strftime("%Y%m%d"), job.clinical)
+    (hl7_dir / f"{job.patient_id}-pathology.hl7").write_bytes(message)
+    written["hl7"] += 1
+    return written
+
+
+def _write_nuclei(path: Path, nuclei: Nuclei, mpp: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    text.write(f"# level-0 pixels at {mpp} um/px; sizes in um\n")
+    text.write("x_px,y_px,type,major_um,minor_um,angle_rad\n")
+    for i in range(len(nuclei)):
+        text.write(f"{nuclei.x_px[i]:.2f},{nuclei.y_px[i]:.2f},"
+                   f"{NUCLEUS_TYPES[nuclei.kind[i]]},{nuclei.major_um[i]:.2f},"
+                   f"{nuclei.minor_um[i]:.2f},{nuclei.angle_rad[i]:.3f}\n")
+    with path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                               mtime=0) as packed:
+        packed.write(text.getvalue().encode("ascii"))
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 6) if np.isfinite(value) else None
+
+
+def _scalar(value: object) -> object:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def generate(spec: PhantomSpec, out: Path, workers: int | None = None,
+             progress: Callable[[int], None] | None = None) -> dict[str, object]:
+    """Write the whole phantom into ``out`` (which must not exist or be empty).
+
+    Returns the content of ``phantom.json``.
+    """
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: choose a new folder for the phantom")
+    out.mkdir(parents=True, exist_ok=True)
+    params = cohort_model.CohortParameters(
+        patients=spec.patients, seed=spec.seed, signal=dict(spec.signal),
+        missing_wsi=spec.missing_wsi, missing_us=spec.missing_us,
+        missing_report=spec.missing_report)
+    cohort = cohort_model.make_cohort(params)
+    jobs = [
+        _PatientJob(
+            index=i, patient_id=pid, seed=spec.seed, slide_px=spec.slide_px, mpp=spec.mpp,
+            traits={k: float(v[i]) for k, v in cohort.traits.items()},
+            clinical={k: _scalar(v[i]) for k, v in cohort.clinical.items()},
+            has_wsi=bool(cohort.has_wsi[i]), has_us=bool(cohort.has_us[i]),
+            has_report=bool(cohort.has_report[i]), out=out)
+        for i, pid in enumerate(cohort.ids)
+    ]
+    totals = {"dicom": 0, "hl7": 0}
+
+    def collect(written: dict[str, int]) -> None:
+        for key, value in written.items():
+            totals[key] += value
+        if progress is not None:
+            progress(1)
+
+    workers = max(1, workers or os.cpu_count() or 1)
+    if workers == 1:
+        for job in jobs:
+            collect(_write_patient(job))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for written in pool.map(_write_patient, jobs, chunksize=1):
+                collect(written)
+
+    _write_truth(out / "truth.csv", cohort)
+    test = cohort.split == "test"
+    summary: dict[str, object] = {
+        "generator": f"mrrp-pacs {__version__}",
+        "spec": {**asdict(spec), "signal": dict(spec.signal)},
+        "coefficients": cohort_model.COEFFICIENTS,
+        "trait_modality": cohort_model.TRAITS,
+        "interaction": {"traits": list(cohort_model.INTERACTION[:2]),
+                        "coefficient": cohort_model.INTERACTION[2]},
+        "weibull": {"shape": cohort_model.WEIBULL_SHAPE,
+                    "scale_months": round(cohort.weibull_scale, 6)},
+        "follow_up_months": list(cohort_model.FOLLOW_UP_MONTHS),
+        "events": int(cohort.event.sum()),
+        "event_fraction": round(float(cohort.event.mean()), 6),
+        "n_train": int((~test).sum()),
+        "n_test": int(test.sum()),
+        "events_test": int(cohort.event[test].sum()),
+        # null when the split holds no event (tiny cohorts): JSON has no NaN
+        "oracle_c_index": _finite(cohort.oracle_c_index),
+        "oracle_c_index_all": _finite(cohort_model.harrell_c(
+            cohort.time_months, cohort.event, cohort.log_hazard)),
+        "files": totals,
+    }
+    (out / "phantom.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def _write_truth(path: Path, cohort: cohort_model.Cohort) -> None:
+    traits = list(cohort_model.TRAITS)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["patient_id", "time_months", "event", "true_log_hazard", "split",
+                         "has_wsi", "has_us", "has_report", *[f"latent_{t}" for t in traits]])
+        for i, pid in enumerate(cohort.ids):
+            writer.writerow([
+                pid, f"{cohort.time_months[i]:.1f}", int(cohort.event[i]),
+                f"{cohort.log_hazard[i]:.6f}", cohort.split[i], int(cohort.has_wsi[i]),
+                int(cohort.has_us[i]), int(cohort.has_report[i]),
+                *[f"{cohort.traits[t][i]:.6f}" for t in traits],
+            ])
