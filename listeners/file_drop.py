@@ -64,8 +64,10 @@ def ingest_paths(intake: Intake, paths: list[Path],
                 summary.duplicate += 1
             else:
                 summary.rejected.append(Rejection(str(path), result.reason or "rejected"))
-                # the reason goes to the operator's summary, not the log: it may quote content
-                LOGGER.warning("rejected a file (%s content)", result.kind)
         if progress is not None:
             progress(1)
+    if summary.rejected:
+        # reasons go to the operator's summary, not the log: they may quote content
+        LOGGER.warning("%d files rejected; the ingest summary lists them with reasons",
+                       len(summary.rejected))
     return summary
