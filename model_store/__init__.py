@@ -1,2 +1,5 @@
-"""Versioned model registry (weights + manifest with provenance and hashes). Nothing is here
-yet: the registry arrives with the model issue."""
+"""Versioned model registry: weights + manifest with provenance and SHA-256 of every file."""
+
+from model_store.registry import ModelStore, ModelStoreError, ModelVersion
+
+__all__ = ["ModelStore", "ModelStoreError", "ModelVersion"]

@@ -4,6 +4,7 @@ module that does the work, and turns known failures into a message and an exit c
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator
@@ -80,8 +81,12 @@ def _guarded(work: Callable[[], Any]) -> Any:
         raise click.ClickException(
             f"the database cannot be used ({exc}); check the path, free disk space and that "
             "no other program holds it locked") from None
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except OSError as exc:
-        raise click.ClickException(f"{exc.filename or 'a file'}: {exc.strerror}") from None
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise click.ClickException(f"{where}{exc.strerror or exc}") from None
 
 
 @main.command()
@@ -122,24 +127,127 @@ def cases(state: _Context, db_path: Path | None, as_json: bool) -> None:
     """List patients, their modalities and readiness."""
     from mrrp_pacs.cases import MODALITIES, list_cases
     from mrrp_pacs.clinical_schema import load_schema
+    from mrrp_pacs.features.cache import FeatureCache
 
     def work() -> None:
         config = state.config(db_path)
         n_variables = len(load_schema(config.clinical.schema_file).variables)
         with _open_store(config) as store:
             found = list_cases(store, config)
+            extracted = FeatureCache(store).summary()
         if as_json:
-            click.echo(json.dumps([c.as_dict() for c in found], indent=2))
+            click.echo(json.dumps([
+                {**c.as_dict(), **extracted.get(c.patient_key, {"features": [], "flags": []})}
+                for c in found], indent=2))
             return
-        header = ["patient", *MODALITIES, "ready"]
+        header = ["patient", *MODALITIES, "ready", "features", "flags"]
         rows = [[c.patient_key,
                  *[("yes" if m in c.modalities else "-") if m != "clinical"
                    else f"{len(c.clinical_variables)}/{n_variables}" for m in MODALITIES],
-                 "READY" if c.ready else "waiting"] for c in found]
+                 "READY" if c.ready else "waiting",
+                 ",".join(extracted.get(c.patient_key, {}).get("features", [])) or "-",
+                 ",".join(extracted.get(c.patient_key, {}).get("flags", [])) or "-"]
+                for c in found]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
         click.echo(f"{len(found)} patients, {sum(c.ready for c in found)} ready")
+
+    _guarded(work)
+
+
+@main.command()
+@DB_OPTION
+@click.option("--families", default=None,
+              help="Comma-separated subset of wsi,nuclei,us,radiomics,text,clinical "
+                   "(default: [features] families).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: [features] workers).")
+@click.option("--force", is_flag=True, help="Recompute even what is cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def extract(state: _Context, db_path: Path | None, families: str | None, workers: int | None,
+            force: bool, as_json: bool) -> None:
+    """Compute features for every case (cached; a rerun computes only what changed)."""
+    from mrrp_pacs.features.errors import FeatureError
+    from mrrp_pacs.features.pipeline import FAMILIES
+    from mrrp_pacs.features.pipeline import extract as run_extraction
+
+    def work() -> None:
+        config = state.config(db_path)
+        chosen = tuple(f.strip() for f in families.split(",") if f.strip()) if families \
+            else tuple(config.features.families)
+        unknown = set(chosen) - set(FAMILIES)
+        if unknown:
+            raise click.BadParameter(f"unknown families {sorted(unknown)}; known: "
+                                     f"{','.join(FAMILIES)}", param_hint="--families")
+        with _open_store(config) as store:
+            from mrrp_pacs.cases import case_inputs
+
+            total = len(case_inputs(store, config))
+            with _progress(total, "patient") as bar:
+                try:
+                    summary = run_extraction(store, config, chosen, force=force,
+                                             workers=workers or config.features.workers,
+                                             progress=bar.update)
+                except FeatureError as exc:  # a model every patient needs is unusable
+                    raise click.ClickException(str(exc)) from None
+        result = summary.as_dict()
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            click.echo(f"{result['patients']} patients: {result['computed']} computed, "
+                       f"{result['cached']} cached, {result['no_input']} without input, "
+                       f"{len(result['failed'])} failed")
+            for failure in result["failed"]:
+                click.echo(f"  failed {failure['family']} for {failure['patient']}: "
+                           f"{failure['reason']}")
+        if result["failed"]:
+            sys.exit(3)
+
+    _guarded(work)
+
+
+@main.command("train-encoder")
+@click.argument("modality", type=click.Choice(["us"]))
+@DB_OPTION
+@click.option("--epochs", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--promote/--no-promote", default=True, show_default=True,
+              help="Make the new version the one extraction uses.")
+@click.pass_obj
+def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: int, seed: int,
+                  promote: bool) -> None:
+    """Train the ultrasound encoder on the stored lesion crops (no outcome labels)."""
+    from model_store import ModelStore
+    from mrrp_pacs.features.errors import FeatureError
+    from mrrp_pacs.features.pipeline import lesion_crops
+    from mrrp_pacs.features.us import US_ENCODER_KIND, save_us_encoder, train_us_encoder
+
+    def work() -> None:
+        config = state.config(db_path)
+        with _open_store(config) as store:
+            crops, skipped = lesion_crops(store, config)
+        if len(crops) < 8:
+            raise click.ClickException(
+                f"only {len(crops)} ultrasound lesion crops in the store; ingest more images "
+                "(with ROIs) before training the encoder")
+        for reason in skipped:
+            click.echo(f"  skipped: {reason}", err=True)
+        models = ModelStore(config.paths.model_store_dir)
+        try:
+            model, history = train_us_encoder(crops, epochs=epochs, seed=seed)
+        except FeatureError as exc:
+            raise click.ClickException(str(exc)) from None
+        stored = save_us_encoder(models, model, history, {
+            "source": "mrrp-pacs train-encoder us", "database": str(config.paths.db_file),
+            "n_crops": len(crops), "rois": "annotated lesions only (SR or VOC)"},
+            name=config.features.us_encoder)
+        if promote:
+            models.promote(US_ENCODER_KIND, config.features.us_encoder, stored.version)
+        click.echo(f"trained {stored.label} on {len(crops)} crops "
+                   f"({'promoted' if promote else 'not promoted'}); "
+                   f"final pretext loss {stored.manifest.get('training', {}).get('final_loss')}")
 
     _guarded(work)
 
@@ -238,8 +346,8 @@ def phantom(patients: int, seed: int, out_dir: Path, slide_px: int, missing_wsi:
 
 
 DEMO_MARKER = ".mrrp-demo"
-NOT_BUILT_YET = ("feature extraction", "MRRP model training and scoring",
-                 "PACS/HL7 listeners and the daemon", "DICOM SR / PDF export", "OHIF viewer")
+NOT_BUILT_YET = ("MRRP model training and scoring", "PACS/HL7 listeners and the daemon",
+                 "DICOM SR / PDF export", "OHIF viewer")
 
 
 @main.command()
@@ -253,13 +361,18 @@ NOT_BUILT_YET = ("feature extraction", "MRRP model training and scoring",
 def demo(patients: int, seed: int, out_dir: Path, as_json: bool) -> None:
     """Run the main job end to end on a synthetic hospital.
 
-    Today: phantom hospital -> file-drop ingest -> cases. The later stages are listed as
-    not built yet rather than faked."""
+    Today: phantom hospital -> file-drop ingest -> US encoder -> features -> cases. The
+    later stages are listed as not built yet rather than faked."""
     import shutil
     import time
 
     from listeners.file_drop import find_files, ingest_paths
+    from model_store import ModelStore
     from mrrp_pacs.cases import list_cases
+    from mrrp_pacs.features.cache import FeatureCache
+    from mrrp_pacs.features.pipeline import extract as extract_features
+    from mrrp_pacs.features.pipeline import lesion_crops
+    from mrrp_pacs.features.us import US_ENCODER_KIND, save_us_encoder, train_us_encoder
     from mrrp_pacs.intake import Intake
     from mrrp_pacs.phantom.generator import PhantomSpec, generate
 
@@ -272,23 +385,54 @@ def demo(patients: int, seed: int, out_dir: Path, as_json: bool) -> None:
     (out_dir / DEMO_MARKER).write_text("made by mrrp-pacs demo; replaced on every run\n")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    click.echo(f"1/3 phantom hospital: {patients} patients (seed {seed})", err=True)
+    click.echo(f"1/5 phantom hospital: {patients} patients (seed {seed})", err=True)
     with _progress(patients, "patient") as bar:
         phantom_summary = generate(PhantomSpec(patients=patients, seed=seed),
                                    out_dir / "phantom", progress=bar.update)
     timings["phantom_s"] = time.perf_counter() - started
 
     config = load_config(None, environ={}).with_db(out_dir / "state" / "mrrp.sqlite3")
-    click.echo("2/3 file-drop ingest of its DICOM and HL7", err=True)
+    config = config.replace("paths", model_store=out_dir / "state" / "models")
+    config = config.replace("features", workers=os.cpu_count() or 1)
+    click.echo("2/5 file-drop ingest of its DICOM and HL7", err=True)
     started = time.perf_counter()
     sources = [out_dir / "phantom" / "dicom", out_dir / "phantom" / "hl7"]
     total = sum(1 for _ in find_files(sources))
-    with Store(config.paths.db_file, config.paths.objects_dir) as store, \
-            _progress(total, "file") as bar:
-        ingested = ingest_paths(Intake(store, config), sources, progress=bar.update)
+    with Store(config.paths.db_file, config.paths.objects_dir) as store:
+        with _progress(total, "file") as bar:
+            ingested = ingest_paths(Intake(store, config), sources, progress=bar.update)
+        timings["ingest_s"] = time.perf_counter() - started
+
+        click.echo("3/5 ultrasound encoder (rotation pretext, no outcome labels)", err=True)
+        started = time.perf_counter()
+        crops, _ = lesion_crops(store, config)
+        families = tuple(config.features.families)
+        us_encoder = "not trained: no annotated ultrasound lesion"
+        if len(crops):
+            model, history = train_us_encoder(crops, epochs=6, seed=seed)
+            models = ModelStore(config.paths.model_store_dir)
+            stored = save_us_encoder(models, model, history, {"source": "mrrp-pacs demo"},
+                                     name=config.features.us_encoder)
+            models.promote(US_ENCODER_KIND, config.features.us_encoder, stored.version)
+            us_encoder = stored.label
+        else:
+            families = tuple(f for f in families if f != "us")
+        timings["us_encoder_s"] = time.perf_counter() - started
+
+        click.echo("4/5 features: slide, nuclei, ultrasound, radiomics, text, clinical",
+                   err=True)
+        started = time.perf_counter()
+        with _progress(total_patients := len(list_cases(store, config)), "patient") as bar:
+            extracted = extract_features(store, config, families,
+                                         workers=config.features.workers, progress=bar.update)
+        timings["features_s"] = time.perf_counter() - started
+        click.echo("5/5 cases", err=True)
         found = list_cases(store, config)
-    timings["ingest_s"] = time.perf_counter() - started
-    click.echo("3/3 cases", err=True)
+        flags = FeatureCache(store).summary()
+    flag_counts: dict[str, int] = {}
+    for entry in flags.values():
+        for flag in entry["flags"]:
+            flag_counts[flag] = flag_counts.get(flag, 0) + 1
     summary = {
         "received": len(found),
         "ready": sum(c.ready for c in found),
@@ -296,6 +440,10 @@ def demo(patients: int, seed: int, out_dir: Path, as_json: bool) -> None:
         "missing_us": sum("us_image" not in c.modalities for c in found),
         "files_new": ingested.new,
         "files_rejected": len(ingested.rejected),
+        "features_computed": extracted.count("computed"),
+        "feature_failures": extracted.as_dict()["failed"],
+        "feature_flags": flag_counts,
+        "us_encoder": us_encoder,
         "oracle_c_index": phantom_summary["oracle_c_index"],
         "not_built_yet": list(NOT_BUILT_YET),
         "timings": {k: round(v, 1) for k, v in timings.items()},
@@ -310,6 +458,9 @@ def demo(patients: int, seed: int, out_dir: Path, as_json: bool) -> None:
             ("without a slide (to compensate)", summary["missing_wsi"]),
             ("without ultrasound (to compensate)", summary["missing_us"]),
             ("files stored / rejected", f"{ingested.new} / {len(ingested.rejected)}"),
+            ("feature sets computed / failed",
+             f"{summary['features_computed']} / {len(extracted.failures)} "
+             f"(patients: {total_patients})"),
             ("phantom oracle C-index (test)", summary["oracle_c_index"]
              if summary["oracle_c_index"] is not None else "n/a (no event in the test split)")]
     width = max(len(name) for name, _ in rows)

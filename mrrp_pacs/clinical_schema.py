@@ -6,13 +6,11 @@ Loaded from ``mrrp_pacs/data/clinical_schema.toml`` or the file named by
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from mrrp_pacs.config import ConfigError
+from mrrp_pacs.config import ConfigError, read_data_toml
 
 _SYSTEM_ALIASES = {"LOINC": "LN", "HTTP://LOINC.ORG": "LN", "LNC": "LN"}
 
@@ -53,20 +51,7 @@ def load_schema(path: Path | None = None) -> ClinicalSchema:
     ConfigError
         The file is unreadable or a variable is malformed; the message names it.
     """
-    if path is None:
-        text = resources.files("mrrp_pacs").joinpath("data/clinical_schema.toml").read_text(
-            encoding="utf-8")
-        source = "built-in clinical schema"
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"clinical schema {path} cannot be read: {exc}") from None
-        source = str(path)
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    raw, source = read_data_toml(path, "clinical_schema.toml", "clinical schema")
     variables = []
     for name, spec in raw.get("variables", {}).items():
         where = f"{source}: variables.{name}"

@@ -18,6 +18,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +90,32 @@ class ClinicalConfig:
     schema_file: Path | None = None
 
 
+FEATURE_FAMILIES = ["wsi", "nuclei", "us", "radiomics", "text", "clinical"]
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Feature extraction: which families, tiling, and the encoders (local weights only)."""
+
+    families: list[str] = field(default_factory=lambda: list(FEATURE_FAMILIES))
+    target_mpp: float = 0.5  # µm/px of the slide tiles
+    tile_px: int = 224
+    max_tiles: int = 64  # per slide, chosen evenly over the tumour region
+    wsi_encoder: str = "hed-texture"  # a name in mrrp_pacs/data/tile_encoders.toml
+    # local checkpoint per tile encoder name, e.g. { uni = "/models/uni/pytorch_model.bin" }
+    encoder_checkpoints: dict[str, str] = field(default_factory=dict)
+    bf16: bool = False  # bfloat16 autocast for transformer tile encoders
+    nuclei_model: Path | None = None  # TorchScript nucleus model; empty = classical pipeline
+    text_encoder: str = "minilm"  # a name in mrrp_pacs/data/text_encoders.toml
+    # local Hugging Face folder per text encoder name, e.g. { bert-large = "/models/bert" }
+    text_encoder_paths: dict[str, str] = field(default_factory=dict)
+    findings_patterns: list[str] = field(default_factory=list)  # empty = built-in patterns
+    us_encoder: str = "usresnet-small"  # name in the model store (train-encoder us)
+    us_roi_margin_px: int = 6
+    us_default_mm_per_px: float = 0.1  # when an image has no ultrasound region calibration
+    workers: int = 1  # processes for `extract`; each loads its own encoders
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -101,6 +128,7 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     clinical: ClinicalConfig = field(default_factory=ClinicalConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "built-in defaults"
 
@@ -181,6 +209,32 @@ def load_config(
     return Config(**built, source=source)
 
 
+def read_data_toml(path: Path | None, resource: str, what: str) -> tuple[dict[str, Any], str]:
+    """A TOML table file: ``path``, or the package's ``mrrp_pacs/data/<resource>`` when None.
+
+    Returns the parsed table and how to name its source in messages.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or is not valid TOML.
+    """
+    if path is None:
+        text = resources.files("mrrp_pacs").joinpath(f"data/{resource}").read_text(
+            encoding="utf-8")
+        source = f"built-in {what}"
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{what} {path} cannot be read: {exc}") from None
+        source = f"{what} {path}"
+    try:
+        return tomllib.loads(text), source
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+
+
 def _field_type(section: str, key: str, source: str) -> Any:
     hints = typing.get_type_hints(SECTIONS[section])
     if key not in hints:
@@ -245,6 +299,10 @@ def _coerce(key: str, kind: Any, value: Any, source: str, base_dir: Path) -> Any
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise bad("a positive integer")
         return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise bad("a positive number")
+        return float(value)
     if kind is str:
         if not isinstance(value, str):
             raise bad("a string")
@@ -259,6 +317,10 @@ def _coerce(key: str, kind: Any, value: Any, source: str, base_dir: Path) -> Any
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of strings")
+        if key == "features.families" and not set(value) <= set(FEATURE_FAMILIES):
+            raise ConfigError(f"{source}: {key} = {value!r}: unknown families "
+                              f"{sorted(set(value) - set(FEATURE_FAMILIES))}; known: "
+                              f"{', '.join(FEATURE_FAMILIES)}")
         return list(value)
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):

@@ -8,6 +8,7 @@ from builders import Patient, pathology_result, us_image, us_report, write
 from click.testing import CliRunner
 
 from mrrp_pacs.cli import main
+from mrrp_pacs.store.migrations import available_migrations
 
 SCRIPT = Path(sys.executable).parent / "mrrp-pacs"
 
@@ -48,6 +49,7 @@ def test_ingest_json_then_cases_json(tmp_path):
         "modalities": ["us_image", "us_report", "clinical"],
         "clinical_variables": sorted(cases[0]["clinical_variables"]),
         "ready": True, "missing": ["wsi", "wsi_roi", "us_roi"],
+        "features": [], "flags": [],  # nothing extracted yet
     }]
     table = runner.invoke(main, ["cases", "--db", str(db)]).output
     assert "C1^^^HOSP" in table and "READY" in table and "9/9" in table
@@ -59,7 +61,8 @@ def test_text_summary_names_rejections(tmp_path):
                                        str(tmp_path / "m.sqlite3")])
     assert result.exit_code == 0
     assert "4 files: 3 new (1 DICOM, 2 HL7), 0 duplicate, 1 rejected" in result.output
-    assert "junk.bin: is neither DICOM Part 10 nor an HL7 v2 message" in result.output
+    assert "junk.bin: is neither DICOM Part 10, an HL7 v2 message nor a region sidecar" \
+        in result.output
 
 
 def test_bad_config_is_reported_with_the_key(tmp_path):
@@ -86,13 +89,14 @@ def test_migrate_and_config_commands(tmp_path):
     db = tmp_path / "m.sqlite3"
     runner = CliRunner()
     migrated = runner.invoke(main, ["migrate", "--db", str(db)])
-    assert migrated.exit_code == 0 and "schema version 2" in migrated.output
+    assert migrated.exit_code == 0
+    assert f"schema version {len(available_migrations())}" in migrated.output
     shown = runner.invoke(main, ["config", "--db", str(db)])
     assert shown.exit_code == 0 and f"# database: {db}" in shown.output
     assert 'match = "id+issuer"' in shown.output
 
 
-def test_demo_runs_phantom_ingest_cases_and_is_rerunnable(tmp_path):
+def test_demo_runs_phantom_ingest_features_cases_and_is_rerunnable(tmp_path):
     out = tmp_path / "demo"
     runner = CliRunner()
     for _ in range(2):  # a second run replaces the first
@@ -104,7 +108,8 @@ def test_demo_runs_phantom_ingest_cases_and_is_rerunnable(tmp_path):
         truth = list(csv.DictReader(handle))
     assert summary["ready"] == sum(r["has_wsi"] == "1" or r["has_us"] == "1" for r in truth)
     assert summary["missing_wsi"] == sum(r["has_wsi"] == "0" for r in truth)
-    assert "feature extraction" in summary["not_built_yet"]
+    assert "MRRP model training and scoring" in summary["not_built_yet"]
+    assert summary["feature_failures"] == [] and summary["features_computed"] > 0
     assert json.loads(result.stdout) == summary
 
 

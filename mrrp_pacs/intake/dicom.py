@@ -277,7 +277,7 @@ def _meta_from_dataset(ds: Dataset) -> DicomMeta:
     if file_meta is not None and "TransferSyntaxUID" in file_meta:
         transfer_syntax = str(file_meta.TransferSyntaxUID)
     if sop_class in SR_CLASSES:
-        rois = _sr_rois(ds)
+        rois = sr_rois(ds)
     elif sop_class == MICROSCOPY_BULK_ANNOTATIONS:
         rois = _annotation_rois(ds)
     else:
@@ -313,7 +313,7 @@ def _pairs(values: Any, per_point: int) -> list[list[float]]:
     return [flat[i : i + per_point] for i in range(0, len(flat), per_point)]
 
 
-def _sr_rois(ds: Dataset) -> list[Roi]:
+def sr_rois(ds: Dataset) -> list[Roi]:
     """Every SCOORD / SCOORD3D in the SR content tree (TID 1410 planar ROIs among them)."""
     rois: list[Roi] = []
     stack = list(ds.get("ContentSequence", []))

@@ -21,6 +21,12 @@ from mrrp_pacs.config import Config
 from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, DicomError, looks_like_dicom, read_meta
 from mrrp_pacs.intake.hl7 import Hl7Error, looks_like_hl7, parse_message, split_messages
 from mrrp_pacs.intake.records import ResultContent, read_result
+from mrrp_pacs.intake.sidecars import (
+    MAX_SIDECAR_BYTES,
+    SidecarError,
+    looks_like_sidecar,
+    read_sidecar,
+)
 from mrrp_pacs.store import Store, sha256_file, utc_now
 
 LOGGER = logging.getLogger(__name__)
@@ -37,7 +43,7 @@ class Outcome(StrEnum):
 @dataclass(frozen=True)
 class IntakeResult:
     outcome: Outcome
-    kind: str  # dicom | hl7 | unknown
+    kind: str  # dicom | hl7 | sidecar | unknown
     reason: str | None = None
     row_id: int | None = None
     control_id: str | None = None  # HL7 MSH-10, for the acknowledgement
@@ -61,7 +67,7 @@ class Intake:
         except OSError as exc:
             return [IntakeResult(Outcome.REJECTED, "unknown", f"cannot be read: {exc.strerror}")]
         if looks_like_dicom(head):
-            return [self.receive_dicom(path, origin=f"file:{path}")]
+            return [self.receive_dicom(path, origin=f"file:{path.absolute()}")]
         if looks_like_hl7(head):
             size = path.stat().st_size
             limit = self.config.ingest.max_hl7_bytes
@@ -72,11 +78,43 @@ class Intake:
                 messages = split_messages(path.read_bytes())
             except Hl7Error as exc:
                 return [IntakeResult(Outcome.REJECTED, "hl7", str(exc))]
-            return [self.receive_hl7(raw, origin=f"file:{path}") for raw in messages]
+            return [self.receive_hl7(raw, origin=f"file:{path.absolute()}") for raw in messages]
+        if looks_like_sidecar(head):
+            return [self.receive_sidecar(path)]
         if not head:
             return [IntakeResult(Outcome.REJECTED, "unknown", "is empty")]
         return [IntakeResult(Outcome.REJECTED, "unknown",
-                             "is neither DICOM Part 10 nor an HL7 v2 message")]
+                             "is neither DICOM Part 10, an HL7 v2 message nor a region sidecar")]
+
+    # -- region sidecars -------------------------------------------------------------------
+
+    def receive_sidecar(self, path: Path) -> IntakeResult:
+        """Persist an ASAP XML / GeoJSON / Pascal-VOC file found next to images."""
+        try:
+            if path.stat().st_size > MAX_SIDECAR_BYTES:
+                return IntakeResult(Outcome.REJECTED, "sidecar",
+                                    f"is larger than {MAX_SIDECAR_BYTES} bytes")
+            data = path.read_bytes()
+        except OSError as exc:
+            return IntakeResult(Outcome.REJECTED, "sidecar", f"cannot be read: {exc.strerror}")
+        try:
+            sidecar = read_sidecar(data)
+        except SidecarError as exc:
+            return IntakeResult(Outcome.REJECTED, "sidecar", f"region file {exc}")
+        sha = hashlib.sha256(data).hexdigest()
+        if self._known("sidecars", sha):
+            return IntakeResult(Outcome.DUPLICATE, "sidecar", "identical file already stored")
+        self.store.objects.put_bytes(data)
+        with self.store.transaction() as conn:
+            if self._known("sidecars", sha):
+                return IntakeResult(Outcome.DUPLICATE, "sidecar", "identical file already stored")
+            row_id = self.store.insert(conn, "sidecars", {
+                "kind": sidecar.kind, "sha256": sha, "size_bytes": len(data),
+                "source": f"file:{path.absolute()}", "folder": str(path.parent.absolute()),
+                "stem": path.stem, "image_file_name": sidecar.image_file_name,
+                "received_at": utc_now(),
+            })
+        return IntakeResult(Outcome.NEW, "sidecar", row_id=row_id)
 
     # -- DICOM ---------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ def test_failed_migration_is_rolled_back(tmp_path, monkeypatch):
                            "CREATE TABLE half_done (x INTEGER);\nINSERT INTO nowhere VALUES (1);")
     monkeypatch.setattr(mig, "available_migrations", lambda: [*real, broken])
     conn = _connect(tmp_path / "db.sqlite3")
-    with pytest.raises(SchemaError, match="0003_broken failed and was rolled back"):
+    with pytest.raises(SchemaError, match=f"{len(real) + 1:04d}_broken failed and was rolled back"):
         mig.migrate(conn)
     assert mig.schema_version(conn) == len(real)
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}

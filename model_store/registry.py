@@ -1,0 +1,164 @@
+"""A versioned model registry on disk: weights + manifest with provenance and hashes.
+
+Layout: ``<root>/<kind>/<name>/<version>/`` holds the model's files and ``manifest.json``;
+``<root>/<kind>/<name>/PROMOTED`` names the version in use. A version is written to a staging
+folder and renamed into place, so it appears whole or not at all; it is never modified after.
+Loading verifies the SHA-256 of every file listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+PROMOTED = "PROMOTED"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ModelStoreError(RuntimeError):
+    """A model that is missing, incomplete or altered; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    kind: str
+    name: str
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+
+    def file(self, filename: str) -> Path:
+        if filename not in self.manifest.get("files", {}):
+            raise ModelStoreError(f"{self.label} has no file {filename!r}")
+        return self.path / filename
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}/{self.name}@{self.version}"
+
+
+def _check_name(what: str, value: str) -> str:
+    if not _SAFE_NAME.match(value):
+        raise ModelStoreError(f"{what} {value!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def save(self, kind: str, name: str, files: Mapping[str, bytes],
+             manifest: Mapping[str, Any]) -> ModelVersion:
+        """Write a new version; returns it. ``manifest`` is the caller's provenance (JSON-able).
+
+        The version id is ``<UTC timestamp>-<first 8 hex of the content digest>``.
+        """
+        folder = self.root / _check_name("kind", kind) / _check_name("name", name)
+        for filename in files:
+            _check_name("file name", filename)
+            if filename == MANIFEST:
+                raise ModelStoreError(f"{MANIFEST} is written by the store, not passed as a file")
+        content = hashlib.sha256()
+        for filename in sorted(files):
+            content.update(filename.encode() + b"\0" + hashlib.sha256(files[filename]).digest())
+        created = datetime.now(UTC)
+        version = f"{created:%Y%m%dT%H%M%SZ}-{content.hexdigest()[:8]}"
+        full_manifest = {
+            **manifest,
+            "kind": kind, "name": name, "version": version,
+            "created_at": created.isoformat(timespec="seconds"),
+            "files": {f: {"sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
+                      for f, data in sorted(files.items())},
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+        try:
+            for filename, data in files.items():
+                (staging / filename).write_bytes(data)
+            (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=True)
+                                            + "\n")
+            for entry in staging.iterdir():
+                with entry.open("rb") as handle:
+                    os.fsync(handle.fileno())
+            target = folder / version
+            if target.exists():
+                raise ModelStoreError(f"{kind}/{name}@{version} already exists")
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return ModelVersion(kind, name, version, target, full_manifest)
+
+    def names(self, kind: str) -> list[str]:
+        folder = self.root / kind
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def versions(self, kind: str, name: str) -> list[str]:
+        folder = self.root / kind / name
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists())
+
+    def promoted(self, kind: str, name: str) -> str | None:
+        marker = self.root / kind / name / PROMOTED
+        return marker.read_text().strip() if marker.exists() else None
+
+    def promote(self, kind: str, name: str, version: str) -> None:
+        """Make ``version`` the one :meth:`load` returns by default (after verifying it)."""
+        self.load(kind, name, version)
+        marker = self.root / kind / name / PROMOTED
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(version + "\n")
+        os.replace(tmp, marker)
+
+    def load(self, kind: str, name: str, version: str | None = None) -> ModelVersion:
+        """The given version, else the promoted one, else the latest; hashes verified.
+
+        Raises
+        ------
+        ModelStoreError
+            No such model/version, or a file is missing or altered.
+        """
+        available = self.versions(kind, name)
+        if not available:
+            raise ModelStoreError(
+                f"no model {kind}/{name} in {self.root}: train one first (see the operator "
+                "guide) or point [paths] model_store at the folder that holds it")
+        chosen = version or self.promoted(kind, name) or available[-1]
+        if chosen not in available:
+            raise ModelStoreError(f"{kind}/{name} has no version {chosen!r}; available: "
+                                  f"{', '.join(available)}")
+        path = self.root / kind / name / chosen
+        manifest = json.loads((path / MANIFEST).read_text())
+        loaded = ModelVersion(kind, name, chosen, path, manifest)
+        self.verify(loaded)
+        return loaded
+
+    @staticmethod
+    def verify(model: ModelVersion) -> None:
+        for filename, entry in model.manifest.get("files", {}).items():
+            path = model.path / filename
+            if not path.is_file():
+                raise ModelStoreError(f"{model.label}: file {filename} is missing")
+            if _sha256(path) != entry["sha256"]:
+                raise ModelStoreError(
+                    f"{model.label}: {filename} does not match its manifest sha256 (altered or "
+                    "corrupt); restore it or train again")

@@ -1,0 +1,512 @@
+"""Extraction for every case in the store: one patient at a time, each family cached.
+
+For each patient and family the pipeline describes the inputs (object SHA-256s, region source,
+parameters) without reading pixels, hashes that description, and looks the result up by
+(patient, family, extractor, version, input hash). Only misses are computed, so a second run
+computes nothing and a new extractor version recomputes only its family. A result is written
+in one transaction after it is complete; an input that cannot be used is reported with the
+patient and family and leaves nothing behind.
+
+Families: ``wsi`` deep tile features; ``nuclei`` morphology + topology tokens on the same tiles;
+``us`` ResNet tokens of the lesion crop; ``radiomics`` PyRadiomics tokens of the same lesion;
+``text`` token embeddings of the US report findings; ``clinical`` the clinical schema values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from mrrp_pacs.cases import CaseInputs, case_inputs
+from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
+from mrrp_pacs.config import Config
+from mrrp_pacs.features.cache import FeatureCache, FeatureSet, input_hash
+from mrrp_pacs.features.errors import FeatureError, ModelUnavailable
+from mrrp_pacs.features.wsi import (
+    Region,
+    Tiles,
+    TilingParameters,
+    open_slide,
+    region_from_annotation,
+    region_from_sidecar,
+    region_from_tissue,
+    tile_region,
+)
+from mrrp_pacs.store import Store
+
+LOGGER = logging.getLogger(__name__)
+
+FAMILIES = ("wsi", "nuclei", "us", "radiomics", "text", "clinical")
+PIPELINE_VERSION = "1"
+
+
+@dataclass
+class FamilyOutcome:
+    patient_key: str
+    family: str
+    status: str  # computed | cached | no_input | failed
+    reason: str = ""
+
+
+@dataclass
+class ExtractionSummary:
+    outcomes: list[FamilyOutcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failures(self) -> list[FamilyOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "patients": len({o.patient_key for o in self.outcomes}),
+            "computed": self.count("computed"),
+            "cached": self.count("cached"),
+            "no_input": self.count("no_input"),
+            "failed": [{"patient": o.patient_key, "family": o.family, "reason": o.reason}
+                       for o in self.failures],
+        }
+
+
+class _Encoders:
+    """Models loaded once per process, on first use; a model that cannot be loaded stops the
+    whole run (:class:`ModelUnavailable`), since every patient would fail the same way."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @cached_property
+    def tile(self) -> Any:
+        from mrrp_pacs.features.encoders import build_encoder
+
+        features = self.config.features
+        with _model("tile encoder"):
+            return build_encoder(features.wsi_encoder, features.encoder_checkpoints,
+                                 bf16=features.bf16)
+
+    @cached_property
+    def text_version(self) -> str:
+        from mrrp_pacs.features.text import text_encoder_version
+
+        features = self.config.features
+        with _model("text encoder"):
+            return text_encoder_version(features.text_encoder,
+                                        _paths(features.text_encoder_paths))
+
+    @cached_property
+    def text(self) -> Any:
+        from mrrp_pacs.features.text import build_text_encoder
+
+        features = self.config.features
+        with _model("text encoder"):
+            return build_text_encoder(features.text_encoder, _paths(features.text_encoder_paths))
+
+    @cached_property
+    def us(self) -> tuple[Any, str]:
+        from model_store import ModelStore
+        from mrrp_pacs.features.us import load_us_encoder
+
+        with _model("ultrasound encoder"):
+            model, stored = load_us_encoder(ModelStore(self.config.paths.model_store_dir),
+                                            name=self.config.features.us_encoder)
+        return model, stored.version
+
+    @cached_property
+    def segmenter(self) -> Any:
+        from mrrp_pacs.features.nuclei import ClassicalSegmenter, TorchScriptSegmenter
+
+        model = self.config.features.nuclei_model
+        with _model("nucleus model"):
+            return TorchScriptSegmenter(model) if model is not None else ClassicalSegmenter()
+
+
+@contextmanager
+def _model(what: str) -> Iterator[None]:
+    from model_store import ModelStoreError
+    from mrrp_pacs.config import ConfigError
+
+    try:
+        yield
+    except (FeatureError, ModelStoreError, ConfigError) as exc:
+        raise ModelUnavailable(f"{what}: {exc}") from exc
+
+
+def _paths(mapping: dict[str, str]) -> dict[str, Path]:
+    return {name: Path(value) for name, value in mapping.items()}
+
+
+class _Patient:
+    """One patient's inputs, with the expensive reads (tiles, US frame) done once."""
+
+    def __init__(self, inputs: CaseInputs, store: Store, config: Config) -> None:
+        self.inputs = inputs
+        self.store = store
+        self.config = config
+        self.tiling = TilingParameters(config.features.target_mpp, config.features.tile_px,
+                                       config.features.max_tiles)
+
+    # -- slide ---------------------------------------------------------------------------
+
+    @cached_property
+    def slide_series(self) -> str | None:
+        """The slide used: the series with the most instances (the full pyramid)."""
+        slides = self.inputs.slides
+        return max(sorted(slides), key=lambda s: len(slides[s])) if slides else None
+
+    def slide_description(self) -> list[object]:
+        series = self.slide_series
+        assert series is not None
+        refs = self.inputs.slides[series]
+        return [sorted(r.sha256 for r in refs), self._region_description(), self.tiling.key()]
+
+    def _region_description(self) -> list[str]:
+        if self.inputs.annotations:
+            return ["annotation", *sorted(a.sha256 for a in self.inputs.annotations)]
+        series = self.slide_series
+        sidecars = [s for s in self.inputs.slide_sidecars if s.image_uid == series]
+        if sidecars:
+            return [sidecars[0].kind, sidecars[0].sha256]
+        return ["automatic"]
+
+    @cached_property
+    def tiles(self) -> Tiles:
+        series = self.slide_series
+        assert series is not None
+        name = f"series {series}"
+        paths = [self.store.objects.path_for(r.sha256) for r in self.inputs.slides[series]]
+        wsi = open_slide(paths, name)
+        try:
+            source = self._region_description()[0]
+            if source == "annotation":
+                level0 = self._level0(paths)
+                polygons = [p for a in self.inputs.annotations
+                            for p in region_from_annotation(self.store.objects.path_for(a.sha256),
+                                                            level0)]
+            elif source in ("asap", "geojson"):
+                sidecar = next(s for s in self.inputs.slide_sidecars if s.image_uid == series)
+                polygons = region_from_sidecar(self.store.objects.read_bytes(sidecar.sha256),
+                                               f"sidecar {sidecar.row_id}")
+            else:
+                polygons = region_from_tissue(wsi)
+            if not polygons:
+                raise FeatureError(f"slide {name}: its region ({source}) holds no polygon")
+            return tile_region(wsi, Region(polygons, source), self.tiling, name)
+        finally:
+            wsi.close()
+
+    @staticmethod
+    def _level0(paths: list[Path]) -> pydicom.Dataset:
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        return max(headers, key=lambda h: int(h.TotalPixelMatrixColumns))
+
+    # -- ultrasound ------------------------------------------------------------------------
+
+    @cached_property
+    def us_choice(self) -> tuple[Any, tuple[str, str] | None]:
+        """(image ref, ROI source (kind, sha256) or None): an image with an ROI if one exists."""
+        images = {i.sop_instance_uid: i for i in self.inputs.us_images}
+        for sr, target in self.inputs.us_rois:
+            if target in images:
+                return images[target], ("sr", sr.sha256)
+        for sidecar in self.inputs.us_sidecars:
+            if sidecar.image_uid in images:
+                return images[sidecar.image_uid], ("voc", sidecar.sha256)
+        return self.inputs.us_images[0], None
+
+    def us_description(self) -> list[object]:
+        image, roi = self.us_choice
+        features = self.config.features
+        return [image.sha256, list(roi) if roi else "automatic", features.us_roi_margin_px,
+                features.us_default_mm_per_px]
+
+    @cached_property
+    def us_lesion(self) -> tuple[Any, tuple[int, int, int, int], list[str]]:
+        """(UltrasoundImage, lesion box, flags)."""
+        from mrrp_pacs.features import us
+
+        image_ref, roi = self.us_choice
+        path = self.store.objects.path_for(image_ref.sha256)
+        ds = pydicom.dcmread(path)
+        name = f"image {image_ref.sop_instance_uid}"
+        box = None
+        if roi is not None and roi[0] == "sr":
+            box = us.roi_from_sr(pydicom.dcmread(self.store.objects.path_for(roi[1])),
+                                 image_ref.sop_instance_uid)
+        elif roi is not None:
+            box = us.roi_from_voc(self.store.objects.read_bytes(roi[1]))
+        image = us.read_ultrasound(ds, source_name=name, roi=box,
+                                   default_pixel_mm=self.config.features.us_default_mm_per_px)
+        flags = list(image.flags)
+        if box is None:
+            assert image.pixel_mm is not None
+            try:
+                box = us.automatic_lesion_candidate(image.gray, image.pixel_mm)
+            except FeatureError as exc:
+                raise FeatureError(f"ultrasound {name} has no lesion ROI and {exc}") from exc
+            flags.append(us.AUTOMATIC_ROI)
+        return image, us.clip_box(box, image.gray.shape, name), flags
+
+    # -- text ------------------------------------------------------------------------------
+
+    @cached_property
+    def report(self) -> Any:
+        reports = self.inputs.us_reports
+        return reports[-1] if reports else None
+
+
+class Extractor:
+    """Runs the families for patients of one store (one instance per process)."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+        self.cache = FeatureCache(store)
+        self.encoders = _Encoders(config)
+        self.schema: ClinicalSchema = load_schema(config.clinical.schema_file)
+
+    def run(self, inputs: CaseInputs, families: tuple[str, ...], force: bool) -> list[
+            FamilyOutcome]:
+        patient = _Patient(inputs, self.store, self.config)
+        outcomes = []
+        for family in families:
+            try:
+                outcomes.append(self._family(patient, family, force))
+            except ModelUnavailable:
+                raise
+            except FeatureError as exc:
+                outcomes.append(FamilyOutcome(inputs.patient_key, family, "failed", str(exc)))
+                LOGGER.warning("feature family %s failed for one patient (see the summary)",
+                               family)
+        return outcomes
+
+    def _family(self, patient: _Patient, family: str, force: bool) -> FamilyOutcome:
+        key = patient.inputs.patient_key
+        plan = self._plan(patient, family)
+        if plan is None:
+            return FamilyOutcome(key, family, "no_input")
+        extractor, version, description, compute = plan
+        digest = input_hash([PIPELINE_VERSION, family, description])
+        cached = self.cache.find(key, family, extractor, version, digest)
+        if cached is not None and not force:
+            self.cache.revive(cached)
+            return FamilyOutcome(key, family, "cached")
+        features = compute()
+        features.extractor, features.version = extractor, version
+        features.meta.setdefault("flags", [])
+        if cached is not None:  # --force: the same key, recomputed in place
+            self.cache.replace(cached, features)
+        else:
+            self.cache.put(key, digest, features)
+        return FamilyOutcome(key, family, "computed")
+
+    def _plan(self, patient: _Patient, family: str) -> tuple[
+            str, str, list[object], Callable[[], FeatureSet]] | None:
+        inputs = patient.inputs
+        if family == "clinical":
+            values = inputs.clinical
+            if not values:
+                return None
+            description: list[object] = [sorted((k, v.value_text, v.unit)
+                                                for k, v in values.items()),
+                                         [(v.name, v.kind, v.unit, v.levels)
+                                          for v in self.schema.variables]]
+            return ("clinical-schema", "1", description,
+                    lambda: _clinical(values, self.schema))
+        if family in ("wsi", "nuclei"):
+            if patient.slide_series is None:
+                return None
+            if family == "wsi":
+                encoder = self.encoders.tile
+                return (encoder.name, encoder.version, patient.slide_description(),
+                        lambda: _wsi(patient, encoder))
+            from mrrp_pacs.features import morphology, nuclei, topology
+
+            segmenter = self.encoders.segmenter
+            version = (f"{segmenter.version}+m{morphology.MORPHOLOGY_VERSION}"
+                       f"+t{topology.TOPOLOGY_VERSION}")
+            return (segmenter.name, version, patient.slide_description(),
+                    lambda: _nuclei(patient, segmenter, nuclei, morphology, topology))
+        if family in ("us", "radiomics"):
+            if not inputs.us_images:
+                return None
+            if family == "us":
+                model, version = self.encoders.us
+                return ("usresnet", version, patient.us_description(),
+                        lambda: _us(patient, model))
+            from mrrp_pacs.features import radiomics
+
+            return ("pyradiomics", radiomics.RADIOMICS_VERSION, patient.us_description(),
+                    lambda: _radiomics(patient, radiomics))
+        if family == "text":
+            report = patient.report
+            if report is None:
+                return None
+            patterns = tuple(self.config.features.findings_patterns)
+            return (self.config.features.text_encoder, self.encoders.text_version,
+                    [report.row_id, report.text, patterns],
+                    lambda: _text(patient, self.encoders.text, patterns))
+        raise ValueError(f"unknown feature family {family!r}")
+
+
+# -- the families ---------------------------------------------------------------------------
+
+def _clinical(values: Any, schema: ClinicalSchema) -> FeatureSet:
+    from mrrp_pacs.features.clinical import encode_clinical
+
+    return encode_clinical(values, schema)
+
+
+def _wsi(patient: _Patient, encoder: Any) -> FeatureSet:
+    tiles = patient.tiles
+    deep = encoder.encode(tiles.rgb, tiles.mpp)
+    return FeatureSet("wsi", encoder.name, encoder.version,
+                      {"deep": deep.astype(np.float32),
+                       "positions_um": tiles.centres_um.astype(np.float32)},
+                      {"flags": tiles.flags, "mpp": tiles.mpp, "tile_px": tiles.rgb.shape[1],
+                       "region": patient._region_description()[0]})
+
+
+def _nuclei(patient: _Patient, segmenter: Any, nuclei: Any, morphology: Any,
+            topology: Any) -> FeatureSet:
+    tiles = patient.tiles
+    tile_um = tiles.rgb.shape[1] * tiles.mpp
+    morph_tokens, xy_um, kinds, patch = [], [], [], []
+    morph_names: list[str] = []
+    for index, rgb in enumerate(tiles.rgb):
+        found = segmenter.segment(rgb, tiles.mpp)
+        per_nucleus, _names = morphology.nucleus_features(rgb, found, tiles.mpp)
+        # nuclei cut by the tile edge count, but stay out of the shape statistics
+        token, morph_names = morphology.patch_token(per_nucleus, found.kinds,
+                                                    whole=~found.touches_border)
+        morph_tokens.append(token)
+        origin = tiles.centres_um[index] - tile_um / 2
+        xy_um.append(origin + np.asarray(found.centroids_px, dtype=np.float64) * tiles.mpp)
+        kinds.append(np.asarray(found.kinds))
+        patch.append(np.full(len(found.kinds), index))
+    all_xy = np.concatenate(xy_um) if xy_um else np.zeros((0, 2))
+    all_kinds = np.concatenate(kinds) if kinds else np.zeros(0, dtype=np.int8)
+    node, _node_names = topology.node_features(all_xy, all_kinds)
+    topo, topo_names = topology.patch_tokens(node, all_kinds, np.concatenate(patch),
+                                             len(tiles.rgb))
+    counts = np.stack([np.bincount(k, minlength=4) for k in kinds]).astype(np.float32)
+    return FeatureSet("nuclei", segmenter.name, "", {
+        "morphology": np.stack(morph_tokens).astype(np.float32),
+        "topology": topo.astype(np.float32),
+        "counts": counts,
+        "positions_um": tiles.centres_um.astype(np.float32),
+    }, {"flags": tiles.flags, "morphology_names": morph_names, "topology_names": topo_names,
+        "count_names": ["tumour", "inflammatory", "stromal", "normal"]})
+
+
+def _us(patient: _Patient, model: Any) -> FeatureSet:
+    from mrrp_pacs.features import us
+
+    image, box, flags = patient.us_lesion
+    crop = us.crop_roi(image.gray, box, patient.config.features.us_roi_margin_px)
+    tokens = us.encode_crops(model, crop[None])[0]
+    return FeatureSet("us", "usresnet", "", {
+        "tokens": tokens.astype(np.float32),
+        "positions": us.token_positions().astype(np.int16),
+        "box_px": np.asarray(box, dtype=np.float32),
+    }, {"flags": flags, "pixel_mm": list(image.pixel_mm or [])})
+
+
+def _radiomics(patient: _Patient, radiomics: Any) -> FeatureSet:
+    image, box, flags = patient.us_lesion
+    assert image.pixel_mm is not None
+    tokens, token_names, feature_names = radiomics.radiomics_tokens(image.gray, box,
+                                                                    image.pixel_mm)
+    return FeatureSet("radiomics", "pyradiomics", radiomics.RADIOMICS_VERSION,
+                      {"tokens": tokens.astype(np.float32)},
+                      {"flags": flags, "token_names": token_names,
+                       "feature_names": feature_names})
+
+
+def _text(patient: _Patient, encoder: Any, patterns: tuple[str, ...]) -> FeatureSet:
+    from mrrp_pacs.features.text import DEFAULT_PATTERNS, findings
+
+    report = patient.report
+    text = findings(report.text, patterns or DEFAULT_PATTERNS, source=f"report row "
+                    f"{report.row_id}")
+    tokens = encoder.embed(text)
+    return FeatureSet("text", encoder.name, encoder.version, {"tokens": tokens},
+                      {"flags": [], "n_tokens": int(tokens.shape[0])})
+
+
+def lesion_crops(store: Store, config: Config) -> tuple[np.ndarray, list[str]]:
+    """(n, 256, 256) crops of every annotated ultrasound lesion (the encoder's training set),
+    and why other images were left out. Automatic lesion candidates are not trained on."""
+    from mrrp_pacs.features import us
+
+    crops, skipped = [], []
+    for inputs in case_inputs(store, config).values():
+        if not inputs.us_images:
+            continue
+        patient = _Patient(inputs, store, config)
+        if patient.us_choice[1] is None:
+            skipped.append(f"{inputs.patient_key}: no annotated lesion")
+            continue
+        try:
+            image, box, _ = patient.us_lesion
+        except FeatureError as exc:
+            skipped.append(f"{inputs.patient_key}: {exc}")
+            continue
+        crops.append(us.crop_roi(image.gray, box, config.features.us_roi_margin_px))
+    empty = np.zeros((0, us.CROP_SIZE_PX, us.CROP_SIZE_PX), np.float32)
+    return (np.stack(crops) if crops else empty), skipped
+
+
+# -- running over the store -----------------------------------------------------------------
+
+_WORKER: Extractor | None = None
+
+
+def _start_worker(db_path: Path, objects: Path, config: Config) -> None:
+    """Pool initializer: one store connection and one set of loaded models per process."""
+    import torch
+
+    global _WORKER
+    torch.set_num_threads(1)  # the workers share the cores: one thread each avoids thrashing
+    _WORKER = Extractor(Store(db_path, objects), config)
+
+
+def _work(inputs: CaseInputs, families: tuple[str, ...], force: bool) -> list[FamilyOutcome]:
+    assert _WORKER is not None
+    return _WORKER.run(inputs, families, force)
+
+
+def extract(store: Store, config: Config, families: tuple[str, ...] = FAMILIES,
+            force: bool = False, workers: int = 1,
+            progress: Callable[[int], None] | None = None) -> ExtractionSummary:
+    """Extract ``families`` for every patient in the store; returns what happened."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown feature families {sorted(unknown)}; known: {FAMILIES}")
+    everything = list(case_inputs(store, config).values())
+    summary = ExtractionSummary()
+    if workers <= 1:
+        extractor = Extractor(store, config)
+        for inputs in everything:
+            summary.outcomes.extend(extractor.run(inputs, families, force))
+            if progress is not None:
+                progress(1)
+        return summary
+    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker,
+                             initargs=(store.db_path, store.objects.root, config)) as pool:
+        futures = [pool.submit(_work, inputs, families, force) for inputs in everything]
+        for future in as_completed(futures):
+            summary.outcomes.extend(future.result())
+            if progress is not None:
+                progress(1)
+    return summary

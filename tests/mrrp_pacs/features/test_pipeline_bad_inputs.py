@@ -1,0 +1,75 @@
+"""Unusable inputs: a clear reason naming the instance, and nothing half-written."""
+
+import numpy as np
+import pytest
+from builders import Patient, encode, pathology_result, us_image, us_report, us_roi_sr, wsi_image
+
+from model_store import ModelStore
+from mrrp_pacs.features import pipeline
+from mrrp_pacs.features.us import save_us_encoder, train_us_encoder
+
+
+@pytest.fixture
+def encoder_store(config):
+    config = config.replace("paths", model_store=config.paths.db_file.parent / "models")
+    crops = np.random.default_rng(0).uniform(0, 255, (8, 256, 256)).astype(np.float32)
+    model, history = train_us_encoder(crops, epochs=1)
+    save_us_encoder(ModelStore(config.paths.model_store_dir), model, history, {"test": True})
+    return config
+
+
+def _families(store, key):
+    return {r[0] for r in store.conn.execute(
+        "SELECT family FROM features WHERE patient_key = ?", (key,))}
+
+
+def test_each_bad_input_is_named_and_leaves_nothing(intake, store, encoder_store, tmp_path):
+    config = encoder_store
+    # B1: ultrasound without a calibrated region -> computed, flagged
+    b1 = Patient("B1")
+    image = us_image(b1)
+    del image.SequenceOfUltrasoundRegions
+    intake.receive_dicom(encode(image), "t")
+    intake.receive_dicom(encode(us_roi_sr(b1, image, (10, 10, 50, 40))), "t")
+    # B2: a VOC box of zero width next to its image -> us and radiomics fail
+    b2 = Patient("B2")
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "IMG_B2").write_bytes(encode(us_image(b2)))
+    (drop / "box.xml").write_bytes(b"<annotation><filename>IMG_B2</filename><object>"
+                                   b"<bndbox><xmin>20</xmin><ymin>5</ymin><xmax>20</xmax>"
+                                   b"<ymax>30</ymax></bndbox></object></annotation>")
+    for path in sorted(drop.iterdir()):
+        intake.receive_path(path)
+    # B3: a report without a findings section -> text fails
+    b3 = Patient("B3")
+    image3 = us_image(b3)
+    intake.receive_dicom(encode(image3), "t")
+    intake.receive_dicom(encode(us_roi_sr(b3, image3, (10, 10, 50, 40))), "t")
+    intake.receive_hl7(us_report(b3, text=("Normal examination.",)), "t")
+    # B5: an image with no ROI and no lesion to find -> us and radiomics fail, image named
+    b5 = Patient("B5")
+    image5 = us_image(b5)
+    intake.receive_dicom(encode(image5), "t")
+    # B4: a "slide" that is one 32-px frame -> wsi and nuclei fail
+    b4 = Patient("B4")
+    slide = wsi_image(b4)
+    intake.receive_dicom(encode(slide), "t")
+    for patient in (b1, b2, b3, b4, b5):
+        intake.receive_hl7(pathology_result(patient, f"PA-{patient.patient_id}"), "t")
+
+    summary = pipeline.extract(store, config)
+    failed = {(o.patient_key.split("^")[0], o.family): o.reason for o in summary.failures}
+    assert set(failed) == {("B2", "us"), ("B2", "radiomics"), ("B3", "text"), ("B4", "wsi"),
+                           ("B4", "nuclei"), ("B5", "us"), ("B5", "radiomics")}
+    assert image5.SOPInstanceUID in failed["B5", "us"] and "no lesion ROI" in failed["B5", "us"]
+    assert "VOC" in failed["B2", "us"] and "degenerate" in failed["B2", "us"]
+    assert "report row" in failed["B3", "text"] and "no findings section" in failed["B3", "text"]
+    assert slide.SeriesInstanceUID in failed["B4", "wsi"]
+    assert _families(store, "B1^^^HOSP") == {"us", "radiomics", "clinical"}
+    assert _families(store, "B2^^^HOSP") == {"clinical"}
+    assert _families(store, "B3^^^HOSP") == {"us", "radiomics", "clinical"}
+    assert _families(store, "B4^^^HOSP") == {"clinical"}
+    assert _families(store, "B5^^^HOSP") == {"clinical"}
+    flags = pipeline.FeatureCache(store).summary()["B1^^^HOSP"]["flags"]
+    assert "fallback_spacing" in flags
