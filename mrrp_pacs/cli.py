@@ -168,7 +168,9 @@ def cases(state: _Context, db_path: Path | None, as_json: bool) -> None:
 @click.pass_obj
 def extract(state: _Context, db_path: Path | None, families: str | None, workers: int | None,
             force: bool, as_json: bool) -> None:
-    """Compute features for every case (cached; a rerun computes only what changed)."""
+    """Compute features for every case (cached).
+
+    A rerun computes only what changed."""
     from mrrp_pacs.features.errors import FeatureError
     from mrrp_pacs.features.pipeline import FAMILIES
     from mrrp_pacs.features.pipeline import extract as run_extraction
@@ -218,7 +220,7 @@ def extract(state: _Context, db_path: Path | None, families: str | None, workers
 @click.pass_obj
 def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: int, seed: int,
                   promote: bool) -> None:
-    """Train the ultrasound encoder on the stored lesion crops (no outcome labels)."""
+    """Train the ultrasound encoder (no outcome labels)."""
     from model_store import ModelStore
     from mrrp_pacs.features.errors import FeatureError
     from mrrp_pacs.features.pipeline import lesion_crops
@@ -250,6 +252,330 @@ def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: 
                    f"final pretext loss {stored.manifest.get('training', {}).get('final_loss')}")
 
     _guarded(work)
+
+
+def _cohort(state: _Context, db_path: Path | None, outcomes: Path | None, table: Path | None,
+            schema: Path | None) -> tuple[Config, Any]:
+    """The cohort named on the command line: store + outcomes, or a clinical table + schema."""
+    from mrrp_pacs.model.dataset import cohort_from_store, cohort_from_table, read_outcomes
+
+    config = state.config(db_path)
+    if table is not None:
+        if schema is None:
+            raise click.BadParameter("--table needs --schema", param_hint="--schema")
+        return config, cohort_from_table(table, schema)
+    if outcomes is None:
+        raise click.BadParameter("give --db with --outcomes, or --table with --schema",
+                                 param_hint="--outcomes")
+    with _open_store(config) as store:
+        return config, cohort_from_store(store, config, read_outcomes(outcomes))
+
+
+def _cohort_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        DB_OPTION,
+        click.option("--outcomes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="CSV patient_id,time_months,event[,split] (with --db)."),
+        click.option("--table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Clinical-only cohort CSV: patient_id,time_months,event + columns."),
+        click.option("--schema", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="TOML declaring the --table columns (continuous / categorical)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _model_errors(work: Callable[[], Any]) -> Any:
+    from model_store import ModelStoreError
+    from mrrp_pacs.model.dataset import CohortError
+
+    def guarded() -> Any:
+        try:
+            return work()
+        except (CohortError, ModelStoreError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return _guarded(guarded)
+
+
+@main.command("train")
+@_cohort_options
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model store folder (default: [paths] model_store).")
+@click.option("--name", default="mrrp", show_default=True, help="Model name in the store.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=150, show_default=True)
+@click.option("--fusion", type=click.Choice(["cross-attention", "concat", "add", "multiply"]),
+              default="cross-attention", show_default=True)
+@click.option("--modality-dropout", type=click.FloatRange(0, 0.95), default=0.0,
+              show_default=True, help="Training-time probability of hiding a modality.")
+@click.option("--promote/--no-promote", default=True, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the test metrics as JSON.")
+@click.pass_obj
+def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
+                table: Path | None, schema: Path | None, out_dir: Path | None, name: str,
+                seed: int, max_epochs: int, fusion: str, modality_dropout: float,
+                promote: bool, as_json: bool) -> None:
+    """Train the MRRP model (Cox) and store a new version.
+
+    With a split column the model is fitted on "train" rows and its metrics on "test" rows go
+    into the manifest; otherwise it is fitted on every row."""
+    import numpy as np
+
+    from model_store import ModelStore
+    from mrrp_pacs.model.evaluate import evaluate_predictions
+    from mrrp_pacs.model.train import MODEL_KIND, TrainSettings, config_for, predict, save, train
+
+    def work() -> None:
+        config, cohort = _cohort(state, db_path, outcomes, table, schema)
+        split = cohort.split
+        train_idx = np.flatnonzero(split != "test")
+        test_idx = np.flatnonzero(split == "test")
+        fit_part = cohort.subset(train_idx)
+        settings = TrainSettings(max_epochs=max_epochs, seed=seed)
+        architecture = config_for(fit_part, fusion=fusion, modality_dropout=modality_dropout)
+        click.echo(f"training on {len(fit_part.records)} patients "
+                   f"({int(fit_part.event.sum())} events)", err=True)
+        trained = train(fit_part, architecture, settings)
+        metrics: dict[str, Any] = {}
+        if len(test_idx):
+            test_part = cohort.subset(test_idx)
+            metrics["test"] = evaluate_predictions(
+                test_part.time, test_part.event, predict(trained.model, test_part),
+                fit_part.time, fit_part.event, trained.train_risk, seed=seed)
+        store = ModelStore(out_dir or config.paths.model_store_dir)
+        stored = save(store, name, trained, fit_part, settings, metrics)
+        if promote:
+            store.promote(MODEL_KIND, name, stored.version)
+        if as_json:
+            click.echo(json.dumps({"model": stored.label, "path": str(stored.path),
+                                   **metrics}, indent=2))
+            return
+        history = trained.history
+        click.echo(f"stored {stored.label} at {stored.path} "
+                   f"({'promoted' if promote else 'not promoted'}); best epoch "
+                   f"{history.best_epoch} of {history.stopped_epoch}")
+        if "test" in metrics:
+            test = metrics["test"]
+            ci = test.get("c_index_ci95") or [None, None]
+            click.echo(f"test: n {test['n']}, events {test['events']}, C-index "
+                       f"{test['c_index']} (95% CI {ci[0]}-{ci[1]})")
+
+    _model_errors(work)
+
+
+def _version_at(path: Path) -> Any:
+    """A model version from its folder (<store>/<kind>/<name>/<version>) or a name folder."""
+    from model_store import ModelStore, ModelStoreError
+
+    path = path.absolute()
+    if (path / "manifest.json").exists():
+        return ModelStore(path.parents[2]).load(path.parent.parent.name, path.parent.name,
+                                                path.name)
+    if path.is_dir() and path.parent.is_dir():
+        return ModelStore(path.parents[1]).load(path.parent.name, path.name)
+    raise ModelStoreError(f"{path} is neither a model version folder (with manifest.json) nor "
+                          "a model name folder of a model store")
+
+
+@main.command("evaluate")
+@_cohort_options
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,
+                                                      path_type=Path), required=True,
+              help="Model version folder (or a model name folder: its promoted version).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Report folder (metrics.json, predictions.csv, plots).")
+@click.option("--cv", "folds", type=click.IntRange(min=2), default=None,
+              help="Cross-validate the model's architecture with K folds instead.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_obj
+def evaluate_model(state: _Context, db_path: Path | None, outcomes: Path | None,
+                   table: Path | None, schema: Path | None, model_dir: Path, out_dir: Path,
+                   folds: int | None, repeats: int, seed: int) -> None:
+    """Evaluate a model: metrics, predictions and plots.
+
+    Without --cv the stored model scores the cohort (its "test" rows when there is a split
+    column). With --cv K the model's architecture is retrained per fold."""
+    import numpy as np
+
+    from mrrp_pacs.model.assessment import assess_stored, cross_validate
+    from mrrp_pacs.model.fusion import FusionConfig
+    from mrrp_pacs.model.train import TrainSettings
+
+    def work() -> None:
+        _, cohort = _cohort(state, db_path, outcomes, table, schema)
+        version = _version_at(model_dir)
+        if folds is None:
+            split = cohort.split
+            if (split == "test").any():
+                cohort = cohort.subset(np.flatnonzero(split == "test"))
+            metrics = assess_stored(version, cohort, out_dir, seed=seed)
+        else:
+            manifest = version.manifest
+            settings = TrainSettings(**manifest["training"]["settings"])
+            architecture = FusionConfig.from_dict(manifest["architecture"])
+            with _progress(folds * repeats, "fold") as bar:
+                metrics = cross_validate(cohort, architecture, settings, out_dir, folds=folds,
+                                         repeats=repeats, seed=seed, progress=bar.update)
+        click.echo(f"{out_dir / 'metrics.json'}: n {metrics['n']}, events {metrics['events']}, "
+                   f"C-index {metrics['c_index']}")
+
+    _model_errors(work)
+
+
+@main.group()
+def models() -> None:
+    """List, show, verify and promote stored models."""
+
+
+def _store_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
+                        default=None, help="Model store folder (default: [paths] model_store)."
+                        )(command)
+
+
+@models.command("list")
+@_store_option
+@click.pass_obj
+def models_list(state: _Context, store_dir: Path | None) -> None:
+    """Every stored model version, the promoted one marked."""
+    from model_store import ModelStore
+
+    def work() -> None:
+        store = ModelStore(store_dir or state.config().paths.model_store_dir)
+        found = False
+        for kind in sorted(p.name for p in store.root.iterdir() if p.is_dir()) \
+                if store.root.is_dir() else []:
+            for name in store.names(kind):
+                promoted = store.promoted(kind, name)
+                for version in store.versions(kind, name):
+                    found = True
+                    mark = "*" if version == promoted else " "
+                    click.echo(f"{mark} {kind}/{name}@{version}")
+        if not found:
+            click.echo(f"no models in {store.root}")
+
+    _model_errors(work)
+
+
+@models.command("show")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def models_show(path: Path) -> None:
+    """Print a version's manifest (PATH: its folder, or a name folder)."""
+
+    def work() -> None:
+        version = _version_at(path)
+        shown = {k: v for k, v in version.manifest.items()
+                 if k not in ("training_outcomes", "baseline_hazard",
+                              "training_risk_percentiles")}
+        click.echo(json.dumps(shown, indent=2, sort_keys=True))
+
+    _model_errors(work)
+
+
+@models.command("verify")
+@_store_option
+@click.pass_obj
+def models_verify(state: _Context, store_dir: Path | None) -> None:
+    """Check the SHA-256 of every file of every stored version."""
+    from model_store import ModelStore, ModelStoreError
+
+    store = ModelStore(store_dir or state.config().paths.model_store_dir)
+    failed = 0
+    kinds = sorted(p.name for p in store.root.iterdir() if p.is_dir()) if store.root.is_dir() \
+        else []
+    for kind in kinds:
+        for name in store.names(kind):
+            for version in store.versions(kind, name):
+                try:
+                    store.load(kind, name, version)
+                    click.echo(f"ok    {kind}/{name}@{version}")
+                except ModelStoreError as exc:
+                    failed += 1
+                    click.echo(f"FAIL  {kind}/{name}@{version}: {exc}")
+    if failed:
+        sys.exit(1)
+
+
+@models.command("promote")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def models_promote(path: Path) -> None:
+    """Make the version in PATH the one scoring uses."""
+    from model_store import ModelStore
+
+    def work() -> None:
+        version = _version_at(path)
+        ModelStore(version.path.parents[2]).promote(version.kind, version.name, version.version)
+        click.echo(f"promoted {version.label}")
+
+    _model_errors(work)
+
+
+@main.command()
+@DB_OPTION
+@click.option("--outcomes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="CSV patient_id,time_months,event,split.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Folder for ablation.md and ablation.json.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=150, show_default=True)
+@click.pass_obj
+def ablate(state: _Context, db_path: Path | None, outcomes: Path, out_dir: Path, seeds: int,
+           max_epochs: int) -> None:
+    """Rerun the paper's ablations on a train/test split."""
+    from mrrp_pacs.model.ablation import ARMS, run_ablation, write_ablation
+    from mrrp_pacs.model.train import TrainSettings
+
+    def work() -> None:
+        _, cohort = _cohort(state, db_path, outcomes, None, None)
+        with _progress(len(ARMS) * seeds, "model") as bar:
+            result = run_ablation(cohort, TrainSettings(max_epochs=max_epochs), seeds=seeds,
+                                  progress=bar.update)
+        write_ablation(result, out_dir)
+        click.echo((out_dir / "ablation.md").read_text())
+
+    _model_errors(work)
+
+
+@main.group()
+def benchmark() -> None:
+    """Benchmarks on public data."""
+
+
+@benchmark.command("gbsg2")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Also write gbsg2.csv + gbsg2_schema.toml (for train --table).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON result.")
+def benchmark_gbsg2(folds: int, repeats: int, seed: int, export_dir: Path | None,
+                    as_json: bool) -> None:
+    """GBSG2: clinical-only MRRP vs Cox PH vs random survival forest, same CV splits."""
+    from mrrp_pacs.model import gbsg2
+    from mrrp_pacs.model.train import TrainSettings, config_for, predict, train
+
+    def fit(train_part: Any, test_part: Any) -> Any:
+        trained = train(train_part, config_for(train_part), TrainSettings(seed=seed))
+        return predict(trained.model, test_part)
+
+    def work() -> None:
+        if export_dir is not None:
+            table, schema = gbsg2.export_table(export_dir)
+            click.echo(f"wrote {table} and {schema}", err=True)
+        with _progress(folds * repeats, "split") as bar:
+            result = gbsg2.run_benchmark(folds, repeats, seed, fit_mrrp=fit,
+                                         progress=bar.update)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+            return
+        click.echo(f"GBSG2, {result['splits']['n']} patients, {result['splits']['events']} "
+                   f"events, {repeats}x{folds}-fold CV (seed {seed}), Harrell C on held-out folds")
+        for name, values in result["models"].items():
+            click.echo(f"  {name:<6} {values['c_index_mean']:.4f} ± {values['c_index_sd']:.4f}")
+
+    _model_errors(work)
 
 
 @main.command()

@@ -1,0 +1,1 @@
+"""MRRP multimodal survival model: fusion network, Cox loss, training and evaluation."""

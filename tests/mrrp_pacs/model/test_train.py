@@ -1,0 +1,108 @@
+"""Training, the model store round trip, the tabular path and the GBSG2 benchmark (small)."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from model_store import ModelStore, ModelStoreError
+from mrrp_pacs.cli import main
+from mrrp_pacs.model import gbsg2
+from mrrp_pacs.model.dataset import Cohort, Outcome, PatientRecord, cohort_from_table
+from mrrp_pacs.model.train import TrainSettings, config_for, load, predict, save, train
+
+SETTINGS = TrainSettings(max_epochs=40, patience=10)
+
+
+def toy_cohort(n=300, seed=0) -> Cohort:
+    """Tiles whose first feature carries the hazard, plus two clinical variables."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal(n)
+    records = []
+    for i in range(n):
+        tiles = rng.standard_normal((6, 5)).astype(np.float32)
+        tiles[:, 0] = latent[i] + 0.5 * tiles[:, 0]
+        time = rng.exponential(60 * np.exp(-1.5 * latent[i]))
+        follow = rng.uniform(20, 150)
+        records.append(PatientRecord(
+            f"T{i:03d}", {"wsi_deep": tiles}, {"wsi": rng.uniform(0, 500, (6, 2)).astype(
+                np.float32)},
+            np.array([rng.normal(50, 10), rng.integers(0, 3)], np.float32), np.zeros(2, bool),
+            Outcome(float(min(time, follow)), bool(time <= follow),
+                    "test" if i % 4 == 0 else "train")))
+    spec = [("age", "continuous", 0), ("grade", "categorical", 3)]
+    return Cohort(records, spec, {"wsi": ["toy", "1"]}, "toy")
+
+
+def test_training_is_seeded_and_learns_the_signal():
+    cohort = toy_cohort()
+    train_part = cohort.subset(np.flatnonzero(cohort.split == "train"))
+    test_part = cohort.subset(np.flatnonzero(cohort.split == "test"))
+    config = config_for(train_part, d_model=16, clinical_dim=32)
+    first = train(train_part, config, SETTINGS)
+    second = train(train_part, config, SETTINGS)
+    assert np.array_equal(first.train_risk, second.train_risk)
+    assert 1 <= first.history.best_epoch <= first.history.stopped_epoch
+    # the early-stopped weights are the best validation epoch's
+    best = first.history.validation_loss[first.history.best_epoch - 1]
+    assert best == min(first.history.validation_loss)
+    from mrrp_pacs.model.evaluate import harrell_c
+
+    c = harrell_c(test_part.time, test_part.event, predict(first.model, test_part))
+    print(f"\ntoy test C-index {c:.3f}")
+    assert c > 0.7
+
+
+def test_store_round_trip_and_extractor_check(tmp_path):
+    cohort = toy_cohort(60)
+    config = config_for(cohort, d_model=16, clinical_dim=32)
+    trained = train(cohort, config, TrainSettings(max_epochs=5))
+    store = ModelStore(tmp_path)
+    stored = save(store, "toy", trained, cohort, TrainSettings(max_epochs=5), {"note": "test"})
+    manifest = stored.manifest
+    for key in ("architecture", "extractors", "training", "risk_cutoff", "baseline_hazard",
+                "training_risk_percentiles", "training_outcomes", "metrics", "files"):
+        assert key in manifest
+    assert manifest["training"]["n"] == 60 and manifest["extractors"] == {"wsi": ["toy", "1"]}
+    assert manifest["files"]["weights.safetensors"]["sha256"]
+    reloaded = load(store.load("mrrp", "toy"), cohort)
+    assert np.allclose(predict(reloaded, cohort), trained.train_risk)
+    other = Cohort(cohort.records, cohort.clinical_spec, {"wsi": ["toy", "2"]}, "other")
+    with pytest.raises(ModelStoreError, match=r"trained on wsi features from extractor"):
+        load(store.load("mrrp", "toy"), other)
+
+
+def test_clinical_table_through_the_same_model(tmp_path):
+    table, schema = gbsg2.export_table(tmp_path)
+    cohort = cohort_from_table(table, schema)
+    assert len(cohort.records) == 686 and int(cohort.event.sum()) == 299
+    config = config_for(cohort)
+    assert config.compensated == ("wsi", "us")  # slide and ultrasound by their learned vectors
+    result = CliRunner().invoke(main, ["train", "--table", str(table), "--schema", str(schema),
+                                       "--out", str(tmp_path / "models"), "--max-epochs", "15",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    stored = json.loads(result.stdout)
+    report = tmp_path / "report"
+    evaluated = CliRunner().invoke(main, ["evaluate", "--table", str(table), "--schema",
+                                          str(schema), "--model", stored["path"], "--out",
+                                          str(report)])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["n"] == 686 and 0.6 < metrics["c_index"] < 0.8
+    for name in ("predictions.csv", "km_by_risk_group.png", "td_auc.png", "calibration.png",
+                 "decision_curve_60m.png"):
+        assert (report / name).stat().st_size > 0
+    assert set(metrics["td_auc"]) == {"36", "60", "84"}
+
+
+def test_gbsg2_benchmark_small(tmp_path):
+    result = CliRunner().invoke(main, ["benchmark", "gbsg2", "--folds", "3", "--repeats", "1",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    models = json.loads(result.stdout)["models"]
+    assert set(models) == {"coxph", "rsf", "mrrp"}
+    print(f"\nGBSG2 1x3 CV: { {k: v['c_index_mean'] for k, v in models.items()} }")
+    assert 0.62 < models["coxph"]["c_index_mean"] < 0.72
+    assert models["mrrp"]["c_index_mean"] >= models["coxph"]["c_index_mean"] - 0.03
