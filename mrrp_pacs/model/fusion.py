@@ -195,6 +195,9 @@ class FusionConfig:
     compensated : tuple of str
         Modalities the cohort has no data for at all (a clinical-only table): their branch is
         never fitted nor run, and only their learned missing vector enters F_inter.
+    input_components : int
+        0 = project each family's standardised features directly; k > 0 = first reduce a family
+        wider than k to its k principal components (fitted on the training tokens, no outcome).
     """
 
     family_dims: dict[str, int]
@@ -211,6 +214,7 @@ class FusionConfig:
     positional_encoding: bool = True
     missing: Literal["learned", "zero"] = "learned"
     compensated: tuple[str, ...] = ()
+    input_components: int = 0
 
     def __post_init__(self) -> None:
         # Own copies (a caller's dict must not change a built model's config); JSON hands back
@@ -312,6 +316,7 @@ class FusionConfig:
             "positional_encoding": self.positional_encoding,
             "missing": self.missing,
             "compensated": list(self.compensated),
+            "input_components": self.input_components,
         }
 
     def __hash__(self) -> int:
@@ -329,27 +334,35 @@ class FusionConfig:
 
 
 class FamilyEncoder(nn.Module):
-    """Standardise one family's raw tokens and project them to ``d_model``.
+    """Standardise one family's raw tokens, optionally reduce them, project to ``d_model``.
 
     Buffers ``mean`` and ``std`` are (1, D) — per feature — or (S, D) for a slotted family.
+    With ``components`` k < D, a (D, k) ``basis`` (principal axes of the standardised training
+    tokens, each scaled to unit variance) reduces the tokens before the projection: fitted
+    without outcomes, it keeps the few directions the data vary along and leaves far fewer
+    weights to learn from a few hundred patients.
     """
 
     mean: Tensor
     std: Tensor
+    basis: Tensor
 
-    def __init__(self, dim: int, d_model: int, slots: int | None) -> None:
+    def __init__(self, dim: int, d_model: int, slots: int | None, components: int = 0) -> None:
         super().__init__()
         rows = slots or 1
         self.slots = slots
+        self.reduced = 0 < components < dim
+        width = components if self.reduced else dim
         self.register_buffer("mean", torch.zeros(rows, dim))
         self.register_buffer("std", torch.ones(rows, dim))
-        self.project = nn.Linear(dim, d_model)
+        self.register_buffer("basis", torch.eye(dim, width))
+        self.project = nn.Linear(width, d_model)
         self.slot_embedding = (nn.Parameter(torch.randn(slots, d_model) * _EMBEDDING_INIT_STD)
                                if slots else None)
 
     @torch.no_grad()
     def fit(self, tokens: Tensor, mask: Tensor, family: str) -> None:
-        """Set ``mean``/``std`` from real tokens (B, N, D) with mask (B, N)."""
+        """Set ``mean``/``std`` (and ``basis``) from real tokens (B, N, D) with mask (B, N)."""
         x = tokens.to(torch.float64)
         weight = mask.to(torch.float64)[..., None]
         if not mask.any():
@@ -367,10 +380,18 @@ class FamilyEncoder(nn.Module):
         mean = torch.where(count == 0, torch.zeros_like(mean), mean)
         self.mean.copy_(mean.reshape(self.mean.shape))
         self.std.copy_(std.reshape(self.std.shape))
+        if self.reduced:
+            z = ((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))[mask]  # (tokens, D)
+            eigenvalues, eigenvectors = torch.linalg.eigh(z.T @ z / max(len(z), 1))
+            k = self.basis.shape[1]
+            top = torch.flip(torch.arange(eigenvectors.shape[1]), (0,))[:k]
+            scale = eigenvalues[top].clamp(min=1e-8).rsqrt()
+            self.basis.copy_((eigenvectors[:, top] * scale).to(self.basis.dtype))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, N, D) raw → (B, N, d_model)."""
-        projected = self.project((tokens.to(self.mean.dtype) - self.mean) / self.std)
+        standard = (tokens.to(self.mean.dtype) - self.mean) / self.std
+        projected = self.project(standard @ self.basis if self.reduced else standard)
         if self.slot_embedding is not None:
             projected = projected + self.slot_embedding
         return projected
@@ -476,7 +497,7 @@ class ModalityBranch(nn.Module):
                                   if f != self.query_family)
         self.encoders = nn.ModuleDict({
             family: FamilyEncoder(config.family_dims[family], d_model,
-                                  config.token_slots.get(family))
+                                  config.token_slots.get(family), config.input_components)
             for family in (self.query_family, *self.key_families)})
         positioned = any(POSITIONED_FAMILIES.get(f) == modality for f in self.encoders)
         self.position = (PositionEncoding(POSITION_SCALES[modality], d_model)

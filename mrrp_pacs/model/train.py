@@ -45,6 +45,9 @@ class TrainSettings:
     seed: int = 0
     ties: Ties = "efron"
     batch_size: int = 0  # 0 = full batch
+    # what the inner validation split watches: "loss" (partial likelihood) or "c_index"
+    # (Harrell); the loss can rise from overconfidence while the ranking still improves
+    stop_on: str = "loss"
 
 
 @dataclass
@@ -130,6 +133,8 @@ def train(cohort: Cohort, config: FusionConfig, settings: TrainSettings = TrainS
     if any(r.outcome is None for r in cohort.records):
         raise ValueError("every training patient needs an outcome")
     event = cohort.event
+    if settings.stop_on not in ("loss", "c_index"):
+        raise ValueError(f"stop_on = {settings.stop_on!r}: expected 'loss' or 'c_index'")
     if event.sum() < 2:
         raise ValueError(f"the training cohort has {int(event.sum())} events: too few to fit")
     fit_idx, val_idx = inner_split(event, settings.validation_fraction, settings.seed)
@@ -169,16 +174,18 @@ def train(cohort: Cohort, config: FusionConfig, settings: TrainSettings = TrainS
                     validation.time, validation.event, val_risk.numpy().astype(np.float64)))
             except MetricUndefined:  # a tiny validation split may hold no comparable pair
                 history.validation_c_index.append(float("nan"))
-            if val_loss < best_loss - 1e-6:
-                best_loss, best_state = val_loss, copy.deepcopy(model.state_dict())
+            score = (val_loss if settings.stop_on == "loss"
+                     else -history.validation_c_index[-1])
+            if score < best_loss - 1e-6:  # NaN (no comparable pair) never improves
+                best_loss, best_state = score, copy.deepcopy(model.state_dict())
                 history.best_epoch = epoch
             elif epoch - history.best_epoch >= settings.patience:
                 break
         history.stopped_epoch = epoch
         model.load_state_dict(best_state)
         model.eval()
-    LOGGER.info("trained %d epochs, best %d (validation loss %.4f)", history.stopped_epoch,
-                history.best_epoch, best_loss)
+    LOGGER.info("trained %d epochs, best %d (validation %s %.4f)", history.stopped_epoch,
+                history.best_epoch, settings.stop_on, abs(best_loss))
     return TrainedModel(model, config, history, predict(model, cohort))
 
 

@@ -6,18 +6,18 @@ two workers; a second extraction must compute nothing. Figures are printed (run 
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from phantoms import extracted_phantom
 from scipy.stats import spearmanr
 
-from listeners.file_drop import ingest_paths
 from mrrp_pacs.cli import main
 from mrrp_pacs.config import load_config
 from mrrp_pacs.features.cache import FeatureCache
-from mrrp_pacs.intake import Intake
-from mrrp_pacs.phantom.generator import PhantomSpec, generate
+from mrrp_pacs.phantom.generator import PhantomSpec
 from mrrp_pacs.store import Store
 
 SPEC = PhantomSpec(patients=60, seed=5, slide_px=2048, missing_wsi=0.0, missing_us=0.0,
@@ -29,22 +29,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     root = tmp_path_factory.mktemp("signal")
-    generate(SPEC, root / "phantom", workers=2)
-    config = load_config(None, environ={}).with_db(root / "state" / "mrrp.sqlite3")
-    with Store(config.paths.db_file, config.paths.objects_dir) as store:
-        ingest_paths(Intake(store, config), [root / "phantom" / "dicom", root / "phantom" / "hl7"])
-    environ = {"MRRP__PATHS__MODEL_STORE": str(root / "models"),
-               "MRRP__FEATURES__MAX_TILES": "24", "MRRP__FEATURES__WORKERS": "2"}
-    runner = CliRunner()
-    db = ["--db", str(config.paths.db_file)]
-    assert runner.invoke(main, ["train-encoder", "us", "--epochs", "2", *db],
-                         env=environ).exit_code == 0
-    first = runner.invoke(main, ["extract", "--json", *db], env=environ)
-    assert first.exit_code == 0, first.output
-    second = runner.invoke(main, ["extract", "--json", *db], env=environ)
+    db, env, first = extracted_phantom(root, SPEC, max_tiles=24)
+    second = CliRunner().invoke(main, ["extract", "--json", *db], env=env)
+    config = load_config(None, environ={}).with_db(Path(db[1]))
     with (root / "phantom" / "truth.csv").open() as handle:
         truth = {row["patient_id"]: row for row in csv.DictReader(handle)}
-    return config, json.loads(first.stdout), json.loads(second.stdout), truth
+    return config, first, json.loads(second.stdout), truth
 
 
 def _per_patient(config, family):

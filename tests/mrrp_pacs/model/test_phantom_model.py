@@ -11,14 +11,11 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from phantoms import extracted_phantom
 
-from listeners.file_drop import ingest_paths
 from mrrp_pacs.cli import main
-from mrrp_pacs.config import load_config
-from mrrp_pacs.intake import Intake
 from mrrp_pacs.model.evaluate import harrell_c
-from mrrp_pacs.phantom.generator import PhantomSpec, generate
-from mrrp_pacs.store import Store
+from mrrp_pacs.phantom.generator import PhantomSpec
 
 SPEC = PhantomSpec(patients=200, seed=8, slide_px=1024, missing_wsi=0.1, missing_us=0.1,
                    missing_report=0.1)
@@ -30,18 +27,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom-model")
-    generate(SPEC, root / "phantom", workers=2)
-    config = load_config(None, environ={}).with_db(root / "state" / "db.sqlite3")
-    with Store(config.paths.db_file, config.paths.objects_dir) as store:
-        ingest_paths(Intake(store, config), [root / "phantom" / "dicom", root / "phantom" / "hl7"])
-    env = {"MRRP__PATHS__MODEL_STORE": str(root / "models"), "MRRP__FEATURES__MAX_TILES": "8",
-           "MRRP__FEATURES__WORKERS": "2"}
-    db = ["--db", str(config.paths.db_file)]
+    db, env, _ = extracted_phantom(root, SPEC, max_tiles=8)
     runner = CliRunner()
-    encoder = runner.invoke(main, ["train-encoder", "us", "--epochs", "2", *db], env=env)
-    assert encoder.exit_code == 0, encoder.output
-    extracted = runner.invoke(main, ["extract", "--json", *db], env=env)
-    assert extracted.exit_code == 0, extracted.output
     with (root / "phantom" / "truth.csv").open() as handle:
         truth = list(csv.DictReader(handle))
     rng = np.random.default_rng(0)
