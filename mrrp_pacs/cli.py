@@ -309,13 +309,17 @@ def _model_errors(work: Callable[[], Any]) -> Any:
               default="cross-attention", show_default=True)
 @click.option("--modality-dropout", type=click.FloatRange(0, 0.95), default=0.0,
               show_default=True, help="Training-time probability of hiding a modality.")
+@click.option("--stop-on", type=click.Choice(["loss", "c_index"]), default="loss",
+              show_default=True, help="What the inner validation split watches.")
+@click.option("--components", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Reduce each family to this many principal components first (0 = no).")
 @click.option("--promote/--no-promote", default=True, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the test metrics as JSON.")
 @click.pass_obj
 def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
                 table: Path | None, schema: Path | None, out_dir: Path | None, name: str,
                 seed: int, max_epochs: int, fusion: str, modality_dropout: float,
-                promote: bool, as_json: bool) -> None:
+                stop_on: str, components: int, promote: bool, as_json: bool) -> None:
     """Train the MRRP model (Cox) and store a new version.
 
     With a split column the model is fitted on "train" rows and its metrics on "test" rows go
@@ -332,8 +336,9 @@ def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
         train_idx = np.flatnonzero(split != "test")
         test_idx = np.flatnonzero(split == "test")
         fit_part = cohort.subset(train_idx)
-        settings = TrainSettings(max_epochs=max_epochs, seed=seed)
-        architecture = config_for(fit_part, fusion=fusion, modality_dropout=modality_dropout)
+        settings = TrainSettings(max_epochs=max_epochs, seed=seed, stop_on=stop_on)
+        architecture = config_for(fit_part, fusion=fusion, modality_dropout=modality_dropout,
+                                  input_components=components)
         click.echo(f"training on {len(fit_part.records)} patients "
                    f"({int(fit_part.event.sum())} events)", err=True)
         trained = train(fit_part, architecture, settings)

@@ -355,7 +355,8 @@ class FamilyEncoder(nn.Module):
         width = components if self.reduced else dim
         self.register_buffer("mean", torch.zeros(rows, dim))
         self.register_buffer("std", torch.ones(rows, dim))
-        self.register_buffer("basis", torch.eye(dim, width))
+        if self.reduced:
+            self.register_buffer("basis", torch.eye(dim, width))
         self.project = nn.Linear(width, d_model)
         self.slot_embedding = (nn.Parameter(torch.randn(slots, d_model) * _EMBEDDING_INIT_STD)
                                if slots else None)

@@ -253,6 +253,11 @@ def load(version: ModelVersion, cohort: Cohort | None = None) -> MrrpFusion:
                     "again with the model's extractor or train a new model")
     model = MrrpFusion(FusionConfig.from_dict(manifest["architecture"]))
     state = safetensors.torch.load(version.file("weights.safetensors").read_bytes())
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelStoreError(f"{version.label}: its weights do not fit this code's "
+                              f"architecture ({str(exc).splitlines()[0]}); train a new model"
+                              ) from None
     model.eval()
     return model

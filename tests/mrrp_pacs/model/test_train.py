@@ -71,6 +71,13 @@ def test_store_round_trip_and_extractor_check(tmp_path):
     other = Cohort(cohort.records, cohort.clinical_spec, {"wsi": ["toy", "2"]}, "other")
     with pytest.raises(ModelStoreError, match=r"trained on wsi features from extractor"):
         load(store.load("mrrp", "toy"), other)
+    # a manifest whose architecture no longer matches its weights is refused, not crashed on
+    manifest_path = stored.path / "manifest.json"
+    edited = json.loads(manifest_path.read_text())
+    edited["architecture"]["d_model"] = 24
+    manifest_path.write_text(json.dumps(edited))
+    with pytest.raises(ModelStoreError, match="weights do not fit"):
+        load(store.load("mrrp", "toy"))
 
 
 def test_clinical_table_through_the_same_model(tmp_path):
