@@ -9,8 +9,16 @@ TEST_TOOLS_STAMP := $(VENV)/.test-tools
 
 .PHONY: demo test lint venv build-prerequisites test-tools clean
 
+# The demo installs Orthanc when it can (as root); without it, it runs in file-drop mode. As
+# root it runs in a private network namespace, like the tests (Orthanc binds every interface).
 demo: venv
-	$(BIN)/mrrp-pacs demo
+	@test -x /usr/sbin/Orthanc || deploy/apt-install.sh orthanc \
+		|| echo "Orthanc could not be installed: the demo runs in file-drop mode"
+	@if [ "$$(id -u)" = 0 ] && command -v ip >/dev/null && unshare --net true 2>/dev/null; then \
+		unshare --net sh -c 'ip link set lo up && exec $(BIN)/mrrp-pacs demo $(DEMO_ARGS)'; \
+	else \
+		$(BIN)/mrrp-pacs demo $(DEMO_ARGS); \
+	fi
 
 # As root, the tests run in a private network namespace: only a loopback interface exists,
 # so the servers they start (Orthanc listens on all interfaces) reach nothing else.
@@ -42,13 +50,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Real external programs the tests use: Orthanc (PACS), dcmtk, dicom3tools, R survival, and
-# iproute2 for the private network namespace.
+# Real external programs the tests use: Orthanc (PACS), dcmtk, dicom3tools, R survival,
+# poppler (pdftoppm renders the PDF companion) and iproute2 for the private network namespace.
 test-tools:
 	@if command -v storescu >/dev/null && command -v dsrdump >/dev/null \
 		&& command -v dciodvfy >/dev/null && test -x /usr/sbin/Orthanc && command -v ip >/dev/null \
+		&& command -v pdftoppm >/dev/null \
 		&& Rscript -e 'suppressMessages(library(survival))' >/dev/null 2>&1; then :; \
-	else deploy/apt-install.sh orthanc dcmtk dicom3tools r-cran-survival iproute2; fi
+	else deploy/apt-install.sh orthanc dcmtk dicom3tools r-cran-survival poppler-utils \
+		iproute2; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -20,10 +20,10 @@ from mrrp_pacs.intake.dicom import (
     US_CLASSES,
     VL_WHOLE_SLIDE_MICROSCOPY,
 )
+from mrrp_pacs.intake.records import FINAL_STATUSES
 from mrrp_pacs.store import Store
 
 MODALITIES = ("wsi", "wsi_roi", "us_image", "us_roi", "us_report", "clinical")
-FINAL_STATUSES = ("F", "C")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ module that does the work, and turns known failures into a message and an exit c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -583,6 +584,242 @@ def benchmark_gbsg2(folds: int, repeats: int, seed: int, export_dir: Path | None
     _model_errors(work)
 
 
+def _model_store_errors(work: Callable[[], Any]) -> Any:
+    from model_store import ModelStoreError
+
+    def guarded() -> Any:
+        try:
+            return work()
+        except ModelStoreError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return _guarded(guarded)
+
+
+def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json: bool) -> None:
+    from mrrp_pacs.daemon import Pipeline, components_from_config
+
+    def work() -> None:
+        config = state.config(db_path)
+        components = components_from_config(config)
+        pipeline = Pipeline(config, exporter=components.exporter)
+        try:
+            bar = _progress(0, "patient")
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            with bar:
+                detail = pipeline.process(everyone=everyone, progress=progress)
+        finally:
+            pipeline.close()
+        if as_json:
+            click.echo(json.dumps(detail, indent=2))
+            return
+        queued = detail.get("queued", {})
+        click.echo(f"model {detail['model']}: {detail['due']} due, {detail['scored']} scored "
+                   f"(new or changed), {detail['unchanged']} unchanged, {detail['failed']} "
+                   f"failed; {detail['waiting']} waiting for a modality, {detail['incomplete']} "
+                   f"incomplete; queued {queued.get('sr', 0)} SR, {queued.get('pdf', 0)} PDF")
+
+    _model_store_errors(work)
+
+
+@main.command()
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@click.pass_obj
+def score(state: _Context, db_path: Path | None, as_json: bool) -> None:
+    """Score the ready cases that received something new (what the daemon does on its
+    interval): extract their features, score with the promoted model, queue the SR and PDF."""
+    _scoring_run(state, db_path, everyone=False, as_json=as_json)
+
+
+@main.command()
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@click.pass_obj
+def rescore(state: _Context, db_path: Path | None, as_json: bool) -> None:
+    """Run the nightly rescoring once: every ready case with the promoted model.
+
+    Only patients whose score changes (new model, new data) get a new score and SR."""
+    _scoring_run(state, db_path, everyone=True, as_json=as_json)
+
+
+@main.command()
+@DB_OPTION
+@click.option("--dicom-port", type=click.IntRange(1, 65535), default=None,
+              help="Override [dicom] port.")
+@click.option("--mllp-port", type=click.IntRange(1, 65535), default=None,
+              help="Override [hl7] port.")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=None,
+              help="Override [http] port (0 = off).")
+@click.option("--ae-title", default=None, help="Override [dicom] ae_title.")
+@click.option("--allow-ae", "allow_aes", multiple=True,
+              help="Calling AE title allowed to send (repeatable; overrides [dicom] allowed_aes).")
+@click.pass_obj
+def serve(state: _Context, db_path: Path | None, dicom_port: int | None,
+          mllp_port: int | None, http_port: int | None, ae_title: str | None,
+          allow_aes: tuple[str, ...]) -> None:
+    """Run the daemon: DICOM and MLLP listeners, PACS pull, scoring, export, nightly rescore.
+
+    Without a config file it runs on built-in defaults (state under ./mrrp-data). Stops
+    cleanly on SIGTERM or Ctrl-C; a restart resumes where it stopped."""
+    from mrrp_pacs.daemon import Daemon, components_from_config
+
+    def work() -> None:
+        config = state.config(db_path)
+        overrides: dict[str, dict[str, Any]] = {
+            "dicom": {"port": dicom_port, "ae_title": ae_title,
+                      "allowed_aes": list(allow_aes) or None},
+            "hl7": {"port": mllp_port}, "http": {"port": http_port}}
+        for section, values in overrides.items():
+            given = {k: v for k, v in values.items() if v is not None}
+            if given:
+                config = config.replace(section, **given)
+        config.check()
+        daemon = Daemon(config, components_from_config(config))
+        click.echo(f"mrrp-pacs serving: DICOM {config.dicom.ae_title}@{config.dicom.bind}:"
+                   f"{config.dicom.port}, MLLP {config.hl7.bind}:{config.hl7.port}"
+                   + (f", http {config.http.bind}:{config.http.port}" if config.http.port
+                      else "") + f"; database {config.paths.db_file}", err=True)
+        daemon.run_until_signalled()
+
+    _model_store_errors(work)
+
+
+@main.command("export")
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@click.pass_obj
+def export_results(state: _Context, db_path: Path | None, as_json: bool) -> None:
+    """Send what the outbox holds to the PACS, once (what the daemon does on its interval)."""
+    from mrrp_pacs.daemon import Pipeline, components_from_config
+
+    def work() -> None:
+        config = state.config(db_path)
+        components = components_from_config(config)
+        if components.drain is None:
+            raise click.ClickException("no export destination: set [export] host or [pacs] "
+                                       "host (and export.enabled = true)")
+        pipeline = Pipeline(config, drain=components.drain)
+        try:
+            detail = pipeline.export()
+        finally:
+            pipeline.close()
+        click.echo(json.dumps(detail) if as_json else
+                   f"sent {detail['sent']}, retried later {detail['retried']}, dead "
+                   f"{detail['dead']}, skipped {detail['skipped']}")
+
+    _guarded(work)
+
+
+@main.group()
+def outbox() -> None:
+    """The queue of results to send: list it, retry dead rows."""
+
+
+@outbox.command("list")
+@DB_OPTION
+@click.option("--state", "states", multiple=True, type=click.Choice(["pending", "sent", "dead"]),
+              help="Only rows in this state (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_obj
+def outbox_list(state: _Context, db_path: Path | None, states: tuple[str, ...],
+                as_json: bool) -> None:
+    """One line per queued object: id, state, kind, destination, attempts, last error."""
+    from dataclasses import asdict
+
+    from exporters.outbox import Outbox
+
+    def work() -> None:
+        with _open_store(state.config(db_path)) as store:
+            box = Outbox(store)
+            rows = box.rows(states or None)
+            counts = box.counts()
+        if as_json:
+            click.echo(json.dumps([asdict(r) for r in rows], indent=2))
+            return
+        for row in rows:
+            click.echo(row.summary())
+        click.echo(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "outbox empty")
+
+    _guarded(work)
+
+
+@outbox.command("retry")
+@DB_OPTION
+@click.option("--id", "ids", multiple=True, type=int, help="Row id to send again (repeatable).")
+@click.option("--all-dead", is_flag=True, help="Every dead row.")
+@click.pass_obj
+def outbox_retry(state: _Context, db_path: Path | None, ids: tuple[int, ...],
+                 all_dead: bool) -> None:
+    """Queue rows again (attempts reset); the next export sends them."""
+    from exporters.outbox import Outbox
+
+    if bool(ids) == all_dead:
+        raise click.UsageError("give --id N (repeatable) or --all-dead")
+
+    def work() -> None:
+        with _open_store(state.config(db_path)) as store:
+            try:
+                queued = Outbox(store).retry(list(ids) or None)
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
+        click.echo(f"queued again: {', '.join(map(str, queued)) or 'nothing'}")
+
+    _guarded(work)
+
+
+@main.group()
+def hl7() -> None:
+    """HL7 v2 tools."""
+
+
+@hl7.command("send")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), required=True)
+@click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for each acknowledgement.")
+def hl7_send(files: tuple[Path, ...], host: str, port: int, timeout_s: float) -> None:
+    """Send HL7 files (one or more messages each) over MLLP on one connection; print each
+    acknowledgement. Exit status 1 when any message is not accepted (AA)."""
+    from listeners.mllp_client import send_files
+
+    def work() -> None:
+        results = send_files(list(files), host, port, timeout_s)
+        for path, ack in results:
+            line = f"{path.name}: {ack.control_id or '-'} {ack.code or 'no answer'}"
+            click.echo(f"{line} {ack.error}" if ack.error else line)
+        if not all(ack.accepted for _, ack in results):
+            sys.exit(1)
+
+    _guarded(work)
+
+
+@main.command()
+@DB_OPTION
+@click.pass_obj
+def doctor(state: _Context, db_path: Path | None) -> None:
+    """Check every precondition of the daemon: configuration, disk, database, models, encoder
+    weights, ports, PACS (C-ECHO). One line each with what to do; exit status 1 if any fails."""
+    from mrrp_pacs.doctor import run_checks
+
+    def work() -> None:
+        checks = run_checks(state.config(db_path))
+        for check in checks:
+            click.echo(check.line())
+        failed = sum(not c.ok for c in checks)
+        click.echo(f"{len(checks) - failed} ok, {failed} failed")
+        if failed:
+            sys.exit(1)
+
+    _guarded(work)
+
+
 @main.command()
 @DB_OPTION
 @click.pass_obj
@@ -676,130 +913,73 @@ def phantom(patients: int, seed: int, out_dir: Path, slide_px: int, missing_wsi:
                f"(test) {'n/a (no test events)' if oracle is None else f'{oracle:.3f}'}")
 
 
-DEMO_MARKER = ".mrrp-demo"
-NOT_BUILT_YET = ("MRRP model training and scoring", "PACS/HL7 listeners and the daemon",
-                 "DICOM SR / PDF export", "OHIF viewer")
-
-
 @main.command()
-@click.option("--patients", type=click.IntRange(min=1), default=40, show_default=True,
+@click.option("--patients", type=click.IntRange(min=16), default=120, show_default=True,
               help="Size of the synthetic hospital.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Phantom seed.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("demo-output"), show_default=True,
               help="Folder for everything the demo writes (replaced on a re-run).")
+@click.option("--slide-px", type=click.IntRange(min=512), default=4096, show_default=True,
+              help="Phantom slide size in pixels at 0.5 µm/px.")
+@click.option("--file-drop", is_flag=True,
+              help="Skip Orthanc and the network: ingest the files directly.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json's content.")
-def demo(patients: int, seed: int, out_dir: Path, as_json: bool) -> None:
-    """Run the main job end to end on a synthetic hospital.
+def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool,
+         as_json: bool) -> None:
+    """Run the main job end to end on a synthetic hospital: a private Orthanc, the daemon
+    pulling studies and receiving HL7, training, scoring, SR + PDF back into Orthanc."""
+    from mrrp_pacs.demo import DemoError, DemoSettings, run_demo
+    from mrrp_pacs.private_orthanc import OrthancUnavailable
 
-    Today: phantom hospital -> file-drop ingest -> US encoder -> features -> cases. The
-    later stages are listed as not built yet rather than faked."""
-    import shutil
-    import time
+    bars: dict[str, tqdm] = {}
 
-    from listeners.file_drop import find_files, ingest_paths
-    from model_store import ModelStore
-    from mrrp_pacs.cases import list_cases
-    from mrrp_pacs.features.cache import FeatureCache
-    from mrrp_pacs.features.pipeline import extract as extract_features
-    from mrrp_pacs.features.pipeline import lesion_crops
-    from mrrp_pacs.features.us import US_ENCODER_KIND, save_us_encoder, train_us_encoder
-    from mrrp_pacs.intake import Intake
-    from mrrp_pacs.phantom.generator import PhantomSpec, generate
+    def progress(step: str, done: int, total: int) -> None:
+        bar = bars.get(step)
+        if bar is None:
+            bar = bars[step] = _progress(total, "item")
+            bar.set_description(step)
+        bar.total = max(total, done)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / DEMO_MARKER).exists():
-            raise click.ClickException(
-                f"{out_dir} is not empty and was not made by the demo: choose another --out")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    (out_dir / DEMO_MARKER).write_text("made by mrrp-pacs demo; replaced on every run\n")
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    click.echo(f"1/5 phantom hospital: {patients} patients (seed {seed})", err=True)
-    with _progress(patients, "patient") as bar:
-        phantom_summary = generate(PhantomSpec(patients=patients, seed=seed),
-                                   out_dir / "phantom", progress=bar.update)
-    timings["phantom_s"] = time.perf_counter() - started
+    settings = DemoSettings(patients=patients, seed=seed, out_dir=out_dir, slide_px=slide_px,
+                            use_orthanc=not file_drop)
+    if click.get_current_context().find_root().params.get("log_level") is None:
+        # numbered steps and progress bars tell the story; --log-level INFO shows the detail
+        logging.getLogger().setLevel(logging.WARNING)
 
-    config = load_config(None, environ={}).with_db(out_dir / "state" / "mrrp.sqlite3")
-    config = config.replace("paths", model_store=out_dir / "state" / "models")
-    config = config.replace("features", workers=os.cpu_count() or 1)
-    click.echo("2/5 file-drop ingest of its DICOM and HL7", err=True)
-    started = time.perf_counter()
-    sources = [out_dir / "phantom" / "dicom", out_dir / "phantom" / "hl7"]
-    total = sum(1 for _ in find_files(sources))
-    with Store(config.paths.db_file, config.paths.objects_dir) as store:
-        with _progress(total, "file") as bar:
-            ingested = ingest_paths(Intake(store, config), sources, progress=bar.update)
-        timings["ingest_s"] = time.perf_counter() - started
+    def work() -> dict[str, Any]:
+        try:
+            return run_demo(settings, lambda line: click.echo(line, err=True), progress)
+        except (DemoError, OrthancUnavailable) as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            for bar in bars.values():
+                bar.close()
 
-        click.echo("3/5 ultrasound encoder (rotation pretext, no outcome labels)", err=True)
-        started = time.perf_counter()
-        crops, _ = lesion_crops(store, config)
-        families = tuple(config.features.families)
-        us_encoder = "not trained: no annotated ultrasound lesion"
-        if len(crops):
-            model, history = train_us_encoder(crops, epochs=6, seed=seed)
-            models = ModelStore(config.paths.model_store_dir)
-            stored = save_us_encoder(models, model, history, {"source": "mrrp-pacs demo"},
-                                     name=config.features.us_encoder)
-            models.promote(US_ENCODER_KIND, config.features.us_encoder, stored.version)
-            us_encoder = stored.label
-        else:
-            families = tuple(f for f in families if f != "us")
-        timings["us_encoder_s"] = time.perf_counter() - started
-
-        click.echo("4/5 features: slide, nuclei, ultrasound, radiomics, text, clinical",
-                   err=True)
-        started = time.perf_counter()
-        with _progress(total_patients := len(list_cases(store, config)), "patient") as bar:
-            extracted = extract_features(store, config, families,
-                                         workers=config.features.workers, progress=bar.update)
-        timings["features_s"] = time.perf_counter() - started
-        click.echo("5/5 cases", err=True)
-        found = list_cases(store, config)
-        flags = FeatureCache(store).summary()
-    flag_counts: dict[str, int] = {}
-    for entry in flags.values():
-        for flag in entry["flags"]:
-            flag_counts[flag] = flag_counts.get(flag, 0) + 1
-    summary = {
-        "received": len(found),
-        "ready": sum(c.ready for c in found),
-        "missing_wsi": sum("wsi" not in c.modalities for c in found),
-        "missing_us": sum("us_image" not in c.modalities for c in found),
-        "files_new": ingested.new,
-        "files_rejected": len(ingested.rejected),
-        "features_computed": extracted.count("computed"),
-        "feature_failures": extracted.as_dict()["failed"],
-        "feature_flags": flag_counts,
-        "us_encoder": us_encoder,
-        "oracle_c_index": phantom_summary["oracle_c_index"],
-        "not_built_yet": list(NOT_BUILT_YET),
-        "timings": {k: round(v, 1) for k, v in timings.items()},
-        "database": str(config.paths.db_file),
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = _model_store_errors(work)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    rows = [("patients received", summary["received"]),
-            ("ready to score", summary["ready"]),
-            ("without a slide (to compensate)", summary["missing_wsi"]),
-            ("without ultrasound (to compensate)", summary["missing_us"]),
-            ("files stored / rejected", f"{ingested.new} / {len(ingested.rejected)}"),
-            ("feature sets computed / failed",
-             f"{summary['features_computed']} / {len(extracted.failures)} "
-             f"(patients: {total_patients})"),
-            ("phantom oracle C-index (test)", summary["oracle_c_index"]
-             if summary["oracle_c_index"] is not None else "n/a (no event in the test split)")]
+    oracle = summary["oracle_c_index"]
+    rows = [("mode", summary["mode"]),
+            ("patients received", summary["received"]),
+            ("patients scored", summary["scored"]),
+            ("scored with a missing modality compensated", summary["compensated"]),
+            ("SRs stored in the PACS (found by C-FIND)", summary["srs_stored"]),
+            (f"test C-index ({summary['test_patients']} held-out patients)",
+             summary["test_c_index"]),
+            ("phantom oracle C-index (true hazard, same split)", oracle),
+            ("model", summary["model"])]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name.ljust(width)}  {value}")
-    click.echo(f"not built yet: {', '.join(NOT_BUILT_YET)}")
-    click.echo(f"summary: {out_dir / 'summary.json'}; database: {config.paths.db_file}; "
-               f"try: mrrp-pacs cases --db {config.paths.db_file}")
+    click.echo(f"reports (every SR and PDF): {summary['reports']}\n"
+               f"example PDF: {summary['example_pdf']}\n"
+               f"plots: {Path(summary['reports']).parent / 'evaluation'}\n"
+               f"summary: {out_dir / 'summary.json'}; database: {summary['database']}")
 
 
 def _toml_value(value: Any) -> str:

@@ -117,6 +117,90 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class DicomConfig:
+    """Our DICOM storage SCP (what the PACS sends to, by C-STORE or as a C-MOVE destination)."""
+
+    ae_title: str = "MRRP"
+    port: int = 11112
+    bind: str = "127.0.0.1"  # address to listen on; "0.0.0.0" for every interface
+    # calling AE titles allowed to associate; empty = only the PACS of [pacs]
+    allowed_aes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    """The PACS we query (C-FIND) and retrieve from (C-MOVE or C-GET), and send results to."""
+
+    host: str = ""  # empty = do not pull
+    port: int = 4242
+    ae_title: str = "ORTHANC"
+    method: Literal["move", "get"] = "move"
+    interval_s: int = 300
+    window_days: int = 7  # study dates queried: today and the days before
+    modalities: list[str] = field(default_factory=lambda: ["US", "SM", "SR", "ANN"])
+    timeout_s: int = 60  # seconds for a C-FIND answer
+    retrieve_timeout_s: int = 600  # seconds for one C-MOVE/C-GET answer (a slide level is big)
+
+
+@dataclass(frozen=True)
+class Hl7Config:
+    """The MLLP listener (HL7 v2 results and reports)."""
+
+    port: int = 2575
+    bind: str = "127.0.0.1"
+    max_connections: int = 32
+    idle_timeout_s: int = 600  # a connection silent this long is closed
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """When cases are scored, and with which model."""
+
+    model: str = "mrrp"  # model name in the store; its promoted version scores
+    interval_s: int = 300  # assemble ready cases, extract, score
+    # hours to wait for a missing slide or ultrasound after the first image arrived, before
+    # scoring with the missing modality compensated
+    wait_hours: float = 72.0
+    rescore_time: str = "02:00"  # nightly rescoring, local time HH:MM
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Results back to the PACS: where the SR and PDF go, and how the outbox retries."""
+
+    enabled: bool = True
+    # destination: empty host = the [pacs] PACS
+    host: str = ""
+    port: int = 0  # 0 = [pacs] port
+    ae_title: str = ""  # empty = [pacs] ae_title
+    calling_ae_title: str = ""  # our AE title towards it; empty = [dicom] ae_title
+    timeout_s: int = 30
+    sr_study: Literal["pathology", "ultrasound"] = "pathology"  # study the SR is stored in
+    pdf: bool = True  # also store the human-readable Encapsulated PDF
+    # site secret of the name-based UIDs (Tracking UID per patient, SR/PDF instance UIDs)
+    uid_secret: str = "mrrp-pacs"  # noqa: S105 (a public default each site replaces)
+    manufacturer: str = "mrrp-pacs"
+    institution_name: str = ""
+    # optional ORU^R01 result message to the HIS over MLLP; empty host = none
+    hl7_host: str = ""
+    hl7_port: int = 2575
+    hl7_receiving_application: str = ""
+    hl7_receiving_facility: str = ""
+    interval_s: int = 60
+    max_attempts: int = 8
+    backoff_s: int = 60  # first retry delay; doubles up to max_backoff_s
+    max_backoff_s: int = 3600
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """/healthz and /metrics (Prometheus text) for monitoring."""
+
+    port: int = 8080  # 0 = off
+    bind: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json: bool = False  # one JSON object per line instead of plain text
@@ -129,6 +213,12 @@ class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     clinical: ClinicalConfig = field(default_factory=ClinicalConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    pacs: PacsConfig = field(default_factory=PacsConfig)
+    hl7: Hl7Config = field(default_factory=Hl7Config)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "built-in defaults"
 
@@ -136,6 +226,58 @@ class Config:
         """Return a copy with keys of one section replaced (how CLI flags are applied)."""
         current = getattr(self, section)
         return dataclasses.replace(self, **{section: dataclasses.replace(current, **values)})
+
+    def check(self) -> Config:
+        """Values each key's type cannot express: ports, AE titles, times of day.
+
+        Raises
+        ------
+        ConfigError
+            Naming the key, the value and this configuration's source.
+        """
+        def fail(key: str, value: object, expected: str) -> None:
+            raise ConfigError(f"{self.source}: {key} = {value!r} is invalid; expected {expected}")
+
+        for key, port, lowest in (("dicom.port", self.dicom.port, 1),
+                                  ("hl7.port", self.hl7.port, 1),
+                                  ("pacs.port", self.pacs.port, 1),
+                                  ("export.port", self.export.port, 0),
+                                  ("export.hl7_port", self.export.hl7_port, 1),
+                                  ("http.port", self.http.port, 0)):
+            if not lowest <= port <= 65535:
+                fail(key, port, f"a TCP port number {lowest}-65535")
+        for key, titles in (("dicom.ae_title", [self.dicom.ae_title]),
+                            ("pacs.ae_title", [self.pacs.ae_title]),
+                            ("dicom.allowed_aes", self.dicom.allowed_aes),
+                            ("export.ae_title", [self.export.ae_title] if self.export.ae_title
+                             else []),
+                            ("export.calling_ae_title", [self.export.calling_ae_title]
+                             if self.export.calling_ae_title else [])):
+            for title in titles:
+                if not 0 < len(title.strip()) <= 16 or not title.isascii() or "\\" in title:
+                    fail(key, title, "an AE title of 1-16 ASCII characters without backslash")
+        hour, _, minute = self.scoring.rescore_time.partition(":")
+        if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+            fail("scoring.rescore_time", self.scoring.rescore_time, "a time of day HH:MM")
+        for key, number in (("pacs.interval_s", self.pacs.interval_s),
+                            ("scoring.interval_s", self.scoring.interval_s),
+                            ("export.interval_s", self.export.interval_s),
+                            ("export.max_attempts", self.export.max_attempts),
+                            ("pacs.window_days", self.pacs.window_days),
+                            ("pacs.timeout_s", self.pacs.timeout_s),
+                            ("hl7.max_connections", self.hl7.max_connections),
+                            ("hl7.idle_timeout_s", self.hl7.idle_timeout_s),
+                            ("ingest.max_hl7_bytes", self.ingest.max_hl7_bytes),
+                            ("features.tile_px", self.features.tile_px),
+                            ("features.max_tiles", self.features.max_tiles),
+                            ("features.workers", self.features.workers)):
+            if number < 1:
+                fail(key, number, "a number of at least 1")
+        if self.features.target_mpp <= 0 or self.features.us_default_mm_per_px <= 0:
+            fail("features.target_mpp / us_default_mm_per_px",
+                 (self.features.target_mpp, self.features.us_default_mm_per_px),
+                 "sizes above 0")
+        return self
 
     def with_db(self, db: Path) -> Config:
         """Use ``db`` as the database; objects go beside it unless configured elsewhere."""
@@ -206,7 +348,7 @@ def load_config(
         sections.setdefault(name, {})[key] = value
 
     built = {name: SECTIONS[name](**values) for name, values in sections.items()}
-    return Config(**built, source=source)
+    return Config(**built, source=source).check()
 
 
 def read_data_toml(path: Path | None, resource: str, what: str) -> tuple[dict[str, Any], str]:
@@ -296,12 +438,12 @@ def _coerce(key: str, kind: Any, value: Any, source: str, base_dir: Path) -> Any
             raise bad("true or false")
         return value
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise bad("a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad("an integer of 0 or more")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise bad("a positive number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise bad("a number of 0 or more")
         return float(value)
     if kind is str:
         if not isinstance(value, str):

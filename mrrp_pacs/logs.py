@@ -34,3 +34,7 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     # libraries that narrate routine work (and name UIDs of what they copy) at INFO
     for chatty in QUIET_LIBRARIES:
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+    # one scheduler worker means a job due while another runs waits its turn: APScheduler
+    # calls that a skipped execution and warns each time, which is the design, not a fault
+    logging.getLogger("apscheduler.scheduler").setLevel(max(logging.ERROR, root.level))
+    logging.getLogger("apscheduler.executors").setLevel(max(logging.WARNING, root.level))

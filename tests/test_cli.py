@@ -1,4 +1,3 @@
-import csv
 import json
 import subprocess
 import sys
@@ -96,25 +95,18 @@ def test_migrate_and_config_commands(tmp_path):
     assert 'match = "id+issuer"' in shown.output
 
 
-def test_demo_runs_phantom_ingest_features_cases_and_is_rerunnable(tmp_path):
+def test_demo_replaces_its_own_output_folder(tmp_path):
+    from mrrp_pacs.demo import DEMO_MARKER, _prepare
+
     out = tmp_path / "demo"
-    runner = CliRunner()
-    for _ in range(2):  # a second run replaces the first
-        result = runner.invoke(main, ["demo", "--patients", "3", "--out", str(out), "--json"])
-        assert result.exit_code == 0, result.output
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["received"] == 3 and summary["files_rejected"] == 0
-    with (out / "phantom" / "truth.csv").open() as handle:
-        truth = list(csv.DictReader(handle))
-    assert summary["ready"] == sum(r["has_wsi"] == "1" or r["has_us"] == "1" for r in truth)
-    assert summary["missing_wsi"] == sum(r["has_wsi"] == "0" for r in truth)
-    assert "MRRP model training and scoring" in summary["not_built_yet"]
-    assert summary["feature_failures"] == [] and summary["features_computed"] > 0
-    assert json.loads(result.stdout) == summary
+    _prepare(out)
+    (out / "old-result.txt").write_text("from the last run")
+    _prepare(out)
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER]
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
-    result = CliRunner().invoke(main, ["demo", "--patients", "2", "--out", str(tmp_path)])
+    result = CliRunner().invoke(main, ["demo", "--patients", "16", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "was not made by the demo" in result.output
     assert (tmp_path / "precious.txt").read_text() == "keep me"

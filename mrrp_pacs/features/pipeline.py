@@ -15,7 +15,7 @@ Families: ``wsi`` deep tile features; ``nuclei`` morphology + topology tokens on
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -419,7 +419,9 @@ def _us(patient: _Patient, model: Any) -> FeatureSet:
         "tokens": tokens.astype(np.float32),
         "positions": us.token_positions().astype(np.int16),
         "box_px": np.asarray(box, dtype=np.float32),
-    }, {"flags": flags, "pixel_mm": list(image.pixel_mm or [])})
+    }, {"flags": flags, "pixel_mm": list(image.pixel_mm or []),
+        "image_uid": patient.us_choice[0].sop_instance_uid,
+        "roi_source": patient.us_choice[1][0] if patient.us_choice[1] else "automatic"})
 
 
 def _radiomics(patient: _Patient, radiomics: Any) -> FeatureSet:
@@ -488,12 +490,14 @@ def _work(inputs: CaseInputs, families: tuple[str, ...], force: bool) -> list[Fa
 
 def extract(store: Store, config: Config, families: tuple[str, ...] = FAMILIES,
             force: bool = False, workers: int = 1,
-            progress: Callable[[int], None] | None = None) -> ExtractionSummary:
-    """Extract ``families`` for every patient in the store; returns what happened."""
+            progress: Callable[[int], None] | None = None,
+            patient_keys: Collection[str] | None = None) -> ExtractionSummary:
+    """Extract ``families`` for every patient in the store (or those of ``patient_keys``)."""
     unknown = set(families) - set(FAMILIES)
     if unknown:
         raise ValueError(f"unknown feature families {sorted(unknown)}; known: {FAMILIES}")
-    everything = list(case_inputs(store, config).values())
+    everything = [inputs for key, inputs in case_inputs(store, config).items()
+                  if patient_keys is None or key in patient_keys]
     summary = ExtractionSummary()
     if workers <= 1:
         extractor = Extractor(store, config)

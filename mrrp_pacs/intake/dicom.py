@@ -22,6 +22,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from mrrp_pacs.results import CODING_SCHEME
+
 PREAMBLE_BYTES = 128
 MAGIC = b"DICM"
 
@@ -276,7 +278,7 @@ def _meta_from_dataset(ds: Dataset) -> DicomMeta:
     transfer_syntax = None
     if file_meta is not None and "TransferSyntaxUID" in file_meta:
         transfer_syntax = str(file_meta.TransferSyntaxUID)
-    if sop_class in SR_CLASSES:
+    if sop_class in SR_CLASSES and not is_our_result(ds):
         rois = sr_rois(ds)
     elif sop_class == MICROSCOPY_BULK_ANNOTATIONS:
         rois = _annotation_rois(ds)
@@ -311,6 +313,16 @@ def _pairs(values: Any, per_point: int) -> list[list[float]]:
             f"has graphic data of {len(flat)} values, not a whole number of points"
         )
     return [flat[i : i + per_point] for i in range(0, len(flat), per_point)]
+
+
+def is_our_result(ds: Dataset) -> bool:
+    """An SR written by our exporters (it declares our coding scheme): a result, not an input.
+
+    A PACS returns our SRs when it is queried for SR series; their regions are the lesion the
+    score came from and must not become new inputs (which would rescore the patient forever).
+    """
+    return any(_text(item, "CodingSchemeDesignator") == CODING_SCHEME
+               for item in ds.get("CodingSchemeIdentificationSequence", []))
 
 
 def sr_rois(ds: Dataset) -> list[Roi]:

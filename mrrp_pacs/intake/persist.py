@@ -20,7 +20,7 @@ from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
 from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, DicomError, looks_like_dicom, read_meta
 from mrrp_pacs.intake.hl7 import Hl7Error, looks_like_hl7, parse_message, split_messages
-from mrrp_pacs.intake.records import ResultContent, read_result
+from mrrp_pacs.intake.records import FINAL_STATUSES, ResultContent, read_result
 from mrrp_pacs.intake.sidecars import (
     MAX_SIDECAR_BYTES,
     SidecarError,
@@ -199,6 +199,13 @@ class Intake:
             content = read_result(message, self.config.ingest, self.config.identity, self.schema)
         except Hl7Error as exc:
             return IntakeResult(Outcome.REJECTED, "hl7", f"HL7 message {exc}")
+        used = content.message_type.startswith("ORU")
+        if used and not content.patient_id:
+            # a result nobody can be matched to would be stored and never used
+            return IntakeResult(Outcome.REJECTED, "hl7",
+                                "ORU message names no patient: PID-3 is empty or has no "
+                                "identifier of the configured assigning authority",
+                                control_id=content.control_id)
         sha = hashlib.sha256(message.raw).hexdigest()
         if self._known("hl7_messages", sha):
             return IntakeResult(Outcome.DUPLICATE, "hl7", "identical message already stored",
@@ -236,6 +243,13 @@ class Intake:
                 message_id = self.store.insert(conn, "hl7_messages", {
                     **row, "state": "duplicate_control_id", "note": reason})
                 return IntakeResult(Outcome.DUPLICATE, "hl7", reason, row_id=message_id,
+                                    control_id=content.control_id)
+            if not used:
+                # acknowledged (the sender's interface need not filter) and kept, not read
+                message_id = self.store.insert(conn, "hl7_messages", {
+                    **row, "state": "ignored",
+                    "note": f"message type {content.message_type} is not used"})
+                return IntakeResult(Outcome.NEW, "hl7", row_id=message_id,
                                     control_id=content.control_id)
             message_id = self.store.insert(conn, "hl7_messages", {**row, "state": "parsed"})
             self._write_result(conn, message_id, content)
@@ -284,7 +298,8 @@ class Intake:
                 "observed_at": value.observed_at,
                 "source": value.source,
             })
-            if content.patient_id:
+            # a preliminary value never displaces a final one (cases read final values only)
+            if content.patient_id and value.status in FINAL_STATUSES:
                 self._supersede(conn, "clinical_values", value_id, value.observed_at,
                                 "patient_id = ? AND assigning_authority IS ? AND variable = ?",
                                 (content.patient_id, content.assigning_authority or None,

@@ -10,6 +10,9 @@ from mrrp_pacs.clinical_schema import ClinicalSchema, Variable
 from mrrp_pacs.config import IdentityConfig, IngestConfig
 from mrrp_pacs.intake.hl7 import Hl7Message, Segment
 
+# OBX-11 result statuses that are final (F) or a correction of a final result (C)
+FINAL_STATUSES = ("F", "C")
+
 _FIELD_PATH = re.compile(r"^OBR-(\d+)$")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 NARRATIVE_TYPES = {"TX", "FT"}

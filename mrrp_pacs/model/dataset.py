@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,10 +137,12 @@ def read_outcomes(path: Path) -> dict[str, Outcome]:
 
 
 def cohort_from_store(store: Store, config: Config, outcomes: dict[str, Outcome] | None,
-                      ) -> Cohort:
+                      patient_keys: Collection[str] | None = None) -> Cohort:
     """Every patient with clinical features (and, when ``outcomes`` is given, an outcome).
 
     Patients are matched to outcome rows by patient key or by patient id (unique ids only).
+    Without outcomes, ``patient_keys`` restricts the cohort to those patients (by key); their
+    records are named by patient key.
 
     Raises
     ------
@@ -158,7 +160,12 @@ def cohort_from_store(store: Store, config: Config, outcomes: dict[str, Outcome]
         by_id.setdefault(case.patient_id, []).append(key)
     records: list[PatientRecord] = []
     extractors: dict[str, list[str]] = {}
-    wanted = outcomes.keys() if outcomes is not None else [c.patient_id for c in inputs.values()]
+    if outcomes is not None:
+        wanted: Collection[str] = outcomes.keys()
+    elif patient_keys is not None:
+        wanted = [key for key in inputs if key in patient_keys]
+    else:
+        wanted = [c.patient_id for c in inputs.values()]
     for pid in wanted:
         keys = [pid] if pid in inputs else by_id.get(pid, [])
         if len(keys) != 1:

@@ -224,9 +224,11 @@ def calibration_plot(
     predicted_survival
         (n, len(times_months)) predicted P(event-free at t), higher = better.
     bins
-        Number of equal-size bins of predicted survival (5 quintiles, 10 deciles).
+        Number of equal-size bins of predicted survival (5 quintiles, 10 deciles); fewer
+        when there are fewer patients than bins.
     """
     predicted = np.asarray(predicted_survival, dtype=float)
+    bins = max(1, min(bins, len(predicted)))
     if predicted.shape != (len(np.asarray(time)), len(times_months)):
         raise ValueError(f"predicted_survival must have shape ({len(np.asarray(time))}, "
                          f"{len(times_months)}), got {predicted.shape}")

@@ -134,6 +134,34 @@ def test_corrected_result_supersedes_and_late_older_result_does_not(intake, stor
     assert _count(store, "clinical_values") - 3 == 3  # three sizes + three derived ages
 
 
+def test_a_later_preliminary_value_does_not_displace_the_final_one(intake, store, config):
+    from mrrp_pacs.cases import case_inputs
+
+    patient = Patient()
+    size = [("NM", "21889-1^Size Tumor^LN", "18", "mm")]
+    intake.receive_hl7(pathology_result(patient, "F1", values=size, observed="20260110"), "x")
+    draft = [("NM", "21889-1^Size Tumor^LN", "25", "mm")]
+    intake.receive_hl7(pathology_result(patient, "P1", status="P", values=draft,
+                                        observed="20260111"), "x")
+    (case,) = case_inputs(store, config).values()
+    assert case.clinical["tumour_size_mm"].value_text == "18"
+
+
+def test_a_result_without_a_patient_is_rejected_and_other_types_are_kept_unread(intake, store):
+    anonymous = pathology_result(Patient()).replace(
+        b"PID|1||MRN001^^^HOSP^MR~99887^^^NATIONAL^NI|", b"PID|1|||")
+    result = intake.receive_hl7(anonymous, "x")
+    assert result.outcome is Outcome.REJECTED and "PID-3" in (result.reason or "")
+    assert result.control_id == "PA-0001"
+    admission = (b"MSH|^~\\&|ADT|HOSP|MRRP|HOSP|20260106120000||ADT^A01^ADT_A01|AD-1|P|2.5\r"
+                 b"PID|1||MRN001^^^HOSP^MR||Doe^Jane\r")
+    kept = intake.receive_hl7(admission, "x")
+    assert kept.outcome is Outcome.NEW
+    state, note = store.conn.execute("SELECT state, note FROM hl7_messages").fetchone()
+    assert state == "ignored" and "ADT" in note
+    assert _count(store, "clinical_values") == 0 and _count(store, "observations") == 0
+
+
 def test_unparsable_hl7_is_rejected_with_reason(intake, store):
     result = intake.receive_hl7(b"MSH|^~\\&|A|B|C|D|2026||ORU^R01||P|2.5\r", "x")
     assert result.outcome is Outcome.REJECTED and "MSH-10" in (result.reason or "")

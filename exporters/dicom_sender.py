@@ -1,0 +1,220 @@
+"""DICOM C-STORE SCU: sends stored result objects (SR, Encapsulated PDF) to a PACS.
+
+Each object is offered in a presentation context of its own SOP class with exactly its own
+transfer syntax: pynetdicom does not transcode, and an object is sent as it was made. A session
+keeps one association open for a batch and re-associates only when an object needs a context
+not yet negotiated, or after the peer aborted.
+
+Failures are :class:`~exporters.outbox.SendError`. Transient (worth retrying): connection
+refused or timed out, association rejected or aborted, no response, status "out of resources"
+(A7xx), "processing failure" (0110) and "resource limitation" (0213). Permanent: the bytes are
+not a DICOM file, the peer accepts no context for the object, and any other failure status.
+Warnings B000, B006, B007 are deliveries, logged as warnings.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+from exporters.outbox import SendError
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_CALLING_AE = "MRRP"  # the default [dicom] ae_title
+DEFAULT_TIMEOUT_S = 30.0
+MAX_CONTEXTS = 128  # PS3.8: presentation context ids are odd numbers 1..255
+WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+TRANSIENT_STATUSES = frozenset({0x0110, 0x0213, *range(0xA700, 0xA800)})
+MAX_PDU_BYTES = 1 << 20  # the largest PDU we receive (pynetdicom's default is 16 KiB)
+
+
+class DicomSender:
+    """C-STORE to one peer AE.
+
+    Parameters
+    ----------
+    host, port
+        The peer's address and DICOM port.
+    called_ae
+        The peer's AE title.
+    calling_ae
+        Our AE title, as the peer knows it.
+    timeout_s
+        Limit in seconds for connecting, association negotiation, each network read and
+        each C-STORE response.
+
+    Raises
+    ------
+    ValueError
+        An AE title that is empty, longer than 16 characters or has a backslash or control
+        characters; a port outside 1–65535; a timeout that is not positive.
+    """
+
+    def __init__(self, host: str, port: int, called_ae: str,
+                 calling_ae: str = DEFAULT_CALLING_AE,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        for label, title in (("called AE title", called_ae), ("calling AE title", calling_ae)):
+            if not 0 < len(title.strip()) <= 16 or "\\" in title or not title.isprintable():
+                raise ValueError(f"{label} {title!r} must be 1-16 printable characters "
+                                 "without a backslash")
+        if not 0 < port < 65536:
+            raise ValueError(f"DICOM port {port} is not in 1-65535")
+        if not host:
+            raise ValueError("DICOM destination needs a host")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.host = host
+        self.port = port
+        self.called_ae = called_ae
+        self.calling_ae = calling_ae
+        self.timeout_s = timeout_s
+
+    @property
+    def peer(self) -> str:
+        return f"{self.called_ae}@{self.host}:{self.port}"
+
+    def send(self, data: bytes) -> None:
+        """Send one DICOM file (Part 10 bytes) on an association of its own.
+
+        Raises
+        ------
+        SendError
+            The peer did not store it (see the module docstring for which are transient).
+        """
+        with self.session() as session:
+            session.send(data)
+
+    @contextmanager
+    def session(self) -> Iterator[DicomSession]:
+        """A batch of C-STOREs on one association (opened at the first send, released on exit)."""
+        session = DicomSession(self)
+        try:
+            yield session
+        finally:
+            session.close()
+
+
+class DicomSession:
+    """One association (at a time) to a :class:`DicomSender`'s peer; see :meth:`send`."""
+
+    def __init__(self, sender: DicomSender) -> None:
+        self._sender = sender
+        self._assoc: Association | None = None
+        self._contexts: list[tuple[str, str]] = []
+        self._message_id = 0
+        # once the peer cannot be reached, the rest of the batch fails fast with the same error
+        # instead of waiting out a connection timeout per object
+        self._unreachable: SendError | None = None
+
+    def send(self, data: bytes) -> None:
+        """C-STORE one DICOM file (Part 10 bytes) on this session's association.
+
+        Raises
+        ------
+        SendError
+            The peer did not store it.
+        """
+        dataset = _parse(data)
+        key = (str(dataset.SOPClassUID), str(dataset.file_meta.TransferSyntaxUID))
+        if self._unreachable is not None:
+            raise self._unreachable
+        assoc = self._association_for(key)
+        self._message_id = self._message_id % 0xFFFF + 1
+        try:
+            status = assoc.send_c_store(dataset, msg_id=self._message_id)
+        except ValueError as exc:  # pynetdicom could not encode the dataset
+            raise SendError(f"C-STORE to {self._sender.peer} not sent: the object could not be "
+                            f"encoded ({type(exc).__name__})", transient=False) from None
+        _check_status(status, self._sender.peer)
+
+    def close(self) -> None:
+        if self._assoc is not None and self._assoc.is_established:
+            self._assoc.release()
+        self._assoc = None
+
+    def _association_for(self, key: tuple[str, str]) -> Association:
+        assoc = self._assoc
+        if assoc is not None and assoc.is_established and key in self._contexts:
+            return assoc
+        self.close()
+        if key not in self._contexts:
+            self._contexts = [*self._contexts, key][-MAX_CONTEXTS:]
+        try:
+            assoc = self._associate()
+        except SendError:
+            self._contexts = [k for k in self._contexts if k != key]
+            raise
+        self._assoc = assoc
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in assoc.accepted_contexts}
+        self._contexts = [k for k in self._contexts if k in accepted]
+        if key not in accepted:
+            raise SendError(f"{self._sender.peer} does not accept SOP class {key[0]} with "
+                            f"transfer syntax {UID(key[1]).name}", transient=False)
+        return assoc
+
+    def _associate(self) -> Association:
+        sender = self._sender
+        ae = AE(ae_title=sender.calling_ae)
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.acse_timeout = ae.dimse_timeout = sender.timeout_s
+        ae.network_timeout = ae.connection_timeout = sender.timeout_s
+        contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in self._contexts]
+        assoc = ae.associate(sender.host, sender.port, contexts=contexts,
+                             ae_title=sender.called_ae)
+        if assoc.is_established:
+            return assoc
+        reply = assoc.acceptor.primitive
+        if assoc.is_rejected and reply is not None:
+            error = SendError(
+                f"association rejected by {sender.peer}: {reply.reason_str} "
+                f"({reply.result_str}, from {reply.source_str}; calling AE "
+                f"{sender.calling_ae})", transient=True)
+        elif reply is not None and reply.result == 0:
+            # it accepted the association but none of our contexts; pynetdicom then aborts
+            raise SendError(f"{sender.peer} accepts none of the offered presentation contexts "
+                            f"({', '.join(f'{c} {UID(t).name}' for c, t in self._contexts)})",
+                            transient=False)
+        else:
+            error = SendError(f"no association with {sender.peer}: connection refused, timed "
+                              f"out or aborted (timeout {sender.timeout_s:g} s)", transient=True)
+        self._unreachable = error
+        raise error
+
+
+def _parse(data: bytes) -> Dataset:
+    try:
+        dataset = dcmread(io.BytesIO(data))
+    except Exception as exc:  # pydicom raises many kinds on malformed bytes
+        raise SendError(f"not a DICOM file ({type(exc).__name__})", transient=False) from None
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if k not in dataset]
+    if "TransferSyntaxUID" not in dataset.file_meta:
+        missing.append("TransferSyntaxUID")
+    if missing:
+        raise SendError(f"DICOM object lacks {', '.join(missing)}", transient=False)
+    return dataset
+
+
+def _check_status(status: Dataset, peer: str) -> None:
+    if "Status" not in status:
+        raise SendError(f"no C-STORE response from {peer} (association aborted or timed out)",
+                        transient=True)
+    code = int(status.Status)
+    if code == 0x0000:
+        return
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
+    if code in WARNING_STATUSES:
+        LOGGER.warning("C-STORE to %s stored with warning 0x%04X (%s)", peer, code, meaning)
+        return
+    raise SendError(f"C-STORE refused by {peer}: status 0x{code:04X} ({meaning})",
+                    transient=code in TRANSIENT_STATUSES)

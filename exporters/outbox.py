@@ -1,0 +1,431 @@
+"""The durable outbox: every object we send out is recorded before any network call.
+
+A row of ``exports`` is written (state ``pending``) when an object is enqueued; :meth:`Outbox.drain`
+sends the due rows through one :class:`Sender` per destination and records each outcome in its
+own transaction right after that send. A row ends ``sent``, or ``dead`` after ``max_attempts``
+failures (or one permanent failure); a dead row is kept, with its last error, until an operator
+calls :meth:`Outbox.retry`. Rows and objects are never deleted.
+
+Delivery is **at least once**: a crash between a successful send and the update of its row sends
+the object again on restart. That is harmless for DICOM, since the object keeps its SOP Instance
+UID and a second C-STORE of the same UID replaces (or is ignored as) the same instance; an HL7
+receiver sees the same MSH-10 control id again.
+
+Two drains (the daemon and an operator's ``export``) do not send the same row twice: a row is
+claimed, by moving its ``next_attempt_at`` ``claim_s`` into the future, in a transaction of its
+own just before it is sent. A crash while a row is claimed delays it by ``claim_s`` only.
+
+Times are UTC; the ``*_at`` columns hold ISO 8601 at second precision (the format of
+:func:`mrrp_pacs.store.utc_now`), so they compare as strings. ``sent_at`` is the ``updated_at``
+of a ``sent`` row: nothing updates a sent row except an explicit :meth:`Outbox.retry`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Protocol
+
+from mrrp_pacs.store import ObjectStore, Store
+
+LOGGER = logging.getLogger(__name__)
+
+KINDS = ("sr", "pdf", "hl7")
+DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_BACKOFF_S = 60.0
+DEFAULT_MAX_BACKOFF_S = 3600.0
+DEFAULT_CLAIM_S = 900.0
+ERROR_CHARS = 500
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DESTINATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class ExportState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class SendError(Exception):
+    """A send that did not deliver.
+
+    Parameters
+    ----------
+    reason
+        What happened, readable by an operator; stored as ``last_error``. It must hold no
+        patient identifiers: status codes, exception classes, AE titles, hosts and ports.
+    transient
+        True when the same send may succeed later (peer down, busy, out of resources); False
+        when it will not (the peer cannot understand the object), so the row goes ``dead`` at once.
+    """
+
+    def __init__(self, reason: str, *, transient: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+
+
+class SendSession(Protocol):
+    """An open channel to one destination (e.g. one DICOM association)."""
+
+    def send(self, data: bytes) -> None:
+        """Deliver one object; raise :class:`SendError` if the peer did not take it."""
+
+
+class Sender(Protocol):
+    """Delivers objects to one destination; :meth:`session` may reuse one connection."""
+
+    @property
+    def peer(self) -> str:
+        """The destination for logs and errors, e.g. ``PACS@10.1.2.3:104``."""
+
+    def session(self) -> AbstractContextManager[SendSession]:
+        """A session for a batch of sends; it connects lazily and closes on exit."""
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    """One row of the ``exports`` table."""
+
+    id: int
+    score_id: int | None
+    kind: str
+    destination: str
+    object_sha256: str | None
+    sop_instance_uid: str | None
+    state: str
+    attempts: int
+    last_error: str | None
+    next_attempt_at: str | None
+    created_at: str
+    updated_at: str
+
+    @property
+    def sent_at(self) -> str | None:
+        return self.updated_at if self.state == ExportState.SENT else None
+
+    def summary(self) -> str:
+        """One line for an operator: id, state, kind, destination, attempts, when, error."""
+        when = {ExportState.SENT: f"sent {self.sent_at}",
+                ExportState.PENDING: f"next {self.next_attempt_at}"}.get(
+                    ExportState(self.state), f"since {self.updated_at}")
+        line = (f"{self.id:>6}  {self.state:<7} {self.kind:<3} {self.destination}  "
+                f"attempts={self.attempts}  {when}  sop={self.sop_instance_uid or '-'}")
+        return f"{line}  error: {self.last_error}" if self.last_error else line
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """The row an object is queued in; ``created`` is False when it was already queued."""
+
+    row_id: int
+    created: bool
+
+
+@dataclass
+class DrainSummary:
+    """What one :meth:`Outbox.drain` did, in rows.
+
+    ``retried``: failed and due again later; ``dead``: failed for the last time;
+    ``skipped``: due, but no sender is configured for their destination (left pending).
+    """
+
+    sent: int = 0
+    retried: int = 0
+    dead: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"sent": self.sent, "retried": self.retried, "dead": self.dead,
+                "skipped": self.skipped}
+
+    def __str__(self) -> str:
+        return (f"sent {self.sent}, retried {self.retried}, dead {self.dead}, "
+                f"skipped {self.skipped}")
+
+
+class Outbox:
+    """The ``exports`` table of ``store``, with the objects kept in ``objects``."""
+
+    def __init__(self, store: Store, objects: ObjectStore | None = None) -> None:
+        self.store = store
+        self.objects = objects if objects is not None else store.objects
+
+    def enqueue(self, conn: sqlite3.Connection | None, *, score_id: int | None, kind: str,
+                destination: str, data: bytes, sop_instance_uid: str | None,
+                now: datetime | None = None) -> Enqueued:
+        """Store ``data`` and queue it for ``destination``, before any network call.
+
+        Parameters
+        ----------
+        conn
+            A connection inside the caller's transaction (so the row commits with, e.g., the
+            score row), or None to commit in a transaction of its own.
+        score_id
+            The ``scores`` row the object reports, if any.
+        kind
+            ``sr``, ``pdf`` or ``hl7``.
+        destination
+            The configured destination name (letters, digits, ``_.-``; at most 64 characters).
+        data
+            The whole object: a DICOM file (Part 10) or an HL7 message.
+        sop_instance_uid
+            Required for ``sr`` and ``pdf``.
+        now
+            Time the row is due (UTC, timezone-aware); default the current time.
+
+        Returns
+        -------
+        Enqueued
+            The same object (same SHA-256) queued twice for one destination gives one row:
+            the second call returns the first row, whatever its state, with ``created`` False.
+
+        Raises
+        ------
+        ValueError
+            ``kind``, ``destination`` or ``sop_instance_uid`` is not valid.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"export kind {kind!r} is not one of {', '.join(KINDS)}")
+        if not _DESTINATION.match(destination):
+            raise ValueError(f"destination name {destination!r} must be 1-64 letters, digits "
+                             "or _.- starting with a letter or digit")
+        if kind != "hl7" and (sop_instance_uid is None or len(sop_instance_uid) > 64
+                              or not _UID.match(sop_instance_uid)):
+            raise ValueError(f"a {kind} export needs a valid SOP Instance UID, "
+                             f"got {sop_instance_uid!r}")
+        if not data:
+            raise ValueError("refusing to queue an empty object")
+        stamp = _iso(_resolve(now))
+        # the object is on disk (fsynced) before its row exists; a crash in between leaves
+        # an unreferenced object, never a row without its object
+        stored = self.objects.put_bytes(data)
+        with self._transaction(conn) as tx:
+            found = tx.execute("SELECT id FROM exports WHERE object_sha256 = ? AND destination = ?",
+                               (stored.sha256, destination)).fetchone()
+            if found is not None:
+                return Enqueued(int(found["id"]), created=False)
+            row_id = self.store.insert(tx, "exports", {
+                "score_id": score_id, "kind": kind, "destination": destination,
+                "object_sha256": stored.sha256, "sop_instance_uid": sop_instance_uid,
+                "state": ExportState.PENDING.value, "attempts": 0, "last_error": None,
+                "next_attempt_at": stamp, "created_at": stamp, "updated_at": stamp,
+            })
+        LOGGER.info("export %d queued: %s for %s (%d bytes)", row_id, kind, destination,
+                    stored.size_bytes)
+        return Enqueued(row_id, created=True)
+
+    def due(self, now: datetime | None = None) -> list[ExportRow]:
+        """Pending rows whose ``next_attempt_at`` is at or before ``now``, oldest due first."""
+        return self._select("state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id",
+                            (ExportState.PENDING.value, _iso(_resolve(now))))
+
+    def rows(self, states: Iterable[str] | None = None) -> list[ExportRow]:
+        """Rows in ``states`` (default all), by id.
+
+        Raises
+        ------
+        ValueError
+            A state that is not ``pending``, ``sent`` or ``dead``.
+        """
+        if states is None:
+            return self._select("1 ORDER BY id", ())
+        wanted = [ExportState(s).value for s in states]
+        marks = ", ".join("?" for _ in wanted)
+        return self._select(f"state IN ({marks}) ORDER BY id", tuple(wanted))
+
+    def counts(self) -> dict[str, int]:
+        """Number of rows per state (every state present, zero when none)."""
+        found = dict(self.store.conn.execute(
+            "SELECT state, count(*) FROM exports GROUP BY state").fetchall())
+        return {s.value: int(found.get(s.value, 0)) for s in ExportState}
+
+    def retry(self, ids: Iterable[int] | None = None, now: datetime | None = None) -> list[int]:
+        """Make rows pending again, with attempts reset and due at ``now``.
+
+        Parameters
+        ----------
+        ids
+            Rows to retry, in any state (a sent row is sent again, e.g. after a PACS lost it);
+            None retries every dead row.
+
+        Returns
+        -------
+        list of int
+            The ids made pending.
+
+        Raises
+        ------
+        ValueError
+            An id that is not in the table; nothing is changed then.
+        """
+        stamp = _iso(_resolve(now))
+        with self.store.transaction() as tx:
+            if ids is None:
+                chosen = [int(r[0]) for r in tx.execute(
+                    "SELECT id FROM exports WHERE state = ? ORDER BY id",
+                    (ExportState.DEAD.value,))]
+            else:
+                chosen = sorted(set(ids))
+                known = {int(r[0]) for r in tx.execute(
+                    f"SELECT id FROM exports WHERE id IN ({', '.join('?' for _ in chosen)})",
+                    chosen)}
+                unknown = [i for i in chosen if i not in known]
+                if unknown:
+                    raise ValueError(f"no export rows with id {', '.join(map(str, unknown))}; "
+                                     "`mrrp-pacs outbox list` shows the ids")
+            tx.executemany(
+                "UPDATE exports SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ? "
+                "WHERE id = ?",
+                [(ExportState.PENDING.value, stamp, stamp, i) for i in chosen])
+        if chosen:
+            LOGGER.info("%d exports made pending again", len(chosen))
+        return chosen
+
+    def drain(self, senders: Mapping[str, Sender], *, now: datetime | None = None,
+              max_attempts: int = DEFAULT_MAX_ATTEMPTS, backoff_s: float = DEFAULT_BACKOFF_S,
+              max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
+              claim_s: float = DEFAULT_CLAIM_S) -> DrainSummary:
+        """Send every due row once, through the sender of its destination.
+
+        Each outcome is committed right after its send. On failure ``attempts`` grows by one and
+        the row is due again after ``min(backoff_s * 2**(attempts - 1), max_backoff_s)`` seconds,
+        or goes ``dead`` when ``attempts`` reaches ``max_attempts`` or the failure is permanent.
+
+        Parameters
+        ----------
+        senders
+            Sender per destination name. Rows for a destination without one stay pending
+            (counted as skipped).
+        now
+            The clock for this drain (UTC, timezone-aware); default the current time at each
+            step. Tests pass a fixed time to step through the backoff.
+        max_attempts
+            Tries before a row is dead (≥ 1).
+        backoff_s, max_backoff_s
+            First retry delay and its cap, in seconds.
+        claim_s
+            Seconds a row being sent is hidden from other drains.
+        """
+        if max_attempts < 1 or backoff_s <= 0 or max_backoff_s < backoff_s or claim_s <= 0:
+            raise ValueError("drain needs max_attempts >= 1, backoff_s > 0, "
+                             "max_backoff_s >= backoff_s and claim_s > 0; got "
+                             f"{max_attempts}, {backoff_s}, {max_backoff_s}, {claim_s}")
+        summary = DrainSummary()
+        by_destination: dict[str, list[ExportRow]] = {}
+        for row in self.due(now):
+            by_destination.setdefault(row.destination, []).append(row)
+        for destination, rows in by_destination.items():
+            sender = senders.get(destination)
+            if sender is None:
+                LOGGER.warning("%d due exports wait for destination %s, which has no sender "
+                               "configured", len(rows), destination)
+                summary.skipped += len(rows)
+                continue
+            with sender.session() as session:
+                for row in rows:
+                    if not self._claim(row.id, _resolve(now), claim_s):
+                        continue  # another drain took it
+                    error = self._deliver(session, sender.peer, row)
+                    state = self._record(row, error, _resolve(now), max_attempts, backoff_s,
+                                         max_backoff_s)
+                    if state is ExportState.SENT:
+                        summary.sent += 1
+                    elif state is ExportState.DEAD:
+                        summary.dead += 1
+                    else:
+                        summary.retried += 1
+        if summary.sent or summary.retried or summary.dead:
+            LOGGER.info("outbox drained: %s", summary)
+        return summary
+
+    def _deliver(self, session: SendSession, peer: str, row: ExportRow) -> SendError | None:
+        try:
+            if row.object_sha256 is None:
+                raise FileNotFoundError
+            data = self.objects.read_bytes(row.object_sha256)
+        except (FileNotFoundError, ValueError):
+            return SendError(f"object {(row.object_sha256 or '-')[:12]} is missing from the "
+                             "object store", transient=False)
+        try:
+            session.send(data)
+        except SendError as exc:
+            return exc
+        except Exception as exc:
+            # a sender bug must not stop the drain: the row records it and is tried again
+            LOGGER.error("export %d: unexpected %s from the sender for %s", row.id,
+                         type(exc).__name__, peer)
+            LOGGER.debug("export %d: sender failure", row.id, exc_info=True)
+            return SendError(f"unexpected {type(exc).__name__} while sending to {peer}",
+                             transient=True)
+        return None
+
+    def _claim(self, row_id: int, at: datetime, claim_s: float) -> bool:
+        stamp = _iso(at)
+        with self.store.transaction() as tx:
+            cursor = tx.execute(
+                "UPDATE exports SET next_attempt_at = ?, updated_at = ? "
+                "WHERE id = ? AND state = ? AND next_attempt_at <= ?",
+                (_iso(at + timedelta(seconds=claim_s)), stamp, row_id,
+                 ExportState.PENDING.value, stamp))
+            return cursor.rowcount == 1
+
+    def _record(self, row: ExportRow, error: SendError | None, at: datetime, max_attempts: int,
+                backoff_s: float, max_backoff_s: float) -> ExportState:
+        attempts = row.attempts + 1
+        stamp = _iso(at)
+        if error is None:
+            state, next_at, last_error = ExportState.SENT, None, None
+            LOGGER.info("export %d sent to %s (attempt %d)", row.id, row.destination, attempts)
+        else:
+            last_error = error.reason[:ERROR_CHARS]
+            if not error.transient or attempts >= max_attempts:
+                state, next_at = ExportState.DEAD, None
+                LOGGER.error("export %d to %s is dead after %d attempts (%s): %s", row.id,
+                             row.destination, attempts,
+                             "transient" if error.transient else "permanent", last_error)
+            else:
+                delay_s = min(backoff_s * 2 ** (attempts - 1), max_backoff_s)
+                state, next_at = ExportState.PENDING, _iso(at + timedelta(seconds=delay_s))
+                LOGGER.warning("export %d to %s failed (attempt %d), next try in %.0f s: %s",
+                               row.id, row.destination, attempts, delay_s, last_error)
+        with self.store.transaction() as tx:
+            tx.execute(
+                "UPDATE exports SET state = ?, attempts = ?, last_error = ?, "
+                "next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                (state.value, attempts, last_error, next_at, stamp, row.id))
+        return state
+
+    def _select(self, where: str, params: tuple[object, ...]) -> list[ExportRow]:
+        cursor = self.store.conn.execute(
+            "SELECT id, score_id, kind, destination, object_sha256, sop_instance_uid, state, "
+            "attempts, last_error, next_attempt_at, created_at, updated_at FROM exports "
+            f"WHERE {where}", params)
+        return [ExportRow(**dict(r)) for r in cursor.fetchall()]
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection | None) -> Iterator[sqlite3.Connection]:
+        if conn is not None:
+            yield conn
+        else:
+            with self.store.transaction() as tx:
+                yield tx
+
+
+def _resolve(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("outbox times must be timezone-aware (UTC)")
+    return now
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

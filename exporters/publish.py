@@ -1,0 +1,164 @@
+"""From a new score to queued DICOM objects: the SR (and its PDF companion) in the outbox.
+
+The SR goes into the pathology study, or the ultrasound study (``sr_study``); a patient without
+the chosen one gets it in the other. An earlier SR of the same patient (a previous scoring,
+found in the outbox) becomes the new one's predecessor. Objects are deterministic, so queuing
+the same result twice writes one outbox row.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from exporters.hl7_result import build_oru_r01
+from exporters.outbox import Outbox
+from exporters.pdf import TrainingKM, build_companion_pdf, build_encapsulated_pdf
+from exporters.sr import DEFAULT_UID_SECRET, build_risk_sr
+from model_store import ModelStore
+from mrrp_pacs.model.train import MODEL_KIND
+from mrrp_pacs.results import EvidenceRef, RiskResult
+from mrrp_pacs.scoring import ScoreOutcome
+from mrrp_pacs.store import Store
+
+LOGGER = logging.getLogger(__name__)
+
+DESTINATION = "pacs"  # the outbox name of the configured PACS destination
+HL7_DESTINATION = "his"  # the outbox name of the HL7 result receiver
+SR_SERIES_NUMBER = 9901
+PDF_SERIES_NUMBER = 9902
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    sr_study: str = "pathology"  # pathology | ultrasound
+    pdf: bool = True
+    uid_secret: str = DEFAULT_UID_SECRET
+    manufacturer: str = "mrrp-pacs"
+    institution_name: str | None = None
+    hl7: bool = False  # also queue an ORU^R01 for the HIS
+    hl7_receiving_application: str = ""
+    hl7_receiving_facility: str = ""
+
+
+class ResultPublisher:
+    """Builds and queues the objects of new scores (the daemon's ``exporter`` hook)."""
+
+    def __init__(self, models: ModelStore, settings: PublishSettings) -> None:
+        self.models = models
+        self.settings = settings
+        self._km: dict[str, TrainingKM] = {}
+
+    def __call__(self, store: Store, outcomes: Sequence[ScoreOutcome]) -> dict[str, int]:
+        queued = {"sr": 0, "pdf": 0, **({"hl7": 0} if self.settings.hl7 else {})}
+        outbox = Outbox(store)
+        for outcome in outcomes:
+            if outcome.result is None or outcome.score_id is None:
+                continue
+            for kind, dataset in self.objects(store, outcome.result):
+                data = _encode(dataset)
+                if outbox.enqueue(None, score_id=outcome.score_id, kind=kind,
+                                  destination=DESTINATION, data=data,
+                                  sop_instance_uid=str(dataset.SOPInstanceUID)).created:
+                    queued[kind] += 1
+            if self.settings.hl7 and outbox.enqueue(
+                    None, score_id=outcome.score_id, kind="hl7", destination=HL7_DESTINATION,
+                    data=self.hl7_message(outcome.score_id, outcome.result),
+                    sop_instance_uid=None).created:
+                queued["hl7"] += 1
+        return queued
+
+    def hl7_message(self, score_id: int, result: RiskResult) -> bytes:
+        """The ORU^R01 of one score; its control id and time are those of the score, so a
+        rebuilt message is the same bytes (queued once)."""
+        return build_oru_r01(
+            result, control_id=f"MRRP{score_id}",
+            message_time=datetime.fromisoformat(result.scored_at).astimezone(UTC),
+            receiving_application=self.settings.hl7_receiving_application,
+            receiving_facility=self.settings.hl7_receiving_facility)
+
+    def objects(self, store: Store, result: RiskResult) -> list[tuple[str, Dataset]]:
+        """The SR and (optionally) the encapsulated PDF of one result."""
+        headers = {e.sop_instance_uid: _header(store, e) for e in result.evidence}
+        study = self._study(result, headers)
+        us_image = (headers.get(result.us_region.sop_instance_uid)
+                    if result.us_region is not None else None)
+        sr = build_risk_sr(
+            result, list(headers.values()), study=study, series_number=SR_SERIES_NUMBER,
+            instance_number=1, predecessor=self._predecessor(store, result),
+            us_image=us_image, uid_secret=self.settings.uid_secret,
+            manufacturer=self.settings.manufacturer,
+            institution_name=self.settings.institution_name)
+        made: list[tuple[str, Dataset]] = [("sr", sr)]
+        if self.settings.pdf:
+            pdf = build_companion_pdf(result, self._training(result),
+                                      patient_id=str(study.get("PatientID", "")) or None)
+            made.append(("pdf", build_encapsulated_pdf(
+                pdf, study, result=result, series_number=PDF_SERIES_NUMBER, instance_number=1,
+                uid_secret=self.settings.uid_secret, manufacturer=self.settings.manufacturer,
+                institution_name=self.settings.institution_name)))
+        return made
+
+    def _study(self, result: RiskResult, headers: dict[str, Dataset]) -> Dataset:
+        order = ("wsi", "us_image") if self.settings.sr_study == "pathology" \
+            else ("us_image", "wsi")
+        for role in order:
+            for ref in result.evidence:
+                if ref.role == role:
+                    return headers[ref.sop_instance_uid]
+        raise ValueError(f"score of model {result.model_label} lists no slide or ultrasound "
+                         "image to place its report in")
+
+    def _training(self, result: RiskResult) -> TrainingKM:
+        # by label: two model names may share a version string
+        if result.model_label not in self._km:
+            version = self.models.load(MODEL_KIND, result.model_name, result.model_version)
+            self._km[result.model_label] = TrainingKM.from_manifest(version.manifest)
+        return self._km[result.model_label]
+
+    @staticmethod
+    def _predecessor(store: Store, result: RiskResult) -> Dataset | None:
+        """The patient's latest SR queued for an earlier score.
+
+        Earlier by score row, not "any other score": an older result published again after a
+        newer one must get back the same bytes, else its SOP Instance UID would name two
+        different documents. A result without a score row is taken as the newest.
+        """
+        row = store.conn.execute(
+            "SELECT e.object_sha256 FROM exports e JOIN scores s ON s.id = e.score_id "
+            "WHERE s.patient_key = ? AND e.kind = 'sr' AND s.id < coalesce("
+            "(SELECT id FROM scores WHERE patient_key = ? AND model_version = ? "
+            "AND inputs_hash = ?), 9223372036854775807) "
+            "ORDER BY s.id DESC, e.id DESC LIMIT 1",
+            (result.patient_key, result.patient_key, result.model_version,
+             result.inputs_hash)).fetchone()
+        if row is None:
+            return None
+        return pydicom.dcmread(store.objects.path_for(row[0]), stop_before_pixels=True)
+
+
+def _header(store: Store, ref: EvidenceRef) -> Dataset:
+    return pydicom.dcmread(store.objects.path_for(ref.sha256), stop_before_pixels=True)
+
+
+def _encode(dataset: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def settings_from_config(export: Any) -> PublishSettings:
+    """:class:`PublishSettings` from the ``[export]`` section."""
+    return PublishSettings(sr_study=export.sr_study, pdf=export.pdf,
+                           uid_secret=export.uid_secret, manufacturer=export.manufacturer,
+                           institution_name=export.institution_name or None,
+                           hl7=bool(export.hl7_host),
+                           hl7_receiving_application=export.hl7_receiving_application,
+                           hl7_receiving_facility=export.hl7_receiving_facility)

@@ -1,0 +1,316 @@
+"""DICOM storage SCP: receive objects over the network and persist them through ``Intake``.
+
+Modelled on pynetdicom's ``storescp`` app, with the differences this daemon needs:
+
+* the object is persisted (bytes in the object store, rows committed) *before* the C-STORE
+  response is sent, and only ``NEW`` or ``DUPLICATE`` is answered with success;
+* the bytes stored are the data set exactly as received (preamble, file meta made from the
+  request, then the raw encoded data set): nothing is decoded and re-encoded;
+* only the SOP classes the pipeline reads are offered, and compressed transfer syntaxes are
+  accepted as they are so that JPEG tiles of a slide are never transcoded;
+* calling AE titles outside the allow-list and a called AE title other than ours are refused
+  at association (A-ASSOCIATE-RJ, reasons "calling/called AE title not recognised").
+
+Each C-STORE opens its own :class:`~mrrp_pacs.intake.Intake` through an *opener* (a
+callable returning a context manager), because pynetdicom serves every association in its
+own thread and a :class:`~mrrp_pacs.store.Store` is meant for one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
+from mrrp_pacs.config import Config
+from mrrp_pacs.intake import Intake, Outcome
+from mrrp_pacs.intake.dicom import (
+    COMPREHENSIVE_3D_SR,
+    COMPREHENSIVE_SR,
+    ENHANCED_SR,
+    MICROSCOPY_BULK_ANNOTATIONS,
+    ULTRASOUND_IMAGE,
+    ULTRASOUND_MULTIFRAME,
+    VL_WHOLE_SLIDE_MICROSCOPY,
+)
+from mrrp_pacs.store import Store
+
+LOGGER = logging.getLogger(__name__)
+
+IntakeOpener = Callable[[], AbstractContextManager[Intake]]
+
+# Images may arrive compressed; SR and annotation objects have no pixel data to compress.
+IMAGE_SOP_CLASSES = (VL_WHOLE_SLIDE_MICROSCOPY, ULTRASOUND_IMAGE, ULTRASOUND_MULTIFRAME)
+DOCUMENT_SOP_CLASSES = (COMPREHENSIVE_SR, COMPREHENSIVE_3D_SR, ENHANCED_SR,
+                        MICROSCOPY_BULK_ANNOTATIONS)
+STORAGE_SOP_CLASSES = IMAGE_SOP_CLASSES + DOCUMENT_SOP_CLASSES
+
+UNCOMPRESSED_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Lossless before lossy: when a sender offers several syntaxes in one presentation context we
+# pick the first of ours that it offers, and choosing a lossy one could make the sender
+# compress an uncompressed image. Senders keep compressed data unchanged by offering its own
+# syntax in a context of its own (dcmtk storescu, Orthanc), which is then accepted as is.
+COMPRESSED_TRANSFER_SYNTAXES = (JPEGLSLossless, JPEG2000Lossless, JPEGBaseline8Bit, JPEG2000,
+                                JPEGLSNearLossless)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: storage failure, the sender may retry later
+STATUS_CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3: the object itself is unusable
+ERROR_COMMENT_CHARS = 64  # (0000,0902) Error Comment is LO
+
+DEFAULT_MAX_PDU = 1 << 20  # bytes; the largest P-DATA PDU we accept
+DEFAULT_NETWORK_TIMEOUT_S = 60.0  # idle association is aborted after this
+DEFAULT_ACSE_TIMEOUT_S = 30.0
+DEFAULT_DIMSE_TIMEOUT_S = 30.0
+DEFAULT_MAX_ASSOCIATIONS = 10
+DEFAULT_STOP_GRACE_S = 10.0
+
+
+def transfer_syntaxes_for(sop_class_uid: str) -> tuple[str, ...]:
+    """Transfer syntaxes accepted for one storage SOP class, in order of preference."""
+    if sop_class_uid in IMAGE_SOP_CLASSES:
+        return UNCOMPRESSED_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES
+    return UNCOMPRESSED_TRANSFER_SYNTAXES
+
+
+def intake_opener(config: Config, schema: ClinicalSchema | None = None) -> IntakeOpener:
+    """An opener giving each call its own :class:`Store` connection, closed after use.
+
+    The clinical schema is loaded once here rather than at every object. The database must
+    already be migrated (the daemon opens its own :class:`Store` first), so calls skip the
+    migration check.
+    """
+    loaded = schema if schema is not None else load_schema(config.clinical.schema_file)
+
+    @contextmanager
+    def open_intake() -> Iterator[Intake]:
+        with Store(config.paths.db_file, config.paths.objects_dir, migrate=False) as store:
+            yield Intake(store, config, loaded)
+
+    return open_intake
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    """What a received C-STORE came to: the response status and the intake outcome."""
+
+    status: int
+    outcome: str  # new | duplicate | rejected | failed
+    comment: str | None = None
+
+    def as_dataset(self) -> Dataset:
+        answer = Dataset()
+        answer.Status = self.status
+        if self.comment:
+            text = self.comment.encode("ascii", "replace").decode("ascii")
+            answer.ErrorComment = text[:ERROR_COMMENT_CHARS]
+        return answer
+
+
+def persist_c_store(event: Event, open_intake: IntakeOpener, origin: str) -> StoreAnswer:
+    """Persist the data set of a C-STORE request, then say what to answer.
+
+    Used by the storage SCP and by the PACS puller's C-GET, whose C-STORE sub-operations
+    arrive on its own association. Any exception (disk full, database locked, a bug) is a
+    retryable ``0xA700``: nothing was recorded, so success must not be claimed.
+    """
+    try:
+        encoded = event.encoded_dataset(include_meta=True)
+        with open_intake() as intake:
+            result = intake.receive_dicom(encoded, origin=origin)
+    except (OSError, sqlite3.Error, MemoryError) as exc:
+        LOGGER.error("could not persist an object from %s (%s: %s); answered 0x%04X",
+                     origin, type(exc).__name__, exc, STATUS_OUT_OF_RESOURCES)
+        return StoreAnswer(STATUS_OUT_OF_RESOURCES, "failed",
+                           "receiver cannot store now; retry later")
+    except Exception:
+        LOGGER.exception("unexpected error persisting an object from %s; answered 0x%04X",
+                         origin, STATUS_OUT_OF_RESOURCES)
+        return StoreAnswer(STATUS_OUT_OF_RESOURCES, "failed",
+                           "receiver cannot store now; retry later")
+    if result.outcome is Outcome.REJECTED:
+        # the reason may quote content: it goes back to the sender, not into our log
+        LOGGER.warning("rejected an object from %s; answered 0x%04X", origin,
+                       STATUS_CANNOT_UNDERSTAND)
+        return StoreAnswer(STATUS_CANNOT_UNDERSTAND, "rejected", result.reason or "rejected")
+    return StoreAnswer(STATUS_SUCCESS, str(result.outcome))
+
+
+def printable_ae(title: str) -> str:
+    """An AE title as received, safe to log and to store in a ``source`` column."""
+    return "".join(c for c in title if " " <= c <= "~").strip() or "?"
+
+
+class StorageScp:
+    """A storage SCP for the SOP classes the pipeline reads, persisting through ``Intake``.
+
+    Parameters
+    ----------
+    open_intake
+        Returns a context manager giving an :class:`Intake`; called once per received object,
+        from pynetdicom's association threads (see :func:`intake_opener`).
+    ae_title
+        Our AE title; associations calling another title are refused.
+    port
+        TCP port to listen on; 0 picks a free one (read :attr:`port` after :meth:`start`).
+    host
+        Address to bind. The default, 127.0.0.1, accepts only local peers; a PACS on another
+        machine needs the address of the interface it reaches (``0.0.0.0`` for all).
+    allowed_aes
+        Calling AE titles accepted; ``None`` accepts any (not for production).
+    max_pdu
+        Largest PDU we receive, in bytes (0 = unlimited, not advised).
+    max_associations
+        Concurrent associations; more are refused (A-ASSOCIATE-RJ, local limit exceeded).
+    network_timeout_s, acse_timeout_s, dimse_timeout_s
+        Seconds an association may be idle, wait in negotiation, wait for a DIMSE message.
+    """
+
+    def __init__(self, open_intake: IntakeOpener, ae_title: str, port: int, *,
+                 host: str = "127.0.0.1", allowed_aes: set[str] | None = None,
+                 max_pdu: int = DEFAULT_MAX_PDU,
+                 max_associations: int = DEFAULT_MAX_ASSOCIATIONS,
+                 network_timeout_s: float = DEFAULT_NETWORK_TIMEOUT_S,
+                 acse_timeout_s: float = DEFAULT_ACSE_TIMEOUT_S,
+                 dimse_timeout_s: float = DEFAULT_DIMSE_TIMEOUT_S) -> None:
+        if allowed_aes is not None and not allowed_aes:
+            raise ValueError("allowed_aes is empty, so no sender could connect; list the "
+                             "calling AE titles to accept, or pass None to accept any")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be between 0 and 65535, got {port}")
+        self.open_intake = open_intake
+        self.host = host
+        self.port = port
+        self.allowed_aes = None if allowed_aes is None else frozenset(allowed_aes)
+        self.ae = AE(ae_title=ae_title)  # raises ValueError naming a bad title
+        self.ae.maximum_pdu_size = max_pdu
+        self.ae.maximum_associations = max_associations
+        self.ae.network_timeout = network_timeout_s
+        self.ae.acse_timeout = acse_timeout_s
+        self.ae.dimse_timeout = dimse_timeout_s
+        self.ae.require_called_aet = True
+        if self.allowed_aes is not None:
+            self.ae.require_calling_aet = sorted(self.allowed_aes)
+        for sop_class in STORAGE_SOP_CLASSES:
+            self.ae.add_supported_context(sop_class, list(transfer_syntaxes_for(sop_class)))
+        self.ae.add_supported_context(Verification)  # so an operator can check with echoscu
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+        self._counts: weakref.WeakKeyDictionary[Association, dict[str, int]] = (
+            weakref.WeakKeyDictionary())
+
+    @property
+    def ae_title(self) -> str:
+        return str(self.ae.ae_title)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> None:
+        """Listen in background threads; returns once the port is bound."""
+        if self._server is not None:
+            raise RuntimeError("the storage SCP is already running")
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+        ]
+        server = self.ae.start_server((self.host, self.port), block=False,
+                                      evt_handlers=handlers)
+        assert server is not None  # non-blocking start returns the server
+        self._server = server
+        self.port = int(server.server_address[1])
+        LOGGER.info("DICOM storage SCP %s listening on %s:%d (%s)", self.ae_title, self.host,
+                    self.port, "any calling AE" if self.allowed_aes is None else
+                    f"{len(self.allowed_aes)} allowed calling AEs")
+
+    def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
+        """Stop listening, let running associations finish for ``grace_s`` seconds, abort the rest.
+
+        An aborted transfer loses nothing: an object is acknowledged only once persisted, and
+        the sender sends it again.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        deadline = time.monotonic() + grace_s
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = len(self.ae.active_associations)
+        if remaining:
+            LOGGER.warning("aborting %d DICOM associations still open after %.0f s",
+                           remaining, grace_s)
+        self.ae.shutdown()
+        LOGGER.info("DICOM storage SCP %s stopped", self.ae_title)
+
+    def __enter__(self) -> StorageScp:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- event handlers (run in pynetdicom's association threads) ----------------------------
+
+    def _on_c_store(self, event: Event) -> Dataset:
+        calling = printable_ae(event.assoc.requestor.ae_title)
+        answer = persist_c_store(event, self.open_intake, origin=f"dicom:{calling}")
+        with self._lock:
+            counts = self._counts.setdefault(event.assoc, {})
+            counts[answer.outcome] = counts.get(answer.outcome, 0) + 1
+        return answer.as_dataset()
+
+    def _on_accepted(self, event: Event) -> None:
+        assoc = event.assoc
+        LOGGER.info("association accepted: %s -> %s from %s, %d presentation contexts accepted,"
+                    " %d refused", printable_ae(assoc.requestor.ae_title), self.ae_title,
+                    assoc.requestor.address, len(assoc.accepted_contexts),
+                    len(assoc.rejected_contexts))
+
+    def _on_rejected(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title
+        called = getattr(requestor.primitive, "called_ae_title", "")
+        if self.allowed_aes is not None and calling.strip() not in self.allowed_aes:
+            reason = "calling AE title not recognised"
+        elif str(called).strip() != self.ae_title:
+            reason = "called AE title not recognised"
+        else:
+            reason = "too many associations"
+        LOGGER.warning("association rejected (%s): %s -> %s from %s", reason,
+                       printable_ae(calling), printable_ae(str(called)), requestor.address)
+
+    def _on_ended(self, event: Event) -> None:
+        with self._lock:
+            counts = self._counts.pop(event.assoc, {})
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        LOGGER.info("association %s: %s, %d new, %d duplicate, %d rejected, %d failed", how,
+                    printable_ae(event.assoc.requestor.ae_title), counts.get("new", 0),
+                    counts.get("duplicate", 0), counts.get("rejected", 0),
+                    counts.get("failed", 0))

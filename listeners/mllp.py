@@ -1,0 +1,710 @@
+"""HL7 v2 over MLLP: an asyncio listener that persists every message before acknowledging it.
+
+Framing is ``<VT> message <FS><CR>``; a connection carries any number of messages, answered in
+order. Every frame goes through :meth:`mrrp_pacs.intake.Intake.receive_hl7` in a worker thread
+(so the event loop keeps serving other connections), and only then is the acknowledgement
+written. Decisions, for the interface engineer on the other side:
+
+- ``AA``: the message is stored. A message already stored, or one repeating the control id of
+  an earlier one from the same sender, is ``AA`` too: it is kept but not processed twice.
+- ``AE``: the content cannot be used (no MSH, bad encoding, empty MSH-10, larger than
+  ``max_message_bytes``); sending it again will not help. Bytes between frames are discarded
+  and counted. A frame larger than ``max_message_bytes`` is not buffered past that size: the
+  rest is read and dropped up to its end block, then answered ``AE`` (MSA-2 from its MSH when
+  the MSH fits), and the connection goes on.
+- ``AR``: a transient failure (database locked, disk full, any unexpected error); nothing was
+  recorded and the sender must send the message again.
+- Acknowledgement modes: with MSH-15 and MSH-16 both empty (original mode) every message is
+  answered. Otherwise (enhanced mode) NE never, ER on error, SU on success, AL (or a value we
+  do not know) always. Storing and processing are one step here, so at most one
+  acknowledgement is sent: an application one (AA/AE/AR) when MSH-16 asks for it, else a
+  commit one (CA/CE/CR) when MSH-15 asks for it.
+- The acknowledgement swaps sender and receiver, answers ``ACK^<trigger>^ACK`` with a new
+  control id, echoes MSH-11/12, the encoding characters and MSH-18, and is written in the
+  message's character set (an MSH-18 we cannot decode is not echoed: the header's bytes are
+  then returned as they came, with MSH-18 empty; delimiters that are not five distinct ASCII
+  punctuation marks are replaced by the standard ones, echoed values escaped). ``AE``/``AR``
+  carry an ERR segment (HL7 table 0357 code) and the reason in MSA-3, without patient data.
+  Echoed header fields are cut at ``MAX_ECHO_CHARS`` so a hostile header cannot make a large
+  answer.
+
+Control ids, peer addresses and counts are logged; message content never is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import sqlite3
+import threading
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from mrrp_pacs.intake import Intake, IntakeResult, Outcome
+from mrrp_pacs.intake.hl7 import MLLP_END, MLLP_START, UTF8_BOM, Hl7Error, decode
+
+LOGGER = logging.getLogger(__name__)
+
+VT = MLLP_START[0]
+FS = MLLP_END[0]
+CR = MLLP_END[1]
+
+READ_CHUNK_BYTES = 64 * 1024
+MAX_ECHO_CHARS = 256
+MAX_REASON_CHARS = 200
+DEFAULT_ENCODING_CHARACTERS = "^~\\&"
+
+# HL7 table 0357 (message error condition codes) used in ERR-3
+ERROR_DATA = ("102", "Data type error")
+ERROR_LOCKED = ("206", "Application record locked")
+ERROR_INTERNAL = ("207", "Application internal error")
+
+IntakeFactory = Callable[[], Intake]
+
+
+# -- framing ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Frame:
+    """One MLLP frame: its content (framing removed) and its size as received.
+
+    ``data`` holds at most the framer's limit; ``size_bytes`` counts every byte of the frame,
+    so a frame that was too large has ``truncated`` set and only its first bytes in ``data``.
+    """
+
+    data: bytes
+    size_bytes: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.size_bytes > len(self.data)
+
+
+class MllpFramer:
+    """Cuts a byte stream into MLLP frames with bounded memory (at most ``max_frame_bytes``).
+
+    Bytes outside a frame are dropped and counted in ``junk_bytes``. A start block inside a
+    frame abandons the unfinished frame (its bytes count as junk: the sender started over). The
+    CR after the end block is expected but not required.
+    """
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError(f"max_frame_bytes must be at least 1, not {max_frame_bytes}")
+        self.max_frame_bytes = max_frame_bytes
+        self.junk_bytes = 0
+        self._buffer = bytearray()
+        self._size = 0
+        self._in_frame = False
+        self._skip_cr = False
+
+    @property
+    def partial_bytes(self) -> int:
+        """Bytes of a frame started but not finished (0 between frames)."""
+        return self._size if self._in_frame else 0
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Take the next bytes of the stream; return the frames they complete, in order."""
+        frames: list[Frame] = []
+        pos = 0
+        if self._skip_cr and data:
+            self._skip_cr = False
+            if data[0] == CR:
+                pos = 1
+        while pos < len(data):
+            if not self._in_frame:
+                start = data.find(VT, pos)
+                if start < 0:
+                    self.junk_bytes += len(data) - pos
+                    break
+                self.junk_bytes += start - pos
+                self._begin()
+                pos = start + 1
+                continue
+            end = data.find(FS, pos)
+            stop = len(data) if end < 0 else end
+            restart = data.find(VT, pos, stop)
+            if restart >= 0:
+                self.junk_bytes += self._size + restart - pos
+                self._begin()
+                pos = restart + 1
+                continue
+            room = self.max_frame_bytes - len(self._buffer)
+            if room > 0:
+                self._buffer += data[pos : min(stop, pos + room)]
+            self._size += stop - pos
+            if end < 0:
+                break
+            frames.append(Frame(bytes(self._buffer), self._size))
+            self._in_frame = False
+            self._buffer.clear()
+            self._size = 0
+            pos = end + 1
+            if pos == len(data):
+                self._skip_cr = True
+            elif data[pos] == CR:
+                pos += 1
+        return frames
+
+    def _begin(self) -> None:
+        self._in_frame = True
+        self._buffer.clear()
+        self._size = 0
+
+
+# -- the MSH header and the acknowledgement --------------------------------------------------
+
+_FIRST_LINE = re.compile(rb"(?:[ \t]*(?:\r\n|\n|\r))*([^\r\n]*)")
+
+
+@dataclass(frozen=True)
+class MshHeader:
+    """The MSH fields an acknowledgement needs, as sent (escaped), each cut at MAX_ECHO_CHARS."""
+
+    field_separator: str
+    encoding_characters: str  # MSH-2 as sent (4 characters, 5 from v2.7)
+    sending_application: str  # MSH-3
+    sending_facility: str  # MSH-4
+    receiving_application: str  # MSH-5
+    receiving_facility: str  # MSH-6
+    trigger_event: str  # MSH-9.2
+    control_id: str  # MSH-10
+    processing_id: str  # MSH-11
+    version: str  # MSH-12
+    accept_ack_type: str  # MSH-15, upper case
+    application_ack_type: str  # MSH-16, upper case
+    charset: str  # MSH-18 as sent; '' when we cannot write it (unknown, or bytes not in it)
+    codec: str  # Python codec that reproduces the header's bytes
+
+    @property
+    def enhanced_mode(self) -> bool:
+        return bool(self.accept_ack_type or self.application_ack_type)
+
+
+def read_header(data: bytes) -> MshHeader | None:
+    """Read the MSH segment of a message (or of the first bytes of one); None without an MSH.
+
+    Total: never raises. The header is decoded by MSH-18 when that works; else as Latin-1,
+    which gives back the very bytes sent when the acknowledgement is encoded the same way, and
+    ``charset`` is left empty: the answer must not claim a character set we cannot write.
+    """
+    body = data[len(UTF8_BOM) :] if data.startswith(UTF8_BOM) else data
+    match = _FIRST_LINE.match(body)
+    line = match[1] if match else b""
+    if len(line) < 8 or not line.startswith(b"MSH"):
+        return None
+    try:
+        text, codec = decode(line)
+        charset_known = True
+    except Hl7Error:
+        text, codec, charset_known = line.decode("latin-1"), "latin-1", False
+    if codec == "cp1252":  # undeclared and not UTF-8: Latin-1 gives back the very bytes
+        text, codec = line.decode("latin-1"), "latin-1"
+    separator = text[3]
+    if separator.isalnum() or separator.isspace():
+        return None
+    fields = ["MSH", separator, *(f[:MAX_ECHO_CHARS] for f in text[4:].split(separator))]
+
+    def get(n: int) -> str:
+        return fields[n] if n < len(fields) else ""
+
+    encoding = get(2)
+    component_sep = (encoding + DEFAULT_ENCODING_CHARACTERS)[0]
+    message_type = get(9).split(component_sep)
+    return MshHeader(
+        field_separator=separator,
+        encoding_characters=encoding,
+        sending_application=get(3),
+        sending_facility=get(4),
+        receiving_application=get(5),
+        receiving_facility=get(6),
+        trigger_event=message_type[1] if len(message_type) > 1 else "",
+        control_id=get(10),
+        processing_id=get(11),
+        version=get(12),
+        accept_ack_type=get(15).strip().upper(),
+        application_ack_type=get(16).strip().upper(),
+        charset=get(18) if charset_known else "",
+        codec=codec,
+    )
+
+
+def _wanted(ack_type: str, success: bool) -> bool:
+    """Whether an enhanced-mode condition (HL7 table 0155) asks for an acknowledgement."""
+    if ack_type in ("", "NE"):
+        return False
+    if ack_type == "ER":
+        return not success
+    if ack_type == "SU":
+        return success
+    return True  # AL, and values we do not know: answering is safer than silence
+
+
+def acknowledgement_code(header: MshHeader | None, code: str) -> str | None:
+    """The code to send for outcome ``code`` (AA, AE or AR) under the message's mode; None = none.
+
+    Original mode answers ``code``. Enhanced mode answers ``code`` when MSH-16 asks for it,
+    else the commit code (CA, CE, CR) when MSH-15 asks for it, else nothing.
+    """
+    if header is None or not header.enhanced_mode:
+        return code
+    success = code == "AA"
+    if _wanted(header.application_ack_type, success):
+        return code
+    if _wanted(header.accept_ack_type, success):
+        return "C" + code[1]
+    return None
+
+
+@dataclass(frozen=True)
+class AckError:
+    """Why a message was not accepted: an HL7 table 0357 code and a reason without patient data."""
+
+    code: str
+    text: str
+    reason: str
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = re.findall(r"\d+", version.split("^")[0])
+    return tuple(int(p) for p in parts[:3]) or (2, 5)
+
+
+def build_ack(header: MshHeader | None, code: str, error: AckError | None = None,
+              application: str = "MRRP", now: datetime | None = None) -> bytes:
+    """Encode the acknowledgement of a message (without MLLP framing).
+
+    Parameters
+    ----------
+    header
+        The message's MSH, or None when it had none (a minimal v2.5 ACK then answers).
+    code
+        MSA-1: AA, AE, AR, CA, CE or CR.
+    error
+        For AE/AR/CE/CR: the ERR segment's code and the reason (also in MSA-3).
+    application
+        Our MSH-3 when the message named no receiving application.
+    now
+        MSH-7 (local time with offset); the current time by default.
+    """
+    if header is not None and _usable_delimiters(header):
+        sep, encoding = header.field_separator, header.encoding_characters
+
+        def echo(value: str) -> str:
+            return value
+    else:
+        # no header, or delimiters an answer cannot reuse: standard ones, echoed values escaped
+        sep, encoding = "|", DEFAULT_ENCODING_CHARACTERS
+
+        def echo(value: str) -> str:
+            return _escape(value, sep, encoding)
+    component, subcomponent = encoding[0], encoding[3]
+    stamp = (now or datetime.now().astimezone()).strftime("%Y%m%d%H%M%S%z")
+    trigger = echo(header.trigger_event) if header else ""
+    message_type = component.join(["ACK", trigger, "ACK"]) if trigger else "ACK"
+    msh = [
+        "MSH", encoding,
+        echo(header.receiving_application if header else "") or application,
+        echo(header.receiving_facility if header else ""),
+        echo(header.sending_application if header else ""),
+        echo(header.sending_facility if header else ""),
+        stamp, "", message_type, uuid.uuid4().hex[:20].upper(),
+        echo(header.processing_id if header else "") or "P",
+        echo(header.version if header else "") or "2.5",
+    ]
+    if header and header.charset:
+        msh += ["", "", "", "", "", echo(header.charset)]
+    msa = ["MSA", code, echo(header.control_id if header else "")]
+    segments = [msh]
+    if error is not None:
+        reason = _escape(error.reason[:MAX_REASON_CHARS], sep, encoding)
+        msa.append(reason)
+        if header and _version_tuple(header.version) < (2, 5):
+            # v2.1-2.4 ERR-1 is an ELD whose 4th component is the coded condition
+            segments += [msa, ["ERR", component * 3 + subcomponent.join(
+                [error.code, error.text, "HL70357"])]]
+        else:
+            segments += [msa, ["ERR", "", "", component.join([error.code, error.text, "HL70357"]),
+                               "E", "", "", "", reason]]
+    else:
+        segments.append(msa)
+    # MSH-1 is the separator itself, so joining MSH's list by it gives "MSH|^~\\&|..."
+    text = "".join(sep.join(segment) + "\r" for segment in segments)
+    codec = header.codec if header else "ascii"
+    return text.encode(codec, errors="replace")
+
+
+def _usable_delimiters(header: MshHeader) -> bool:
+    """Whether the message's five delimiters are distinct ASCII punctuation (else an answer
+    written with them could not be read back)."""
+    chars = header.field_separator + header.encoding_characters[:4]
+    return (len(chars) == 5 and len(set(chars)) == 5
+            and all(c.isascii() and c.isprintable() and not c.isalnum() and c != " "
+                    for c in chars))
+
+
+def _escape(text: str, separator: str, encoding: str) -> str:
+    """Escape HL7 delimiters in free text (HL7 2.7 §2.7) and flatten line breaks."""
+    chars = encoding + DEFAULT_ENCODING_CHARACTERS
+    escape = chars[2]
+    codes = {escape: "E", separator: "F", chars[0]: "S", chars[3]: "T", chars[1]: "R"}
+    flat = " ".join(text.split())
+    return "".join(f"{escape}{codes[c]}{escape}" if c in codes else c for c in flat)
+
+
+# -- the server ------------------------------------------------------------------------------
+
+@dataclass
+class MllpStats:
+    """Counters since start: for status pages and tests."""
+
+    connections_open: int = 0
+    connections_total: int = 0
+    connections_refused: int = 0  # over max_connections, or arriving while stopping
+    in_flight: int = 0  # messages being persisted now
+    acknowledgements: dict[str, int] = field(default_factory=dict)  # code sent -> count
+    unanswered: int = 0  # no acknowledgement asked for by the message's mode
+    junk_bytes: int = 0  # bytes outside MLLP frames, dropped
+
+
+@dataclass(frozen=True)
+class _Reply:
+    code: str  # AA, AE or AR: what happened
+    ack: bytes | None  # what to send, framing excluded; None when the mode asks for none
+    sent_code: str | None
+    control_id: str
+    detail: str  # for the log: outcome and row id, never content
+
+
+class MllpServer:
+    """An MLLP listener persisting through :class:`~mrrp_pacs.intake.Intake`.
+
+    Parameters
+    ----------
+    intake_factory
+        Makes an ``Intake`` with its own ``Store``; called once in each worker thread (a
+        ``Store`` is used by one thread). The server closes those stores in :meth:`stop`.
+    host, port
+        Address to listen on; port 0 picks a free one (see :attr:`port` after start).
+    max_message_bytes
+        Largest frame content accepted (bytes); a larger one is answered AE.
+    idle_timeout_s
+        A connection that sends nothing for this long (seconds) is closed; also the limit on
+        writing one acknowledgement to a peer that does not read.
+    max_connections
+        Connections served at once; more are closed as soon as accepted.
+    workers
+        Threads persisting messages; SQLite serialises commits, but object writes overlap.
+    application
+        Our MSH-3 in acknowledgements when a message names no receiving application.
+    """
+
+    def __init__(self, intake_factory: IntakeFactory, *, host: str = "127.0.0.1",
+                 port: int = 2575, max_message_bytes: int = 4 * 1024 * 1024,
+                 idle_timeout_s: float = 600.0, max_connections: int = 32, workers: int = 2,
+                 application: str = "MRRP") -> None:
+        for name, value in (("max_message_bytes", max_message_bytes),
+                            ("idle_timeout_s", idle_timeout_s),
+                            ("max_connections", max_connections), ("workers", workers)):
+            if value <= 0:
+                raise ValueError(f"MLLP listener: {name} must be positive, not {value}")
+        self.intake_factory = intake_factory
+        self.host = host
+        self.port = port
+        self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.workers = workers
+        self.application = application
+        self._stats = MllpStats()
+        self._server: asyncio.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed: asyncio.Event | None = None
+        self._stopping = False
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._reading: set[asyncio.Task[None]] = set()
+        self._local = threading.local()
+        self._intakes: list[Intake] = []
+        self._intakes_lock = threading.Lock()
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open one intake (so a store that cannot be opened fails here) and start listening.
+
+        Raises
+        ------
+        OSError
+            The address cannot be bound (port in use, address not local).
+        """
+        if self._server is not None:
+            raise RuntimeError("MLLP listener already started")
+        self._stopping = False
+        self._stats = MllpStats()
+        self._closed = asyncio.Event()
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="mllp-intake")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._intake)
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except BaseException:
+            await self._release()
+            raise
+        self.port = self._server.sockets[0].getsockname()[1]
+        LOGGER.info("MLLP listener on %s:%d (max %d connections, %d bytes per message)",
+                    self.host, self.port, self.max_connections, self.max_message_bytes)
+
+    async def serve_forever(self) -> None:
+        """Start (unless started) and return once :meth:`stop` has finished."""
+        if self._server is None:
+            await self.start()
+        assert self._closed is not None
+        await self._closed.wait()
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, let messages already received be stored and answered, then close.
+
+        Connections waiting for bytes are closed at once; a connection whose message is being
+        persisted gets its acknowledgement first. After ``grace_s`` seconds whatever remains is
+        cancelled (a message being stored then is stored, but not answered: the sender resends
+        it and receives AA as for a duplicate).
+        """
+        if self._server is None:
+            return
+        self._stopping = True
+        self._server.close()
+        for task in list(self._reading):
+            task.cancel()
+        if self._handlers:
+            _, pending = await asyncio.wait(set(self._handlers), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await self._server.wait_closed()
+        self._server = None
+        await self._release()
+        LOGGER.info("MLLP listener on port %d stopped (%d connections served)", self.port,
+                    self._stats.connections_total)
+        assert self._closed is not None
+        self._closed.set()
+
+    def run_in_thread(self, grace_s: float = 30.0) -> MllpServerThread:
+        """Serve from a thread of its own with its own event loop (for the threaded daemon).
+
+        Returns once listening; the handle's ``port`` is the bound port and ``stop()`` stops
+        the server gracefully and joins the thread.
+
+        Raises
+        ------
+        OSError
+            The address cannot be bound.
+        """
+        ready = threading.Event()
+        state: dict[str, object] = {}
+
+        async def main() -> None:
+            try:
+                await self.start()
+            except BaseException as exc:
+                state["error"] = exc
+                ready.set()
+                return
+            state["loop"] = asyncio.get_running_loop()
+            ready.set()
+            await self.serve_forever()
+
+        thread = threading.Thread(target=asyncio.run, args=(main(),), name="mllp-listener",
+                                  daemon=True)
+        thread.start()
+        ready.wait()
+        error = state.get("error")
+        if isinstance(error, BaseException):
+            thread.join()
+            raise error
+        loop = state["loop"]
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+        return MllpServerThread(self, loop, thread, grace_s)
+
+    def stats(self) -> MllpStats:
+        """A copy of the counters (safe to call from any thread)."""
+        return dataclasses.replace(self._stats,
+                                   acknowledgements=dict(self._stats.acknowledgements))
+
+    async def _release(self) -> None:
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, wait=True)
+            self._executor = None
+        with self._intakes_lock:
+            intakes, self._intakes = self._intakes, []
+        for intake in intakes:
+            intake.store.close()
+
+    # -- one connection ----------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if peer else "?"
+        where = f"{host}:{peer[1]}" if peer else "?"
+        if self._stopping or self._stats.connections_open >= self.max_connections:
+            self._stats.connections_refused += 1
+            LOGGER.warning("MLLP connection from %s refused: %s", where,
+                           "stopping" if self._stopping else
+                           f"{self.max_connections} connections already open")
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._stats.connections_open += 1
+        self._stats.connections_total += 1
+        framer = MllpFramer(self.max_message_bytes)
+        answered = 0
+        LOGGER.info("MLLP connection from %s opened (%d open)", where,
+                    self._stats.connections_open)
+        try:
+            while not self._stopping:
+                self._reading.add(task)
+                try:
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        chunk = await reader.read(READ_CHUNK_BYTES)
+                except TimeoutError:
+                    LOGGER.info("MLLP connection from %s idle for %g s: closing", where,
+                                self.idle_timeout_s)
+                    break
+                finally:
+                    self._reading.discard(task)
+                if not chunk:
+                    break
+                junk_before = framer.junk_bytes
+                frames = framer.feed(chunk)
+                self._stats.junk_bytes += framer.junk_bytes - junk_before
+                # frames already received are answered even while stopping: the sender waits
+                for frame in frames:
+                    if not await self._answer(frame, writer, host, where):
+                        return
+                    answered += 1
+        except asyncio.CancelledError:
+            pass  # stop(): this connection was waiting for bytes, or ran past the grace period
+        except ConnectionError as exc:
+            LOGGER.info("MLLP connection from %s lost: %s", where, type(exc).__name__)
+        except Exception as exc:
+            # a bug of ours: drop this connection (the sender resends), keep the listener
+            LOGGER.error("MLLP connection from %s failed with %s at\n%s", where,
+                         type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
+        finally:
+            self._handlers.discard(task)
+            self._stats.connections_open -= 1
+            if framer.junk_bytes or framer.partial_bytes:
+                LOGGER.warning("MLLP connection from %s: %d bytes outside frames and %d bytes "
+                               "of an unfinished frame discarded", where, framer.junk_bytes,
+                               framer.partial_bytes)
+            writer.close()
+            LOGGER.info("MLLP connection from %s closed after %d messages", where, answered)
+
+    async def _answer(self, frame: Frame, writer: asyncio.StreamWriter, host: str,
+                      where: str) -> bool:
+        """Persist one frame and write its acknowledgement; False when the peer is gone."""
+        assert self._executor is not None
+        self._stats.in_flight += 1
+        try:
+            reply = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._persist, frame, host)
+        finally:
+            self._stats.in_flight -= 1
+        LOGGER.info("HL7 %r from %s: %s, %s", reply.control_id, where, reply.code, reply.detail)
+        if reply.ack is None or reply.sent_code is None:
+            self._stats.unanswered += 1
+            return True
+        counts = self._stats.acknowledgements
+        counts[reply.sent_code] = counts.get(reply.sent_code, 0) + 1
+        try:
+            writer.write(MLLP_START + reply.ack + MLLP_END)
+            async with asyncio.timeout(self.idle_timeout_s):
+                await writer.drain()
+        except (ConnectionError, TimeoutError) as exc:
+            LOGGER.warning("MLLP connection from %s: acknowledgement %s of %r not delivered "
+                           "(%s); the sender will resend", where, reply.sent_code,
+                           reply.control_id, type(exc).__name__)
+            return False
+        return True
+
+    # -- worker threads ----------------------------------------------------------------------
+
+    def _intake(self) -> Intake:
+        intake: Intake | None = getattr(self._local, "intake", None)
+        if intake is None:
+            intake = self.intake_factory()
+            with self._intakes_lock:
+                self._intakes.append(intake)
+            self._local.intake = intake
+        return intake
+
+    def _persist(self, frame: Frame, host: str) -> _Reply:
+        """Store the frame, decide the code and encode the acknowledgement (in a worker)."""
+        header = read_header(frame.data)
+        error: AckError | None = None
+        if frame.truncated:
+            code = "AE"
+            detail = f"rejected: {frame.size_bytes} bytes"
+            error = AckError(*ERROR_DATA, f"message is {frame.size_bytes} bytes, more than the "
+                                          f"{self.max_message_bytes} this listener accepts")
+        else:
+            try:
+                result = self._intake().receive_hl7(frame.data, origin=f"mllp:{host}")
+            except sqlite3.OperationalError as exc:
+                code, detail = "AR", f"database unavailable ({exc})"
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                error = AckError(*(ERROR_LOCKED if busy else ERROR_INTERNAL),
+                                 "database busy, send again" if busy else
+                                 "database unavailable, send again")
+            except OSError as exc:
+                code, detail = "AR", f"storage failed ({type(exc).__name__}, errno {exc.errno})"
+                error = AckError(*ERROR_INTERNAL, "storage unavailable, send again")
+            except Exception as exc:
+                # the exception's text may quote the message: log where it failed, not what
+                code, detail = "AR", f"unexpected {type(exc).__name__}"
+                LOGGER.error("HL7 intake failed with %s at\n%s", type(exc).__name__,
+                             "".join(traceback.format_tb(exc.__traceback__)))
+                error = AckError(*ERROR_INTERNAL, "internal error, send again")
+            else:
+                code, detail, error = self._judge(result)
+        sent_code = acknowledgement_code(header, code)
+        ack = None if sent_code is None else build_ack(
+            header, sent_code, error, application=self.application)
+        return _Reply(code, ack, sent_code, header.control_id if header else "", detail)
+
+    @staticmethod
+    def _judge(result: IntakeResult) -> tuple[str, str, AckError | None]:
+        if result.outcome is Outcome.NEW:
+            return "AA", f"stored as row {result.row_id}", None
+        if result.outcome is Outcome.DUPLICATE:
+            where = f" row {result.row_id}" if result.row_id is not None else ""
+            return "AA", f"duplicate, kept{where}, not processed again", None
+        return "AE", "rejected", AckError(*ERROR_DATA, result.reason or "message rejected")
+
+
+@dataclass
+class MllpServerThread:
+    """A running :class:`MllpServer` on a thread of its own."""
+
+    server: MllpServer
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    grace_s: float
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop gracefully (see :meth:`MllpServer.stop`) and join the thread; idempotent."""
+        if self.thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self.server.stop(self.grace_s), self.loop)
+            future.result(timeout_s)
+        self.thread.join(timeout_s)

@@ -1,0 +1,200 @@
+"""A small MLLP client: send HL7 v2 messages over one connection and read their acknowledgements.
+
+Used by the operator command ``mrrp-pacs hl7 send`` and by tests. One message is sent at a
+time and its acknowledgement awaited before the next (HL7 order matters). A message whose
+MSH-15/MSH-16 ask for no acknowledgement (NE) is not waited for; one that asks only on
+error or only on success (ER, SU) is waited for up to the timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from listeners.mllp import MllpFramer, MshHeader, read_header
+from mrrp_pacs.intake.hl7 import MLLP_END, MLLP_START, Hl7Error, parse_message, split_messages
+
+MAX_ACK_BYTES = 1024 * 1024
+MAX_FILE_BYTES = 64 * 1024 * 1024
+ACCEPTED_CODES = ("AA", "CA")
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The answer to one message sent.
+
+    ``code`` is MSA-1 (AA, AE, AR, CA, CE, CR) or '' when no acknowledgement came (then
+    ``error`` says why); ``acked_control_id`` is MSA-2 as received.
+    """
+
+    control_id: str  # MSH-10 of the message sent ('' when it has no MSH)
+    code: str
+    acked_control_id: str = ""
+    error: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        """AA or CA naming the control id sent."""
+        return self.code in ACCEPTED_CODES and self.acked_control_id == self.control_id
+
+
+def read_ack(data: bytes, control_id: str) -> Ack:
+    """Read an acknowledgement (framing removed) for the message with ``control_id``."""
+    try:
+        message = parse_message(data)
+    except Hl7Error as exc:
+        return Ack(control_id, "", error=f"unreadable acknowledgement: {exc}")
+    msa = message.segment("MSA")
+    if msa is None:
+        return Ack(control_id, "", error="acknowledgement without an MSA segment")
+    error = message.get("ERR-8") or message.get("ERR-3.2") or message.get("MSA-3")
+    return Ack(control_id, message.component(msa, 1).upper(), message.field(msa, 2), error)
+
+
+def _wait_mode(header: MshHeader | None) -> str:
+    """'always', 'maybe' (ER/SU: only on error or success) or 'never' (NE/NE)."""
+    if header is None or not header.enhanced_mode:
+        return "always"
+    kinds = {header.accept_ack_type, header.application_ack_type} - {""}
+    if kinds <= {"NE"}:
+        return "never"
+    if kinds <= {"NE", "ER", "SU"}:
+        return "maybe"
+    return "always"
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        self.sock = sock
+        self.timeout_s = timeout_s
+        self.framer = MllpFramer(MAX_ACK_BYTES)
+        self.frames: deque[bytes] = deque()
+
+    def next_frame(self) -> bytes | None:
+        """The next frame within the timeout; None on timeout. Raises ConnectionError on EOF."""
+        deadline = time.monotonic() + self.timeout_s
+        while not self.frames:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            if not chunk:
+                raise ConnectionError("the listener closed the connection")
+            self.frames.extend(f.data for f in self.framer.feed(chunk))
+        return self.frames.popleft()
+
+
+def send_messages(host: str, port: int, messages: Iterable[bytes],
+                  timeout_s: float = 30.0) -> list[Ack]:
+    """Send ``messages`` (unframed HL7 v2) over one MLLP connection; one :class:`Ack` each.
+
+    Parameters
+    ----------
+    host, port
+        The MLLP listener.
+    messages
+        Messages without MLLP framing, segments ended by CR.
+    timeout_s
+        Seconds to connect, and to wait for each acknowledgement.
+
+    Returns
+    -------
+    list[Ack]
+        In the order sent. After a lost connection or a missing acknowledgement the rest are
+        not sent (their ``error`` says so), since the stream can no longer be trusted.
+
+    Raises
+    ------
+    OSError
+        The connection cannot be opened (nothing was sent).
+    """
+    pending = list(messages)
+    acks: list[Ack] = []
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        connection = _Connection(sock, timeout_s)
+        broken = ""
+        for raw in pending:
+            header = read_header(raw)
+            control_id = header.control_id if header else ""
+            if broken:
+                acks.append(Ack(control_id, "", error=f"not sent: {broken}"))
+                continue
+            if MLLP_START in raw or MLLP_END[:1] in raw:
+                acks.append(Ack(control_id, "", error="holds MLLP framing bytes (0x0B/0x1C); "
+                                                      "not sent"))
+                continue
+            mode = _wait_mode(header)
+            try:
+                sock.settimeout(timeout_s)
+                sock.sendall(MLLP_START + raw + MLLP_END)
+                if mode == "never":
+                    acks.append(Ack(control_id, "", error="no acknowledgement asked for "
+                                                          "(MSH-15/MSH-16 NE)"))
+                    continue
+                frame = connection.next_frame()
+            except OSError as exc:
+                broken = f"connection lost ({exc})"
+                acks.append(Ack(control_id, "", error=broken))
+                continue
+            if frame is None:
+                if mode == "maybe":
+                    acks.append(Ack(control_id, "", error=f"no acknowledgement within "
+                                f"{timeout_s:g} s (MSH-15/MSH-16 ask for one only on error "
+                                "or on success)"))
+                    continue
+                broken = f"no acknowledgement within {timeout_s:g} s"
+                acks.append(Ack(control_id, "", error=broken))
+                continue
+            acks.append(read_ack(frame, control_id))
+    return acks
+
+
+def read_messages(path: Path, max_file_bytes: int = MAX_FILE_BYTES) -> list[bytes]:
+    """The messages of an HL7 file: one message, several, MLLP-framed, or an FHS/BHS batch.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    Hl7Error
+        Larger than ``max_file_bytes``, holds no message, or has content before its first MSH.
+    """
+    size = path.stat().st_size
+    if size > max_file_bytes:
+        raise Hl7Error(f"is {size} bytes, more than {max_file_bytes}")
+    messages = split_messages(path.read_bytes())
+    if not messages:
+        raise Hl7Error("holds no HL7 message (no MSH segment)")
+    return messages
+
+
+def send_files(paths: Sequence[Path], host: str, port: int,
+               timeout_s: float = 30.0) -> list[tuple[Path, Ack]]:
+    """Send every message of every file over one connection, in order.
+
+    A file that cannot be read or split yields one entry with an empty code and the reason;
+    the other files are still sent. Returns (file, acknowledgement) per message.
+
+    Raises
+    ------
+    OSError
+        The connection cannot be opened.
+    """
+    entries: list[tuple[Path, bytes | Ack]] = []
+    for path in paths:
+        try:
+            entries += [(path, raw) for raw in read_messages(path)]
+        except (OSError, Hl7Error) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            entries.append((path, Ack("", "", error=f"{path}: {reason}")))
+    to_send = [item for _, item in entries if isinstance(item, bytes)]
+    acks = iter(send_messages(host, port, to_send, timeout_s) if to_send else [])
+    return [(path, item if isinstance(item, Ack) else next(acks)) for path, item in entries]

@@ -1,0 +1,452 @@
+"""The always-on daemon: listeners in, scheduled jobs through the pipeline, results out.
+
+Jobs (APScheduler, persistent job store, one worker so jobs never overlap):
+
+========  ==========================  =====================================================
+pull      every ``pacs.interval_s``   C-FIND new studies, C-MOVE/C-GET them to us
+process   every ``scoring.interval_s`` ready cases with new arrivals → extract → score →
+                                      results into the outbox
+export    every ``export.interval_s`` drain the outbox to the PACS
+rescore   daily at ``rescore_time``   every ready case again (coalesced: a night missed
+                                      while stopped runs once at start)
+========  ==========================  =====================================================
+
+Every job is idempotent and records a ``jobs`` row; a job found ``running`` at start was cut
+short and is marked ``interrupted`` (its work is redone, never twice: scores are unique per
+model and inputs, the outbox per object and destination). SIGTERM stops the listeners
+accepting, lets the current job stop at its next patient, and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from model_store import ModelStore
+from mrrp_pacs.config import Config
+from mrrp_pacs.features.pipeline import FAMILIES, Extractor
+from mrrp_pacs.model.train import MODEL_KIND
+from mrrp_pacs.results import RiskResult
+from mrrp_pacs.scoring import ScoreOutcome, Scorer, ScoringRun, due_cases
+from mrrp_pacs.store import Store, utc_now
+
+LOGGER = logging.getLogger(__name__)
+
+JOB_KINDS = ("pull", "process", "export", "rescore")
+
+
+@dataclass
+class JobRecord:
+    """Counts a job reports (``jobs.detail``)."""
+
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """What the jobs do, against one store; also used by the batch commands.
+
+    Not thread-safe: the scheduler runs one job at a time in one worker thread.
+    """
+
+    def __init__(self, config: Config, stopping: threading.Event | None = None,
+                 exporter: Callable[[Store, list[Any]], dict[str, Any]] | None = None,
+                 drain: Callable[[Store], dict[str, Any]] | None = None,
+                 pull: Callable[[Store], dict[str, Any]] | None = None) -> None:
+        self.config = config
+        self.stopping = stopping or threading.Event()
+        self.store = Store(config.paths.db_file, config.paths.objects_dir)
+        self.models = ModelStore(config.paths.model_store_dir)
+        self._extractor: Extractor | None = None
+        self._scorer: Scorer | None = None
+        self._exporter = exporter
+        self._drain = drain
+        self._pull = pull
+        self._warned_no_model = False
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- job bookkeeping ---------------------------------------------------------------------
+    def mark_interrupted(self) -> int:
+        """Jobs left ``running`` by a process that stopped without finishing them."""
+        with self.store.transaction() as conn:
+            return conn.execute("UPDATE jobs SET state = 'interrupted', finished_at = ? "
+                                "WHERE state = 'running'", (utc_now(),)).rowcount
+
+    @contextmanager
+    def job(self, kind: str) -> Iterator[JobRecord]:
+        with self.store.transaction() as conn:
+            job_id = self.store.insert(conn, "jobs", {"kind": kind, "state": "running",
+                                                      "started_at": utc_now()})
+        record = JobRecord()
+        started = time.monotonic()
+        try:
+            yield record
+        except Exception as exc:
+            # the message may quote a patient id: it goes to the database, the log gets the type
+            LOGGER.error("job %s (%d) failed: %s", kind, job_id, type(exc).__name__)
+            self._finish(job_id, "failed", record, started, f"{type(exc).__name__}: {exc}")
+            raise
+        state = "interrupted" if self.stopping.is_set() and record.detail.get("stopped") \
+            else "done"
+        self._finish(job_id, state, record, started, None)
+
+    def _finish(self, job_id: int, state: str, record: JobRecord, started: float,
+                error: str | None) -> None:
+        record.detail["seconds"] = round(time.monotonic() - started, 3)
+        with self.store.transaction() as conn:
+            conn.execute("UPDATE jobs SET state = ?, finished_at = ?, detail = ?, error = ? "
+                         "WHERE id = ?", (state, utc_now(), json.dumps(record.detail), error,
+                                          job_id))
+
+    # -- the jobs ----------------------------------------------------------------------------
+    def scorer(self) -> Scorer:
+        """The scorer of the promoted model, reloaded when another version is promoted."""
+        name = self.config.scoring.model
+        # the version ModelStore.load gives: the promoted one, else the latest
+        wanted = (self.models.promoted(MODEL_KIND, name)
+                  or self.models.versions(MODEL_KIND, name)[-1])
+        if self._scorer is None or wanted != self._scorer.model_version:
+            self._scorer = Scorer(self.store, self.config, self.models, name)
+            LOGGER.info("scoring with model %s", self._scorer.version.label)
+        return self._scorer
+
+    def process(self, everyone: bool = False, now: datetime | None = None,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Extract and score the due cases, one patient at a time, and queue their results.
+
+        ``everyone`` rescores every ready case (the nightly job). Stops between patients when
+        the daemon is stopping; what was done stays done.
+        """
+        kind = "rescore" if everyone else "process"
+        with self.job(kind) as record:
+            if not self.models.versions(MODEL_KIND, self.config.scoring.model):
+                # a fresh installation receives data before its first model is trained
+                if not self._warned_no_model:
+                    LOGGER.warning("no model %s in the model store yet: cases are kept and "
+                                   "scored once a model is trained", self.config.scoring.model)
+                    self._warned_no_model = True
+                record.detail["no_model"] = True
+                return record.detail
+            scorer = self.scorer()
+            now = now or datetime.now(UTC)
+            wait = timedelta(hours=self.config.scoring.wait_hours)
+            due, digests, run = due_cases(self.store, self.config, scorer, now, wait, everyone)
+            record.detail.update(self._score_each(scorer, due, digests, run, progress))
+            return record.detail
+
+    def _score_each(self, scorer: Scorer, due: dict[str, Any], digests: dict[str, str],
+                    run: ScoringRun, progress: Callable[[int, int], None] | None
+                    ) -> dict[str, Any]:
+        if self._extractor is None:
+            self._extractor = Extractor(self.store, self.config)
+        families = tuple(f for f in FAMILIES if f in self.config.features.families)
+        failed_families = 0
+        exported: dict[str, int] = {}
+        stopped = False
+        for done, (key, inputs) in enumerate(due.items()):
+            if self.stopping.is_set():
+                stopped = True
+                break
+            outcomes = self._extractor.run(inputs, families, force=False)
+            failed_families += sum(o.status == "failed" for o in outcomes)
+            scored = scorer.score({key: inputs}, {key: digests[key]})
+            run.outcomes.extend(scored)
+            self._publish([o for o in scored if o.state == "scored"], exported)
+            if progress is not None:
+                progress(done + 1, len(due))
+        if not stopped:
+            self._publish(self._unpublished(), exported)
+        summary = {**run.as_dict(), "due": len(due), "failed_families": failed_families,
+                   "model": scorer.version.label, "queued": exported}
+        if stopped:
+            summary["stopped"] = True
+        return summary
+
+    def _publish(self, outcomes: list[ScoreOutcome], counts: dict[str, int]) -> None:
+        """Queue the objects of new scores; a failure leaves the score to the next run."""
+        if self._exporter is None:
+            return
+        for outcome in outcomes:
+            try:
+                queued = self._exporter(self.store, [outcome])
+            except Exception as exc:  # one patient's report must not stop the others
+                LOGGER.error("building the results of score %s failed: %s", outcome.score_id,
+                             type(exc).__name__)
+                counts["failed"] = counts.get("failed", 0) + 1
+                continue
+            for name, count in queued.items():
+                counts[name] = counts.get(name, 0) + count
+
+    def _unpublished(self) -> list[ScoreOutcome]:
+        """Current scores with nothing queued (their publication failed or was cut short)."""
+        if self._exporter is None:
+            return []
+        return [ScoreOutcome(key, "scored", score_id, result=RiskResult.from_json(outputs))
+                for score_id, key, outputs in self.store.conn.execute(
+                    "SELECT id, patient_key, outputs FROM scores WHERE superseded_by IS NULL "
+                    "AND id NOT IN (SELECT score_id FROM exports WHERE score_id IS NOT NULL) "
+                    "ORDER BY id")]
+
+    def export(self) -> dict[str, Any]:
+        """Send what the outbox holds (once)."""
+        with self.job("export") as record:
+            if self._drain is not None:
+                record.detail.update(self._drain(self.store))
+            return record.detail
+
+    def pull(self) -> dict[str, Any]:
+        """Query the PACS and retrieve new studies (once)."""
+        with self.job("pull") as record:
+            if self._pull is not None:
+                record.detail.update(self._pull(self.store))
+            return record.detail
+
+
+# -- scheduler -------------------------------------------------------------------------------
+
+_ACTIVE: dict[str, Pipeline] = {}
+
+
+def run_job(kind: str) -> None:
+    """Entry point the persistent job store names (``mrrp_pacs.daemon:run_job``)."""
+    pipeline = _ACTIVE.get("pipeline")
+    if pipeline is None or pipeline.stopping.is_set():
+        return
+    try:
+        if kind == "pull":
+            pipeline.pull()
+        elif kind == "process":
+            pipeline.process()
+        elif kind == "rescore":
+            pipeline.process(everyone=True)
+        elif kind == "export":
+            pipeline.export()
+    except Exception:  # recorded in the jobs table; the scheduler keeps the next run
+        LOGGER.debug("job %s raised", kind, exc_info=True)
+
+
+def scheduler_db(config: Config) -> Path:
+    return config.paths.db_file.with_name("scheduler.sqlite3")
+
+
+def build_scheduler(config: Config) -> Any:
+    """A BackgroundScheduler with a persistent SQLite job store and the daemon's jobs."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    scheduler = BackgroundScheduler(
+        jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{scheduler_db(config)}")},
+        executors={"default": ThreadPoolExecutor(max_workers=1)},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600},
+        timezone="UTC")
+    hour, minute = (int(part) for part in config.scoring.rescore_time.split(":"))
+    wanted: dict[str, Any] = {
+        "process": IntervalTrigger(seconds=config.scoring.interval_s),
+        "rescore": CronTrigger(hour=hour, minute=minute, timezone=_local_zone()),
+    }
+    if config.pacs.host:
+        wanted["pull"] = IntervalTrigger(seconds=config.pacs.interval_s)
+    if config.export.enabled:
+        wanted["export"] = IntervalTrigger(seconds=config.export.interval_s)
+    scheduler.start(paused=True)
+    for job in scheduler.get_jobs():
+        if job.id not in wanted:
+            job.remove()
+    for kind, trigger in wanted.items():
+        existing = scheduler.get_job(kind)
+        if existing is not None and str(existing.trigger) == str(trigger):
+            continue  # keep its next run time: a missed nightly rescoring then runs at start
+        scheduler.add_job("mrrp_pacs.daemon:run_job", trigger, args=[kind], id=kind,
+                          name=kind, replace_existing=True)
+    # resume interrupted work at once rather than one interval later
+    soon = datetime.now(UTC)
+    for kind in ("pull", "process", "export"):
+        if kind in wanted:
+            scheduler.modify_job(kind, next_run_time=soon)
+    return scheduler
+
+
+def _local_zone() -> Any:
+    return datetime.now().astimezone().tzinfo
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+class Daemon:
+    """Listeners + scheduler + health endpoint, started and stopped together."""
+
+    def __init__(self, config: Config, components: Components) -> None:
+        self.config = config
+        self.stopping = threading.Event()
+        self.components = components
+        components.stopping = self.stopping
+        self.pipeline = Pipeline(config, self.stopping, exporter=components.exporter,
+                                 drain=components.drain, pull=components.pull)
+        self.scheduler: Any = None
+
+    def start(self) -> None:
+        interrupted = self.pipeline.mark_interrupted()
+        if interrupted:
+            LOGGER.warning("%d job(s) were interrupted by the last stop; their work is redone",
+                           interrupted)
+        for listener in self.components.listeners:
+            listener.start()
+        _ACTIVE["pipeline"] = self.pipeline
+        self.scheduler = build_scheduler(self.config)
+        self.scheduler.resume()
+        LOGGER.info("daemon started: %d listener(s), jobs %s", len(self.components.listeners),
+                    ", ".join(job.id for job in self.scheduler.get_jobs()))
+
+    def stop(self) -> None:
+        """Stop accepting, let the running job reach its next checkpoint, close.
+
+        The scheduler stops first: a pull in progress needs our SCP to receive the studies it
+        moves (it ends after the current study), and scoring stops after its current patient.
+        """
+        self.stopping.set()
+        if self.scheduler is not None:
+            self.scheduler.pause()  # nothing new is submitted while the running job ends
+            self.scheduler.shutdown(wait=True)
+        for listener in self.components.listeners:
+            listener.stop()
+        _ACTIVE.pop("pipeline", None)
+        self.pipeline.close()
+        LOGGER.info("daemon stopped")
+
+    def run_until_signalled(self) -> None:
+        """Start, wait for SIGTERM or SIGINT, stop."""
+        def handle(signum: int, _frame: object) -> None:
+            LOGGER.info("signal %d received: stopping", signum)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+        self.start()
+        try:
+            while not self.stopping.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+
+@dataclass
+class Components:
+    """What the daemon wires together (built by :func:`components_from_config`)."""
+
+    listeners: list[Any] = field(default_factory=list)  # objects with start() and stop()
+    exporter: Callable[[Store, list[Any]], dict[str, Any]] | None = None
+    drain: Callable[[Store], dict[str, Any]] | None = None
+    pull: Callable[[Store], dict[str, Any]] | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)  # the daemon's
+
+
+class _MllpListener:
+    """Start/stop adapter for the asyncio MLLP server running in a thread of its own."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.handle: Any = None
+
+    @property
+    def port(self) -> int:
+        return int(self.handle.port if self.handle is not None else self.server.port)
+
+    def start(self) -> None:
+        self.handle = self.server.run_in_thread()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.stop()
+            self.handle = None
+
+
+def components_from_config(config: Config) -> Components:
+    """The listeners, puller, exporter and sender the configuration asks for."""
+    from exporters.dicom_sender import DicomSender
+    from exporters.hl7_result import MllpSender
+    from exporters.outbox import Outbox
+    from exporters.publish import (
+        DESTINATION,
+        HL7_DESTINATION,
+        ResultPublisher,
+        settings_from_config,
+    )
+    from listeners.dicom_scp import StorageScp, intake_opener
+    from listeners.mllp import MllpServer
+    from listeners.pacs_puller import PacsPuller, RemotePacs
+    from mrrp_pacs.clinical_schema import load_schema
+    from mrrp_pacs.health import HealthServer
+    from mrrp_pacs.intake import Intake
+
+    schema = load_schema(config.clinical.schema_file)
+    open_intake = intake_opener(config, schema)
+    scp = StorageScp(open_intake, config.dicom.ae_title, config.dicom.port,
+                     host=config.dicom.bind,
+                     allowed_aes=set(config.dicom.allowed_aes) or {config.pacs.ae_title})
+
+    def new_intake() -> Intake:
+        return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False),
+                      config, schema)
+
+    mllp = _MllpListener(MllpServer(
+        new_intake, host=config.hl7.bind, port=config.hl7.port,
+        max_message_bytes=config.ingest.max_hl7_bytes, idle_timeout_s=config.hl7.idle_timeout_s,
+        max_connections=config.hl7.max_connections))
+    components = Components(listeners=[scp, mllp])
+    if config.http.port:
+        components.listeners.append(HealthServer(
+            config.paths.db_file, config.paths.objects_dir, config.http.bind, config.http.port,
+            {"dicom": lambda: scp.running, "hl7": lambda: mllp.handle is not None}))
+    pacs = config.pacs
+    if pacs.host:
+        remote = RemotePacs(pacs.host, pacs.port, pacs.ae_title)
+
+        def pull(store: Store) -> dict[str, Any]:
+            puller = PacsPuller(store, remote, config.dicom.ae_title, our_port=scp.port,
+                                open_intake=open_intake, modalities=tuple(pacs.modalities),
+                                window_days=pacs.window_days, method=pacs.method,
+                                query_timeout_s=pacs.timeout_s,
+                                retrieve_timeout_s=pacs.retrieve_timeout_s,
+                                stop_requested=components.stopping)
+            return dict(puller.poll(datetime.now()).as_dict())
+
+        components.pull = pull
+    export = config.export
+    if export.enabled:
+        components.exporter = ResultPublisher(ModelStore(config.paths.model_store_dir),
+                                              settings_from_config(export))
+        senders: dict[str, Any] = {}
+        host = export.host or pacs.host
+        if host:
+            senders[DESTINATION] = DicomSender(host, export.port or pacs.port,
+                                               export.ae_title or pacs.ae_title,
+                                               export.calling_ae_title or config.dicom.ae_title,
+                                               timeout_s=export.timeout_s)
+        if export.hl7_host:
+            senders[HL7_DESTINATION] = MllpSender(export.hl7_host, export.hl7_port,
+                                                  timeout_s=export.timeout_s)
+        if senders:
+
+            def drain(store: Store) -> dict[str, Any]:
+                return Outbox(store).drain(
+                    senders, max_attempts=export.max_attempts,
+                    backoff_s=export.backoff_s, max_backoff_s=export.max_backoff_s).as_dict()
+
+            components.drain = drain
+        else:
+            LOGGER.warning("export is enabled but has no destination ([export] host or [pacs] "
+                           "host): results are queued in the outbox and not sent")
+    return components

@@ -1,0 +1,254 @@
+"""``mrrp-pacs doctor``: every precondition of the daemon, each checked and explained.
+
+Each :class:`Check` says ok or not, what was found, and what to do about it. Nothing is
+changed: the database is opened without migrating, ports are bound and released at once,
+and the PACS is sent a C-ECHO only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mrrp_pacs.config import Config
+
+MIN_FREE_BYTES = 2 * 1024**3  # one day of slides on a small site
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+        return text if self.ok or not self.fix else f"{text}\n      -> {self.fix}"
+
+
+def run_checks(config: Config, min_free_bytes: int = MIN_FREE_BYTES,
+               check_ports: bool = True) -> list[Check]:
+    """Every check, in the order an operator fixes them."""
+    checks: list[Check] = [Check("configuration", True, f"valid ({config.source})")]
+    for check in (_disk, _database, _models, _encoders):
+        checks.extend(check(config, min_free_bytes))
+    if check_ports:
+        checks.extend(_ports(config))
+    checks.extend(_peers(config))
+    return checks
+
+
+def _disk(config: Config, min_free_bytes: int) -> Iterator[Check]:
+    folder = _existing_parent(config.paths.db_file.parent)
+    free = shutil.disk_usage(folder).free
+    yield Check("disk space", free >= min_free_bytes,
+                f"{free / 1024**3:.1f} GiB free at {folder}",
+                f"free space or move [paths] data_dir: at least "
+                f"{min_free_bytes / 1024**3:.0f} GiB is advised")
+
+
+def _database(config: Config, _: int) -> Iterator[Check]:
+    from mrrp_pacs.store import Store
+    from mrrp_pacs.store.migrations import available_migrations
+
+    db = config.paths.db_file
+    latest = available_migrations()[-1].version
+    if not db.exists():
+        yield Check("database", False, f"{db} does not exist",
+                    f"run `mrrp-pacs --config FILE migrate` to create it (schema {latest})")
+        return
+    try:
+        with Store(db, config.paths.objects_dir, migrate=False) as store:
+            version = store.schema_version
+            store.conn.execute("BEGIN IMMEDIATE")
+            store.conn.execute("ROLLBACK")
+    except (sqlite3.Error, OSError) as exc:
+        yield Check("database", False, f"{db} cannot be written: {exc}",
+                    "check permissions, free space and that no other program locks it")
+        return
+    if version != latest:
+        fix = ("run `mrrp-pacs migrate`" if version < latest
+               else "this mrrp-pacs is older than the database: upgrade mrrp-pacs")
+        yield Check("database", False, f"{db} is at schema {version}, the code at {latest}",
+                    fix)
+        return
+    yield Check("database", True, f"{db} writable, schema {version}")
+    objects = config.paths.objects_dir
+    probe = objects / ".doctor-probe"
+    try:
+        objects.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+        yield Check("object store", True, f"{objects} writable")
+    except OSError as exc:
+        yield Check("object store", False, f"{objects} cannot be written: {exc.strerror}",
+                    "fix its permissions or set [paths] objects")
+
+
+def _models(config: Config, _: int) -> Iterator[Check]:
+    from model_store import ModelStore, ModelStoreError
+    from mrrp_pacs.features.us import US_ENCODER_KIND
+    from mrrp_pacs.model.train import MODEL_KIND
+
+    store = ModelStore(config.paths.model_store_dir)
+    for kind, name, how in ((MODEL_KIND, config.scoring.model, "mrrp-pacs train"),
+                            (US_ENCODER_KIND, config.features.us_encoder,
+                             "mrrp-pacs train-encoder us")):
+        try:
+            version = store.load(kind, name)
+        except ModelStoreError as exc:
+            yield Check(f"model {kind}/{name}", False, str(exc),
+                        f"train one (`{how}`) or point [paths] model_store at the models")
+            continue
+        promoted = store.promoted(kind, name)
+        yield Check(f"model {kind}/{name}", True,
+                    f"{version.version} verified ({'promoted' if promoted else 'latest'})")
+
+
+def _encoders(config: Config, _: int) -> Iterator[Check]:
+    from mrrp_pacs.features.encoders import load_registry
+    from mrrp_pacs.features.text import load_text_encoder_registry
+
+    features = config.features
+    tile = load_registry().get(features.wsi_encoder)
+    if tile is None:
+        yield Check("tile encoder", False, f"{features.wsi_encoder!r} is not in the registry",
+                    "set [features] wsi_encoder to a name of mrrp_pacs/data/tile_encoders.toml")
+    elif tile.backend != "hed-texture":
+        yield _file_check("tile encoder weights",
+                          features.encoder_checkpoints.get(features.wsi_encoder),
+                          f"set [features] encoder_checkpoints.{features.wsi_encoder} to the "
+                          "local checkpoint file")
+    else:
+        yield Check("tile encoder", True, f"{tile.name} (built in, no weights)")
+    text = load_text_encoder_registry().get(features.text_encoder)
+    if text is None:
+        yield Check("text encoder", False, f"{features.text_encoder!r} is not in the registry",
+                    "set [features] text_encoder to a name of mrrp_pacs/data/text_encoders.toml")
+    elif text.kind == "directory":
+        yield _file_check("text encoder weights",
+                          features.text_encoder_paths.get(features.text_encoder),
+                          f"set [features] text_encoder_paths.{features.text_encoder} to the "
+                          "local model folder", folder=True)
+    else:
+        yield Check("text encoder", True, f"{text.name} (ships with package {text.package})")
+    if features.nuclei_model is not None:
+        yield _file_check("nucleus model", str(features.nuclei_model),
+                          "set [features] nuclei_model to an existing TorchScript file")
+
+
+def _file_check(name: str, path: str | None, fix: str, folder: bool = False) -> Check:
+    if not path:
+        return Check(name, False, "no local path configured", fix)
+    found = Path(path).is_dir() if folder else Path(path).is_file()
+    return Check(name, found, f"{path} {'present' if found else 'missing'}", fix)
+
+
+def _ports(config: Config) -> Iterator[Check]:
+    wanted = [("DICOM port", config.dicom.bind, config.dicom.port, "[dicom] port"),
+              ("MLLP port", config.hl7.bind, config.hl7.port, "[hl7] port")]
+    if config.http.port:
+        wanted.append(("HTTP port", config.http.bind, config.http.port, "[http] port"))
+    for name, host, port, key in wanted:
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                yield Check(name, False, f"{host}:{port} cannot be bound ({exc.strerror})",
+                            f"stop what uses it (a running daemon?) or change {key}")
+                continue
+        yield Check(name, True, f"{host}:{port} free")
+
+
+def _peers(config: Config) -> Iterator[Check]:
+    pacs, export = config.pacs, config.export
+    if not pacs.host and not export.host:
+        yield Check("PACS", True, "none configured ([pacs] host empty): push-only, no export")
+        return
+    targets = []
+    if pacs.host:
+        targets.append(("PACS", pacs.host, pacs.port, pacs.ae_title))
+    if export.enabled and export.host and (export.host, export.port) != (pacs.host,
+                                                                          pacs.port):
+        targets.append(("export destination", export.host, export.port or pacs.port,
+                        export.ae_title or pacs.ae_title))
+    for name, host, port, called in targets:
+        error = c_echo(host, port, called, export.calling_ae_title or config.dicom.ae_title,
+                       timeout_s=min(pacs.timeout_s, 10))
+        yield Check(f"{name} (C-ECHO)", error is None,
+                    f"{called}@{host}:{port} " + ("answered" if error is None else error),
+                    "check host, port and AE title")
+    if pacs.host:
+        # Orthanc answers C-ECHO from anyone but aborts queries from AEs it does not know:
+        # the commonest set-up failure, seen only by a query
+        error = c_find_probe(pacs.host, pacs.port, pacs.ae_title, config.dicom.ae_title,
+                             timeout_s=min(pacs.timeout_s, 10))
+        yield Check("PACS (C-FIND)", error is None,
+                    "accepts our queries" if error is None else error,
+                    f"add our AE {config.dicom.ae_title} (host and port "
+                    f"{config.dicom.port}) to the PACS's modalities (Orthanc: DicomModalities)")
+
+
+def c_echo(host: str, port: int, called_ae: str, calling_ae: str,
+           timeout_s: float = 10.0) -> str | None:
+    """None when the peer answers a C-ECHO with success, else why not."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        return "did not accept an association (refused, rejected or unreachable)"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or status.Status != 0x0000:
+        return f"answered C-ECHO with status {getattr(status, 'Status', 'none')}"
+    return None
+
+
+def c_find_probe(host: str, port: int, called_ae: str, calling_ae: str,
+                 timeout_s: float = 10.0) -> str | None:
+    """None when the peer answers a study-level C-FIND (for a date no study has) with
+    success, else why not."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as Find,
+    )
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    ae.add_requested_context(Find)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        return "did not accept a query association"
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyDate = "29991231"
+    query.StudyInstanceUID = ""
+    final = None
+    try:
+        for status, _ in assoc.send_c_find(query, Find):
+            final = getattr(status, "Status", None)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if final != 0x0000:
+        return ("aborted our query without a status (it does not know our AE)" if final is None
+                else f"answered C-FIND with status 0x{final:04X}")
+    return None
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

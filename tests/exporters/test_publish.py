@@ -1,0 +1,362 @@
+"""From score rows to the outbox, over a real store: objects ingested through Intake, a model
+version in a real model store (a fake weights file, a real manifest), the SR and PDF checked by
+dciodvfy and read back by highdicom, and our SR fed back through Intake as a PACS returns it."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import builders
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from exporters.outbox import ExportRow, Outbox
+from exporters.publish import PublishSettings, ResultPublisher
+from exporters.sr import tracking_uid
+from model_store import ModelStore
+from mrrp_pacs.cases import case_inputs
+from mrrp_pacs.config import Config
+from mrrp_pacs.identity import patient_key
+from mrrp_pacs.intake import Intake, Outcome
+from mrrp_pacs.model.train import MODEL_KIND
+from mrrp_pacs.results import EvidenceRef, RiskResult, UsRegion
+from mrrp_pacs.scoring import ScoreOutcome
+from mrrp_pacs.store import Store
+
+MODEL_NAME = "mrrp"
+SECRET = "publish-test-secret"
+BOX = (10.0, 12.0, 40.0, 44.0)
+PRIVATE_SCHEME_WARNING = ("Warning - Unrecognized defined term <99MRRP> for value 1 of "
+                          "attribute <Coding Scheme Designator>")
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """(errors, warnings) dciodvfy prints for ``path``."""
+    assert shutil.which("dciodvfy"), "dciodvfy (Debian package dicom3tools) is not installed"
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    return ([line for line in lines if line.startswith("Error")],
+            [line for line in lines if line.startswith("Warning")])
+
+
+def save_model(models: ModelStore, weights: bytes) -> str:
+    """A stored model version whose manifest holds what the PDF needs; returns its version.
+
+    Different ``weights`` give different versions even within one second.
+    """
+    rng = np.random.default_rng(11)
+    risk = rng.normal(size=60)
+    latent = rng.exponential(90.0 * np.exp(-risk))
+    censor = rng.uniform(24.0, 120.0, risk.size)
+    manifest = {"training_outcomes": {"time_months": np.minimum(latent, censor).tolist(),
+                                      "event": (latent <= censor).astype(int).tolist(),
+                                      "risk": risk.tolist()},
+                "risk_cutoff": float(np.median(risk))}
+    return models.save(MODEL_KIND, MODEL_NAME, {"weights.safetensors": weights},
+                       manifest).version
+
+
+def ingest(intake: Intake, folder: Path, patient: builders.Patient,
+           slide: bool = True) -> dict[str, Dataset]:
+    """Slide (optional), US image and the sonographer's ROI SR, stored through Intake."""
+    us = builders.us_image(patient)
+    objects = {"wsi": builders.wsi_image(patient)} if slide else {}
+    objects |= {"us_image": us, "us_roi": builders.us_roi_sr(patient, us, BOX)}
+    for role, ds in objects.items():
+        path = builders.write(ds, folder / patient.patient_id / f"{role}.dcm")
+        received = intake.receive_dicom(path, f"file:{path}")
+        assert received.outcome is Outcome.NEW, received.reason
+    return objects
+
+
+def make_result(store: Store, config: Config, objects: dict[str, Dataset], version: str,
+                **changes: object) -> RiskResult:
+    """A result over ``objects`` as the scorer writes one: evidence from the instances table."""
+    evidence = []
+    for role, ds in objects.items():
+        row = store.conn.execute(
+            "SELECT study_instance_uid, series_instance_uid, sop_class_uid, sha256 "
+            "FROM instances WHERE sop_instance_uid = ?", (ds.SOPInstanceUID,)).fetchone()
+        evidence.append(EvidenceRef(role, row[0], row[1], ds.SOPInstanceUID, row[2], row[3]))
+    us = objects["us_image"]
+    key = patient_key(us.PatientID, us.IssuerOfPatientID, config.identity)
+    assert key is not None and key in case_inputs(store, config)
+    slide = "wsi" in objects
+    result = RiskResult(
+        patient_key=key, model_name=MODEL_NAME, model_version=version,
+        inputs_hash="ab" * 32, risk=1.234567, percentile=81.5, group="high", cutoff=0.125,
+        rfs_probability={"36": 0.9123, "60": 0.8345, "84": 0.7012},
+        modalities_used=["wsi", "us", "clinical"] if slide else ["us", "clinical"],
+        compensated=[] if slide else ["wsi"],
+        clinical_attention=[("ki67", 0.5), ("age", 0.3), ("grade", 0.2)],
+        evidence=evidence, us_region=UsRegion(us.SOPInstanceUID, BOX, "sr"),
+        algorithm_parameters={"cutoff": "0.125"}, scored_at="2026-01-12T10:00:00Z")
+    return dataclasses.replace(result, **changes)
+
+
+def record_score(store: Store, result: RiskResult) -> ScoreOutcome:
+    """Insert the ``scores`` row of ``result`` as the scorer does (superseding the current)."""
+    with store.transaction() as conn:
+        score_id = store.insert(conn, "scores", {
+            "patient_key": result.patient_key, "model_version": result.model_version,
+            "inputs_hash": result.inputs_hash, "outputs": result.to_json(),
+            "created_at": result.scored_at, "arrivals": "digest"})
+        conn.execute("UPDATE scores SET superseded_by = ? WHERE patient_key = ? AND id != ? "
+                     "AND superseded_by IS NULL", (score_id, result.patient_key, score_id))
+    return ScoreOutcome(result.patient_key, "scored", score_id, result=result)
+
+
+def queued(store: Store, score_id: int, kind: str) -> tuple[ExportRow, Dataset]:
+    """The one ``kind`` row of a score and its object as stored."""
+    (row,) = [r for r in Outbox(store).rows() if r.score_id == score_id and r.kind == kind]
+    assert row.object_sha256 is not None
+    return row, pydicom.dcmread(store.objects.path_for(row.object_sha256))
+
+
+def tracking(sr: Dataset) -> str:
+    """Tracking UID of the TID 1501 group of ``sr``."""
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    return str(group.tracking_uid)
+
+
+def predecessor_of(sr: Dataset) -> tuple[str, str, str]:
+    """(study, series, SOP instance) UIDs in the Predecessor Documents Sequence."""
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (instance,) = series.ReferencedSOPSequence
+    return (study.StudyInstanceUID, series.SeriesInstanceUID,
+            instance.ReferencedSOPInstanceUID)
+
+
+def identity(ds: Dataset) -> tuple[str, str, str]:
+    return ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "models")
+
+
+@pytest.fixture
+def version(models: ModelStore) -> str:
+    return save_model(models, b"x")
+
+
+@pytest.fixture
+def objects(intake: Intake, tmp_path: Path) -> dict[str, Dataset]:
+    return ingest(intake, tmp_path / "incoming", builders.Patient())
+
+
+@pytest.fixture
+def publisher(models: ModelStore) -> ResultPublisher:
+    return ResultPublisher(models, PublishSettings(uid_secret=SECRET))
+
+
+@pytest.mark.parametrize(("sr_study", "slide", "placed_in"), [
+    ("pathology", True, "wsi"),
+    ("ultrasound", True, "us_image"),
+    ("pathology", False, "us_image"),  # no slide: the US study takes it
+])
+def test_a_new_score_queues_one_sr_and_one_pdf_in_the_chosen_study(
+        store, config, intake, models, version, tmp_path, sr_study, slide, placed_in):
+    objects = ingest(intake, tmp_path / "incoming", builders.Patient(), slide=slide)
+    outcome = record_score(store, make_result(store, config, objects, version))
+    publisher = ResultPublisher(models, PublishSettings(sr_study=sr_study, uid_secret=SECRET))
+
+    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1}
+
+    rows = Outbox(store).rows()
+    assert [(r.kind, r.destination, r.state, r.score_id, r.attempts) for r in rows] == [
+        ("sr", "pacs", "pending", outcome.score_id, 0),
+        ("pdf", "pacs", "pending", outcome.score_id, 0)]
+    _, sr = queued(store, outcome.score_id, "sr")
+    _, pdf = queued(store, outcome.score_id, "pdf")
+    assert [r.sop_instance_uid for r in rows] == [sr.SOPInstanceUID, pdf.SOPInstanceUID]
+    study = objects[placed_in]
+    for ds in (sr, pdf):
+        assert (ds.StudyInstanceUID, ds.AccessionNumber, ds.PatientID) == (
+            study.StudyInstanceUID, study.AccessionNumber, "MRN001")
+    assert (sr.Modality, sr.SeriesNumber, pdf.Modality, pdf.SeriesNumber) == (
+        "SR", 9901, "DOC", 9902)
+    assert sr.SeriesInstanceUID != pdf.SeriesInstanceUID
+    assert "PredecessorDocumentsSequence" not in sr
+    referenced = {item.ReferencedSOPInstanceUID
+                  for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+                  for series_item in study_item.ReferencedSeriesSequence
+                  for item in series_item.ReferencedSOPSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in objects.values()}
+    # the lesion region is drawn on the US image, whichever study holds the SR
+    (region,) = hd.sr.Comprehensive3DSR.from_dataset(
+        sr).content.get_planar_roi_measurement_groups()
+    assert region.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
+        == objects["us_image"].SOPInstanceUID
+    assert pdf.EncapsulatedDocument.startswith(b"%PDF-")
+
+
+def test_the_same_result_again_queues_nothing_new(store, config, objects, models, version,
+                                                   publisher):
+    result = make_result(store, config, objects, version)
+    outcome = record_score(store, result)
+    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1}
+    first = Outbox(store).rows()
+
+    # again, and from a fresh publisher (a restarted daemon): byte-identical objects
+    assert publisher(store, [outcome]) == {"sr": 0, "pdf": 0}
+    restarted = ResultPublisher(models, PublishSettings(uid_secret=SECRET))
+    assert restarted(store, [outcome]) == {"sr": 0, "pdf": 0}
+    assert Outbox(store).rows() == first
+
+    rebuilt = restarted.objects(store, result)
+    assert [kind for kind, _ in rebuilt] == ["sr", "pdf"]
+    for (kind, ds), row in zip(rebuilt, first, strict=True):
+        data = builders.encode(ds)
+        assert data == store.objects.read_bytes(row.object_sha256)
+        again = Outbox(store).enqueue(None, score_id=outcome.score_id, kind=kind,
+                                      destination="pacs", data=data,
+                                      sop_instance_uid=ds.SOPInstanceUID)
+        assert (again.row_id, again.created) == (row.id, False)
+    assert Outbox(store).counts() == {"pending": 2, "sent": 0, "dead": 0}
+
+    # outcomes without a new result (unchanged scores) are not published
+    assert publisher(store, [ScoreOutcome(result.patient_key, "unchanged", outcome.score_id),
+                             ScoreOutcome(result.patient_key, "failed", None, "no features")]
+                     ) == {"sr": 0, "pdf": 0}
+    assert len(Outbox(store).rows()) == 2
+
+
+def test_changed_inputs_give_a_new_sr_that_succeeds_the_first(store, config, objects, version,
+                                                               publisher):
+    first = make_result(store, config, objects, version)
+    first_outcome = record_score(store, first)
+    publisher(store, [first_outcome])
+    _, first_sr = queued(store, first_outcome.score_id, "sr")
+
+    changed = dataclasses.replace(first, inputs_hash="cd" * 32, risk=-0.5, group="low",
+                                  percentile=30.0, scored_at="2026-01-20T09:30:00Z")
+    outcome = record_score(store, changed)
+    assert store.conn.execute("SELECT superseded_by FROM scores WHERE id = ?",
+                              (first_outcome.score_id,)).fetchone()[0] == outcome.score_id
+
+    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1}
+    _, sr = queued(store, outcome.score_id, "sr")
+    assert len(Outbox(store).rows()) == 4
+    assert predecessor_of(sr) == identity(first_sr)
+    assert sr.SOPInstanceUID != first_sr.SOPInstanceUID
+    assert sr.SeriesInstanceUID == first_sr.SeriesInstanceUID  # one series per model version
+    assert tracking(sr) == tracking(first_sr) == tracking_uid(first.patient_key, SECRET)
+
+
+def test_a_new_model_version_gives_a_new_sr_with_the_same_tracking_uid(
+        store, config, objects, models, version, publisher):
+    first = make_result(store, config, objects, version)
+    changed = dataclasses.replace(first, inputs_hash="cd" * 32, scored_at="2026-01-20T09:30:00Z")
+    outcomes = [record_score(store, result) for result in (first, changed)]
+    for outcome in outcomes:
+        publisher(store, [outcome])
+    srs = [queued(store, o.score_id, "sr")[1] for o in outcomes]
+
+    other_version = save_model(models, b"retrained")
+    assert other_version != version
+    retrained = dataclasses.replace(changed, model_version=other_version, risk=0.3,
+                                    scored_at="2026-02-01T08:00:00Z")
+    outcome = record_score(store, retrained)
+    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1}
+    _, sr = queued(store, outcome.score_id, "sr")
+
+    assert sr.SOPInstanceUID not in {ds.SOPInstanceUID for ds in srs}
+    assert sr.SeriesInstanceUID != srs[1].SeriesInstanceUID
+    assert predecessor_of(sr) == identity(srs[1])  # the latest, not the first
+    assert tracking(sr) == tracking(srs[0]) == tracking(srs[1])
+    assert sr.SoftwareVersions[1] == other_version
+
+
+def test_republishing_an_older_result_keeps_its_objects(store, config, objects, version,
+                                                         publisher):
+    """The predecessor is the SR of an earlier score only: a newer one must not change the
+    bytes (hence the content under one SOP Instance UID) of an older result's SR."""
+    first = make_result(store, config, objects, version)
+    first_outcome = record_score(store, first)
+    publisher(store, [first_outcome])
+    later = record_score(store, dataclasses.replace(first, inputs_hash="cd" * 32))
+    publisher(store, [later])
+    rows = Outbox(store).rows()
+
+    assert publisher(store, [first_outcome]) == {"sr": 0, "pdf": 0}
+    assert Outbox(store).rows() == rows
+    _, first_sr = queued(store, first_outcome.score_id, "sr")
+    assert "PredecessorDocumentsSequence" not in first_sr
+
+
+def test_our_sr_returned_by_the_pacs_is_stored_but_is_no_lesion_roi(store, config, intake,
+                                                                    objects, version,
+                                                                    publisher):
+    outcome = record_score(store, make_result(store, config, objects, version))
+    publisher(store, [outcome])
+    row, sr = queued(store, outcome.score_id, "sr")
+
+    received = intake.receive_dicom(store.objects.read_bytes(row.object_sha256), "dicom:PACS")
+    assert received.outcome is Outcome.NEW, received.reason
+    stored = store.conn.execute("SELECT sop_instance_uid, sha256 FROM instances WHERE id = ?",
+                                (received.row_id,)).fetchone()
+    assert tuple(stored) == (sr.SOPInstanceUID, row.object_sha256)
+
+    def rois_of(sop_instance_uid: str) -> int:
+        return store.conn.execute(
+            "SELECT count(*) FROM rois r JOIN instances i ON i.id = r.instance_id "
+            "WHERE i.sop_instance_uid = ?", (sop_instance_uid,)).fetchone()[0]
+
+    # our SR holds a POLYLINE on the US image too, yet only the sonographer's SR is a ROI
+    assert rois_of(sr.SOPInstanceUID) == 0
+    assert rois_of(objects["us_roi"].SOPInstanceUID) == 1
+    (case,) = case_inputs(store, config).values()
+    assert [(ref.sop_instance_uid, image) for ref, image in case.us_rois] == [
+        (objects["us_roi"].SOPInstanceUID, objects["us_image"].SOPInstanceUID)]
+
+
+def test_queued_sr_and_pdf_pass_dciodvfy(store, config, objects, version, publisher):
+    first = make_result(store, config, objects, version)
+    outcomes = [record_score(store, first),
+                record_score(store, dataclasses.replace(first, inputs_hash="cd" * 32))]
+    for outcome in outcomes:
+        publisher(store, [outcome])
+    rows = Outbox(store).rows()
+    assert len(rows) == 4  # the second SR has a predecessor and both have the region group
+    for row in rows:
+        assert row.object_sha256 is not None
+        errors, warnings = dciodvfy(store.objects.path_for(row.object_sha256))
+        assert errors == [], (row.kind, errors)
+        assert set(warnings) == {PRIVATE_SCHEME_WARNING}, (row.kind, warnings)
+
+
+def test_without_pdf_only_the_sr_is_queued(store, config, objects, models, version):
+    outcome = record_score(store, make_result(store, config, objects, version))
+    publisher = ResultPublisher(models, PublishSettings(pdf=False, uid_secret=SECRET))
+    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 0}
+    assert [r.kind for r in Outbox(store).rows()] == ["sr"]
+
+
+def test_an_hl7_result_is_queued_for_the_his_once_when_configured(store, config, objects,
+                                                                 models, version):
+    from mrrp_pacs.intake.hl7 import parse_message
+
+    outcome = record_score(store, make_result(store, config, objects, version))
+    settings = PublishSettings(uid_secret=SECRET, hl7=True, hl7_receiving_application="HIS")
+    publisher = ResultPublisher(models, settings)
+    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1, "hl7": 1}
+    assert publisher(store, [outcome]) == {"sr": 0, "pdf": 0, "hl7": 0}
+    (row,) = [r for r in Outbox(store).rows() if r.kind == "hl7"]
+    assert (row.destination, row.state, row.score_id) == ("his", "pending", outcome.score_id)
+    message = parse_message(store.objects.read_bytes(row.object_sha256))
+    msh = message.segments[0]
+    assert message.field(msh, 10) == f"MRRP{outcome.score_id}"
+    assert message.field(msh, 5) == "HIS"
+    values = {message.component(s, 3, 1): message.field(s, 5)
+              for s in message.segments if s.name == "OBX"}
+    assert float(values["MRRP-RISK"]) == pytest.approx(outcome.result.risk, abs=1e-4)
+    assert values["MRRP-GROUP"] == outcome.result.group

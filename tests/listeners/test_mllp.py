@@ -1,0 +1,500 @@
+"""The MLLP listener and client over real sockets on 127.0.0.1, with a real SQLite store."""
+
+import logging
+import random
+import socket
+import sqlite3
+import threading
+import time
+from collections import deque
+
+import pytest
+from builders import PATHOLOGY_VALUES, Patient, mllp, pathology_result, us_report
+from hl7apy.parser import parse_message as hl7apy_parse
+
+from listeners.mllp import (
+    AckError,
+    MllpFramer,
+    MllpServer,
+    acknowledgement_code,
+    build_ack,
+    read_header,
+)
+from listeners.mllp_client import read_ack, send_files, send_messages
+from mrrp_pacs.intake import Intake
+from mrrp_pacs.intake.hl7 import parse_message
+from mrrp_pacs.store import Store
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _factory(config, busy_timeout_ms=None):
+    def make():
+        store = Store(config.paths.db_file, config.paths.objects_dir)
+        if busy_timeout_ms is not None:
+            store.conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        return Intake(store, config)
+    return make
+
+
+@pytest.fixture
+def serve(config):
+    """Start listeners on free ports (in their own threads); all are stopped after the test."""
+    running = []
+
+    def start(busy_timeout_ms=None, **options):
+        options = {"port": 0, "idle_timeout_s": 10.0, **options}
+        server = MllpServer(_factory(config, busy_timeout_ms), **options)
+        running.append(server.run_in_thread())
+        return server, running[-1]
+
+    yield start
+    for handle in running:
+        handle.stop()
+
+
+_OPEN_PEERS = []
+
+
+@pytest.fixture(autouse=True)
+def _close_peers():
+    yield
+    while _OPEN_PEERS:
+        _OPEN_PEERS.pop().close()
+
+
+class Peer:
+    """A raw MLLP sender, so tests control every byte and every TCP write."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        _OPEN_PEERS.append(self.sock)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.framer = MllpFramer(1 << 20)
+        self.frames = deque()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def frame(self, timeout=5.0):
+        """The next acknowledgement's bytes, or None when none comes within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self.frames:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return None
+            assert chunk, "the listener closed the connection"
+            self.frames.extend(f.data for f in self.framer.feed(chunk))
+        return self.frames.popleft()
+
+    def ack(self, timeout=5.0):
+        data = self.frame(timeout)
+        assert data is not None, f"no acknowledgement within {timeout} s"
+        return parse_message(data)
+
+    def closed_by_server(self, timeout=5.0):
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()  # closing twice (again at teardown) is harmless
+
+
+def _msa(ack):
+    return ack.get("MSA-1"), ack.field(ack.segment("MSA"), 2)
+
+
+def _rows(store, table, where="1", params=()):
+    return store.conn.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).fetchone()[0]
+
+
+def _modes(message, accept, application):
+    """Set MSH-15/MSH-16 of a builders message (which leaves both empty)."""
+    assert b"|2.5||||||" in message
+    return message.replace(b"|2.5||||||", f"|2.5|||{accept}|{application}||".encode())
+
+
+# -- framing and the acknowledgement rules (no sockets) --------------------------------------
+
+def test_framer_cuts_frames_across_any_chunking_and_counts_junk():
+    stream = b"noise\r\n" + mllp(b"MSH|one\r") + mllp(b"MSH|two\r") + b"\x1c\rtail"
+    framer = MllpFramer(100)
+    frames = [f.data for i in range(len(stream)) for f in framer.feed(stream[i : i + 1])]
+    assert frames == [b"MSH|one\r", b"MSH|two\r"]
+    assert framer.junk_bytes == len(b"noise\r\n") + len(b"\x1c\rtail")
+    assert [f.data for f in MllpFramer(100).feed(stream)] == frames
+
+
+def test_framer_bounds_a_large_frame_and_restarts_on_a_new_start_block():
+    framer = MllpFramer(8)
+    (big,) = framer.feed(b"\x0b" + b"x" * 1000 + b"\x1c\r")
+    assert (big.data, big.size_bytes, big.truncated) == (b"x" * 8, 1000, True)
+    assert framer.feed(b"\x0bhalf") == [] and framer.partial_bytes == 4
+    (whole,) = framer.feed(b"\x0bwhole\x1c")  # sender restarted; CR after FS not required
+    assert whole.data == b"whole" and framer.junk_bytes == 4
+    assert framer.feed(b"\r") == [] and framer.junk_bytes == 4  # the late CR is not junk
+
+
+@pytest.mark.parametrize(("accept", "application", "outcome", "sent"), [
+    ("", "", "AA", "AA"), ("", "", "AE", "AE"), ("", "", "AR", "AR"),
+    ("NE", "NE", "AA", None), ("NE", "NE", "AE", None),
+    ("AL", "NE", "AA", "CA"), ("AL", "NE", "AR", "CR"), ("NE", "AL", "AE", "AE"),
+    ("ER", "ER", "AA", None), ("ER", "ER", "AE", "AE"), ("ER", "NE", "AR", "CR"),
+    ("SU", "SU", "AA", "AA"), ("SU", "SU", "AE", None), ("AL", "SU", "AE", "CE"),
+    ("", "AL", "AA", "AA"), ("XX", "", "AA", "CA"),
+])
+def test_acknowledgement_modes(accept, application, outcome, sent):
+    header = read_header(_modes(us_report(Patient()), accept, application))
+    assert acknowledgement_code(header, outcome) == sent
+
+
+def test_ack_of_a_v23_message_uses_the_v23_err_segment():
+    header = read_header(us_report(Patient(), "OLD-1").replace(b"|2.5|", b"|2.3.1|"))
+    raw = build_ack(header, "AR", AckError("206", "Application record locked", "busy | retry"))
+    lines = raw.decode().split("\r")
+    assert lines[1] == "MSA|AR|OLD-1|busy \\F\\ retry"
+    assert lines[2] == "ERR|^^^206&Application record locked&HL70357"
+    parsed = hl7apy_parse(raw.decode(), find_groups=False)
+    assert parsed.validate() and parsed.msh.msh_12.value == "2.3.1"
+
+
+# -- the listener ----------------------------------------------------------------------------
+
+def test_messages_on_one_connection_are_stored_before_their_ack(serve, store):
+    _, handle = serve()
+    patient = Patient()
+    messages = [us_report(patient, "US-1"), pathology_result(patient, "PA-1"),
+                us_report(Patient("MRN002"), "US-2")]
+    peer = Peer(handle.port)
+    for message in messages:
+        control_id = read_header(message).control_id
+        peer.send(mllp(message))
+        ack = peer.ack()
+        # the row is committed at the moment the acknowledgement arrives
+        assert _rows(store, "hl7_messages", "control_id = ?", (control_id,)) == 1
+        assert _msa(ack) == ("AA", control_id)
+        assert ack.get("MSH-9") == "ACK" and ack.component(ack.segments[0], 9, 2) == "R01"
+        assert ack.segment("ERR") is None
+        # sender and receiver swapped, version and processing id echoed
+        assert [ack.get(f"MSH-{n}") for n in (3, 4, 5, 6, 11, 12, 18)] == [
+            "MRRP", "HOSP", "LIS" if control_id == "PA-1" else "RIS", "HOSP", "P", "2.5",
+            "UNICODE UTF-8"]
+        assert ack.get("MSH-10") not in ("", control_id)
+    peer.close()
+    values = {r[0]: r[1] for r in store.conn.execute(
+        "SELECT variable, value_num FROM clinical_values WHERE patient_id = 'MRN001'")}
+    assert values["tumour_size_mm"] == 18.0 and values["ki67_percent"] == 15.0
+    assert _rows(store, "reports") == 2
+    sources = {r[0] for r in store.conn.execute("SELECT source FROM hl7_messages")}
+    assert sources == {"mllp:127.0.0.1"}
+
+
+def test_ack_is_valid_hl7_for_hl7apy_and_in_the_message_charset(serve, store):
+    _, handle = serve()
+    message = us_report(Patient(), "L1").replace(b"UNICODE UTF-8", b"8859/1").replace(
+        b"|RIS|HOSP|", "|RIS|KLINIK MÜNCHEN|".encode("latin-1"))
+    peer = Peer(handle.port)
+    peer.send(mllp(message))
+    raw = peer.frame()
+    assert raw.startswith("MSH|^~\\&|MRRP|HOSP|RIS|KLINIK MÜNCHEN|".encode("latin-1"))
+    parsed = hl7apy_parse(raw.decode("latin-1"), find_groups=False)
+    assert parsed.validate()
+    assert (parsed.msa.msa_1.value, parsed.msa.msa_2.value) == ("AA", "L1")
+    assert parsed.msh.msh_18.value == "8859/1"
+    (facility,) = store.conn.execute("SELECT sending_facility FROM hl7_messages").fetchone()
+    assert facility == "KLINIK MÜNCHEN"
+
+
+def test_garbage_and_junk_between_frames(serve, store):
+    server, handle = serve()
+    peer = Peer(handle.port)
+    peer.send(mllp(b"this is not an HL7 message"))
+    ack = peer.ack()
+    assert _msa(ack) == ("AE", "")
+    assert "MSH" in ack.get("ERR-8") and ack.get("ERR-3") == "102"
+    assert ack.get("MSH-3") == "MRRP" and ack.get("MSH-9") == "ACK"
+    peer.send(mllp(b"MSH|^~\\&|A|B|C|D|2026||ORU^R01||P|2.5\r"))  # no MSH-10
+    ack = peer.ack()
+    assert _msa(ack) == ("AE", "") and "MSH-10" in ack.get("MSA-3")
+    peer.send(b"line noise\r\n" + mllp(us_report(Patient(), "AFTER-NOISE")))
+    assert _msa(peer.ack()) == ("AA", "AFTER-NOISE")
+    peer.close()
+    assert _rows(store, "hl7_messages") == 1
+    assert server.stats().junk_bytes == len(b"line noise\r\n")
+
+
+def test_logs_carry_control_ids_but_no_patient_data(serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    _, handle = serve()
+    patient = Patient(patient_id="SECRET77", name="Hidden^Person", birth_date="19610203")
+    broken = us_report(patient, "LOG-3").replace(b"|2.5||||||UNICODE UTF-8", b"|2.5||||||X")
+    acks = send_messages("127.0.0.1", handle.port, [
+        us_report(patient, "LOG-1"), pathology_result(patient, "LOG-2"), broken], timeout_s=5)
+    assert [a.code for a in acks] == ["AA", "AA", "AE"]
+    assert "'LOG-1'" in caplog.text and "'LOG-3'" in caplog.text
+    for secret in ("SECRET77", "Hidden", "19610203", "hypoechoic", "Ki-67", "luminal"):
+        assert secret not in caplog.text
+
+
+def test_too_large_message_is_refused_and_serving_goes_on(serve, store):
+    server, handle = serve(max_message_bytes=1500)
+    lines = tuple(f"Finding line {i}: nothing of note in this quadrant." for i in range(100))
+    big = us_report(Patient(), "BIG-1", text=lines)
+    assert len(big) > 5000
+    other = Peer(handle.port)
+    peer = Peer(handle.port)
+    peer.send(mllp(big) + mllp(us_report(Patient(), "SMALL-1")))
+    ack = peer.ack()
+    assert _msa(ack) == ("AE", "BIG-1")
+    assert f"{len(big)} bytes" in ack.get("ERR-8") and "1500" in ack.get("ERR-8")
+    assert _msa(peer.ack()) == ("AA", "SMALL-1")  # the same connection goes on
+    other.send(mllp(pathology_result(Patient(), "OTHER-1")))
+    assert _msa(other.ack()) == ("AA", "OTHER-1")
+    assert _rows(store, "hl7_messages", "control_id = 'BIG-1'") == 0
+    assert server.stats().acknowledgements == {"AE": 1, "AA": 2}
+
+
+def test_hostile_frames_each_get_an_answer(serve):
+    rng = random.Random(7)
+    valid = pathology_result(Patient(), "FUZZ")
+    hostile = [b"", b"MSH", b"MSH|", b"MSH|^~\\&|" + b"|" * 5000, b"\xff\xfe" * 100,
+               b"MSH|^~\\&|A|B|C|D|2026||ORU^R01|X|P|2.5||||||KLINGON\r"]
+    for _ in range(120):
+        data = bytearray(valid[: rng.randrange(len(valid))] if rng.random() < 0.3 else valid)
+        for _ in range(rng.randint(1, 3)):
+            if data:
+                data[rng.randrange(len(data))] = rng.choice(
+                    [b for b in range(256) if b not in (0x0B, 0x1C)])
+        hostile.append(bytes(data))
+    hostile += [bytes(rng.choice(range(0x20, 0x7F)) for _ in range(rng.randrange(400)))
+                for _ in range(40)]
+    _, handle = serve()
+    peer = Peer(handle.port)
+    codes = []
+    for data in hostile:
+        peer.send(mllp(data))
+        raw = peer.frame()
+        assert raw is not None and parse_message(raw).get("MSH-9") == "ACK"
+        header = read_header(data)
+        sep = raw[3:4]
+        msa = next(line for line in raw.split(b"\r") if line.startswith(b"MSA")).split(sep)
+        codes.append(msa[1].decode())
+        if header is None:
+            assert msa[2] == b""
+        elif raw[3:8] == (header.field_separator + header.encoding_characters[:4]).encode(
+                header.codec, "replace"):
+            # MSA-2 gives back the bytes of MSH-10 as sent, whatever their encoding
+            assert msa[2] == header.control_id.encode(header.codec, "replace")
+        else:  # delimiters unfit for an answer: the standard ones, values escaped
+            assert raw[3:8] == b"|^~\\&" and bool(msa[2]) == bool(header.control_id)
+    # a mutated MSH-15 asks for a commit acknowledgement (CA/CE) now and then
+    assert set(codes) <= {"AA", "AE", "CA", "CE"} and codes.count("AE") > len(hostile) // 2
+
+
+def test_duplicate_control_id_is_acknowledged_and_processed_once(serve, store):
+    _, handle = serve()
+    patient = Patient()
+    first = pathology_result(patient, "SAME-1")
+    changed = pathology_result(patient, "SAME-1", observed="20260111")
+    peer = Peer(handle.port)
+    for message in (first, changed, first):
+        peer.send(mllp(message))
+        assert _msa(peer.ack()) == ("AA", "SAME-1")
+    peer.close()
+    states = [r[0] for r in store.conn.execute("SELECT state FROM hl7_messages ORDER BY id")]
+    assert states == ["parsed", "duplicate_control_id"]
+    assert _rows(store, "clinical_values") == len(PATHOLOGY_VALUES) + 1  # + age from PID-7
+    assert _rows(store, "observations") == len(PATHOLOGY_VALUES)
+
+
+def test_locked_database_answers_ar_and_the_resend_is_stored(serve, store, config):
+    # one worker: its store is opened at start, before the lock (a second would open later)
+    _, handle = serve(busy_timeout_ms=200, workers=1)
+    blocker = sqlite3.connect(config.paths.db_file, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    message = pathology_result(Patient(), "LOCK-1")
+    peer = Peer(handle.port)
+    try:
+        peer.send(mllp(message))
+        ack = peer.ack()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert _msa(ack) == ("AR", "LOCK-1")
+    assert ack.get("ERR-3") == "206" and "send again" in ack.get("ERR-8")
+    assert _rows(store, "hl7_messages") == 0
+    peer.send(mllp(message))
+    assert _msa(peer.ack()) == ("AA", "LOCK-1")
+    assert _rows(store, "hl7_messages", "state = 'parsed'") == 1
+
+
+def test_unwritable_object_store_answers_ar(serve, store, config):
+    _, handle = serve()
+    staging = config.paths.objects_dir / "tmp"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.write_bytes(b"")  # a file where the staging folder must be: mkdir fails (OSError)
+    peer = Peer(handle.port)
+    peer.send(mllp(us_report(Patient(), "DISK-1")))
+    ack = peer.ack()
+    assert _msa(ack) == ("AR", "DISK-1") and ack.get("ERR-3") == "207"
+    assert _rows(store, "hl7_messages") == 0
+    staging.unlink()
+    peer.send(mllp(us_report(Patient(), "DISK-1")))
+    assert _msa(peer.ack()) == ("AA", "DISK-1")
+
+
+def test_enhanced_acknowledgement_modes_on_the_wire(serve):
+    _, handle = serve()
+    patient = Patient()
+    peer = Peer(handle.port)
+    quiet = 0.4
+    peer.send(mllp(_modes(us_report(patient, "NE-1"), "NE", "NE")))
+    assert peer.frame(quiet) is None
+    peer.send(mllp(us_report(patient, "ORIG-1")))
+    assert _msa(peer.ack()) == ("AA", "ORIG-1")  # nothing stray was queued before it
+    peer.send(mllp(_modes(us_report(patient, "CA-1"), "AL", "NE")))
+    assert _msa(peer.ack()) == ("CA", "CA-1")
+    peer.send(mllp(_modes(us_report(patient, "AP-1"), "NE", "AL")))
+    assert _msa(peer.ack()) == ("AA", "AP-1")
+    peer.send(mllp(_modes(us_report(patient, "ER-1"), "ER", "ER")))
+    assert peer.frame(quiet) is None
+    peer.send(mllp(_modes(us_report(patient, ""), "ER", "ER")))  # empty MSH-10: an error
+    assert _msa(peer.ack()) == ("AE", "")
+    peer.send(mllp(_modes(us_report(patient, ""), "SU", "SU")))
+    assert peer.frame(quiet) is None
+    peer.send(mllp(_modes(us_report(patient, "SU-1"), "SU", "SU")))
+    assert _msa(peer.ack()) == ("AA", "SU-1")
+
+
+def test_split_frames_and_two_frames_in_one_write(serve, store):
+    _, handle = serve()
+    peer = Peer(handle.port)
+    for byte in mllp(us_report(Patient(), "DRIP-1")):
+        peer.send(bytes([byte]))
+    assert _msa(peer.ack()) == ("AA", "DRIP-1")
+    peer.send(mllp(us_report(Patient(), "PAIR-1")) + mllp(pathology_result(Patient(), "PAIR-2")))
+    assert [_msa(peer.ack()) for _ in range(2)] == [("AA", "PAIR-1"), ("AA", "PAIR-2")]
+    assert _rows(store, "hl7_messages") == 3
+
+
+def test_connection_limit_and_idle_timeout(serve):
+    server, handle = serve(max_connections=1, idle_timeout_s=0.5)
+    first = Peer(handle.port)
+    first.send(mllp(us_report(Patient(), "LIM-1")))
+    assert _msa(first.ack()) == ("AA", "LIM-1")
+    second = Peer(handle.port)
+    assert second.closed_by_server(timeout=2)
+    started = time.monotonic()
+    assert first.closed_by_server(timeout=5)
+    assert 0.3 < time.monotonic() - started < 3
+    third = Peer(handle.port)
+    third.send(mllp(us_report(Patient(), "LIM-2")))
+    assert _msa(third.ack()) == ("AA", "LIM-2")
+    stats = server.stats()
+    assert (stats.connections_total, stats.connections_refused) == (2, 1)
+
+
+def test_client_sends_messages_and_files(serve, tmp_path):
+    _, handle = serve()
+    patient = Patient()
+    acks = send_messages("127.0.0.1", handle.port, [
+        us_report(patient, "C-1"), b"not HL7 at all\r", pathology_result(patient, "C-2"),
+        _modes(us_report(patient, "C-3"), "NE", "NE"), us_report(patient, "C-4")],
+        timeout_s=5)
+    assert [(a.control_id, a.code, a.acked_control_id) for a in acks] == [
+        ("C-1", "AA", "C-1"), ("", "AE", ""), ("C-2", "AA", "C-2"), ("C-3", "", ""),
+        ("C-4", "AA", "C-4")]
+    assert [a.accepted for a in acks] == [True, False, True, False, True]
+    assert "MSH" in acks[1].error and "NE" in acks[3].error
+
+    batch = tmp_path / "batch.hl7"
+    batch.write_bytes(b"FHS|^~\\&|LIS|HOSP\rBHS|^~\\&|LIS|HOSP\r" + pathology_result(
+        patient, "F-1") + pathology_result(Patient("MRN009"), "F-2") + b"BTS|2\rFTS|1\r")
+    framed = tmp_path / "framed.mllp"
+    framed.write_bytes(mllp(us_report(patient, "F-3")))
+    missing = tmp_path / "missing.hl7"
+    results = send_files([batch, missing, framed], "127.0.0.1", handle.port, timeout_s=5)
+    assert [(p.name, a.control_id, a.code) for p, a in results] == [
+        ("batch.hl7", "F-1", "AA"), ("batch.hl7", "F-2", "AA"), ("missing.hl7", "", ""),
+        ("framed.mllp", "F-3", "AA")]
+    assert "No such file" in results[2][1].error
+
+
+def test_client_waits_as_the_mode_says_and_stops_after_a_missing_ack(serve):
+    _, handle = serve()
+    patient = Patient()
+    acks = send_messages("127.0.0.1", handle.port, [
+        us_report(patient, "FRAMED\x1c"), _modes(us_report(patient, "ER-1"), "ER", "ER"),
+        us_report(patient, "S-2")], timeout_s=0.5)
+    assert acks[0].code == "" and "framing" in acks[0].error
+    assert acks[1].code == "" and "only on error" in acks[1].error
+    assert (acks[2].code, acks[2].acked_control_id) == ("AA", "S-2")
+
+    with socket.socket() as mute:  # accepts and reads, never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        acks = send_messages("127.0.0.1", mute.getsockname()[1],
+                             [us_report(patient, "M-1"), us_report(patient, "M-2")], timeout_s=0.5)
+    assert [a.code for a in acks] == ["", ""]
+    assert "no acknowledgement within 0.5 s" in acks[0].error
+    assert acks[1].error.startswith("not sent:")
+    with pytest.raises(ConnectionRefusedError):
+        send_messages("127.0.0.1", _closed_port(), [us_report(patient)], timeout_s=1)
+
+
+def _closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_read_ack_of_garbage_is_total():
+    assert read_ack(b"\x00\xff", "X").code == ""
+    assert "MSA" in read_ack(b"MSH|^~\\&|A|B|C|D|2026||ACK|1|P|2.5\r", "X").error
+
+
+def test_stop_answers_the_message_in_flight_and_closes_idle_connections(serve, store, config):
+    server, handle = serve(busy_timeout_ms=5000, workers=1)
+    idle = Peer(handle.port)
+    busy = Peer(handle.port)
+    blocker = sqlite3.connect(config.paths.db_file, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        busy.send(mllp(us_report(Patient(), "FLIGHT-1")))
+        deadline = time.monotonic() + 5
+        while server.stats().in_flight == 0:
+            assert time.monotonic() < deadline, "the message never reached the intake"
+            time.sleep(0.01)
+        stopper = threading.Thread(target=handle.stop)
+        stopper.start()
+        assert idle.closed_by_server(timeout=3)
+        with pytest.raises(ConnectionRefusedError):  # no longer accepting
+            Peer(handle.port)
+        time.sleep(0.2)
+        assert stopper.is_alive()  # waiting for the persistence in flight
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert _msa(busy.ack()) == ("AA", "FLIGHT-1")
+    assert busy.closed_by_server(timeout=5)
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert _rows(store, "hl7_messages", "control_id = 'FLIGHT-1'") == 1
+    assert not handle.thread.is_alive()
+
+
+def test_run_in_thread_reports_a_port_in_use(config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = MllpServer(_factory(config), port=taken.getsockname()[1])
+        with pytest.raises(OSError):
+            server.run_in_thread()

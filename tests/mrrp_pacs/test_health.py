@@ -1,0 +1,61 @@
+"""/healthz and /metrics over real HTTP on loopback, figures read from a real database."""
+
+import json
+import urllib.error
+import urllib.request
+
+from builders import Patient, encode, pathology_result, us_image
+
+from mrrp_pacs.health import HealthServer, metrics_text
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.headers["Content-Type"], answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+def test_metrics_count_what_the_database_holds(store, intake):
+    patient = Patient("P-77", "HOSP")
+    assert intake.receive_dicom(encode(us_image(patient)), "test").row_id
+    assert intake.receive_hl7(pathology_result(patient), "test").row_id
+    with store.transaction() as conn:
+        conn.execute("INSERT INTO jobs (kind, state, started_at, finished_at, detail) VALUES "
+                     "('process', 'done', 'a', 'b', ?)",
+                     (json.dumps({"due": 3, "waiting": 2, "incomplete": 1, "seconds": 1.5}),))
+        conn.execute("INSERT INTO exports (kind, destination, state, created_at, updated_at) "
+                     "VALUES ('sr', 'pacs', 'dead', 'a', 'a')")
+    text = metrics_text(store)
+    assert "mrrp_dicom_instances_stored_total 1\n" in text
+    assert "mrrp_hl7_messages_received_total 1\n" in text
+    assert 'mrrp_exports{state="dead"} 1\n' in text
+    assert 'mrrp_exports{state="pending"} 0\n' in text
+    assert 'mrrp_cases{state="waiting"} 2\n' in text
+    assert 'mrrp_job_last_duration_seconds{kind="process"} 1.5\n' in text
+    assert 'mrrp_jobs_total{kind="process",state="done"} 1\n' in text
+    assert "# TYPE mrrp_patients_scored gauge" in text
+    assert "P-77" not in text
+
+
+def test_healthz_reports_each_component_and_fails_when_one_is_down(store, config):
+    alive = {"dicom": True}
+    server = HealthServer(config.paths.db_file, config.paths.objects_dir, "127.0.0.1", 0,
+                          {"dicom": lambda: alive["dicom"]})
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        status, kind, body = _get(f"{base}/healthz")
+        assert status == 200 and kind == "application/json"
+        assert json.loads(body) == {"status": "ok",
+                                    "components": {"dicom": True, "database": True}}
+        alive["dicom"] = False
+        status, _, body = _get(f"{base}/healthz")
+        assert status == 503 and json.loads(body)["components"]["dicom"] is False
+        status, kind, body = _get(f"{base}/metrics")
+        assert status == 200 and kind.startswith("text/plain; version=0.0.4")
+        assert "mrrp_scores_total 0" in body
+        assert _get(f"{base}/other")[0] == 404
+    finally:
+        server.stop()

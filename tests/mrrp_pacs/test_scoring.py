@@ -1,0 +1,182 @@
+"""Scoring: readiness, and stored risk results from a model trained on a small phantom."""
+
+import csv
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from click.testing import CliRunner
+from phantoms import extracted_phantom
+
+from model_store import ModelStore
+from mrrp_pacs.cases import CaseInputs, ClinicalValue, InstanceRef, case_inputs
+from mrrp_pacs.cli import main
+from mrrp_pacs.config import load_config
+from mrrp_pacs.daemon import Pipeline
+from mrrp_pacs.phantom.generator import PhantomSpec
+from mrrp_pacs.results import RiskResult
+from mrrp_pacs.scoring import (
+    INCOMPLETE,
+    READY,
+    WAITING,
+    Scorer,
+    arrivals_digest,
+    due_cases,
+    readiness,
+)
+from mrrp_pacs.store import Store
+
+# enough ultrasound crops to train the US encoder, and some patients without each modality
+SPEC = PhantomSpec(patients=16, seed=4, slide_px=1024, missing_wsi=0.2, missing_us=0.2,
+                   missing_report=0.3)
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+WAIT = timedelta(hours=72)
+
+
+def _case(slide: bool, us: bool, clinical: bool) -> CaseInputs:
+    ref = InstanceRef(1, "1.2.3", "1.2", "ab" * 32)
+    return CaseInputs(
+        "P1^^^H", "P1", "H",
+        slides={"1.2": [ref]} if slide else {},
+        us_images=[InstanceRef(2, "1.2.4", "1.3", "cd" * 32)] if us else [],
+        clinical={"age": ClinicalValue(7, "55", 55.0, "a")} if clinical else {})
+
+
+@pytest.mark.parametrize(("slide", "us", "clinical", "age_h", "state", "compensating"), [
+    (True, True, True, 0, READY, ()),
+    (True, False, True, 1, WAITING, ("us",)),
+    (True, False, True, 72, READY, ("us",)),
+    (False, True, True, 80, READY, ("wsi",)),
+    (True, True, False, 100, INCOMPLETE, ()),
+    (False, False, True, 100, INCOMPLETE, ()),
+])
+def test_readiness_waits_for_a_missing_modality_then_compensates(
+        slide, us, clinical, age_h, state, compensating):
+    found = readiness(_case(slide, us, clinical), NOW - timedelta(hours=age_h), NOW, WAIT)
+    assert found.state == state
+    if state != INCOMPLETE:
+        assert found.compensating == compensating
+
+
+def test_arrivals_digest_changes_only_with_what_arrived():
+    case = _case(True, False, True)
+    before = arrivals_digest(case)
+    assert arrivals_digest(_case(True, False, True)) == before
+    case.us_images.append(InstanceRef(9, "1.2.9", "1.9", "ef" * 32))
+    assert arrivals_digest(case) != before
+
+
+@pytest.fixture(scope="module")
+def phantom_model(tmp_path_factory):
+    """A small phantom, extracted, with a model trained for a few epochs."""
+    root = tmp_path_factory.mktemp("scoring")
+    db, env, _ = extracted_phantom(root, SPEC, max_tiles=4)
+    with (root / "phantom" / "truth.csv").open() as handle:
+        truth = {row["patient_id"]: row for row in csv.DictReader(handle)}
+    outcomes = root / "outcomes.csv"
+    with outcomes.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", "time_months", "event"])
+        for pid, row in truth.items():
+            writer.writerow([pid, row["time_months"], row["event"]])
+    trained = CliRunner().invoke(main, ["train", *db, "--outcomes", str(outcomes),
+                                        "--max-epochs", "3", "--json"], env=env)
+    assert trained.exit_code == 0, trained.output
+    config = load_config(None, environ=env).with_db(root / "state" / "db.sqlite3")
+    return config, truth, root, env, db, outcomes
+
+
+def test_scores_are_stored_once_per_model_and_inputs(phantom_model):
+    config, truth, *_ = phantom_model
+    with Store(config.paths.db_file, config.paths.objects_dir) as store:
+        scorer = Scorer(store, config, ModelStore(config.paths.model_store_dir))
+        due, digests, run = due_cases(store, config, scorer, NOW, timedelta(0))
+        assert run.incomplete == 0 and run.waiting == 0
+        assert set(due) == set(case_inputs(store, config))
+        outcomes = scorer.score(due, digests)
+        assert [o.state for o in outcomes] == ["scored"] * len(due)
+        manifest = scorer.version.manifest
+        for outcome in outcomes:
+            row = store.conn.execute("SELECT outputs FROM scores WHERE id = ?",
+                                     (outcome.score_id,)).fetchone()
+            result = RiskResult.from_json(row[0])
+            assert result == outcome.result
+            pid = due[result.patient_key].patient_id
+            expected_missing = [m for m, flag in (("wsi", "has_wsi"), ("us", "has_us"))
+                                if truth[pid][flag] != "1"]
+            assert result.compensated == expected_missing
+            assert set(result.modalities_used) == {"wsi", "us", "clinical"} - set(
+                expected_missing)
+            probabilities = [result.rfs_probability[h] for h in ("36", "60", "84")]
+            assert 1 >= probabilities[0] >= probabilities[1] >= probabilities[2] >= 0
+            assert 0 <= result.percentile <= 100
+            assert result.group == ("high" if result.risk > manifest["risk_cutoff"] else "low")
+            assert abs(sum(w for _, w in result.clinical_attention) - 1) < 1e-3
+            roles = {e.role for e in result.evidence}
+            assert ("wsi" in roles) == ("wsi" not in expected_missing)
+            assert ("us_image" in roles) == ("us" not in expected_missing)
+            if "us" in expected_missing:
+                assert result.us_region is None
+            else:
+                assert result.us_region is not None
+                x0, y0, x1, y1 = result.us_region.box_px
+                assert x1 > x0 and y1 > y0
+                assert result.us_region.sop_instance_uid in {
+                    e.sop_instance_uid for e in result.evidence if e.role == "us_image"}
+        # same model, same inputs: nothing new, nothing due
+        again = scorer.score(due, digests)
+        assert [o.state for o in again] == ["unchanged"] * len(due)
+        assert store.conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == len(due)
+        assert not due_cases(store, config, scorer, NOW, timedelta(0))[0]
+        # nightly rescoring looks at everyone and still writes nothing
+        everyone = due_cases(store, config, scorer, NOW, timedelta(0), everyone=True)[0]
+        assert [o.state for o in scorer.score(everyone)] == ["unchanged"] * len(due)
+
+
+def test_pipeline_waits_then_compensates_and_rescores_with_a_new_model(phantom_model):
+    config, truth, _, env, db, outcomes = phantom_model
+    incomplete = sum(row["has_wsi"] != "1" or row["has_us"] != "1" for row in truth.values())
+    assert 0 < incomplete < len(truth)
+    now = datetime.now(UTC)
+    later = now + timedelta(hours=config.scoring.wait_hours + 1)
+    pipeline = Pipeline(config)
+    try:
+        with pipeline.store.transaction() as conn:  # forget the previous test's scores
+            conn.execute("DELETE FROM scores")
+        first = pipeline.process(now=now)
+        assert (first["scored"], first["waiting"]) == (len(truth) - incomplete, incomplete)
+        assert first["failed"] == 0
+        waited = pipeline.process(now=later)
+        assert (waited["scored"], waited["waiting"]) == (incomplete, 0)
+        retrained = CliRunner().invoke(main, ["train", *db, "--outcomes", str(outcomes),
+                                              "--max-epochs", "2", "--seed", "1"], env=env)
+        assert retrained.exit_code == 0, retrained.output
+        second = pipeline.process(now=later)
+        assert second["scored"] == len(truth)
+        assert pipeline.process(now=later)["due"] == 0
+        rows = pipeline.store.conn.execute(
+            "SELECT patient_key, COUNT(*), SUM(superseded_by IS NULL) FROM scores "
+            "GROUP BY patient_key").fetchall()
+        assert len(rows) == len(truth)
+        assert all(total == 2 and current == 1 for _, total, current in rows)
+        jobs = pipeline.store.conn.execute(
+            "SELECT kind, state, detail FROM jobs ORDER BY id").fetchall()
+        assert [(k, s) for k, s, _ in jobs] == [("process", "done")] * 4
+        promoted = ModelStore(config.paths.model_store_dir).promoted("mrrp", "mrrp")
+        assert promoted and json.loads(jobs[2][2])["model"].endswith(promoted)
+    finally:
+        pipeline.close()
+
+
+def test_a_stopping_pipeline_scores_nobody_and_says_so(phantom_model):
+    config, *_ = phantom_model
+    pipeline = Pipeline(config)
+    try:
+        pipeline.stopping.set()
+        detail = pipeline.process(now=NOW, everyone=True)
+        assert detail["stopped"] is True and detail["scored"] + detail["unchanged"] == 0
+        state = pipeline.store.conn.execute(
+            "SELECT state FROM jobs ORDER BY id DESC LIMIT 1").fetchone()[0]
+        assert state == "interrupted"
+    finally:
+        pipeline.close()
