@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_TOOLS_STAMP := $(VENV)/.test-tools
 
-.PHONY: demo test lint venv build-prerequisites test-tools clean
+.PHONY: demo test lint venv build-prerequisites test-tools viewer-deps viewer clean
 
 # The demo installs Orthanc when it can (as root); without it, it runs in file-drop mode. As
 # root it runs in a private network namespace, like the tests (Orthanc binds every interface).
@@ -20,9 +20,24 @@ demo: venv
 		$(BIN)/mrrp-pacs demo $(DEMO_ARGS); \
 	fi
 
+# The OHIF viewer on the demo's results (after `make demo`); ORTHANC_URL=... to show another
+# DICOMweb-enabled Orthanc instead.
+viewer: venv viewer-deps
+	@test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+		|| deploy/apt-install.sh orthanc orthanc-dicomweb
+	$(BIN)/mrrp-pacs viewer $(if $(ORTHANC_URL),--orthanc $(ORTHANC_URL))
+
+# The pinned prebuilt OHIF viewer and playwright-core (drives Debian's chromium in the viewer
+# test; no browser is downloaded). Needs Node.js >= 20 and npm.
+VIEWER_STAMP := deploy/viewer/node_modules/.package-lock.json
+viewer-deps: $(VIEWER_STAMP)
+$(VIEWER_STAMP): deploy/viewer/package.json deploy/viewer/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm (Node.js >= 20) is needed for the viewer" >&2; exit 1; }
+	npm ci --prefix deploy/viewer --no-audit --no-fund --ignore-scripts --loglevel=error
+
 # As root, the tests run in a private network namespace: only a loopback interface exists,
 # so the servers they start (Orthanc listens on all interfaces) reach nothing else.
-test: venv test-tools lint
+test: venv test-tools viewer-deps lint
 	@if [ "$$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then \
 		echo "pytest in a private network namespace (loopback only)"; \
 		unshare --net sh -c 'ip link set lo up && exec $(BIN)/pytest'; \
@@ -50,15 +65,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Real external programs the tests use: Orthanc (PACS), dcmtk, dicom3tools, R survival,
-# poppler (pdftoppm renders the PDF companion) and iproute2 for the private network namespace.
+# Real external programs the tests use: Orthanc (PACS) with its DICOMweb plugin, dcmtk,
+# dicom3tools, R survival, poppler (pdftoppm renders the PDF companion), chromium (the viewer
+# test) and iproute2 for the private network namespace.
 test-tools:
 	@if command -v storescu >/dev/null && command -v dsrdump >/dev/null \
 		&& command -v dciodvfy >/dev/null && test -x /usr/sbin/Orthanc && command -v ip >/dev/null \
-		&& command -v pdftoppm >/dev/null \
+		&& command -v pdftoppm >/dev/null && command -v chromium >/dev/null \
+		&& test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
 		&& Rscript -e 'suppressMessages(library(survival))' >/dev/null 2>&1; then :; \
-	else deploy/apt-install.sh orthanc dcmtk dicom3tools r-cran-survival poppler-utils \
-		iproute2; fi
+	else deploy/apt-install.sh orthanc orthanc-dicomweb dcmtk dicom3tools r-cran-survival \
+		poppler-utils chromium iproute2; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,12 @@
-"""From a new score to queued DICOM objects: the SR (and its PDF companion) in the outbox.
+"""From a new score to queued objects: SRs and a PDF companion (and an HL7 result) in the outbox.
 
-The SR goes into the pathology study, or the ultrasound study (``sr_study``); a patient without
-the chosen one gets it in the other. An earlier SR of the same patient (a previous scoring,
-found in the outbox) becomes the new one's predecessor. Objects are deterministic, so queuing
-the same result twice writes one outbox row.
+One SR goes into the pathology study, or the ultrasound study (``sr_study``); a patient without
+the chosen one gets it in the other. When the ultrasound image the lesion region is drawn on
+lies in another study, a second SR (same content and Tracking UID) goes into that study, since
+viewers draw a region only on images of the study they show. The PDF goes into the chosen
+study. Each SR's predecessor is the patient's SR of an earlier score in the same study, found in
+the outbox (whose rows are never deleted). Objects are deterministic, so queuing the same result
+twice writes one outbox row per object.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pydicom.dataset import Dataset
 from exporters.hl7_result import build_oru_r01
 from exporters.outbox import Outbox
 from exporters.pdf import TrainingKM, build_companion_pdf, build_encapsulated_pdf
-from exporters.sr import DEFAULT_UID_SECRET, build_risk_sr
+from exporters.sr import DEFAULT_UID_SECRET, build_risk_sr, series_uid
 from model_store import ModelStore
 from mrrp_pacs.model.train import MODEL_KIND
 from mrrp_pacs.results import EvidenceRef, RiskResult
@@ -85,23 +88,42 @@ class ResultPublisher:
             receiving_facility=self.settings.hl7_receiving_facility)
 
     def objects(self, store: Store, result: RiskResult) -> list[tuple[str, Dataset]]:
-        """The SR and (optionally) the encapsulated PDF of one result."""
+        """The SRs and (optionally) the encapsulated PDF of one result.
+
+        One SR goes into the chosen study; when the ultrasound image the region is drawn on
+        lies in another study, a second SR (same content, same Tracking UID) goes into that
+        study too, because viewers draw a region only on images of the study they show (OHIF
+        measured, deploy/viewer/README.md). The PDF goes into the chosen study only.
+        """
         headers = {e.sop_instance_uid: _header(store, e) for e in result.evidence}
         study = self._study(result, headers)
         us_image = (headers.get(result.us_region.sop_instance_uid)
                     if result.us_region is not None else None)
-        sr = build_risk_sr(
-            result, list(headers.values()), study=study, series_number=SR_SERIES_NUMBER,
-            instance_number=1, predecessor=self._predecessor(store, result),
-            us_image=us_image, uid_secret=self.settings.uid_secret,
-            manufacturer=self.settings.manufacturer,
-            institution_name=self.settings.institution_name)
-        made: list[tuple[str, Dataset]] = [("sr", sr)]
+        targets = [study]
+        if us_image is not None and us_image.StudyInstanceUID != study.StudyInstanceUID:
+            targets.append(us_image)
+        earlier = _earlier(store, result, "sr")
+        made: list[tuple[str, Dataset]] = []
+        for target in targets:
+            in_study = [ds for ds in earlier if ds.StudyInstanceUID == target.StudyInstanceUID]
+            made.append(("sr", build_risk_sr(
+                result, list(headers.values()), study=target, series_number=SR_SERIES_NUMBER,
+                # viewers show the SR of highest instance number in a series
+                instance_number=1 + sum(ds.SeriesInstanceUID == series_uid_of(target, result,
+                                                                               self.settings)
+                                        for ds in in_study),
+                predecessor=in_study[0] if in_study else None, us_image=us_image,
+                uid_secret=self.settings.uid_secret, manufacturer=self.settings.manufacturer,
+                institution_name=self.settings.institution_name)))
         if self.settings.pdf:
             pdf = build_companion_pdf(result, self._training(result),
                                       patient_id=str(study.get("PatientID", "")) or None)
+            pdf_series = series_uid("pdf", result, str(study.StudyInstanceUID),
+                                    self.settings.uid_secret)
             made.append(("pdf", build_encapsulated_pdf(
-                pdf, study, result=result, series_number=PDF_SERIES_NUMBER, instance_number=1,
+                pdf, study, result=result, series_number=PDF_SERIES_NUMBER,
+                instance_number=1 + sum(ds.SeriesInstanceUID == pdf_series
+                                        for ds in _earlier(store, result, "pdf")),
                 uid_secret=self.settings.uid_secret, manufacturer=self.settings.manufacturer,
                 institution_name=self.settings.institution_name)))
         return made
@@ -123,25 +145,29 @@ class ResultPublisher:
             self._km[result.model_label] = TrainingKM.from_manifest(version.manifest)
         return self._km[result.model_label]
 
-    @staticmethod
-    def _predecessor(store: Store, result: RiskResult) -> Dataset | None:
-        """The patient's latest SR queued for an earlier score.
 
-        Earlier by score row, not "any other score": an older result published again after a
-        newer one must get back the same bytes, else its SOP Instance UID would name two
-        different documents. A result without a score row is taken as the newest.
-        """
-        row = store.conn.execute(
-            "SELECT e.object_sha256 FROM exports e JOIN scores s ON s.id = e.score_id "
-            "WHERE s.patient_key = ? AND e.kind = 'sr' AND s.id < coalesce("
-            "(SELECT id FROM scores WHERE patient_key = ? AND model_version = ? "
-            "AND inputs_hash = ?), 9223372036854775807) "
-            "ORDER BY s.id DESC, e.id DESC LIMIT 1",
-            (result.patient_key, result.patient_key, result.model_version,
-             result.inputs_hash)).fetchone()
-        if row is None:
-            return None
-        return pydicom.dcmread(store.objects.path_for(row[0]), stop_before_pixels=True)
+def _earlier(store: Store, result: RiskResult, kind: str) -> list[Dataset]:
+    """Headers of the patient's objects of ``kind`` queued for earlier scores, newest first.
+
+    Earlier by score row, not "any other score": an older result published again after a
+    newer one must get back the same bytes, else its SOP Instance UID would name two
+    different documents. A result without a score row is taken as the newest.
+    """
+    rows = store.conn.execute(
+        "SELECT e.object_sha256 FROM exports e JOIN scores s ON s.id = e.score_id "
+        "WHERE s.patient_key = ? AND e.kind = ? AND s.id < coalesce("
+        "(SELECT id FROM scores WHERE patient_key = ? AND model_version = ? "
+        "AND inputs_hash = ?), 9223372036854775807) "
+        "ORDER BY s.id DESC, e.id DESC",
+        (result.patient_key, kind, result.patient_key, result.model_version,
+         result.inputs_hash)).fetchall()
+    return [pydicom.dcmread(store.objects.path_for(sha), stop_before_pixels=True)
+            for (sha,) in rows]
+
+
+def series_uid_of(study: Dataset, result: RiskResult, settings: PublishSettings) -> str:
+    """The SR series of ``result``'s model version in ``study``."""
+    return series_uid("sr", result, str(study.StudyInstanceUID), settings.uid_secret)
 
 
 def _header(store: Store, ref: EvidenceRef) -> Dataset:

@@ -177,7 +177,7 @@ class StorageScp:
         TCP port to listen on; 0 picks a free one (read :attr:`port` after :meth:`start`).
     host
         Address to bind. The default, 127.0.0.1, accepts only local peers; a PACS on another
-        machine needs the address of the interface it reaches (``0.0.0.0`` for all).
+        machine needs the address of the interface it reaches, or the wildcard address.
     allowed_aes
         Calling AE titles accepted; ``None`` accepts any (not for production).
     max_pdu

@@ -801,6 +801,52 @@ def hl7_send(files: tuple[Path, ...], host: str, port: int, timeout_s: float) ->
 
 
 @main.command()
+@click.option("--orthanc", "orthanc_url", default=None,
+              help="DICOMweb-enabled Orthanc to show, e.g. http://127.0.0.1:8042 (default: "
+                   "start one on the demo's storage, see --demo).")
+@click.option("--demo", "demo_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("demo-output"), show_default=True,
+              help="Folder of a `mrrp-pacs demo` run whose Orthanc storage is served.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=3000, show_default=True)
+def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> None:
+    """Serve the OHIF viewer (same origin as Orthanc's DICOMweb) to look at the results: the
+    SR drawn on the ultrasound lesion and the PDF report. Ctrl-C stops it."""
+    import signal
+    import threading
+    from contextlib import ExitStack
+
+    from mrrp_pacs.private_orthanc import DICOMWEB_PLUGIN, OrthancUnavailable, running_orthanc
+    from mrrp_pacs.viewer import ViewerServer, viewer_files
+
+    try:
+        files = viewer_files()
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with ExitStack() as stack:
+        if orthanc_url is None:
+            storage = demo_dir / "orthanc"
+            if not (storage / "index").exists():
+                raise click.ClickException(f"{storage} holds no Orthanc storage: run `make demo` "
+                                           "first, or give --orthanc URL")
+            try:
+                orthanc = stack.enter_context(running_orthanc(
+                    storage, "ORTHANC", plugins=[DICOMWEB_PLUGIN]))
+            except OrthancUnavailable as exc:
+                raise click.ClickException(str(exc)) from None
+            orthanc_url = orthanc.url
+        server = ViewerServer(files.dist_dir, files.app_config, orthanc_url, host, port)
+        server.start()
+        stack.callback(server.stop)
+        click.echo(f"OHIF viewer on {server.study_list_url} (Orthanc {orthanc_url}); "
+                   "Ctrl-C stops it")
+        stop.wait()
+
+
+@main.command()
 @DB_OPTION
 @click.pass_obj
 def doctor(state: _Context, db_path: Path | None) -> None:
@@ -968,7 +1014,9 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
             ("patients received", summary["received"]),
             ("patients scored", summary["scored"]),
             ("scored with a missing modality compensated", summary["compensated"]),
-            ("SRs stored in the PACS (found by C-FIND)", summary["srs_stored"]),
+            ("SRs stored in the PACS (found by C-FIND)",
+             f"{summary['srs_stored']} of {summary['srs_queued']} written (one per study "
+             "reported on)"),
             (f"test C-index ({summary['test_patients']} held-out patients)",
              summary["test_c_index"]),
             ("phantom oracle C-index (true hazard, same split)", oracle),

@@ -122,7 +122,7 @@ class DicomConfig:
 
     ae_title: str = "MRRP"
     port: int = 11112
-    bind: str = "127.0.0.1"  # address to listen on; "0.0.0.0" for every interface
+    bind: str = "127.0.0.1"  # listen address; wider binding is explicit config (example TOML)
     # calling AE titles allowed to associate; empty = only the PACS of [pacs]
     allowed_aes: list[str] = field(default_factory=list)
 

@@ -40,6 +40,11 @@ DEMO_MARKER = ".mrrp-demo"
 DEMO_AE = "MRRP"
 PACS_AE = "ORTHANC"
 WAIT_TIMEOUT_S = 1200
+LOAD_ATTEMPTS = 3
+# scores whose objects are all queued and sent
+SENT_SCORES_SQL = ("SELECT COUNT(*) FROM scores s WHERE s.superseded_by IS NULL AND EXISTS "
+                   "(SELECT 1 FROM exports e WHERE e.score_id = s.id) AND NOT EXISTS "
+                   "(SELECT 1 FROM exports e WHERE e.score_id = s.id AND e.state != 'sent')")
 
 
 class DemoError(RuntimeError):
@@ -138,9 +143,9 @@ def _run_hospital(config: Config, orthanc: Any, dicom_files: list[Path], hl7_fil
                 _wait_for(config, "every ready patient scored",
                           "SELECT COUNT(DISTINCT patient_key) FROM scores", ready,
                           lambda n: tick("score", n, ready))
-                _wait_for(config, "every SR and PDF sent",
-                          "SELECT COUNT(*) FROM exports WHERE state = 'sent'", 2 * ready,
-                          lambda n: tick("export", n, 2 * ready))
+                # every current score has its objects queued, and none is left to send
+                _wait_for(config, "every SR and PDF sent", SENT_SCORES_SQL, ready,
+                          lambda n: tick("export", n, ready))
         else:
             with step("scoring", f"{ready} patients"):
                 pipeline = Pipeline(config, exporter=components.exporter)
@@ -227,10 +232,15 @@ def _load_pacs(orthanc: Any, files: list[Path], tick: Callable[[int], None]) -> 
     sender = DicomSender("127.0.0.1", orthanc.dicom_port, PACS_AE, DEMO_AE, timeout_s=120)
     with sender.session() as session:
         for done, path in enumerate(files, 1):
-            try:
-                session.send(path.read_bytes())
-            except SendError as exc:
-                raise DemoError(f"Orthanc refused {path.name}: {exc}") from exc
+            for attempt in range(1, LOAD_ATTEMPTS + 1):
+                try:
+                    session.send(path.read_bytes())
+                    break
+                except SendError as exc:
+                    # a busy machine can lose a response: the next send opens a new association
+                    if not exc.transient or attempt == LOAD_ATTEMPTS:
+                        raise DemoError(f"Orthanc refused {path.name}: {exc}") from exc
+                    LOGGER.warning("loading Orthanc: %s; sending again", exc)
             tick(done)
 
 
@@ -316,6 +326,8 @@ def _collect(config: Config, truth_csv: Path, out: Path, orthanc: Any,
                 "SELECT id, kind, object_sha256 FROM exports ORDER BY id"):
             shutil.copyfile(store.objects.path_for(sha), reports / f"{kind}-{export_id:04d}.dcm")
         example = _example_pdf(store, reports)
+        (srs_queued,) = store.conn.execute(
+            "SELECT COUNT(*) FROM exports WHERE kind = 'sr'").fetchone()
     test = [r for r in results if truth[inputs[r.patient_key].patient_id]["split"] == "test"]
     try:
         test_c = round(harrell_c(
@@ -328,12 +340,14 @@ def _collect(config: Config, truth_csv: Path, out: Path, orthanc: Any,
     _evaluation_plots(config, truth_csv, out / "evaluation", model_label)
     srs_stored = 0
     if orthanc is not None:
+        # one model in the demo: each SR series holds one SR
         srs_stored = _count_series(orthanc, SERIES_DESCRIPTION)
     return {
         "received": len(inputs),
         "scored": len(results),
         "compensated": sum(bool(r.compensated) for r in results),
         "srs_stored": srs_stored,
+        "srs_queued": srs_queued,
         "test_patients": len(test),
         "test_c_index": test_c,
         "model": model_label,

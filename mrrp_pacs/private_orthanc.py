@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+"""Debian package orthanc-dicomweb (``dpkg -L orthanc-dicomweb``)."""
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 30
 
@@ -63,7 +65,7 @@ class Orthanc:
 @contextmanager
 def running_orthanc(workdir: Path, aet: str = "ORTHANC",
                     modalities: dict[str, list[object]] | None = None,
-                    plugins: list[str] | None = None,
+                    plugins: list[Path] | None = None,
                     extra: dict[str, Any] | None = None) -> Iterator[Orthanc]:
     """Start Orthanc with its storage in ``workdir``; stop it (and wait) on exit.
 
@@ -86,6 +88,10 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
     if not installed():
         raise OrthancUnavailable("Orthanc is not installed: `apt-get install orthanc` (make test "
                                  "and make demo do it when run as root)")
+    for plugin in plugins or []:
+        if not plugin.is_file():
+            raise OrthancUnavailable(f"Orthanc plugin {plugin} is not installed (the DICOMweb "
+                                     "plugin: apt-get install orthanc-dicomweb)")
     workdir.mkdir(parents=True, exist_ok=True)
     server = Orthanc(free_port(), free_port(), aet, workdir)
     config = {
@@ -97,7 +103,7 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
         "DicomAet": aet,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
-        "Plugins": plugins or [],
+        "Plugins": [str(plugin) for plugin in plugins or []],
         "DicomCheckCalledAet": True,
         "DicomModalities": modalities or {},
         "StableAge": 1,

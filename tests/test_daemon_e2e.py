@@ -147,6 +147,10 @@ def _study_uids(assoc) -> list[str]:
 def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path):
     phantom, env = _train(tmp_path)
     dicom_files = [p for p in (phantom / "dicom").rglob("*") if p.is_file()]
+    with (phantom / "truth.csv").open() as handle:
+        truth = list(csv.DictReader(handle))
+    # a patient with a slide and a US lesion gets an SR in both studies, others one
+    expected_srs = sum(1 + (row["has_wsi"] == "1" and row["has_us"] == "1") for row in truth)
     ports = {"dicom": free_port(), "hl7": free_port(), "http": free_port()}
     # Orthanc moves studies to our SCP and answers our queries: it must know our AE and port
     with running_orthanc(tmp_path / "orthanc", modalities={
@@ -182,37 +186,38 @@ def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path):
                   == [(SPEC.patients,)], 600, daemon, log)
             _wait("every SR and PDF sent",
                   lambda: _query(db, "SELECT COUNT(*) FROM exports WHERE state = 'sent'")[:1]
-                  == [(2 * SPEC.patients,)], 120, daemon, log)
+                  == [(expected_srs + SPEC.patients,)], 120, daemon, log)
             metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{ports['http']}/metrics",
                                              timeout=10).read().decode()
             assert f"mrrp_patients_scored {SPEC.patients}" in metrics
-            assert 'mrrp_exports{state="sent"} ' + str(2 * SPEC.patients) in metrics
+            assert f'mrrp_exports{{state="sent"}} {expected_srs + SPEC.patients}' in metrics
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=120)
         assert code == 0, log.read_text()[-3000:]
 
-        # exactly once: one score per patient, one SR and one PDF each in the outbox
+        # exactly once: one score per patient; one PDF each, and an SR in each study reported
+        # on (the pathology study, and the US study where the lesion region is drawn)
         per_patient = _query(db, "SELECT patient_key, COUNT(*) FROM scores GROUP BY 1")
         assert sorted(n for _, n in per_patient) == [1] * SPEC.patients
         kinds = dict(_query(db, "SELECT kind, COUNT(*) FROM exports GROUP BY kind"))
-        assert kinds == {"sr": SPEC.patients, "pdf": SPEC.patients}
+        assert kinds == {"sr": expected_srs, "pdf": SPEC.patients}
         states = {s for (s,) in _query(db, "SELECT state FROM jobs")}
         assert states <= {"done", "interrupted"}, states
 
-        # what Orthanc holds, found by C-FIND: one SR and one PDF series per patient
+        # what Orthanc holds, found by C-FIND: those SR series and one PDF series per patient
         series = _find_series(orthanc.dicom_port)
         ours = [s for s in series if s.SeriesDescription == SR_SERIES]
         pdfs = [s for s in series if s.SeriesDescription == PDF_SERIES]
-        assert len(ours) == SPEC.patients and len(pdfs) == SPEC.patients
+        assert len(ours) == expected_srs and len(pdfs) == SPEC.patients
         assert {s.Modality for s in ours} == {"SR"} and {s.Modality for s in pdfs} == {"DOC"}
         assert all(int(s.NumberOfSeriesRelatedInstances) == 1 for s in ours + pdfs)
         # each report sits in the patient's pathology study, or the US study without a slide
         slide_studies = {s.StudyInstanceUID for s in series if s.Modality == "SM"}
         us_studies = {s.StudyInstanceUID for s in series if s.Modality == "US"}
-        with (phantom / "truth.csv").open() as handle:
-            with_slide = sum(row["has_wsi"] == "1" for row in csv.DictReader(handle))
         in_slide_study = sum(s.StudyInstanceUID in slide_studies for s in ours)
-        assert in_slide_study == with_slide
-        assert all(s.StudyInstanceUID in slide_studies | us_studies for s in ours)
+        assert in_slide_study == sum(row["has_wsi"] == "1" for row in truth)
+        in_us_study = sum(s.StudyInstanceUID in us_studies for s in ours)
+        assert in_us_study == sum(row["has_us"] == "1" for row in truth)
+        assert in_slide_study + in_us_study == expected_srs
 

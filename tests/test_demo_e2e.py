@@ -32,10 +32,11 @@ def test_e2e_demo_scores_every_patient_and_stores_srs_in_orthanc(tmp_path):
     assert summary["received"] == 24
     assert summary["scored"] == 24  # every phantom patient has clinical data and an image
     assert 0 < summary["compensated"] < 24
-    assert summary["srs_stored"] == summary["scored"]
+    # an SR in each study a result is drawn on: the pathology study, and the US study too
+    assert summary["srs_stored"] == summary["srs_queued"] >= summary["scored"]
     assert summary["test_c_index"] is None or 0 <= summary["test_c_index"] <= 1
-    reports = list((out / "reports").glob("sr-*.dcm"))
-    assert len(reports) == 24 and len(list((out / "reports").glob("pdf-*.dcm"))) == 24
+    assert len(list((out / "reports").glob("sr-*.dcm"))) == summary["srs_queued"]
+    assert len(list((out / "reports").glob("pdf-*.dcm"))) == 24
     assert (out / "reports" / "example.pdf").read_bytes().startswith(b"%PDF-")
     assert (out / "evaluation" / "km_by_risk_group.png").stat().st_size > 10_000
     for step in ("phantom hospital", "PACS", "daemon", "training", "scoring", "results"):
@@ -52,4 +53,4 @@ def test_e2e_demo_file_drop_mode_runs_the_same_pipeline_without_a_pacs(tmp_path)
     assert summary["mode"] == "file-drop"
     assert summary["received"] == 24 and summary["scored"] == 24
     assert summary["srs_stored"] == 0
-    assert len(list((out / "reports").glob("sr-*.dcm"))) == 24
+    assert len(list((out / "reports").glob("sr-*.dcm"))) >= 24

@@ -7,8 +7,6 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -17,14 +15,11 @@ from orthanc import LOOPBACK, Orthanc, free_port, running_orthanc
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from storage_peer import COMPREHENSIVE_SR, ENCAPSULATED_PDF, storage_scp
 
 from exporters.dicom_sender import DicomSender
 from exporters.outbox import SendError
 
-ENCAPSULATED_PDF = UID("1.2.840.10008.5.1.4.1.1.104.1")
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 PDF_BYTES = b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
 
 
@@ -64,39 +59,6 @@ def orthanc_file(server: Orthanc, orthanc_id: str) -> Dataset:
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     with running_orthanc(tmp_path_factory.mktemp("orthanc"), aet="PACS") as server:
         yield server
-
-
-@dataclass
-class Peer:
-    """What a test storage SCP saw, and the statuses it answers with (then 0x0000)."""
-
-    port: int
-    statuses: list[int]
-    received: list[str] = field(default_factory=list)
-    associations: int = 0
-
-
-@contextmanager
-def storage_scp(statuses: list[int] | None = None) -> Iterator[Peer]:
-    peer = Peer(free_port(), list(statuses or []))
-
-    def on_store(event: evt.Event) -> int:
-        peer.received.append(str(event.dataset.SOPInstanceUID))
-        return peer.statuses.pop(0) if peer.statuses else 0x0000
-
-    def on_established(event: evt.Event) -> None:
-        peer.associations += 1
-
-    ae = AE(ae_title="TESTSCP")
-    for sop_class in (ENCAPSULATED_PDF, COMPREHENSIVE_SR, US_IMAGE):
-        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
-    server = ae.start_server((LOOPBACK, peer.port), block=False, evt_handlers=[
-        (evt.EVT_C_STORE, on_store), (evt.EVT_ESTABLISHED, on_established)])
-    assert server is not None
-    try:
-        yield peer
-    finally:
-        server.shutdown()
 
 
 def test_sends_sr_and_pdf_to_orthanc_unchanged(orthanc: Orthanc) -> None:

@@ -8,7 +8,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from builders import Patient, encode, us_image, us_roi_sr
 from hl7apy import parser as hl7apy_parser
 from orthanc import LOOPBACK, Orthanc, free_port, running_orthanc
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from storage_peer import storage_scp
 
 from exporters.dicom_sender import DicomSender, DicomSession
 from exporters.hl7_result import MllpSender, build_oru_r01
@@ -31,7 +31,6 @@ from mrrp_pacs.results import RiskResult
 from mrrp_pacs.store import Store
 
 T0 = datetime(2026, 1, 6, 12, 0, tzinfo=UTC)
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 def at(seconds: float) -> datetime:
@@ -67,33 +66,6 @@ def outbox(store: Store) -> Outbox:
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     with running_orthanc(tmp_path_factory.mktemp("orthanc"), aet="PACS") as server:
         yield server
-
-
-@dataclass
-class Peer:
-    port: int
-    statuses: list[int]
-    received: list[str] = field(default_factory=list)
-
-
-@contextmanager
-def storage_scp(statuses: list[int] | None = None) -> Iterator[Peer]:
-    """A pynetdicom storage SCP that answers ``statuses`` in turn, then success."""
-    peer = Peer(free_port(), list(statuses or []))
-
-    def on_store(event: evt.Event) -> int:
-        peer.received.append(str(event.dataset.SOPInstanceUID))
-        return peer.statuses.pop(0) if peer.statuses else 0x0000
-
-    ae = AE(ae_title="TESTSCP")
-    ae.add_supported_context(COMPREHENSIVE_SR, ALL_TRANSFER_SYNTAXES)
-    server = ae.start_server((LOOPBACK, peer.port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert server is not None
-    try:
-        yield peer
-    finally:
-        server.shutdown()
 
 
 def test_enqueue_records_the_object_and_a_pending_row_once(outbox: Outbox, store: Store) -> None:

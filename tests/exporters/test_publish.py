@@ -1,12 +1,14 @@
 """From score rows to the outbox, over a real store: objects ingested through Intake, a model
-version in a real model store (a fake weights file, a real manifest), the SR and PDF checked by
-dciodvfy and read back by highdicom, and our SR fed back through Intake as a PACS returns it."""
+version in a real model store (a fake weights file, a real manifest), the SRs and PDF checked by
+dciodvfy and read back by highdicom, and our SRs fed back through Intake as a PACS returns them.
+
+The builders' Patient has its slide and its US image in two studies: an SR placed in the
+pathology study then gets a twin in the US study (the one where a viewer can draw the region).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import subprocess
 from pathlib import Path
 
 import builders
@@ -15,9 +17,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from validators import PRIVATE_SCHEME_WARNING, dciodvfy
 
 from exporters.outbox import ExportRow, Outbox
-from exporters.publish import PublishSettings, ResultPublisher
+from exporters.publish import PublishSettings, ResultPublisher, series_uid_of
 from exporters.sr import tracking_uid
 from model_store import ModelStore
 from mrrp_pacs.cases import case_inputs
@@ -31,18 +34,8 @@ from mrrp_pacs.store import Store
 
 MODEL_NAME = "mrrp"
 SECRET = "publish-test-secret"
+SETTINGS = PublishSettings(uid_secret=SECRET)
 BOX = (10.0, 12.0, 40.0, 44.0)
-PRIVATE_SCHEME_WARNING = ("Warning - Unrecognized defined term <99MRRP> for value 1 of "
-                          "attribute <Coding Scheme Designator>")
-
-
-def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    """(errors, warnings) dciodvfy prints for ``path``."""
-    assert shutil.which("dciodvfy"), "dciodvfy (Debian package dicom3tools) is not installed"
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (run.stdout + run.stderr).splitlines()
-    return ([line for line in lines if line.startswith("Error")],
-            [line for line in lines if line.startswith("Warning")])
 
 
 def save_model(models: ModelStore, weights: bytes) -> str:
@@ -119,10 +112,25 @@ def queued(store: Store, score_id: int, kind: str) -> tuple[ExportRow, Dataset]:
     return row, pydicom.dcmread(store.objects.path_for(row.object_sha256))
 
 
+def queued_srs(store: Store, score_id: int | None,
+               objects: dict[str, Dataset]) -> dict[str, Dataset]:
+    """The SRs of a score by the role (``wsi``, ``us_image``) of the study each is placed in."""
+    roles = {str(ds.StudyInstanceUID): role for role, ds in objects.items() if role != "us_roi"}
+    srs = [pydicom.dcmread(store.objects.path_for(r.object_sha256)) for r in Outbox(store).rows()
+           if r.score_id == score_id and r.kind == "sr" and r.object_sha256 is not None]
+    placed: dict[str, Dataset] = {roles[str(ds.StudyInstanceUID)]: ds for ds in srs}
+    assert len(placed) == len(srs), "two SRs of one score in one study"
+    return placed
+
+
 def tracking(sr: Dataset) -> str:
-    """Tracking UID of the TID 1501 group of ``sr``."""
-    (group,) = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
-    return str(group.tracking_uid)
+    """The Tracking UID shared by every measurement group of ``sr``, with its identifier."""
+    content = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    groups = [*content.get_planar_roi_measurement_groups(),
+              *content.get_image_measurement_groups()]
+    (shared,) = {(str(g.tracking_uid), g.tracking_identifier) for g in groups}
+    assert shared[1] == "MRRP recurrence risk"
+    return shared[0]
 
 
 def predecessor_of(sr: Dataset) -> tuple[str, str, str]:
@@ -155,47 +163,63 @@ def objects(intake: Intake, tmp_path: Path) -> dict[str, Dataset]:
 
 @pytest.fixture
 def publisher(models: ModelStore) -> ResultPublisher:
-    return ResultPublisher(models, PublishSettings(uid_secret=SECRET))
+    return ResultPublisher(models, SETTINGS)
 
 
-@pytest.mark.parametrize(("sr_study", "slide", "placed_in"), [
-    ("pathology", True, "wsi"),
-    ("ultrasound", True, "us_image"),
-    ("pathology", False, "us_image"),  # no slide: the US study takes it
+@pytest.mark.parametrize(("sr_study", "slide", "region", "srs_in", "pdf_in"), [
+    # the US image lies in another study than the slide: an SR in each
+    ("pathology", True, True, ("wsi", "us_image"), "wsi"),
+    ("ultrasound", True, True, ("us_image",), "us_image"),
+    ("pathology", False, True, ("us_image",), "us_image"),  # no slide: the US study takes it
+    ("pathology", True, False, ("wsi",), "wsi"),  # no region: nothing to draw in the US study
 ])
-def test_a_new_score_queues_one_sr_and_one_pdf_in_the_chosen_study(
-        store, config, intake, models, version, tmp_path, sr_study, slide, placed_in):
+def test_a_new_score_queues_an_sr_in_each_study_it_reports_on_and_one_pdf(
+        store, config, intake, models, version, tmp_path, sr_study, slide, region, srs_in,
+        pdf_in):
     objects = ingest(intake, tmp_path / "incoming", builders.Patient(), slide=slide)
-    outcome = record_score(store, make_result(store, config, objects, version))
-    publisher = ResultPublisher(models, PublishSettings(sr_study=sr_study, uid_secret=SECRET))
+    result = make_result(store, config, objects, version,
+                         **({} if region else {"us_region": None}))
+    outcome = record_score(store, result)
+    settings = PublishSettings(sr_study=sr_study, uid_secret=SECRET)
+    publisher = ResultPublisher(models, settings)
 
-    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1}
+    assert publisher(store, [outcome]) == {"sr": len(srs_in), "pdf": 1}
 
     rows = Outbox(store).rows()
     assert [(r.kind, r.destination, r.state, r.score_id, r.attempts) for r in rows] == [
-        ("sr", "pacs", "pending", outcome.score_id, 0),
+        *[("sr", "pacs", "pending", outcome.score_id, 0)] * len(srs_in),
         ("pdf", "pacs", "pending", outcome.score_id, 0)]
-    _, sr = queued(store, outcome.score_id, "sr")
+    srs = queued_srs(store, outcome.score_id, objects)
     _, pdf = queued(store, outcome.score_id, "pdf")
-    assert [r.sop_instance_uid for r in rows] == [sr.SOPInstanceUID, pdf.SOPInstanceUID]
-    study = objects[placed_in]
-    for ds in (sr, pdf):
+    # the chosen study's SR first, then its twin
+    assert [r.sop_instance_uid for r in rows] == [
+        *[srs[role].SOPInstanceUID for role in srs_in], pdf.SOPInstanceUID]
+    for ds, role in [*[(srs[role], role) for role in srs_in], (pdf, pdf_in)]:
+        study = objects[role]
         assert (ds.StudyInstanceUID, ds.AccessionNumber, ds.PatientID) == (
             study.StudyInstanceUID, study.AccessionNumber, "MRN001")
-    assert (sr.Modality, sr.SeriesNumber, pdf.Modality, pdf.SeriesNumber) == (
-        "SR", 9901, "DOC", 9902)
-    assert sr.SeriesInstanceUID != pdf.SeriesInstanceUID
-    assert "PredecessorDocumentsSequence" not in sr
-    referenced = {item.ReferencedSOPInstanceUID
-                  for study_item in sr.CurrentRequestedProcedureEvidenceSequence
-                  for series_item in study_item.ReferencedSeriesSequence
-                  for item in series_item.ReferencedSOPSequence}
-    assert referenced == {ds.SOPInstanceUID for ds in objects.values()}
-    # the lesion region is drawn on the US image, whichever study holds the SR
-    (region,) = hd.sr.Comprehensive3DSR.from_dataset(
-        sr).content.get_planar_roi_measurement_groups()
-    assert region.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
-        == objects["us_image"].SOPInstanceUID
+    assert len({ds.SOPInstanceUID for ds in srs.values()}) == len(srs_in)
+    assert {tracking(ds) for ds in srs.values()} == {tracking_uid(result.patient_key, SECRET)}
+    for role, sr in srs.items():
+        assert (sr.Modality, sr.SeriesNumber, sr.InstanceNumber) == ("SR", 9901, 1)
+        assert sr.SeriesInstanceUID == series_uid_of(objects[role], result, settings)
+        assert sr.SeriesInstanceUID != pdf.SeriesInstanceUID
+        assert "PredecessorDocumentsSequence" not in sr
+        referenced = {item.ReferencedSOPInstanceUID
+                      for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+                      for series_item in study_item.ReferencedSeriesSequence
+                      for item in series_item.ReferencedSOPSequence}
+        assert referenced == {ds.SOPInstanceUID for ds in objects.values()}
+        # the lesion region is drawn on the US image, whichever study holds the SR
+        regions = hd.sr.Comprehensive3DSR.from_dataset(
+            sr).content.get_planar_roi_measurement_groups()
+        assert [g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for g in regions] == ([objects["us_image"].SOPInstanceUID] if region else [])
+    # twins: the same document, told apart by where it is placed
+    first, *twins = (srs[role] for role in srs_in)
+    for twin in twins:
+        assert twin.ContentSequence == first.ContentSequence
+    assert (pdf.Modality, pdf.SeriesNumber) == ("DOC", 9902)
     assert pdf.EncapsulatedDocument.startswith(b"%PDF-")
 
 
@@ -203,17 +227,17 @@ def test_the_same_result_again_queues_nothing_new(store, config, objects, models
                                                    publisher):
     result = make_result(store, config, objects, version)
     outcome = record_score(store, result)
-    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1}
+    assert publisher(store, [outcome]) == {"sr": 2, "pdf": 1}
     first = Outbox(store).rows()
 
     # again, and from a fresh publisher (a restarted daemon): byte-identical objects
     assert publisher(store, [outcome]) == {"sr": 0, "pdf": 0}
-    restarted = ResultPublisher(models, PublishSettings(uid_secret=SECRET))
+    restarted = ResultPublisher(models, SETTINGS)
     assert restarted(store, [outcome]) == {"sr": 0, "pdf": 0}
     assert Outbox(store).rows() == first
 
     rebuilt = restarted.objects(store, result)
-    assert [kind for kind, _ in rebuilt] == ["sr", "pdf"]
+    assert [kind for kind, _ in rebuilt] == ["sr", "sr", "pdf"]
     for (kind, ds), row in zip(rebuilt, first, strict=True):
         data = builders.encode(ds)
         assert data == store.objects.read_bytes(row.object_sha256)
@@ -221,21 +245,21 @@ def test_the_same_result_again_queues_nothing_new(store, config, objects, models
                                       destination="pacs", data=data,
                                       sop_instance_uid=ds.SOPInstanceUID)
         assert (again.row_id, again.created) == (row.id, False)
-    assert Outbox(store).counts() == {"pending": 2, "sent": 0, "dead": 0}
+    assert Outbox(store).counts() == {"pending": 3, "sent": 0, "dead": 0}
 
     # outcomes without a new result (unchanged scores) are not published
     assert publisher(store, [ScoreOutcome(result.patient_key, "unchanged", outcome.score_id),
                              ScoreOutcome(result.patient_key, "failed", None, "no features")]
                      ) == {"sr": 0, "pdf": 0}
-    assert len(Outbox(store).rows()) == 2
+    assert len(Outbox(store).rows()) == 3
 
 
-def test_changed_inputs_give_a_new_sr_that_succeeds_the_first(store, config, objects, version,
-                                                               publisher):
+def test_changed_inputs_give_new_srs_that_each_succeed_the_first_of_their_study(
+        store, config, objects, version, publisher):
     first = make_result(store, config, objects, version)
     first_outcome = record_score(store, first)
     publisher(store, [first_outcome])
-    _, first_sr = queued(store, first_outcome.score_id, "sr")
+    first_srs = queued_srs(store, first_outcome.score_id, objects)
 
     changed = dataclasses.replace(first, inputs_hash="cd" * 32, risk=-0.5, group="low",
                                   percentile=30.0, scored_at="2026-01-20T09:30:00Z")
@@ -243,37 +267,51 @@ def test_changed_inputs_give_a_new_sr_that_succeeds_the_first(store, config, obj
     assert store.conn.execute("SELECT superseded_by FROM scores WHERE id = ?",
                               (first_outcome.score_id,)).fetchone()[0] == outcome.score_id
 
-    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1}
-    _, sr = queued(store, outcome.score_id, "sr")
-    assert len(Outbox(store).rows()) == 4
-    assert predecessor_of(sr) == identity(first_sr)
-    assert sr.SOPInstanceUID != first_sr.SOPInstanceUID
-    assert sr.SeriesInstanceUID == first_sr.SeriesInstanceUID  # one series per model version
-    assert tracking(sr) == tracking(first_sr) == tracking_uid(first.patient_key, SECRET)
+    assert publisher(store, [outcome]) == {"sr": 2, "pdf": 1}
+    assert len(Outbox(store).rows()) == 6
+    srs = queued_srs(store, outcome.score_id, objects)
+    assert srs.keys() == first_srs.keys() == {"wsi", "us_image"}
+    for role, sr in srs.items():
+        earlier = first_srs[role]
+        assert predecessor_of(sr) == identity(earlier)
+        assert sr.StudyInstanceUID == objects[role].StudyInstanceUID
+        assert sr.SOPInstanceUID != earlier.SOPInstanceUID
+        # one series per model version and study; the newest shows, being numbered highest
+        assert sr.SeriesInstanceUID == earlier.SeriesInstanceUID
+        assert (earlier.InstanceNumber, sr.InstanceNumber) == (1, 2)
+        assert tracking(sr) == tracking(earlier) == tracking_uid(first.patient_key, SECRET)
 
 
-def test_a_new_model_version_gives_a_new_sr_with_the_same_tracking_uid(
+def test_a_new_model_version_gives_new_srs_in_new_series_with_the_same_tracking_uid(
         store, config, objects, models, version, publisher):
     first = make_result(store, config, objects, version)
     changed = dataclasses.replace(first, inputs_hash="cd" * 32, scored_at="2026-01-20T09:30:00Z")
     outcomes = [record_score(store, result) for result in (first, changed)]
     for outcome in outcomes:
         publisher(store, [outcome])
-    srs = [queued(store, o.score_id, "sr")[1] for o in outcomes]
+    earlier = [queued_srs(store, o.score_id, objects) for o in outcomes]
 
     other_version = save_model(models, b"retrained")
     assert other_version != version
     retrained = dataclasses.replace(changed, model_version=other_version, risk=0.3,
                                     scored_at="2026-02-01T08:00:00Z")
     outcome = record_score(store, retrained)
-    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1}
-    _, sr = queued(store, outcome.score_id, "sr")
+    assert publisher(store, [outcome]) == {"sr": 2, "pdf": 1}
+    srs = queued_srs(store, outcome.score_id, objects)
 
-    assert sr.SOPInstanceUID not in {ds.SOPInstanceUID for ds in srs}
-    assert sr.SeriesInstanceUID != srs[1].SeriesInstanceUID
-    assert predecessor_of(sr) == identity(srs[1])  # the latest, not the first
-    assert tracking(sr) == tracking(srs[0]) == tracking(srs[1])
-    assert sr.SoftwareVersions[1] == other_version
+    old = {ds.SOPInstanceUID for placed in earlier for ds in placed.values()}
+    assert len(old) == 4
+    for role, sr in srs.items():
+        latest = earlier[1][role]
+        assert sr.SOPInstanceUID not in old
+        assert sr.StudyInstanceUID == objects[role].StudyInstanceUID
+        assert sr.SeriesInstanceUID != latest.SeriesInstanceUID
+        assert sr.SeriesInstanceUID == series_uid_of(objects[role], retrained, SETTINGS)
+        assert (earlier[0][role].InstanceNumber, latest.InstanceNumber,
+                sr.InstanceNumber) == (1, 2, 1)
+        assert predecessor_of(sr) == identity(latest)  # the latest of its study, not the first
+        assert tracking(sr) == tracking(earlier[0][role]) == tracking(latest)
+        assert sr.SoftwareVersions[1] == other_version
 
 
 def test_republishing_an_older_result_keeps_its_objects(store, config, objects, version,
@@ -286,47 +324,54 @@ def test_republishing_an_older_result_keeps_its_objects(store, config, objects, 
     later = record_score(store, dataclasses.replace(first, inputs_hash="cd" * 32))
     publisher(store, [later])
     rows = Outbox(store).rows()
+    assert len(rows) == 6
 
     assert publisher(store, [first_outcome]) == {"sr": 0, "pdf": 0}
     assert Outbox(store).rows() == rows
-    _, first_sr = queued(store, first_outcome.score_id, "sr")
-    assert "PredecessorDocumentsSequence" not in first_sr
+    for sr in queued_srs(store, first_outcome.score_id, objects).values():
+        assert "PredecessorDocumentsSequence" not in sr
+        assert sr.InstanceNumber == 1
 
 
-def test_our_sr_returned_by_the_pacs_is_stored_but_is_no_lesion_roi(store, config, intake,
-                                                                    objects, version,
-                                                                    publisher):
+def test_our_srs_returned_by_the_pacs_are_stored_but_are_no_lesion_roi(store, config, intake,
+                                                                       objects, version,
+                                                                       publisher):
     outcome = record_score(store, make_result(store, config, objects, version))
     publisher(store, [outcome])
-    row, sr = queued(store, outcome.score_id, "sr")
-
-    received = intake.receive_dicom(store.objects.read_bytes(row.object_sha256), "dicom:PACS")
-    assert received.outcome is Outcome.NEW, received.reason
-    stored = store.conn.execute("SELECT sop_instance_uid, sha256 FROM instances WHERE id = ?",
-                                (received.row_id,)).fetchone()
-    assert tuple(stored) == (sr.SOPInstanceUID, row.object_sha256)
+    rows = [r for r in Outbox(store).rows() if r.kind == "sr"]
+    assert len(rows) == 2
 
     def rois_of(sop_instance_uid: str) -> int:
         return store.conn.execute(
             "SELECT count(*) FROM rois r JOIN instances i ON i.id = r.instance_id "
             "WHERE i.sop_instance_uid = ?", (sop_instance_uid,)).fetchone()[0]
 
-    # our SR holds a POLYLINE on the US image too, yet only the sonographer's SR is a ROI
-    assert rois_of(sr.SOPInstanceUID) == 0
+    for row in rows:
+        assert row.object_sha256 is not None
+        received = intake.receive_dicom(store.objects.read_bytes(row.object_sha256),
+                                        "dicom:PACS")
+        assert received.outcome is Outcome.NEW, received.reason
+        stored = store.conn.execute(
+            "SELECT sop_instance_uid, sha256 FROM instances WHERE id = ?",
+            (received.row_id,)).fetchone()
+        assert tuple(stored) == (row.sop_instance_uid, row.object_sha256)
+        # our SR holds a POLYLINE on the US image too, yet only the sonographer's SR is a ROI
+        assert rois_of(row.sop_instance_uid) == 0
     assert rois_of(objects["us_roi"].SOPInstanceUID) == 1
     (case,) = case_inputs(store, config).values()
     assert [(ref.sop_instance_uid, image) for ref, image in case.us_rois] == [
         (objects["us_roi"].SOPInstanceUID, objects["us_image"].SOPInstanceUID)]
 
 
-def test_queued_sr_and_pdf_pass_dciodvfy(store, config, objects, version, publisher):
+def test_queued_srs_and_pdf_pass_dciodvfy(store, config, objects, version, publisher):
     first = make_result(store, config, objects, version)
     outcomes = [record_score(store, first),
                 record_score(store, dataclasses.replace(first, inputs_hash="cd" * 32))]
     for outcome in outcomes:
         publisher(store, [outcome])
     rows = Outbox(store).rows()
-    assert len(rows) == 4  # the second SR has a predecessor and both have the region group
+    # the second score's SRs have a predecessor; all four have the region group
+    assert [r.kind for r in rows] == ["sr", "sr", "pdf"] * 2
     for row in rows:
         assert row.object_sha256 is not None
         errors, warnings = dciodvfy(store.objects.path_for(row.object_sha256))
@@ -334,11 +379,11 @@ def test_queued_sr_and_pdf_pass_dciodvfy(store, config, objects, version, publis
         assert set(warnings) == {PRIVATE_SCHEME_WARNING}, (row.kind, warnings)
 
 
-def test_without_pdf_only_the_sr_is_queued(store, config, objects, models, version):
+def test_without_pdf_only_the_srs_are_queued(store, config, objects, models, version):
     outcome = record_score(store, make_result(store, config, objects, version))
     publisher = ResultPublisher(models, PublishSettings(pdf=False, uid_secret=SECRET))
-    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 0}
-    assert [r.kind for r in Outbox(store).rows()] == ["sr"]
+    assert publisher(store, [outcome]) == {"sr": 2, "pdf": 0}
+    assert [r.kind for r in Outbox(store).rows()] == ["sr", "sr"]
 
 
 def test_an_hl7_result_is_queued_for_the_his_once_when_configured(store, config, objects,
@@ -348,7 +393,7 @@ def test_an_hl7_result_is_queued_for_the_his_once_when_configured(store, config,
     outcome = record_score(store, make_result(store, config, objects, version))
     settings = PublishSettings(uid_secret=SECRET, hl7=True, hl7_receiving_application="HIS")
     publisher = ResultPublisher(models, settings)
-    assert publisher(store, [outcome]) == {"sr": 1, "pdf": 1, "hl7": 1}
+    assert publisher(store, [outcome]) == {"sr": 2, "pdf": 1, "hl7": 1}
     assert publisher(store, [outcome]) == {"sr": 0, "pdf": 0, "hl7": 0}
     (row,) = [r for r in Outbox(store).rows() if r.kind == "hl7"]
     assert (row.destination, row.state, row.score_id) == ("his", "pending", outcome.score_id)

@@ -17,23 +17,13 @@ import pydicom
 import pytest
 from highdicom.sr.utils import find_content_items
 from pydicom.sr.codedict import codes as dcm_codes
+from validators import PRIVATE_SCHEME_WARNING, dciodvfy
 
 from exporters import codes
 from exporters.sr import build_risk_sr, model_device_uid, tracking_uid
 from mrrp_pacs.results import EvidenceRef, RiskResult, UsRegion
 
-PRIVATE_SCHEME_WARNING = ("Warning - Unrecognized defined term <99MRRP> for value 1 of "
-                          "attribute <Coding Scheme Designator>")
 BOX = (10.0, 12.0, 40.0, 44.0)
-
-
-def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    """(errors, warnings) dciodvfy prints for ``path``."""
-    assert shutil.which("dciodvfy"), "dciodvfy (Debian package dicom3tools) is not installed"
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (run.stdout + run.stderr).splitlines()
-    return ([line for line in lines if line.startswith("Error")],
-            [line for line in lines if line.startswith("Warning")])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,48 @@
+"""A pynetdicom storage SCP for sender tests: records what arrives, answers chosen statuses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from orthanc import LOOPBACK, free_port
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
+@dataclass
+class Peer:
+    """What the SCP saw, and the statuses it answers with in turn (then 0x0000)."""
+
+    port: int
+    statuses: list[int]
+    received: list[str] = field(default_factory=list)  # SOP Instance UIDs
+    associations: int = 0
+
+
+@contextmanager
+def storage_scp(statuses: list[int] | None = None) -> Iterator[Peer]:
+    """Listen on a free loopback port for SR, Encapsulated PDF and US images."""
+    peer = Peer(free_port(), list(statuses or []))
+
+    def on_store(event: evt.Event) -> int:
+        peer.received.append(str(event.dataset.SOPInstanceUID))
+        return peer.statuses.pop(0) if peer.statuses else 0x0000
+
+    def on_established(event: evt.Event) -> None:
+        peer.associations += 1
+
+    ae = AE(ae_title="TESTSCP")
+    for sop_class in (ENCAPSULATED_PDF, COMPREHENSIVE_SR, US_IMAGE):
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server((LOOPBACK, peer.port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, on_store), (evt.EVT_ESTABLISHED, on_established)])
+    assert server is not None
+    try:
+        yield peer
+    finally:
+        server.shutdown()
