@@ -11,8 +11,10 @@ import shutil
 import socket
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mrrp_pacs.config import Config
 
@@ -197,19 +199,12 @@ def _peers(config: Config) -> Iterator[Check]:
 def c_echo(host: str, port: int, called_ae: str, calling_ae: str,
            timeout_s: float = 10.0) -> str | None:
     """None when the peer answers a C-ECHO with success, else why not."""
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        return "did not accept an association (refused, rejected or unreachable)"
-    try:
+    with _association(host, port, called_ae, calling_ae, timeout_s, Verification) as assoc:
+        if assoc is None:
+            return "did not accept an association (refused, rejected or unreachable)"
         status = assoc.send_c_echo()
-    finally:
-        assoc.release()
     if not status or status.Status != 0x0000:
         return f"answered C-ECHO with status {getattr(status, 'Status', 'none')}"
     return None
@@ -220,32 +215,41 @@ def c_find_probe(host: str, port: int, called_ae: str, calling_ae: str,
     """None when the peer answers a study-level C-FIND (for a date no study has) with
     success, else why not."""
     from pydicom.dataset import Dataset
-    from pynetdicom import AE
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         StudyRootQueryRetrieveInformationModelFind as Find,
     )
 
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
-    ae.add_requested_context(Find)
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        return "did not accept a query association"
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyDate = "29991231"
     query.StudyInstanceUID = ""
     final = None
-    try:
+    with _association(host, port, called_ae, calling_ae, timeout_s, Find) as assoc:
+        if assoc is None:
+            return "did not accept a query association"
         for status, _ in assoc.send_c_find(query, Find):
             final = getattr(status, "Status", None)
-    finally:
-        if assoc.is_established:
-            assoc.release()
     if final != 0x0000:
         return ("aborted our query without a status (it does not know our AE)" if final is None
                 else f"answered C-FIND with status 0x{final:04X}")
     return None
+
+
+@contextmanager
+def _association(host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float,
+                 sop_class: str) -> Iterator[Any]:
+    """An association offering ``sop_class`` (None when refused), released on exit."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    try:
+        yield assoc if assoc.is_established else None
+    finally:
+        if assoc.is_established:
+            assoc.release()
 
 
 def _existing_parent(path: Path) -> Path:
