@@ -41,8 +41,6 @@ from mrrp_pacs.store import Store, utc_now
 
 LOGGER = logging.getLogger(__name__)
 
-JOB_KINDS = ("pull", "process", "export", "rescore")
-
 
 @dataclass
 class JobRecord:
@@ -244,10 +242,20 @@ def build_scheduler(config: Config) -> Any:
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.schedulers.base import STATE_STOPPED
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
-    scheduler = BackgroundScheduler(
+    class Scheduler(BackgroundScheduler):  # type: ignore[misc]
+        def _process_jobs(self) -> float | None:
+            # shutdown() wakes the scheduler thread for one last pass after stopping the
+            # executors: that pass fails to submit every due job yet moves it to its next run
+            # time, so a missed nightly rescoring would be lost (and errors logged)
+            if self.state == STATE_STOPPED:
+                return None
+            return super()._process_jobs()  # type: ignore[no-any-return]
+
+    scheduler = Scheduler(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{scheduler_db(config)}")},
         executors={"default": ThreadPoolExecutor(max_workers=1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600},

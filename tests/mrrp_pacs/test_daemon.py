@@ -1,0 +1,35 @@
+"""The scheduler's persistent job store: jobs survive a restart, a missed night is kept."""
+
+from datetime import UTC, datetime, timedelta
+
+from mrrp_pacs.daemon import build_scheduler, scheduler_db
+
+
+def test_jobs_persist_and_a_missed_nightly_rescore_runs_at_the_next_start(config):
+    config.paths.db_file.parent.mkdir(parents=True)
+    first = build_scheduler(config)
+    assert {job.id for job in first.get_jobs()} == {"process", "rescore", "export"}
+    missed = datetime.now(UTC) - timedelta(hours=1)
+    first.modify_job("rescore", next_run_time=missed)  # the daemon was down at 02:00
+    first.shutdown(wait=False)
+    assert scheduler_db(config).exists()
+
+    again = build_scheduler(config)
+    try:
+        assert again.get_job("rescore").next_run_time == missed  # due at once, coalesced
+        assert again.get_job("process").next_run_time <= datetime.now(UTC)
+    finally:
+        again.shutdown(wait=False)
+
+    moved = build_scheduler(config.replace("scoring", rescore_time="03:30"))
+    try:
+        rescore = moved.get_job("rescore")
+        assert rescore.next_run_time > datetime.now(UTC)
+        assert (rescore.next_run_time.hour, rescore.next_run_time.minute) == (3, 30)
+    finally:
+        moved.shutdown(wait=False)
+    with_pacs = build_scheduler(config.replace("pacs", host="127.0.0.1"))
+    try:
+        assert with_pacs.get_job("pull") is not None
+    finally:
+        with_pacs.shutdown(wait=False)
