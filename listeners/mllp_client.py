@@ -67,11 +67,14 @@ def _wait_mode(header: MshHeader | None) -> str:
     return "always"
 
 
-class _Connection:
-    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+class FrameReader:
+    """MLLP frames arriving on ``sock``, read with a deadline (``timeout_s``, adjustable)."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float,
+                 max_frame_bytes: int = MAX_ACK_BYTES) -> None:
         self.sock = sock
         self.timeout_s = timeout_s
-        self.framer = MllpFramer(MAX_ACK_BYTES)
+        self.framer = MllpFramer(max_frame_bytes)
         self.frames: deque[bytes] = deque()
 
     def next_frame(self) -> bytes | None:
@@ -119,7 +122,7 @@ def send_messages(host: str, port: int, messages: Iterable[bytes],
     pending = list(messages)
     acks: list[Ack] = []
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        connection = _Connection(sock, timeout_s)
+        connection = FrameReader(sock, timeout_s)
         broken = ""
         for raw in pending:
             header = read_header(raw)

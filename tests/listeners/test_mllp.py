@@ -6,7 +6,6 @@ import socket
 import sqlite3
 import threading
 import time
-from collections import deque
 
 import pytest
 from builders import PATHOLOGY_VALUES, Patient, mllp, pathology_result, us_report
@@ -20,7 +19,7 @@ from listeners.mllp import (
     build_ack,
     read_header,
 )
-from listeners.mllp_client import read_ack, send_files, send_messages
+from listeners.mllp_client import FrameReader, read_ack, send_files, send_messages
 from mrrp_pacs.intake import Intake
 from mrrp_pacs.intake.hl7 import parse_message
 from mrrp_pacs.store import Store
@@ -70,27 +69,18 @@ class Peer:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         _OPEN_PEERS.append(self.sock)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.framer = MllpFramer(1 << 20)
-        self.frames = deque()
+        self.reader = FrameReader(self.sock, 5.0, max_frame_bytes=1 << 20)
 
     def send(self, data):
         self.sock.sendall(data)
 
     def frame(self, timeout=5.0):
         """The next acknowledgement's bytes, or None when none comes within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while not self.frames:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                return None
-            assert chunk, "the listener closed the connection"
-            self.frames.extend(f.data for f in self.framer.feed(chunk))
-        return self.frames.popleft()
+        self.reader.timeout_s = timeout
+        try:
+            return self.reader.next_frame()
+        except ConnectionError:
+            raise AssertionError("the listener closed the connection") from None
 
     def ack(self, timeout=5.0):
         data = self.frame(timeout)
