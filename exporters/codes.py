@@ -63,11 +63,14 @@ ATTENTION_WEIGHT = _private("ATTNW", "Clinical variable attention weight")
 CLINICAL_VARIABLE = _private("CLINVAR", "Clinical variable")
 
 # -- the number shown on the ultrasound region (TID 1410) ------------------------------------
-# OHIF labels a region's NUM with the concept name's meaning, so the group is in the name.
-RISK_ON_REGION = MappingProxyType({
-    "high": _private("RISKROIH", "MRRP risk high"),
-    "low": _private("RISKROIL", "MRRP risk low"),
+# OHIF labels a region's NUM "meaning: value unit-code", so the group is in the concept name and
+# the number is the absolute risk in %, a unit that reads as itself.
+RECURRENCE_ON_REGION = MappingProxyType({
+    "high": _private("REC60H", "MRRP risk high, recurrence within 5 years"),
+    "low": _private("REC60L", "MRRP risk low, recurrence within 5 years"),
 })
+"""Risk group → concept name of the recurrence probability at 60 months drawn on the region."""
+REGION_HORIZON_MONTHS = 60
 
 # -- values ----------------------------------------------------------------------------------
 RISK_GROUP_VALUE = MappingProxyType({
@@ -85,7 +88,7 @@ MODALITY = MappingProxyType({
 
 # -- units -----------------------------------------------------------------------------------
 UNIT_RISK = Code("{risk}", "UCUM", "risk score")
-"""Dimensionless UCUM annotation: OHIF prints the unit's code value after the number, and
-``{risk}`` reads as a word there where ``1`` would look like a second number."""
+"""Dimensionless UCUM annotation for the log-hazard score (UCUM ``1`` reads as a second number
+where a viewer prints the unit's code after the value)."""
 UNIT_PERCENT = Code("%", "UCUM", "Percent")
 UNIT_ONE = Code("1", "UCUM", "no units")

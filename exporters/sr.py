@@ -11,11 +11,13 @@ The document (docs/exporters.md has the full content tree) holds:
   (TID 4019). Its Tracking UID depends only on the patient (and the site's secret), so every
   rescoring of one patient, by any model version, carries the same Tracking UID;
 - when the US lesion region is known and its image given, one TID 1410 group: the region as a
-  closed POLYLINE on the US image with the score as a NUM, under the same Tracking UID and
-  placed first. OHIF (3.13.2, measured) merges groups that share a Tracking UID into one
-  annotation: the box drawn on the US image, labelled with the first five NUMs (the group and
-  score first). A group of its own without a region would leave OHIF a measurement without
-  coordinates, on which its SR viewport fails (TypeError, nothing drawn).
+  closed POLYLINE on the US image with the risk group and the probability of recurrence within
+  5 years as a NUM, under the same Tracking UID and placed first. OHIF (3.13.2, measured) merges
+  groups that share a Tracking UID into one annotation: the box drawn on the US image, labelled
+  with the first five NUMs — the region's, the percentile, the three recurrence-free
+  probabilities, all in %; the log-hazard score, whose unit OHIF can only print as a code, is
+  the TID 1501 group's last NUM. A group of its own without a region would leave OHIF a
+  measurement without coordinates, on which its SR viewport fails (TypeError, nothing drawn).
 
 UIDs are name-based (PS3.5 B.2, ``2.25.`` + a UUID version 5 of a site secret and the names
 of what they identify): the same result (same model version, same inputs) placed in the same
@@ -268,16 +270,20 @@ def _evidence(result: RiskResult, sources: Sequence[Dataset],
 
 
 def _risk_group(result: RiskResult, secret: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The TID 1501 group: everything the score says, as NUM/CODE items."""
+    """The TID 1501 group: everything the score says, as NUM/CODE items.
+
+    The log-hazard score comes after the percentile and the recurrence-free probabilities: OHIF
+    labels the drawn region with the first five NUMs of the merged groups (the region's one,
+    then these), and the score's unit is a code (``{risk}``) where the others read ``%``.
+    """
     measurements = [
-        hd.sr.Measurement(name=codes.RISK_SCORE, value=float(result.risk),
-                          unit=codes.UNIT_RISK),
         hd.sr.Measurement(name=codes.PERCENTILE_RANKING, value=float(result.percentile),
                           unit=codes.UNIT_PERCENT),
         *[hd.sr.Measurement(name=codes.RFS_PROBABILITY[months],
-                            value=round(100.0 * result.rfs_probability[str(months)], 2),
-                            unit=codes.UNIT_PERCENT)
+                            value=_rfs_percent(result, months), unit=codes.UNIT_PERCENT)
           for months in HORIZONS_MONTHS],
+        hd.sr.Measurement(name=codes.RISK_SCORE, value=float(result.risk),
+                          unit=codes.UNIT_RISK),
     ]
     evaluations = [
         hd.sr.QualitativeEvaluation(codes.RISK_GROUP, codes.RISK_GROUP_VALUE[result.group]),
@@ -306,9 +312,16 @@ def _risk_group(result: RiskResult, secret: str) -> hd.sr.MeasurementsAndQualita
     return group
 
 
+def _rfs_percent(result: RiskResult, months: int) -> float:
+    """Recurrence-free probability at ``months`` in %, to 0.01 %."""
+    return round(100.0 * result.rfs_probability[str(months)], 2)
+
+
 def _region_group(result: RiskResult, us_image: Dataset,
                   secret: str) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The TID 1410 group: the lesion box on the US image, labelled with group and score.
+    """The TID 1410 group: the lesion box on the US image, labelled with the risk group and the
+    probability of recurrence within 5 years (100 % minus the recurrence-free probability at
+    60 months, so the two drawn lines add up).
 
     It tracks the same finding as the TID 1501 group (the patient's recurrence risk), so it
     carries the same Tracking Identifier and UID: OHIF then draws both as one annotation. The
@@ -327,13 +340,14 @@ def _region_group(result: RiskResult, us_image: Dataset,
         graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
         source_image=hd.sr.SourceImageForRegion.from_source_image(us_image),
     )
+    recurrence = round(100.0 - _rfs_percent(result, codes.REGION_HORIZON_MONTHS), 2)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(result.patient_key, secret), identifier=_TRACKING_IDENTIFIER),
         referenced_region=region,
         algorithm_id=_algorithm(result),
-        measurements=[hd.sr.Measurement(name=codes.RISK_ON_REGION[result.group],
-                                        value=float(result.risk), unit=codes.UNIT_RISK)],
+        measurements=[hd.sr.Measurement(name=codes.RECURRENCE_ON_REGION[result.group],
+                                        value=recurrence, unit=codes.UNIT_PERCENT)],
     )
 
 

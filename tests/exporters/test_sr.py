@@ -154,8 +154,15 @@ def test_every_value_reads_back_through_highdicom(instances, tmp_path):
     source = region_group.roi.ContentSequence[0].ReferencedSOPSequence[0]
     assert source.ReferencedSOPInstanceUID == instances["us"].SOPInstanceUID
     (shown,) = region_group.get_measurements()
+    # the recurrence within 5 years and the recurrence-free probability at 60 months add up
     assert (shown.name.meaning, shown.value, shown.unit.value) == (
-        "MRRP risk high", 1.234567, "{risk}")
+        "MRRP risk high, recurrence within 5 years", 16.55, "%")
+    # OHIF labels the region with the first five NUMs of both groups (they share the Tracking
+    # UID): every one of them in %, the score's {risk} unit after them
+    numbers = [item for item in [*region_group[0].ContentSequence, *group[0].ContentSequence]
+               if item.ValueType == "NUM"]
+    assert [item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue
+            for item in numbers[:6]] == ["%"] * 5 + ["{risk}"]
     # OHIF hides a NUM that carries modifiers: the algorithm sits on the group
     assert "ContentSequence" not in shown[0]
     assert text(region_group[0], dcm_codes.DCM.AlgorithmName) == ["mrrp-fusion"]
