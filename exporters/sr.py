@@ -313,8 +313,12 @@ def _risk_group(result: RiskResult, secret: str) -> hd.sr.MeasurementsAndQualita
 
 
 def _rfs_percent(result: RiskResult, months: int) -> float:
-    """Recurrence-free probability at ``months`` in %, to 0.01 %."""
-    return round(100.0 * result.rfs_probability[str(months)], 2)
+    """Recurrence-free probability at ``months`` in %, to 6 significant digits.
+
+    Not to 0.01 %: OHIF prints no value at all for a NUM of exactly 0, so 0.003 % must stay
+    0.003 % (OHIF shows "0.00 %").
+    """
+    return float(f"{100.0 * result.rfs_probability[str(months)]:.6g}")
 
 
 def _region_group(result: RiskResult, us_image: Dataset,
@@ -340,7 +344,7 @@ def _region_group(result: RiskResult, us_image: Dataset,
         graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
         source_image=hd.sr.SourceImageForRegion.from_source_image(us_image),
     )
-    recurrence = round(100.0 - _rfs_percent(result, codes.REGION_HORIZON_MONTHS), 2)
+    recurrence = float(f"{100.0 - _rfs_percent(result, codes.REGION_HORIZON_MONTHS):.6g}")
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(result.patient_key, secret), identifier=_TRACKING_IDENTIFIER),

@@ -194,7 +194,9 @@ class Scorer:
             percentile=round(float(percentile_in(self.training_risk, risk)), 2),
             group="high" if int(risk_groups(np.array([risk]), self.cutoff)[0]) else "low",
             cutoff=self.cutoff,
-            rfs_probability={str(h): round(float(p), 4)
+            # significant digits, not decimals: a small probability must not become 0 (OHIF
+            # prints no value for a NUM of 0)
+            rfs_probability={str(h): float(f"{p:.6g}")
                              for h, p in zip(HORIZONS_MONTHS, survival, strict=True)},
             modalities_used=[*present, "clinical"],
             compensated=[m for m in MODALITY_QUERY if m not in present],

@@ -178,6 +178,22 @@ def test_every_value_reads_back_through_highdicom(instances, tmp_path):
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99MRRP"
 
 
+def test_a_tiny_probability_is_not_written_as_zero(instances, tmp_path):
+    # OHIF prints no value for a NUM of 0: a model's near-certain recurrence must read 0.00 %
+    result = make_result(instances, rfs_probability={"36": 0.0123457, "60": 3.2e-05,
+                                                     "84": 1.5e-09})
+    built = build(instances, result)
+    errors, warnings = dciodvfy(write(built, tmp_path / "sr.dcm"))
+    assert errors == [] and set(warnings) == {PRIVATE_SCHEME_WARNING}
+    sr = reread(built)
+    (group,) = sr.content.get_image_measurement_groups()
+    values = {m.name: m.value for m in group.get_measurements()}
+    assert [values[codes.RFS_PROBABILITY[m]] for m in (36, 60, 84)] == [1.23457, 0.0032, 1.5e-07]
+    (region_group,) = sr.content.get_planar_roi_measurement_groups()
+    (shown,) = region_group.get_measurements()
+    assert shown.value == 99.9968
+
+
 def test_sr_is_placed_in_the_given_study(instances):
     sr = build(instances, make_result(instances), study=instances["us"])
     assert sr.StudyInstanceUID == instances["us"].StudyInstanceUID
