@@ -42,7 +42,7 @@ from pydicom.valuerep import DA, TM
 
 from exporters import codes
 from mrrp_pacs import __version__
-from mrrp_pacs.results import HORIZONS_MONTHS, RiskResult
+from mrrp_pacs.results import HORIZONS_MONTHS, RiskResult, significant
 
 LOGGER = logging.getLogger(__name__)
 
@@ -313,12 +313,9 @@ def _risk_group(result: RiskResult, secret: str) -> hd.sr.MeasurementsAndQualita
 
 
 def _rfs_percent(result: RiskResult, months: int) -> float:
-    """Recurrence-free probability at ``months`` in %, to 6 significant digits.
-
-    Not to 0.01 %: OHIF prints no value at all for a NUM of exactly 0, so 0.003 % must stay
-    0.003 % (OHIF shows "0.00 %").
-    """
-    return float(f"{100.0 * result.rfs_probability[str(months)]:.6g}")
+    """Recurrence-free probability at ``months`` in %, to 6 significant digits (not 0.01 %:
+    0.003 % must stay 0.003 %, which OHIF shows as "0.00 %", where 0 would show no value)."""
+    return significant(100.0 * result.rfs_probability[str(months)])
 
 
 def _region_group(result: RiskResult, us_image: Dataset,
@@ -344,7 +341,7 @@ def _region_group(result: RiskResult, us_image: Dataset,
         graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
         source_image=hd.sr.SourceImageForRegion.from_source_image(us_image),
     )
-    recurrence = float(f"{100.0 - _rfs_percent(result, codes.REGION_HORIZON_MONTHS):.6g}")
+    recurrence = significant(100.0 - _rfs_percent(result, codes.REGION_HORIZON_MONTHS))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(result.patient_key, secret), identifier=_TRACKING_IDENTIFIER),

@@ -12,9 +12,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 HORIZONS_MONTHS = (36, 60, 84)
+
 # Our private coding scheme: exporters declare it in every SR they write, and intake uses it to
 # recognise those SRs when a PACS sends them back (a result is never an input).
 CODING_SCHEME = "99MRRP"
+
+
+def significant(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant digits. Probabilities are kept this way, never to a
+    number of decimals: a small one must not become 0 (OHIF prints no value for a NUM of 0)."""
+    return float(f"{value:.{digits}g}")
 
 
 @dataclass(frozen=True)

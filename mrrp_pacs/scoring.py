@@ -33,7 +33,7 @@ from mrrp_pacs.model.evaluate import (
     survival_probability,
 )
 from mrrp_pacs.model.train import MODEL_KIND, load
-from mrrp_pacs.results import HORIZONS_MONTHS, EvidenceRef, RiskResult, UsRegion
+from mrrp_pacs.results import HORIZONS_MONTHS, EvidenceRef, RiskResult, UsRegion, significant
 from mrrp_pacs.store import Store, utc_now
 
 LOGGER = logging.getLogger(__name__)
@@ -194,9 +194,7 @@ class Scorer:
             percentile=round(float(percentile_in(self.training_risk, risk)), 2),
             group="high" if int(risk_groups(np.array([risk]), self.cutoff)[0]) else "low",
             cutoff=self.cutoff,
-            # significant digits, not decimals: a small probability must not become 0 (OHIF
-            # prints no value for a NUM of 0)
-            rfs_probability={str(h): float(f"{p:.6g}")
+            rfs_probability={str(h): significant(float(p))
                              for h, p in zip(HORIZONS_MONTHS, survival, strict=True)},
             modalities_used=[*present, "clinical"],
             compensated=[m for m in MODALITY_QUERY if m not in present],

@@ -159,7 +159,7 @@ def test_a_reader_sees_the_risk_on_the_ultrasound_lesion_and_the_report(tmp_path
                           f"http://127.0.0.1:{orthanc.http_port}") as viewer:
             seen = browse(node, viewer, headers)
 
-    print(f"\nviewer steps {seen['steps']}; extra renders needed for the SR: {seen['redrawn']}")
+    print(f"\nviewer steps {seen['steps']}; drags needed for the SR: {len(seen['attempts'])}")
     # nothing failed on the way: every request answered, from our one origin, no script error
     assert seen["httpErrors"] == []
     assert seen["failedRequests"] == []

@@ -16,7 +16,7 @@ const require = createRequire(path.join(args.viewerDir, 'package.json'));
 const { chromium } = require('playwright-core');
 
 const seen = { httpErrors: [], consoleErrors: [], failedRequests: [], foreignRequests: [],
-  steps: [], redrawn: false };
+  steps: [], attempts: [] };
 const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'mrrp-chromium-'));
 const context = await chromium.launchPersistentContext(profile, {
   executablePath: args.chromium,
@@ -98,7 +98,6 @@ try {
     const no = page.getByRole('button', { name: 'No', exact: true });
     const image = page.locator('.cornerstone-viewport-element canvas').first();
     const deadline = Date.now() + args.timeoutMs;
-    seen.attempts = [];
     for (let attempt = 0; ; attempt += 1) {
       try {
         await labelDrawn(attempt === 0 ? 6_000 : 5_000);
@@ -111,10 +110,9 @@ try {
         if (Date.now() > deadline) throw error;
         // OHIF 3.13.2 gives the SR viewport its tracking UIDs without asking for a render:
         // when the image's last render came first, the region waits for the next one (most runs
-        // here; deploy/viewer/README.md). Answer the tracking prompt and drag a little on the image, as a reader adjusting window/level would: OHIF's
-        // primary mouse tool renders the viewport on every move. Every third try, open the SR
-        // again.
-        seen.redrawn = attempt + 1;
+        // here; deploy/viewer/README.md). Answer the tracking prompt and drag a little on the
+        // image, as a reader adjusting window/level would: OHIF's primary mouse tool renders the
+        // viewport on every move. Every third try, open the SR again.
         if (await no.isVisible()) await no.click();
         const box = await image.boundingBox();
         if (box) {
