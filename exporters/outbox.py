@@ -15,8 +15,9 @@ Two drains (the daemon and an operator's ``export``) do not send the same row tw
 claimed, by moving its ``next_attempt_at`` ``claim_s`` into the future, in a transaction of its
 own just before it is sent. A crash while a row is claimed delays it by ``claim_s`` only.
 
-Times are UTC; the ``*_at`` columns hold ISO 8601 at second precision (the format of
-:func:`mrrp_pacs.store.utc_now`), so they compare as strings. ``sent_at`` is the ``updated_at``
+Times are UTC and come from the store's clock (``store.clock``, :mod:`mrrp_pacs.clock`); the
+``*_at`` columns hold ISO 8601 at second precision (:func:`mrrp_pacs.clock.iso_utc`), so they
+compare as strings. ``sent_at`` is the ``updated_at``
 of a ``sent`` row: nothing updates a sent row except an explicit :meth:`Outbox.retry`.
 """
 
@@ -28,10 +29,11 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from mrrp_pacs.clock import iso_utc
 from mrrp_pacs.store import ObjectStore, Store
 
 LOGGER = logging.getLogger(__name__)
@@ -159,8 +161,7 @@ class Outbox:
         self.objects = objects if objects is not None else store.objects
 
     def enqueue(self, conn: sqlite3.Connection | None, *, score_id: int | None, kind: str,
-                destination: str, data: bytes, sop_instance_uid: str | None,
-                now: datetime | None = None) -> Enqueued:
+                destination: str, data: bytes, sop_instance_uid: str | None) -> Enqueued:
         """Store ``data`` and queue it for ``destination``, before any network call.
 
         Parameters
@@ -178,8 +179,6 @@ class Outbox:
             The whole object: a DICOM file (Part 10) or an HL7 message.
         sop_instance_uid
             Required for ``sr`` and ``pdf``.
-        now
-            Time the row is due (UTC, timezone-aware); default the current time.
 
         Returns
         -------
@@ -203,7 +202,7 @@ class Outbox:
                              f"got {sop_instance_uid!r}")
         if not data:
             raise ValueError("refusing to queue an empty object")
-        stamp = _iso(_resolve(now))
+        stamp = iso_utc(self.store.clock())  # due at once
         # the object is on disk (fsynced) before its row exists; a crash in between leaves
         # an unreferenced object, never a row without its object
         stored = self.objects.put_bytes(data)
@@ -222,10 +221,10 @@ class Outbox:
                     stored.size_bytes)
         return Enqueued(row_id, created=True)
 
-    def due(self, now: datetime | None = None) -> list[ExportRow]:
-        """Pending rows whose ``next_attempt_at`` is at or before ``now``, oldest due first."""
+    def due(self) -> list[ExportRow]:
+        """Pending rows whose ``next_attempt_at`` is now or earlier, oldest due first."""
         return self._select("state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id",
-                            (ExportState.PENDING.value, _iso(_resolve(now))))
+                            (ExportState.PENDING.value, iso_utc(self.store.clock())))
 
     def rows(self, states: Iterable[str] | None = None) -> list[ExportRow]:
         """Rows in ``states`` (default all), by id.
@@ -247,8 +246,8 @@ class Outbox:
             "SELECT state, count(*) FROM exports GROUP BY state").fetchall())
         return {s.value: int(found.get(s.value, 0)) for s in ExportState}
 
-    def retry(self, ids: Iterable[int] | None = None, now: datetime | None = None) -> list[int]:
-        """Make rows pending again, with attempts reset and due at ``now``.
+    def retry(self, ids: Iterable[int] | None = None) -> list[int]:
+        """Make rows pending again, with attempts reset and due now.
 
         Parameters
         ----------
@@ -266,7 +265,7 @@ class Outbox:
         ValueError
             An id that is not in the table; nothing is changed then.
         """
-        stamp = _iso(_resolve(now))
+        stamp = iso_utc(self.store.clock())
         with self.store.transaction() as tx:
             if ids is None:
                 chosen = [int(r[0]) for r in tx.execute(
@@ -289,7 +288,7 @@ class Outbox:
             LOGGER.info("%d exports made pending again", len(chosen))
         return chosen
 
-    def drain(self, senders: Mapping[str, Sender], *, now: datetime | None = None,
+    def drain(self, senders: Mapping[str, Sender], *,
               max_attempts: int = DEFAULT_MAX_ATTEMPTS, backoff_s: float = DEFAULT_BACKOFF_S,
               max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
               claim_s: float = DEFAULT_CLAIM_S) -> DrainSummary:
@@ -304,9 +303,6 @@ class Outbox:
         senders
             Sender per destination name. Rows for a destination without one stay pending
             (counted as skipped).
-        now
-            The clock for this drain (UTC, timezone-aware); default the current time at each
-            step. Tests pass a fixed time to step through the backoff.
         max_attempts
             Tries before a row is dead (≥ 1).
         backoff_s, max_backoff_s
@@ -320,7 +316,7 @@ class Outbox:
                              f"{max_attempts}, {backoff_s}, {max_backoff_s}, {claim_s}")
         summary = DrainSummary()
         by_destination: dict[str, list[ExportRow]] = {}
-        for row in self.due(now):
+        for row in self.due():
             by_destination.setdefault(row.destination, []).append(row)
         for destination, rows in by_destination.items():
             sender = senders.get(destination)
@@ -331,10 +327,10 @@ class Outbox:
                 continue
             with sender.session() as session:
                 for row in rows:
-                    if not self._claim(row.id, _resolve(now), claim_s):
+                    if not self._claim(row.id, self.store.clock(), claim_s):
                         continue  # another drain took it
                     error = self._deliver(session, sender.peer, row)
-                    state = self._record(row, error, _resolve(now), max_attempts, backoff_s,
+                    state = self._record(row, error, self.store.clock(), max_attempts, backoff_s,
                                          max_backoff_s)
                     if state is ExportState.SENT:
                         summary.sent += 1
@@ -368,19 +364,19 @@ class Outbox:
         return None
 
     def _claim(self, row_id: int, at: datetime, claim_s: float) -> bool:
-        stamp = _iso(at)
+        stamp = iso_utc(at)
         with self.store.transaction() as tx:
             cursor = tx.execute(
                 "UPDATE exports SET next_attempt_at = ?, updated_at = ? "
                 "WHERE id = ? AND state = ? AND next_attempt_at <= ?",
-                (_iso(at + timedelta(seconds=claim_s)), stamp, row_id,
+                (iso_utc(at + timedelta(seconds=claim_s)), stamp, row_id,
                  ExportState.PENDING.value, stamp))
             return cursor.rowcount == 1
 
     def _record(self, row: ExportRow, error: SendError | None, at: datetime, max_attempts: int,
                 backoff_s: float, max_backoff_s: float) -> ExportState:
         attempts = row.attempts + 1
-        stamp = _iso(at)
+        stamp = iso_utc(at)
         if error is None:
             state, next_at, last_error = ExportState.SENT, None, None
             LOGGER.info("export %d sent to %s (attempt %d)", row.id, row.destination, attempts)
@@ -393,7 +389,7 @@ class Outbox:
                              "transient" if error.transient else "permanent", last_error)
             else:
                 delay_s = min(backoff_s * 2 ** (attempts - 1), max_backoff_s)
-                state, next_at = ExportState.PENDING, _iso(at + timedelta(seconds=delay_s))
+                state, next_at = ExportState.PENDING, iso_utc(at + timedelta(seconds=delay_s))
                 LOGGER.warning("export %d to %s failed (attempt %d), next try in %.0f s: %s",
                                row.id, row.destination, attempts, delay_s, last_error)
         with self.store.transaction() as tx:
@@ -418,14 +414,3 @@ class Outbox:
             with self.store.transaction() as tx:
                 yield tx
 
-
-def _resolve(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        raise ValueError("outbox times must be timezone-aware (UTC)")
-    return now
-
-
-def _iso(at: datetime) -> str:
-    return at.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

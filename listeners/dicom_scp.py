@@ -44,6 +44,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
+from mrrp_pacs.clock import Clock, system_clock
 from mrrp_pacs.config import Config
 from mrrp_pacs.intake import Intake, Outcome
 from mrrp_pacs.intake.dicom import (
@@ -95,7 +96,8 @@ def transfer_syntaxes_for(sop_class_uid: str) -> tuple[str, ...]:
     return UNCOMPRESSED_TRANSFER_SYNTAXES
 
 
-def intake_opener(config: Config, schema: ClinicalSchema | None = None) -> IntakeOpener:
+def intake_opener(config: Config, schema: ClinicalSchema | None = None,
+                  clock: Clock = system_clock) -> IntakeOpener:
     """An opener giving each call its own :class:`Store` connection, closed after use.
 
     The clinical schema is loaded once here rather than at every object. The database must
@@ -106,7 +108,8 @@ def intake_opener(config: Config, schema: ClinicalSchema | None = None) -> Intak
 
     @contextmanager
     def open_intake() -> Iterator[Intake]:
-        with Store(config.paths.db_file, config.paths.objects_dir, migrate=False) as store:
+        with Store(config.paths.db_file, config.paths.objects_dir, migrate=False,
+                   clock=clock) as store:
             yield Intake(store, config, loaded)
 
     return open_intake

@@ -56,7 +56,7 @@ from listeners.dicom_scp import (
     IntakeOpener,
     persist_c_store,
 )
-from mrrp_pacs.store import Store, utc_now
+from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
 
@@ -489,7 +489,7 @@ class PacsPuller:
     # -- bookkeeping ------------------------------------------------------------------------
 
     def _record(self, study: StudyMatch, outcome: StudyOutcome) -> None:
-        now = utc_now()
+        now = self.store.stamp()
         with self.store.transaction() as conn:
             conn.execute(
                 "INSERT INTO retrievals (remote_ae, study_instance_uid, study_date, modalities, "

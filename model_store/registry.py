@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,9 +61,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    """Versioned models under ``root``; ``clock`` (UTC, timezone-aware) names new versions."""
+
+    def __init__(self, root: Path, clock: Callable[[], datetime] = _wall_clock) -> None:
         self.root = root
+        self.clock = clock
 
     def save(self, kind: str, name: str, files: Mapping[str, bytes],
              manifest: Mapping[str, Any]) -> ModelVersion:
@@ -79,7 +86,7 @@ class ModelStore:
         content = hashlib.sha256()
         for filename in sorted(files):
             content.update(filename.encode() + b"\0" + hashlib.sha256(files[filename]).digest())
-        created = datetime.now(UTC)
+        created = self.clock().astimezone(UTC)
         version = f"{created:%Y%m%dT%H%M%SZ}-{content.hexdigest()[:8]}"
         full_manifest = {
             **manifest,

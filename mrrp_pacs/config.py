@@ -16,6 +16,7 @@ import os
 import tomllib
 import types
 import typing
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -161,7 +162,10 @@ class ScoringConfig:
     # hours to wait for a missing slide or ultrasound after the first image arrived, before
     # scoring with the missing modality compensated
     wait_hours: float = 72.0
-    rescore_time: str = "02:00"  # nightly rescoring, local time HH:MM
+    rescore_time: str = "02:00"  # nightly rescoring, HH:MM in `timezone`
+    # IANA time zone of rescore_time, e.g. "Europe/Berlin" (follows daylight saving time);
+    # empty = this machine's zone (/etc/localtime or $TZ)
+    timezone: str = ""
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,12 @@ class Config:
         hour, _, minute = self.scoring.rescore_time.partition(":")
         if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
             fail("scoring.rescore_time", self.scoring.rescore_time, "a time of day HH:MM")
+        if self.scoring.timezone:
+            try:
+                zoneinfo.ZoneInfo(self.scoring.timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                fail("scoring.timezone", self.scoring.timezone,
+                     "an IANA time zone name such as Europe/Berlin (empty = this machine's)")
         for key, number in (("pacs.interval_s", self.pacs.interval_s),
                             ("scoring.interval_s", self.scoring.interval_s),
                             ("export.interval_s", self.export.interval_s),

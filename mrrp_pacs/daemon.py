@@ -24,20 +24,22 @@ import logging
 import signal
 import threading
 import time
+import zoneinfo
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
 from model_store import ModelStore
+from mrrp_pacs.clock import Clock, system_clock
 from mrrp_pacs.config import Config
 from mrrp_pacs.features.pipeline import FAMILIES, Extractor
 from mrrp_pacs.model.train import MODEL_KIND
 from mrrp_pacs.results import RiskResult
 from mrrp_pacs.scoring import ScoreOutcome, Scorer, ScoringRun, due_cases
-from mrrp_pacs.store import Store, utc_now
+from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
 
@@ -52,17 +54,21 @@ class JobRecord:
 class Pipeline:
     """What the jobs do, against one store; also used by the batch commands.
 
+    ``clock`` is the time every job decides by (the wait for a missing modality, the outbox's
+    retries, the stamps it writes); the wall clock by default.
+
     Not thread-safe: the scheduler runs one job at a time in one worker thread.
     """
 
     def __init__(self, config: Config, stopping: threading.Event | None = None,
                  exporter: Callable[[Store, list[Any]], dict[str, Any]] | None = None,
                  drain: Callable[[Store], dict[str, Any]] | None = None,
-                 pull: Callable[[Store], dict[str, Any]] | None = None) -> None:
+                 pull: Callable[[Store], dict[str, Any]] | None = None,
+                 clock: Clock = system_clock) -> None:
         self.config = config
         self.stopping = stopping or threading.Event()
-        self.store = Store(config.paths.db_file, config.paths.objects_dir)
-        self.models = ModelStore(config.paths.model_store_dir)
+        self.store = Store(config.paths.db_file, config.paths.objects_dir, clock=clock)
+        self.models = ModelStore(config.paths.model_store_dir, clock=clock)
         self._extractor: Extractor | None = None
         self._scorer: Scorer | None = None
         self._exporter = exporter
@@ -78,13 +84,13 @@ class Pipeline:
         """Jobs left ``running`` by a process that stopped without finishing them."""
         with self.store.transaction() as conn:
             return conn.execute("UPDATE jobs SET state = 'interrupted', finished_at = ? "
-                                "WHERE state = 'running'", (utc_now(),)).rowcount
+                                "WHERE state = 'running'", (self.store.stamp(),)).rowcount
 
     @contextmanager
     def job(self, kind: str) -> Iterator[JobRecord]:
         with self.store.transaction() as conn:
             job_id = self.store.insert(conn, "jobs", {"kind": kind, "state": "running",
-                                                      "started_at": utc_now()})
+                                                      "started_at": self.store.stamp()})
         record = JobRecord()
         started = time.monotonic()
         try:
@@ -103,8 +109,8 @@ class Pipeline:
         record.detail["seconds"] = round(time.monotonic() - started, 3)
         with self.store.transaction() as conn:
             conn.execute("UPDATE jobs SET state = ?, finished_at = ?, detail = ?, error = ? "
-                         "WHERE id = ?", (state, utc_now(), json.dumps(record.detail), error,
-                                          job_id))
+                         "WHERE id = ?", (state, self.store.stamp(), json.dumps(record.detail),
+                                          error, job_id))
 
     # -- the jobs ----------------------------------------------------------------------------
     def scorer(self) -> Scorer:
@@ -118,7 +124,7 @@ class Pipeline:
             LOGGER.info("scoring with model %s", self._scorer.version.label)
         return self._scorer
 
-    def process(self, everyone: bool = False, now: datetime | None = None,
+    def process(self, everyone: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Extract and score the due cases, one patient at a time, and queue their results.
 
@@ -136,9 +142,9 @@ class Pipeline:
                 record.detail["no_model"] = True
                 return record.detail
             scorer = self.scorer()
-            now = now or datetime.now(UTC)
             wait = timedelta(hours=self.config.scoring.wait_hours)
-            due, digests, run = due_cases(self.store, self.config, scorer, now, wait, everyone)
+            due, digests, run = due_cases(self.store, self.config, scorer, self.store.clock(),
+                                          wait, everyone)
             record.detail.update(self._score_each(scorer, due, digests, run, progress))
             return record.detail
 
@@ -237,8 +243,14 @@ def scheduler_db(config: Config) -> Path:
     return config.paths.db_file.with_name("scheduler.sqlite3")
 
 
-def build_scheduler(config: Config) -> Any:
-    """A BackgroundScheduler with a persistent SQLite job store and the daemon's jobs."""
+def build_scheduler(config: Config, clock: Clock = system_clock) -> Any:
+    """A BackgroundScheduler with a persistent SQLite job store and the daemon's jobs.
+
+    The scheduler fires jobs by the wall clock (APScheduler reads it itself); ``clock`` sets
+    when the interrupted work resumes (at once). The nightly rescoring is a cron trigger in
+    ``[scoring] timezone`` (a named zone, so it stays at the same local time across daylight
+    saving changes).
+    """
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -263,7 +275,7 @@ def build_scheduler(config: Config) -> Any:
     hour, minute = (int(part) for part in config.scoring.rescore_time.split(":"))
     wanted: dict[str, Any] = {
         "process": IntervalTrigger(seconds=config.scoring.interval_s),
-        "rescore": CronTrigger(hour=hour, minute=minute, timezone=_local_zone()),
+        "rescore": CronTrigger(hour=hour, minute=minute, timezone=rescore_zone(config)),
     }
     if config.pacs.host:
         wanted["pull"] = IntervalTrigger(seconds=config.pacs.interval_s)
@@ -280,15 +292,24 @@ def build_scheduler(config: Config) -> Any:
         scheduler.add_job("mrrp_pacs.daemon:run_job", trigger, args=[kind], id=kind,
                           name=kind, replace_existing=True)
     # resume interrupted work at once rather than one interval later
-    soon = datetime.now(UTC)
+    soon = clock()
     for kind in ("pull", "process", "export"):
         if kind in wanted:
             scheduler.modify_job(kind, next_run_time=soon)
     return scheduler
 
 
-def _local_zone() -> Any:
-    return datetime.now().astimezone().tzinfo
+def rescore_zone(config: Config) -> tzinfo:
+    """The zone of the nightly rescoring: ``[scoring] timezone``, else this machine's.
+
+    A named zone, not the current UTC offset: a fixed offset would move the run by an hour
+    at every daylight saving change.
+    """
+    if config.scoring.timezone:
+        return zoneinfo.ZoneInfo(config.scoring.timezone)
+    import tzlocal  # APScheduler's own dependency: /etc/localtime or $TZ as a named zone
+
+    return tzlocal.get_localzone()
 
 
 # -- the daemon ------------------------------------------------------------------------------
@@ -302,7 +323,8 @@ class Daemon:
         self.components = components
         components.stopping = self.stopping
         self.pipeline = Pipeline(config, self.stopping, exporter=components.exporter,
-                                 drain=components.drain, pull=components.pull)
+                                 drain=components.drain, pull=components.pull,
+                                 clock=components.clock)
         self.scheduler: Any = None
 
     def start(self) -> None:
@@ -313,7 +335,7 @@ class Daemon:
         for listener in self.components.listeners:
             listener.start()
         _ACTIVE["pipeline"] = self.pipeline
-        self.scheduler = build_scheduler(self.config)
+        self.scheduler = build_scheduler(self.config, self.components.clock)
         self.scheduler.resume()
         LOGGER.info("daemon started: %d listener(s), jobs %s", len(self.components.listeners),
                     ", ".join(job.id for job in self.scheduler.get_jobs()))
@@ -359,6 +381,7 @@ class Components:
     drain: Callable[[Store], dict[str, Any]] | None = None
     pull: Callable[[Store], dict[str, Any]] | None = None
     stopping: threading.Event = field(default_factory=threading.Event)  # the daemon's
+    clock: Clock = system_clock  # what every component stamps and decides by
 
 
 class _MllpListener:
@@ -381,8 +404,8 @@ class _MllpListener:
             self.handle = None
 
 
-def components_from_config(config: Config) -> Components:
-    """The listeners, puller, exporter and sender the configuration asks for."""
+def components_from_config(config: Config, clock: Clock = system_clock) -> Components:
+    """The listeners, puller, exporter and sender the configuration asks for, on ``clock``."""
     from exporters.dicom_sender import DicomSender
     from exporters.hl7_result import MllpSender
     from exporters.outbox import Outbox
@@ -400,20 +423,20 @@ def components_from_config(config: Config) -> Components:
     from mrrp_pacs.intake import Intake
 
     schema = load_schema(config.clinical.schema_file)
-    open_intake = intake_opener(config, schema)
+    open_intake = intake_opener(config, schema, clock)
     scp = StorageScp(open_intake, config.dicom.ae_title, config.dicom.port,
                      host=config.dicom.bind,
                      allowed_aes=set(config.dicom.allowed_aes) or {config.pacs.ae_title})
 
     def new_intake() -> Intake:
-        return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False),
-                      config, schema)
+        return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False,
+                            clock=clock), config, schema)
 
     mllp = _MllpListener(MllpServer(
         new_intake, host=config.hl7.bind, port=config.hl7.port,
         max_message_bytes=config.ingest.max_hl7_bytes, idle_timeout_s=config.hl7.idle_timeout_s,
         max_connections=config.hl7.max_connections))
-    components = Components(listeners=[scp, mllp])
+    components = Components(listeners=[scp, mllp], clock=clock)
     if config.http.port:
         components.listeners.append(HealthServer(
             config.paths.db_file, config.paths.objects_dir, config.http.bind, config.http.port,
@@ -429,12 +452,13 @@ def components_from_config(config: Config) -> Components:
                                 query_timeout_s=pacs.timeout_s,
                                 retrieve_timeout_s=pacs.retrieve_timeout_s,
                                 stop_requested=components.stopping)
-            return dict(puller.poll(datetime.now()).as_dict())
+            # StudyDate is a local date: the PACS's day, taken as this machine's zone
+            return dict(puller.poll(store.clock().astimezone()).as_dict())
 
         components.pull = pull
     export = config.export
     if export.enabled:
-        components.exporter = ResultPublisher(ModelStore(config.paths.model_store_dir),
+        components.exporter = ResultPublisher(ModelStore(config.paths.model_store_dir, clock=clock),
                                               settings_from_config(export))
         senders: dict[str, Any] = {}
         host = export.host or pacs.host

@@ -24,6 +24,7 @@ import torch
 
 from model_store import ModelStore, ModelVersion
 from mrrp_pacs.cases import CaseInputs, case_inputs
+from mrrp_pacs.clock import iso_utc
 from mrrp_pacs.config import Config
 from mrrp_pacs.model.dataset import FAMILY_SOURCES, MODALITY_QUERY, cohort_from_store, collate
 from mrrp_pacs.model.evaluate import (
@@ -34,7 +35,7 @@ from mrrp_pacs.model.evaluate import (
 )
 from mrrp_pacs.model.train import MODEL_KIND, load
 from mrrp_pacs.results import HORIZONS_MONTHS, EvidenceRef, RiskResult, UsRegion, significant
-from mrrp_pacs.store import Store, utc_now
+from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,24 +49,32 @@ class Readiness:
     compensating: tuple[str, ...] = ()  # imaging modalities it will be scored without
 
 
-def readiness(inputs: CaseInputs, first_image_at: datetime | None, now: datetime,
+def readiness(inputs: CaseInputs, wait_from: datetime | None, now: datetime,
               wait: timedelta) -> Readiness:
-    """Whether a case can be scored now.
+    """Whether a case can be scored at ``now``.
 
-    ``first_image_at`` is when its first slide or ultrasound image was received (UTC).
+    ``wait_from`` is when the wait for a missing imaging modality began (UTC; see
+    :func:`wait_started`), None when unknown; ``wait`` is how long to wait before the case is
+    scored without that modality. A ``wait_from`` later than ``now`` waits until
+    ``wait_from + wait``: never early.
     """
     if not inputs.clinical:
         return Readiness(INCOMPLETE, "no final clinical values")
-    missing = tuple(m for m, present in (("wsi", bool(inputs.slides)),
-                                         ("us", bool(inputs.us_images))) if not present)
+    missing = missing_imaging(inputs)
     if len(missing) == 2:
         return Readiness(INCOMPLETE, "no slide and no ultrasound image")
     if not missing:
         return Readiness(READY, "complete")
-    if first_image_at is not None and now - first_image_at >= wait:
+    if wait_from is not None and now - wait_from >= wait:
         return Readiness(READY, f"waited {wait} for {missing[0]}", missing)
     return Readiness(WAITING, f"waiting for {missing[0]} until "
-                     f"{(first_image_at or now) + wait:%Y-%m-%d %H:%M} UTC", missing)
+                     f"{(wait_from or now) + wait:%Y-%m-%d %H:%M} UTC", missing)
+
+
+def missing_imaging(inputs: CaseInputs) -> tuple[str, ...]:
+    """The imaging modalities (``wsi``, ``us``) the case has no image of."""
+    return tuple(m for m, present in (("wsi", bool(inputs.slides)),
+                                      ("us", bool(inputs.us_images))) if not present)
 
 
 def arrivals_digest(inputs: CaseInputs) -> str:
@@ -202,7 +211,7 @@ class Scorer:
             evidence=self._evidence(inputs),
             us_region=self._us_region(key) if "us" in present else None,
             algorithm_parameters=self.parameters,
-            scored_at=utc_now(),
+            scored_at=self.store.stamp(),
         )
         with self.store.transaction() as conn:
             score_id = self.store.insert(conn, "scores", {
@@ -256,7 +265,46 @@ def first_image_at(store: Store, case: CaseInputs) -> datetime | None:
     (first,) = store.conn.execute(
         f"SELECT MIN(received_at) FROM instances WHERE id IN ({','.join('?' * len(ids))})",
         ids).fetchone()
-    return datetime.fromisoformat(first).astimezone(UTC)
+    return _utc(first)
+
+
+def wait_started(store: Store, case: CaseInputs, now: datetime, *, record: bool = True
+                 ) -> datetime | None:
+    """When the wait for ``case``'s missing imaging modality began (UTC), as known at ``now``.
+
+    The earliest of two stamps that is not later than ``now``: the first image's
+    ``received_at``, and when scoring first saw the case with one modality (``case_waits``).
+    A stamp later than ``now`` means the clock was stepped back after writing it (or another
+    host's clock runs ahead), so the time since then is unknown and it is left out: counting
+    from it would keep the case waiting for the length of the step (a year, after a wrong
+    hardware clock), and treating it as elapsed would score early. The second stamp bounds
+    the wait to ``wait`` after scoring first saw the case, whatever the clocks did.
+
+    With ``record`` (what the scoring pass does), the first sighting is stored, and a stored
+    sighting later than ``now`` is replaced by ``now``. Read-only callers (``cases``,
+    ``/metrics``) pass ``record=False``. Returns None for a case with both or no modalities.
+    """
+    if len(missing_imaging(case)) != 1:
+        return None
+    first = first_image_at(store, case)
+    row = store.conn.execute("SELECT seen_at FROM case_waits WHERE patient_key = ?",
+                             (case.patient_key,)).fetchone()
+    seen = _utc(row[0]) if row is not None else None
+    if seen is None or seen > now:
+        seen = now
+        if record:
+            with store.transaction() as conn:
+                conn.execute("INSERT INTO case_waits (patient_key, seen_at) VALUES (?, ?) "
+                             "ON CONFLICT (patient_key) DO UPDATE SET seen_at = excluded.seen_at",
+                             (case.patient_key, iso_utc(now)))
+            if first is not None and first > now:
+                LOGGER.warning("a case's first image is stamped %s, later than now (clock "
+                               "stepped back?): its wait runs from now", iso_utc(first))
+    return min(stamp for stamp in (first, seen) if stamp is not None and stamp <= now)
+
+
+def _utc(stamp: str | None) -> datetime | None:
+    return None if stamp is None else datetime.fromisoformat(stamp).astimezone(UTC)
 
 
 def due_cases(store: Store, config: Config, scorer: Scorer, now: datetime, wait: timedelta,
@@ -274,7 +322,7 @@ def due_cases(store: Store, config: Config, scorer: Scorer, now: datetime, wait:
     for key, case in inputs.items():
         if patient_keys is not None and key not in patient_keys:
             continue
-        state = readiness(case, first_image_at(store, case), now, wait)
+        state = readiness(case, wait_started(store, case, now), now, wait)
         if state.state == WAITING:
             run.waiting += 1
             continue

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from clocks import SteppingClock
 
 from mrrp_pacs.config import Config, load_config
 from mrrp_pacs.intake import Intake
@@ -15,8 +16,14 @@ def config(tmp_path: Path) -> Config:
 
 
 @pytest.fixture
-def store(config: Config):
-    with Store(config.paths.db_file, config.paths.objects_dir) as opened:
+def clock() -> SteppingClock:
+    """The time of the ``store`` fixture (and so of intake, scoring and the outbox on it)."""
+    return SteppingClock()
+
+
+@pytest.fixture
+def store(config: Config, clock: SteppingClock):
+    with Store(config.paths.db_file, config.paths.objects_dir, clock=clock) as opened:
         yield opened
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SPEC = PhantomSpec(patients=16, seed=4, slide_px=1024, missing_wsi=0.2, missing_us=0.2,
                    missing_report=0.2)
 MRRP = [sys.executable, "-m", "mrrp_pacs"]
+# the puller queries study dates from today back: far enough for the phantom's oldest study
+# (2008, less three weeks), counted from the day the test runs, so the window never runs out
+PHANTOM_WINDOW_DAYS = (date.today() - date(2007, 12, 1)).days
 
 
 def _train(root: Path) -> tuple[Path, dict[str, str]]:
@@ -71,7 +75,7 @@ host = "{LOOPBACK}"
 port = {pacs_port}
 ae_title = "ORTHANC"
 interval_s = 2
-window_days = 9000
+window_days = {PHANTOM_WINDOW_DAYS}
 [scoring]
 interval_s = 2
 wait_hours = 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mrrp_pacs.store import Store, utc_now
+from mrrp_pacs.store import Store
 
 
 @dataclass
@@ -75,7 +75,7 @@ class FeatureCache:
                 "input_hash": inputs,
                 "array_sha256": stored.sha256,
                 "meta": json.dumps(meta, sort_keys=True),
-                "created_at": utc_now(),
+                "created_at": self.store.stamp(),
             })
             conn.execute(
                 "UPDATE features SET superseded_by = ? WHERE patient_key = ? AND family = ? "
@@ -91,7 +91,7 @@ class FeatureCache:
         with self.store.transaction() as conn:
             conn.execute("UPDATE features SET array_sha256 = ?, meta = ?, created_at = ? "
                          "WHERE id = ?", (stored.sha256, json.dumps(meta, sort_keys=True),
-                                          utc_now(), feature_id))
+                                          self.store.stamp(), feature_id))
         self.revive(feature_id)
 
     def revive(self, feature_id: int) -> None:

@@ -27,7 +27,7 @@ from mrrp_pacs.intake.sidecars import (
     looks_like_sidecar,
     read_sidecar,
 )
-from mrrp_pacs.store import Store, sha256_file, utc_now
+from mrrp_pacs.store import Store, sha256_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Intake:
                 "kind": sidecar.kind, "sha256": sha, "size_bytes": len(data),
                 "source": f"file:{path.absolute()}", "folder": str(path.parent.absolute()),
                 "stem": path.stem, "image_file_name": sidecar.image_file_name,
-                "received_at": utc_now(),
+                "received_at": self.store.stamp(),
             })
         return IntakeResult(Outcome.NEW, "sidecar", row_id=row_id)
 
@@ -163,7 +163,7 @@ class Intake:
                 "sha256": sha,
                 "size_bytes": size,
                 "source": origin,
-                "received_at": utc_now(),
+                "received_at": self.store.stamp(),
             })
             for old in earlier:
                 conn.execute("UPDATE instances SET superseded_by = ? WHERE id = ?",
@@ -229,7 +229,7 @@ class Intake:
                 "sha256": sha,
                 "size_bytes": len(message.raw),
                 "source": origin,
-                "received_at": utc_now(),
+                "received_at": self.store.stamp(),
             }
             earlier = conn.execute(
                 "SELECT id FROM hl7_messages WHERE sending_application = ? AND "

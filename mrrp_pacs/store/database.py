@@ -7,12 +7,12 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from mrrp_pacs.clock import Clock, iso_utc, system_clock
 from mrrp_pacs.store import migrations
 from mrrp_pacs.store.objects import ObjectStore
 
@@ -26,10 +26,15 @@ class Store:
 
     Use one ``Store`` per thread. Writes go through :meth:`transaction`, which takes the write
     lock up front (``BEGIN IMMEDIATE``) so a multi-row write is all-or-nothing.
+
+    ``clock`` is the time every ``*_at`` column is stamped with and every decision by time
+    made against this store reads (see :mod:`mrrp_pacs.clock`); the wall clock by default.
     """
 
-    def __init__(self, db_path: Path, objects_dir: Path, *, migrate: bool = True) -> None:
+    def __init__(self, db_path: Path, objects_dir: Path, *, migrate: bool = True,
+                 clock: Clock = system_clock) -> None:
         self.db_path = db_path
+        self.clock = clock
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # a file stands where the folder should be
@@ -50,7 +55,11 @@ class Store:
         self.objects = ObjectStore(objects_dir)
         if migrate:
             migrations.ensure_history_table(self.conn)
-            migrations.migrate(self.conn)
+            migrations.migrate(self.conn, clock=clock)
+
+    def stamp(self) -> str:
+        """Now by this store's clock, as an ``*_at`` column value (see :func:`iso_utc`)."""
+        return iso_utc(self.clock())
 
     @property
     def schema_version(self) -> int:
@@ -87,7 +96,3 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def utc_now() -> str:
-    """Timestamp for ``*_at`` columns: UTC, ISO 8601, second precision."""
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")

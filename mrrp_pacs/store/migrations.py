@@ -12,8 +12,9 @@ import logging
 import re
 import sqlite3
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
+
+from mrrp_pacs.clock import Clock, iso_utc, system_clock
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(conn: sqlite3.Connection, target: int | None = None) -> list[Migration]:
+def migrate(conn: sqlite3.Connection, target: int | None = None,
+            clock: Clock = system_clock) -> list[Migration]:
     """Apply the migrations above the database's version, up to ``target`` (default: latest).
 
     ``conn`` must be in autocommit mode (``isolation_level=None``). Returns what was applied.
@@ -77,7 +79,7 @@ def migrate(conn: sqlite3.Connection, target: int | None = None) -> list[Migrati
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                (migration.version, migration.name, datetime.now(UTC).isoformat()),
+                (migration.version, migration.name, iso_utc(clock())),
             )
             conn.execute(f"PRAGMA user_version = {migration.version:d}")
             conn.execute("COMMIT")

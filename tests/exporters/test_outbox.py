@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from builders import Patient, encode, us_image, us_roi_sr
+from clocks import SteppingClock
 from hl7apy import parser as hl7apy_parser
 from orthanc import LOOPBACK, Orthanc, free_port, running_orthanc
 from pydicom.dataset import Dataset
@@ -42,10 +43,9 @@ def sr_object(patient_id: str = "OBX001") -> Dataset:
     return us_roi_sr(patient, us_image(patient), (10.0, 12.0, 40.0, 30.0))
 
 
-def queue_sr(outbox: Outbox, ds: Dataset, destination: str = "pacs",
-             now: datetime = T0) -> Enqueued:
+def queue_sr(outbox: Outbox, ds: Dataset, destination: str = "pacs") -> Enqueued:
     return outbox.enqueue(None, score_id=None, kind="sr", destination=destination,
-                          data=encode(ds), sop_instance_uid=ds.SOPInstanceUID, now=now)
+                          data=encode(ds), sop_instance_uid=ds.SOPInstanceUID)
 
 
 def held_uids(server: Orthanc) -> set[str]:
@@ -55,6 +55,12 @@ def held_uids(server: Orthanc) -> set[str]:
 def only_row(outbox: Outbox) -> ExportRow:
     (row,) = outbox.rows()
     return row
+
+
+@pytest.fixture
+def clock() -> SteppingClock:
+    """The store's clock (conftest's ``store`` fixture reads it), at T0 until a test moves it."""
+    return SteppingClock(T0)
 
 
 @pytest.fixture
@@ -68,7 +74,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield server
 
 
-def test_enqueue_records_the_object_and_a_pending_row_once(outbox: Outbox, store: Store) -> None:
+def test_enqueue_records_the_object_and_a_pending_row_once(
+        outbox: Outbox, store: Store, clock: SteppingClock) -> None:
     ds = sr_object()
     data = encode(ds)
     with store.transaction() as conn:
@@ -76,9 +83,10 @@ def test_enqueue_records_the_object_and_a_pending_row_once(outbox: Outbox, store
             "patient_key": "OBX001^^^HOSP", "model_version": "1", "inputs_hash": "h",
             "outputs": "{}", "created_at": "2026-01-06T11:59:00Z"})
     first = outbox.enqueue(None, score_id=score_id, kind="sr", destination="pacs", data=data,
-                           sop_instance_uid=ds.SOPInstanceUID, now=T0)
+                           sop_instance_uid=ds.SOPInstanceUID)
+    clock.set(at(60))
     again = outbox.enqueue(None, score_id=score_id, kind="sr", destination="pacs", data=data,
-                           sop_instance_uid=ds.SOPInstanceUID, now=at(60))
+                           sop_instance_uid=ds.SOPInstanceUID)
 
     assert first.created and again == Enqueued(first.row_id, created=False)
     row = only_row(outbox)
@@ -88,8 +96,10 @@ def test_enqueue_records_the_object_and_a_pending_row_once(outbox: Outbox, store
     assert row.next_attempt_at == row.created_at == "2026-01-06T12:00:00Z"
     assert row.object_sha256 is not None
     assert store.objects.read_bytes(row.object_sha256) == data
-    assert outbox.due(T0) == [row]
-    assert outbox.due(at(-1)) == []
+    assert outbox.due() == [row]
+    clock.set(at(-1))
+    assert outbox.due() == []
+    clock.set(at(60))
 
     other = queue_sr(outbox, ds, destination="archive")
     assert other.created
@@ -117,7 +127,6 @@ def test_enqueue_commits_with_the_callers_transaction(outbox: Outbox, store: Sto
     ({"sop_instance_uid": None}, "needs a valid SOP Instance UID"),
     ({"sop_instance_uid": "1.2.abc"}, "needs a valid SOP Instance UID"),
     ({"data": b""}, "empty object"),
-    ({"now": datetime(2026, 1, 6, 12, 0)}, "timezone-aware"),
 ])
 def test_enqueue_refuses_bad_arguments(outbox: Outbox, kwargs: dict[str, object],
                                        words: str) -> None:
@@ -129,25 +138,27 @@ def test_enqueue_refuses_bad_arguments(outbox: Outbox, kwargs: dict[str, object]
 
 
 def test_drain_delivers_to_orthanc_and_a_second_drain_sends_nothing(
-        outbox: Outbox, orthanc: Orthanc) -> None:
+        outbox: Outbox, orthanc: Orthanc, clock: SteppingClock) -> None:
     objects = [sr_object("OBX002"), sr_object("OBX003")]
     for ds in objects:
         queue_sr(outbox, ds)
     senders = {"pacs": DicomSender(LOOPBACK, orthanc.dicom_port, "PACS", timeout_s=10)}
 
-    assert outbox.drain(senders, now=at(1)) == DrainSummary(sent=2)
+    clock.set(at(1))
+    assert outbox.drain(senders) == DrainSummary(sent=2)
     assert {ds.SOPInstanceUID for ds in objects} <= held_uids(orthanc)
     rows = outbox.rows()
     assert [(r.state, r.attempts, r.last_error, r.next_attempt_at, r.sent_at) for r in rows] == [
         ("sent", 1, None, None, "2026-01-06T12:00:01Z")] * 2
 
-    assert outbox.drain(senders, now=at(3600)) == DrainSummary()
+    clock.set(at(3600))
+    assert outbox.drain(senders) == DrainSummary()
     assert outbox.rows() == rows
     assert outbox.counts() == {"pending": 0, "sent": 2, "dead": 0}
 
 
 def test_pacs_down_backs_off_dies_keeps_everything_then_retry_delivers_once(
-        outbox: Outbox, store: Store, tmp_path: Path) -> None:
+        outbox: Outbox, store: Store, tmp_path: Path, clock: SteppingClock) -> None:
     ds = sr_object("OBX004")
     queued = queue_sr(outbox, ds)
     down_port = free_port()  # nothing listens there
@@ -156,7 +167,8 @@ def test_pacs_down_backs_off_dies_keeps_everything_then_retry_delivers_once(
 
     history = []
     for seconds in (0, 9, 10, 29, 30, 55):
-        summary = outbox.drain(down, now=at(seconds), **policy)
+        clock.set(at(seconds))
+        summary = outbox.drain(down, **policy)
         row = only_row(outbox)
         history.append((seconds, summary.retried, summary.dead, row.state, row.attempts,
                         row.next_attempt_at))
@@ -173,22 +185,25 @@ def test_pacs_down_backs_off_dies_keeps_everything_then_retry_delivers_once(
     assert dead.last_error == (f"no association with PACS@{LOOPBACK}:{down_port}: connection "
                                "refused, timed out or aborted (timeout 5 s)")
     assert dead.object_sha256 is not None and store.objects.contains(dead.object_sha256)
-    assert outbox.drain(down, now=at(10**6), **policy) == DrainSummary()
+    clock.set(at(10**6))
+    assert outbox.drain(down, **policy) == DrainSummary()
 
     with running_orthanc(tmp_path / "orthanc", aet="PACS") as server:
         up = {"pacs": DicomSender(LOOPBACK, server.dicom_port, "PACS", timeout_s=10)}
         assert held_uids(server) == set()
-        assert outbox.retry(now=at(100)) == [queued.row_id]
+        clock.set(at(100))
+        assert outbox.retry() == [queued.row_id]
         retried = only_row(outbox)
         assert (retried.state, retried.attempts, retried.next_attempt_at) == (
             "pending", 0, "2026-01-06T12:01:40Z")
 
-        assert outbox.drain(up, now=at(100), **policy) == DrainSummary(sent=1)
+        assert outbox.drain(up, **policy) == DrainSummary(sent=1)
         assert held_uids(server) == {ds.SOPInstanceUID}
         sent = only_row(outbox)
         assert (sent.state, sent.attempts, sent.last_error) == ("sent", 1, None)
 
-        assert outbox.drain(up, now=at(200), **policy) == DrainSummary()
+        clock.set(at(200))
+        assert outbox.drain(up, **policy) == DrainSummary()
         assert server.statistics()["CountInstances"] == 1
         assert only_row(outbox) == sent
 
@@ -196,7 +211,7 @@ def test_pacs_down_backs_off_dies_keeps_everything_then_retry_delivers_once(
 def test_called_ae_mismatch_is_recorded_readably(outbox: Outbox, orthanc: Orthanc) -> None:
     queue_sr(outbox, sr_object("OBX005"))
     wrong = {"pacs": DicomSender(LOOPBACK, orthanc.dicom_port, "WRONGAE", "MRRP", timeout_s=10)}
-    assert outbox.drain(wrong, now=T0) == DrainSummary(retried=1)
+    assert outbox.drain(wrong) == DrainSummary(retried=1)
     row = only_row(outbox)
     assert (row.state, row.attempts) == ("pending", 1)
     assert row.last_error == (f"association rejected by WRONGAE@{LOOPBACK}:{orthanc.dicom_port}: "
@@ -205,12 +220,13 @@ def test_called_ae_mismatch_is_recorded_readably(outbox: Outbox, orthanc: Orthan
     assert "OBX005" not in row.summary()
 
 
-def test_permanent_refusal_is_dead_at_once_and_retry_by_id_resends(outbox: Outbox) -> None:
+def test_permanent_refusal_is_dead_at_once_and_retry_by_id_resends(
+        outbox: Outbox, clock: SteppingClock) -> None:
     ds = sr_object("OBX006")
     queued = queue_sr(outbox, ds)
     with storage_scp([0xC000]) as peer:
         senders = {"pacs": DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)}
-        assert outbox.drain(senders, now=T0) == DrainSummary(dead=1)
+        assert outbox.drain(senders) == DrainSummary(dead=1)
         dead = only_row(outbox)
         assert (dead.state, dead.attempts, dead.next_attempt_at) == ("dead", 1, None)
         assert dead.summary() == (
@@ -218,26 +234,29 @@ def test_permanent_refusal_is_dead_at_once_and_retry_by_id_resends(outbox: Outbo
             f"sop={ds.SOPInstanceUID}  error: C-STORE refused by TESTSCP@{LOOPBACK}:{peer.port}: "
             "status 0xC000 (Cannot Understand)")
 
-        assert outbox.retry([queued.row_id], now=at(5)) == [queued.row_id]
-        assert outbox.drain(senders, now=at(5)) == DrainSummary(sent=1)
+        clock.set(at(5))
+        assert outbox.retry([queued.row_id]) == [queued.row_id]
+        assert outbox.drain(senders) == DrainSummary(sent=1)
         assert peer.received == [ds.SOPInstanceUID] * 2
 
         # an operator can send a delivered object again (e.g. the PACS lost it)
-        assert outbox.retry([queued.row_id], now=at(9)) == [queued.row_id]
-        assert outbox.drain(senders, now=at(9)) == DrainSummary(sent=1)
+        clock.set(at(9))
+        assert outbox.retry([queued.row_id]) == [queued.row_id]
+        assert outbox.drain(senders) == DrainSummary(sent=1)
         assert peer.received == [ds.SOPInstanceUID] * 3
     with pytest.raises(ValueError, match="no export rows with id 999"):
         outbox.retry([queued.row_id, 999])
     assert outbox.retry() == []
 
 
-def test_out_of_resources_is_retried(outbox: Outbox) -> None:
+def test_out_of_resources_is_retried(outbox: Outbox, clock: SteppingClock) -> None:
     queue_sr(outbox, sr_object("OBX007"))
     with storage_scp([0xA700]) as peer:
         senders = {"pacs": DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)}
-        assert outbox.drain(senders, now=T0, backoff_s=30) == DrainSummary(retried=1)
+        assert outbox.drain(senders, backoff_s=30) == DrainSummary(retried=1)
         assert only_row(outbox).next_attempt_at == "2026-01-06T12:00:30Z"
-        assert outbox.drain(senders, now=at(30), backoff_s=30) == DrainSummary(sent=1)
+        clock.set(at(30))
+        assert outbox.drain(senders, backoff_s=30) == DrainSummary(sent=1)
         assert len(peer.received) == 2
 
 
@@ -250,7 +269,7 @@ def test_rows_without_a_sender_wait_and_missing_objects_die(outbox: Outbox,
     store.objects.path_for(lost_sha).unlink()
     senders = {"pacs": DicomSender(LOOPBACK, free_port(), "PACS", timeout_s=5)}
 
-    assert outbox.drain(senders, now=T0) == DrainSummary(dead=1, skipped=1)
+    assert outbox.drain(senders) == DrainSummary(dead=1, skipped=1)
     by_id = {r.id: r for r in outbox.rows()}
     assert (by_id[waiting.row_id].state, by_id[waiting.row_id].attempts) == ("pending", 0)
     assert by_id[lost.row_id].state == "dead"
@@ -282,7 +301,7 @@ class DrainWhileSending:
 
         def send(self, data: bytes) -> None:
             outer = self.outer
-            outer.other_summaries.append(outer.other.drain({"pacs": outer.inner}, now=T0))
+            outer.other_summaries.append(outer.other.drain({"pacs": outer.inner}))
             self.session.send(data)
 
 
@@ -290,10 +309,11 @@ def test_two_drains_at_once_send_each_row_once(outbox: Outbox, store: Store) -> 
     objects = [sr_object("OBX010"), sr_object("OBX011")]
     for ds in objects:
         queue_sr(outbox, ds)
-    with Store(store.db_path, store.objects.root) as second_store, storage_scp() as peer:
+    with Store(store.db_path, store.objects.root, clock=store.clock) as second_store, \
+            storage_scp() as peer:
         sender = DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)
         racing = DrainWhileSending(sender, Outbox(second_store))
-        first = outbox.drain({"pacs": racing}, now=T0)
+        first = outbox.drain({"pacs": racing})
         # the second drain, run while row 1 was being sent, found row 1 claimed and sent row 2;
         # the first then found row 2 taken and skipped it
         assert first == DrainSummary(sent=1)
@@ -314,7 +334,7 @@ def test_a_sender_bug_is_recorded_not_raised(outbox: Outbox) -> None:
             raise sqlite3.InterfaceError("bug")
 
     queue_sr(outbox, sr_object("OBX012"))
-    assert outbox.drain({"pacs": Broken()}, now=T0) == DrainSummary(retried=1)
+    assert outbox.drain({"pacs": Broken()}) == DrainSummary(retried=1)
     assert only_row(outbox).last_error == (
         "unexpected InterfaceError while sending to BROKEN@nowhere:0")
 
@@ -362,7 +382,7 @@ def test_oru_r01_reads_back_with_our_reader_and_hl7apy() -> None:
 
 
 def test_hl7_result_is_delivered_to_an_mllp_listener_that_persists_it(
-        outbox: Outbox, tmp_path: Path) -> None:
+        outbox: Outbox, tmp_path: Path, clock: SteppingClock) -> None:
     config = load_config(None, environ={}).with_db(tmp_path / "ris" / "db.sqlite3")
     server = MllpServer(lambda: Intake(Store(config.paths.db_file, config.paths.objects_dir),
                                        config), port=0, workers=1, idle_timeout_s=10)
@@ -371,10 +391,11 @@ def test_hl7_result_is_delivered_to_an_mllp_listener_that_persists_it(
         queued = outbox.enqueue(None, score_id=None, kind="hl7", destination="ris",
                                 data=build_oru_r01(risk_result(), control_id="MRRP1",
                                                    message_time=T0),
-                                sop_instance_uid=None, now=T0)
+                                sop_instance_uid=None)
         senders = {"ris": MllpSender(LOOPBACK, handle.port, timeout_s=10)}
-        assert outbox.drain(senders, now=T0) == DrainSummary(sent=1)
-        assert outbox.drain(senders, now=at(60)) == DrainSummary()
+        assert outbox.drain(senders) == DrainSummary(sent=1)
+        clock.set(at(60))
+        assert outbox.drain(senders) == DrainSummary()
     finally:
         handle.stop()
     assert only_row(outbox).id == queued.row_id
@@ -422,16 +443,17 @@ def acknowledging(code: str) -> Iterator[int]:
         listener.close()
 
 
-def test_hl7_rejection_is_permanent_and_application_error_transient(outbox: Outbox) -> None:
+def test_hl7_rejection_is_permanent_and_application_error_transient(
+        outbox: Outbox, clock: SteppingClock) -> None:
     data = build_oru_r01(risk_result(), control_id="MRRP2", message_time=T0)
     rejected = outbox.enqueue(None, score_id=None, kind="hl7", destination="ris-ar", data=data,
-                              sop_instance_uid=None, now=T0)
+                              sop_instance_uid=None)
     erred = outbox.enqueue(None, score_id=None, kind="hl7", destination="ris-ae", data=data,
-                           sop_instance_uid=None, now=T0)
+                           sop_instance_uid=None)
     with acknowledging("AR") as ar_port, acknowledging("AE") as ae_port:
         senders = {"ris-ar": MllpSender(LOOPBACK, ar_port, timeout_s=5),
                    "ris-ae": MllpSender(LOOPBACK, ae_port, timeout_s=5)}
-        assert outbox.drain(senders, now=T0) == DrainSummary(retried=1, dead=1)
+        assert outbox.drain(senders) == DrainSummary(retried=1, dead=1)
     by_id = {r.id: r for r in outbox.rows()}
     assert (by_id[rejected.row_id].state, by_id[rejected.row_id].last_error) == (
         "dead", f"mllp://{LOOPBACK}:{ar_port} answered AR")
@@ -439,6 +461,7 @@ def test_hl7_rejection_is_permanent_and_application_error_transient(outbox: Outb
         "pending", f"mllp://{LOOPBACK}:{ae_port} answered AE")
 
     closed = {"ris-ae": MllpSender(LOOPBACK, free_port(), timeout_s=5)}
-    assert outbox.drain(closed, now=at(60)) == DrainSummary(retried=1)
+    clock.set(at(60))
+    assert outbox.drain(closed) == DrainSummary(retried=1)
     assert outbox.rows(["pending"])[0].last_error == (
         f"no MLLP connection to {closed['ris-ae'].peer} (ConnectionRefusedError)")

@@ -2,6 +2,9 @@
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
+from mrrp_pacs.config import ConfigError
 from mrrp_pacs.daemon import build_scheduler, scheduler_db
 
 
@@ -33,3 +36,27 @@ def test_jobs_persist_and_a_missed_nightly_rescore_runs_at_the_next_start(config
         assert with_pacs.get_job("pull") is not None
     finally:
         with_pacs.shutdown(wait=False)
+
+
+def test_nightly_rescore_keeps_its_local_time_across_daylight_saving(config):
+    config.paths.db_file.parent.mkdir(parents=True)
+    berlin = config.replace("scoring", timezone="Europe/Berlin", rescore_time="01:30")
+    scheduler = build_scheduler(berlin)
+    try:
+        trigger = scheduler.get_job("rescore").trigger
+    finally:
+        scheduler.shutdown(wait=False)
+    # Berlin moves from UTC+1 to UTC+2 on 2027-03-28: a fixed offset would drift an hour
+    fired, moment = [], datetime(2027, 3, 26, 12, tzinfo=UTC)
+    for _ in range(4):
+        moment = trigger.get_next_fire_time(fired[-1] if fired else None, moment)
+        fired.append(moment)
+        moment += timedelta(minutes=1)
+    assert [(f.hour, f.minute) for f in fired] == [(1, 30)] * 4
+    assert [f.astimezone(UTC).strftime("%d %H:%M") for f in fired] == [
+        "27 00:30", "28 00:30", "28 23:30", "29 23:30"]
+
+
+def test_a_time_zone_that_does_not_exist_is_refused(config):
+    with pytest.raises(ConfigError, match=r"scoring\.timezone = 'Mars/Olympus'"):
+        config.replace("scoring", timezone="Mars/Olympus").check()

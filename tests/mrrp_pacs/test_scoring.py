@@ -2,10 +2,12 @@
 
 import csv
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
+from builders import Patient, encode, pathology_result, us_image
 from click.testing import CliRunner
+from clocks import START, SteppingClock
 from phantoms import extracted_phantom
 
 from model_store import ModelStore
@@ -23,13 +25,14 @@ from mrrp_pacs.scoring import (
     arrivals_digest,
     due_cases,
     readiness,
+    wait_started,
 )
 from mrrp_pacs.store import Store
 
 # enough ultrasound crops to train the US encoder, and some patients without each modality
 SPEC = PhantomSpec(patients=16, seed=4, slide_px=1024, missing_wsi=0.2, missing_us=0.2,
                    missing_report=0.3)
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+NOW = START + timedelta(hours=2)  # the phantom is ingested at START
 WAIT = timedelta(hours=72)
 
 
@@ -66,11 +69,53 @@ def test_arrivals_digest_changes_only_with_what_arrived():
     assert arrivals_digest(case) != before
 
 
+def _receive_us_only(intake, clock, at):
+    """One patient with an ultrasound image and final clinical values (no slide), received at
+    ``at`` by the store's clock."""
+    clock.set(at)
+    patient = Patient("SKEW1")
+    intake.receive_dicom(encode(us_image(patient)), "t")
+    intake.receive_hl7(pathology_result(patient, "PA-SKEW1"), "t")
+
+
+def _state_at(store, config, now):
+    (case,) = case_inputs(store, config).values()
+    return readiness(case, wait_started(store, case, now), now, WAIT).state
+
+
+def test_an_image_stamped_ahead_of_the_clock_waits_the_window_from_first_sight(
+        intake, store, config, clock):
+    # the host clock ran a year fast when the image arrived, then was stepped back
+    _receive_us_only(intake, clock, START + timedelta(days=365))
+    assert _state_at(store, config, START) == WAITING  # not scored early...
+    assert _state_at(store, config, START + WAIT - timedelta(seconds=1)) == WAITING
+    # ...and not kept waiting for the year of the step: the window runs from first sight
+    assert _state_at(store, config, START + WAIT) == READY
+
+
+def test_a_sighting_stamped_ahead_of_the_clock_is_taken_back_to_now(intake, store, config,
+                                                                    clock):
+    _receive_us_only(intake, clock, START + timedelta(days=30))
+    assert _state_at(store, config, START + timedelta(days=30)) == WAITING  # sighting stored
+    # the clock is stepped back 30 days: both stamps lie ahead, the window restarts now
+    assert _state_at(store, config, START) == WAITING
+    seen = store.conn.execute("SELECT seen_at FROM case_waits").fetchone()[0]
+    assert seen == "2031-03-09T09:30:00Z"
+    assert _state_at(store, config, START + WAIT) == READY
+
+
+def test_read_only_callers_record_no_sighting(intake, store, config, clock):
+    _receive_us_only(intake, clock, START)
+    (case,) = case_inputs(store, config).values()
+    assert wait_started(store, case, START + timedelta(hours=1), record=False) == START
+    assert store.conn.execute("SELECT COUNT(*) FROM case_waits").fetchone()[0] == 0
+
+
 @pytest.fixture(scope="module")
 def phantom_model(tmp_path_factory):
     """A small phantom, extracted, with a model trained for a few epochs."""
     root = tmp_path_factory.mktemp("scoring")
-    db, env, _ = extracted_phantom(root, SPEC, max_tiles=4)
+    db, env, _ = extracted_phantom(root, SPEC, max_tiles=4, clock=SteppingClock(START))
     with (root / "phantom" / "truth.csv").open() as handle:
         truth = {row["patient_id"]: row for row in csv.DictReader(handle)}
     outcomes = root / "outcomes.csv"
@@ -137,23 +182,26 @@ def test_pipeline_waits_then_compensates_and_rescores_with_a_new_model(phantom_m
     config, truth, _, env, db, outcomes = phantom_model
     incomplete = sum(row["has_wsi"] != "1" or row["has_us"] != "1" for row in truth.values())
     assert 0 < incomplete < len(truth)
-    now = datetime.now(UTC)
-    later = now + timedelta(hours=config.scoring.wait_hours + 1)
-    pipeline = Pipeline(config)
+    clock = SteppingClock(NOW)
+    pipeline = Pipeline(config, clock=clock)
     try:
         with pipeline.store.transaction() as conn:  # forget the previous test's scores
             conn.execute("DELETE FROM scores")
-        first = pipeline.process(now=now)
+            conn.execute("DELETE FROM case_waits")
+        first = pipeline.process()
         assert (first["scored"], first["waiting"]) == (len(truth) - incomplete, incomplete)
         assert first["failed"] == 0
-        waited = pipeline.process(now=later)
+        clock.set(START + timedelta(hours=config.scoring.wait_hours) - timedelta(seconds=1))
+        assert pipeline.process()["waiting"] == incomplete  # not a second early
+        clock.advance(seconds=1)
+        waited = pipeline.process()
         assert (waited["scored"], waited["waiting"]) == (incomplete, 0)
         retrained = CliRunner().invoke(main, ["train", *db, "--outcomes", str(outcomes),
                                               "--max-epochs", "2", "--seed", "1"], env=env)
         assert retrained.exit_code == 0, retrained.output
-        second = pipeline.process(now=later)
+        second = pipeline.process()
         assert second["scored"] == len(truth)
-        assert pipeline.process(now=later)["due"] == 0
+        assert pipeline.process()["due"] == 0
         rows = pipeline.store.conn.execute(
             "SELECT patient_key, COUNT(*), SUM(superseded_by IS NULL) FROM scores "
             "GROUP BY patient_key").fetchall()
@@ -161,19 +209,19 @@ def test_pipeline_waits_then_compensates_and_rescores_with_a_new_model(phantom_m
         assert all(total == 2 and current == 1 for _, total, current in rows)
         jobs = pipeline.store.conn.execute(
             "SELECT kind, state, detail FROM jobs ORDER BY id").fetchall()
-        assert [(k, s) for k, s, _ in jobs] == [("process", "done")] * 4
+        assert [(k, s) for k, s, _ in jobs] == [("process", "done")] * 5
         promoted = ModelStore(config.paths.model_store_dir).promoted("mrrp", "mrrp")
-        assert promoted and json.loads(jobs[2][2])["model"].endswith(promoted)
+        assert promoted and json.loads(jobs[3][2])["model"].endswith(promoted)
     finally:
         pipeline.close()
 
 
 def test_a_stopping_pipeline_scores_nobody_and_says_so(phantom_model):
     config, *_ = phantom_model
-    pipeline = Pipeline(config)
+    pipeline = Pipeline(config, clock=SteppingClock(NOW))
     try:
         pipeline.stopping.set()
-        detail = pipeline.process(now=NOW, everyone=True)
+        detail = pipeline.process(everyone=True)
         assert detail["stopped"] is True and detail["scored"] + detail["unchanged"] == 0
         state = pipeline.store.conn.execute(
             "SELECT state FROM jobs ORDER BY id DESC LIMIT 1").fetchone()[0]

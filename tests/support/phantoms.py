@@ -6,8 +6,10 @@ SMALL = PhantomSpec(patients=6, seed=3, slide_px=1024, missing_wsi=0.3, missing_
                     missing_report=0.3)
 
 
-def extracted_phantom(root, spec, max_tiles):
+def extracted_phantom(root, spec, max_tiles, clock=None):
     """Write ``spec`` under ``root``, ingest it, train the US encoder, extract every family.
+
+    ``clock`` stamps the ingest (``received_at``); default the wall clock.
 
     Returns ``(db_args, env, extract_summary)``: ``db_args`` = ["--db", file] for CLI calls,
     ``env`` the environment that points the CLI at this run's model store and tiling.
@@ -25,7 +27,8 @@ def extracted_phantom(root, spec, max_tiles):
 
     generate(spec, root / "phantom", workers=2)
     config = load_config(None, environ={}).with_db(root / "state" / "db.sqlite3")
-    with Store(config.paths.db_file, config.paths.objects_dir) as store:
+    with Store(config.paths.db_file, config.paths.objects_dir,
+               **({"clock": clock} if clock is not None else {})) as store:
         ingest_paths(Intake(store, config), [root / "phantom" / "dicom", root / "phantom" / "hl7"])
     env = {"MRRP__PATHS__MODEL_STORE": str(root / "models"),
            "MRRP__FEATURES__MAX_TILES": str(max_tiles), "MRRP__FEATURES__WORKERS": "2"}
