@@ -44,7 +44,8 @@ $(VIEWER_STAMP): deploy/viewer/package.json deploy/viewer/package-lock.json
 # and the demo read no clock and are left out of that pass to keep CI short.
 FUTURE ?= +365d
 PYTEST_NOW := $(BIN)/pytest
-PYTEST_FUTURE := faketime -m -f '$(FUTURE)' $(BIN)/pytest -p no:cacheprovider \
+PYTEST_FUTURE := MRRP_TEST_CLOCK_AHEAD=$(FUTURE) faketime -m -f $(FUTURE) $(BIN)/pytest \
+	-p no:cacheprovider \
 	--ignore=tests/mrrp_pacs/features --ignore=tests/mrrp_pacs/model \
 	--ignore=tests/mrrp_pacs/phantom --ignore=tests/viewer --ignore=tests/test_demo_e2e.py
 test: venv test-tools viewer-deps lint
