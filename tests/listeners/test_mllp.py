@@ -468,8 +468,8 @@ def test_stop_answers_the_message_in_flight_and_closes_idle_connections(serve, s
         assert idle.closed_by_server(timeout=3)
         with pytest.raises(ConnectionRefusedError):  # no longer accepting
             Peer(handle.port)
-        time.sleep(0.2)
-        assert stopper.is_alive()  # waiting for the persistence in flight
+        stopper.join(timeout=0.5)  # stop() must not return while a message is in flight
+        assert stopper.is_alive() and server.stats().in_flight == 1
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
