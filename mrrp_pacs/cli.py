@@ -10,7 +10,6 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import click
 from tqdm import tqdm
 
 from mrrp_pacs import __version__
-from mrrp_pacs.config import SECTIONS, Config, ConfigError, load_config
+from mrrp_pacs.config import Config, ConfigError, config_toml, load_config
 from mrrp_pacs.logs import configure_logging
 from mrrp_pacs.store import SchemaError, Store
 
@@ -886,17 +885,16 @@ def migrate(state: _Context, db_path: Path | None) -> None:
 @DB_OPTION
 @click.pass_obj
 def show_config(state: _Context, db_path: Path | None) -> None:
-    """Validate the configuration and print it."""
+    """Validate the configuration and print it as TOML (secrets redacted).
+
+    The output loads back with --config to the same configuration, secrets aside."""
 
     def work() -> None:
         config = state.config(db_path)
-        click.echo(f"# from {config.source} and MRRP__* environment variables")
-        for name in SECTIONS:
-            section = getattr(config, name)
-            click.echo(f"[{name}]")
-            for f in fields(section):
-                click.echo(f"{f.name} = {_toml_value(getattr(section, f.name))}")
-            click.echo("")
+        click.echo(f"# from {config.source} and MRRP__* environment variables; valid TOML for "
+                   "--config (paths resolved).\n# Secrets are redacted (commented out): put "
+                   "them back before using this as a configuration file.")
+        click.echo(config_toml(config))
         paths = config.paths
         click.echo(f"# database: {paths.db_file}\n# objects:  {paths.objects_dir}\n"
                    f"# models:   {paths.model_store_dir}")
@@ -1028,20 +1026,6 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
                f"example PDF: {summary['example_pdf']}\n"
                f"plots: {Path(summary['reports']).parent / 'evaluation'}\n"
                f"summary: {out_dir / 'summary.json'}; database: {summary['database']}")
-
-
-def _toml_value(value: Any) -> str:
-    if value is None:
-        return '""  # default'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from builders import Patient, pathology_result, us_image, us_report, write
 from click.testing import CliRunner
 
 from mrrp_pacs.cli import main
+from mrrp_pacs.config import Config, load_config
 from mrrp_pacs.store.migrations import available_migrations
 
 SCRIPT = Path(sys.executable).parent / "mrrp-pacs"
@@ -93,6 +95,42 @@ def test_migrate_and_config_commands(tmp_path):
     shown = runner.invoke(main, ["config", "--db", str(db)])
     assert shown.exit_code == 0 and f"# database: {db}" in shown.output
     assert 'match = "id+issuer"' in shown.output
+
+
+def test_config_output_loads_back_as_the_same_config_with_secrets_redacted(tmp_path):
+    site = tmp_path / "etc"
+    site.mkdir()
+    source = site / "mrrp.toml"
+    source.write_text(
+        '[paths]\ndata_dir = "rel dir"\nmodel_store = "/srv/models"\n'
+        '[features]\ntarget_mpp = 0.25\nus_default_mm_per_px = 2\nbf16 = true\n'
+        'encoder_checkpoints = { uni = "/m/\\"q\\"\\\\x \u00b5m" }\n'
+        'findings_patterns = ["Befund:\\\\s*(.*)", "tab\\there"]\n'
+        '[scoring]\nwait_hours = 1.5\n[dicom]\nallowed_aes = ["PACS", "MOD 1"]\n'
+        '[export]\nuid_secret = "hospital-secret-42"\n')
+    loaded = load_config(source, environ={})
+    printed = CliRunner().invoke(main, ["--config", str(source), "config"])
+    assert printed.exit_code == 0, printed.output
+    assert "hospital-secret-42" not in printed.output
+    assert "# uid_secret = (set, not shown: secrets are redacted)" in printed.output
+    assert "target_mpp = 0.25\n" in printed.output and "wait_hours = 1.5\n" in printed.output
+    elsewhere = tmp_path / "copy" / "printed.toml"  # relative paths were resolved
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(printed.output)
+    again = load_config(elsewhere, environ={})
+    assert again.features.target_mpp == 0.25 and again.paths.data_dir == site / "rel dir"
+    assert again.export.uid_secret == Config().export.uid_secret  # redacted: the default
+    assert dataclasses.replace(again, source="") == dataclasses.replace(
+        loaded.replace("export", uid_secret=Config().export.uid_secret), source="")
+
+    # a configuration still on the public default secret round-trips exactly, and says so
+    printed = CliRunner().invoke(main, ["config"]).output
+    assert 'uid_secret = "mrrp-pacs"  # the public default: set your own' in printed
+    elsewhere.write_text(printed)
+    defaults = load_config(None, environ={})
+    defaults = defaults.replace("paths", data_dir=defaults.paths.data_dir.absolute())
+    assert dataclasses.replace(load_config(elsewhere, environ={}), source="") == \
+        dataclasses.replace(defaults, source="")
 
 
 def test_demo_replaces_its_own_output_folder(tmp_path):
