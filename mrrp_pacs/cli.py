@@ -124,34 +124,48 @@ def ingest(state: _Context, paths: tuple[Path, ...], db_path: Path | None, as_js
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.pass_obj
 def cases(state: _Context, db_path: Path | None, as_json: bool) -> None:
-    """List patients, their modalities and readiness."""
-    from mrrp_pacs.cases import MODALITIES, list_cases
+    """List patients, their modalities and readiness: ready, waiting (for a second imaging
+    modality, within [scoring] wait_hours) or incomplete (no image or no final clinical
+    values), as scoring decides it."""
+    from datetime import UTC, datetime, timedelta
+
+    from mrrp_pacs.cases import MODALITIES, CaseInputs, list_cases
     from mrrp_pacs.clinical_schema import load_schema
     from mrrp_pacs.features.cache import FeatureCache
+    from mrrp_pacs.scoring import INCOMPLETE, READY, WAITING, first_image_at, readiness
 
     def work() -> None:
         config = state.config(db_path)
         n_variables = len(load_schema(config.clinical.schema_file).variables)
+        now, wait = datetime.now(UTC), timedelta(hours=config.scoring.wait_hours)
         with _open_store(config) as store:
-            found = list_cases(store, config)
+
+            def judge(case: CaseInputs) -> tuple[str, str]:
+                found = readiness(case, first_image_at(store, case), now, wait)
+                return found.state, found.reason
+
+            found = list_cases(store, config, judge)
             extracted = FeatureCache(store).summary()
         if as_json:
             click.echo(json.dumps([
                 {**c.as_dict(), **extracted.get(c.patient_key, {"features": [], "flags": []})}
                 for c in found], indent=2))
             return
-        header = ["patient", *MODALITIES, "ready", "features", "flags"]
+        header = ["patient", *MODALITIES, "readiness", "features", "flags", "why"]
         rows = [[c.patient_key,
                  *[("yes" if m in c.modalities else "-") if m != "clinical"
                    else f"{len(c.clinical_variables)}/{n_variables}" for m in MODALITIES],
-                 "READY" if c.ready else "waiting",
+                 c.readiness.upper() if c.readiness == READY else c.readiness,
                  ",".join(extracted.get(c.patient_key, {}).get("features", [])) or "-",
-                 ",".join(extracted.get(c.patient_key, {}).get("flags", [])) or "-"]
+                 ",".join(extracted.get(c.patient_key, {}).get("flags", [])) or "-",
+                 c.reason]
                 for c in found]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
-            click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
-        click.echo(f"{len(found)} patients, {sum(c.ready for c in found)} ready")
+            click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True))
+                       .rstrip())
+        counts = {s: sum(c.readiness == s for c in found) for s in (READY, WAITING, INCOMPLETE)}
+        click.echo(f"{len(found)} patients: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
 
     _guarded(work)
 
@@ -613,6 +627,16 @@ def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json:
                 detail = pipeline.process(everyone=everyone, progress=progress)
         finally:
             pipeline.close()
+        if detail.get("no_model"):  # recorded as a failed job, so it fails here too
+            message = (f"no model {config.scoring.model} in the model store "
+                       f"{config.paths.model_store_dir} yet: nothing was scored ({detail['due']} "
+                       f"ready, {detail['waiting']} waiting for a modality, "
+                       f"{detail['incomplete']} incomplete); train one first "
+                       "(docs/operator-guide.md §5)")
+            if not as_json:
+                raise click.ClickException(message)
+            click.echo(json.dumps({**detail, "error": message}, indent=2))
+            sys.exit(1)
         if as_json:
             click.echo(json.dumps(detail, indent=2))
             return
@@ -631,7 +655,9 @@ def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json:
 @click.pass_obj
 def score(state: _Context, db_path: Path | None, as_json: bool) -> None:
     """Score the ready cases that received something new (what the daemon does on its
-    interval): extract their features, score with the promoted model, queue the SR and PDF."""
+    interval): extract their features, score with the promoted model, queue the SR and PDF.
+
+    Exit status 1, with the counts, when there is no model yet."""
     _scoring_run(state, db_path, everyone=False, as_json=as_json)
 
 
@@ -642,7 +668,8 @@ def score(state: _Context, db_path: Path | None, as_json: bool) -> None:
 def rescore(state: _Context, db_path: Path | None, as_json: bool) -> None:
     """Run the nightly rescoring once: every ready case with the promoted model.
 
-    Only patients whose score changes (new model, new data) get a new score and SR."""
+    Only patients whose score changes (new model, new data) get a new score and SR. Exit
+    status 1, with the counts, when there is no model yet."""
     _scoring_run(state, db_path, everyone=True, as_json=as_json)
 
 

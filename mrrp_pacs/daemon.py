@@ -32,11 +32,22 @@ from pathlib import Path
 from typing import Any
 
 from model_store import ModelStore
+from mrrp_pacs.cases import case_inputs
 from mrrp_pacs.config import Config
 from mrrp_pacs.features.pipeline import FAMILIES, Extractor
 from mrrp_pacs.model.train import MODEL_KIND
 from mrrp_pacs.results import RiskResult
-from mrrp_pacs.scoring import ScoreOutcome, Scorer, ScoringRun, due_cases
+from mrrp_pacs.scoring import (
+    INCOMPLETE,
+    READY,
+    WAITING,
+    ScoreOutcome,
+    Scorer,
+    ScoringRun,
+    due_cases,
+    first_image_at,
+    readiness,
+)
 from mrrp_pacs.store import Store, utc_now
 
 LOGGER = logging.getLogger(__name__)
@@ -44,9 +55,10 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class JobRecord:
-    """Counts a job reports (``jobs.detail``)."""
+    """Counts a job reports (``jobs.detail``), and why it failed without raising (``error``)."""
 
     detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 class Pipeline:
@@ -94,6 +106,9 @@ class Pipeline:
             LOGGER.error("job %s (%d) failed: %s", kind, job_id, type(exc).__name__)
             self._finish(job_id, "failed", record, started, f"{type(exc).__name__}: {exc}")
             raise
+        if record.error is not None:  # a failure the job has logged its own way
+            self._finish(job_id, "failed", record, started, record.error)
+            return
         state = "interrupted" if self.stopping.is_set() and record.detail.get("stopped") \
             else "done"
         self._finish(job_id, state, record, started, None)
@@ -127,13 +142,18 @@ class Pipeline:
         """
         kind = "rescore" if everyone else "process"
         with self.job(kind) as record:
-            if not self.models.versions(MODEL_KIND, self.config.scoring.model):
-                # a fresh installation receives data before its first model is trained
+            name = self.config.scoring.model
+            if not self.models.versions(MODEL_KIND, name):
+                # a fresh installation receives data before its first model is trained: warn
+                # once, but record every run as failed so that alerts on failed jobs fire
                 if not self._warned_no_model:
                     LOGGER.warning("no model %s in the model store yet: cases are kept and "
-                                   "scored once a model is trained", self.config.scoring.model)
+                                   "scored once a model is trained", name)
                     self._warned_no_model = True
+                record.detail.update(self._readiness_counts(now or datetime.now(UTC)))
                 record.detail["no_model"] = True
+                record.error = (f"no model {MODEL_KIND}/{name} in {self.models.root}: train "
+                                "one first (docs/operator-guide.md §5); nothing was scored")
                 return record.detail
             scorer = self.scorer()
             now = now or datetime.now(UTC)
@@ -141,6 +161,16 @@ class Pipeline:
             due, digests, run = due_cases(self.store, self.config, scorer, now, wait, everyone)
             record.detail.update(self._score_each(scorer, due, digests, run, progress))
             return record.detail
+
+    def _readiness_counts(self, now: datetime) -> dict[str, int]:
+        """Cases by readiness, as a scoring run counts them (``due`` = ready: without a model
+        every ready case is due)."""
+        wait = timedelta(hours=self.config.scoring.wait_hours)
+        counts = {READY: 0, WAITING: 0, INCOMPLETE: 0}
+        for case in case_inputs(self.store, self.config).values():
+            counts[readiness(case, first_image_at(self.store, case), now, wait).state] += 1
+        return {"due": counts[READY], "waiting": counts[WAITING],
+                "incomplete": counts[INCOMPLETE]}
 
     def _score_each(self, scorer: Scorer, due: dict[str, Any], digests: dict[str, str],
                     run: ScoringRun, progress: Callable[[int, int], None] | None

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +50,74 @@ def test_ingest_json_then_cases_json(tmp_path):
         "patient_key": "C1^^^HOSP", "patient_id": "C1", "issuer": "HOSP",
         "modalities": ["us_image", "us_report", "clinical"],
         "clinical_variables": sorted(cases[0]["clinical_variables"]),
-        "ready": True, "missing": ["wsi", "wsi_roi", "us_roi"],
+        # an ultrasound image without a slide: scoring waits [scoring] wait_hours for it
+        "ready": False, "readiness": "waiting", "reason": cases[0]["reason"],
+        "missing": ["wsi", "wsi_roi", "us_roi"],
         "features": [], "flags": [],  # nothing extracted yet
     }]
+    assert cases[0]["reason"].startswith("waiting for wsi until ")
     table = runner.invoke(main, ["cases", "--db", str(db)]).output
-    assert "C1^^^HOSP" in table and "READY" in table and "9/9" in table
+    assert "C1^^^HOSP" in table and "waiting" in table and "9/9" in table
+    assert table.splitlines()[-1] == "1 patients: 0 ready, 1 waiting, 0 incomplete"
+
+
+def _site(tmp_path, **scoring):
+    """A config file with state under tmp_path (and [scoring] keys)."""
+    path = tmp_path / "mrrp.toml"
+    path.write_text(f'[paths]\ndata_dir = "{tmp_path / "state"}"\n[scoring]\n'
+                    + "".join(f"{k} = {v}\n" for k, v in scoring.items()))
+    return path
+
+
+def test_cases_use_the_readiness_words_of_scoring(tmp_path):
+    """ready / waiting / incomplete as scoring.readiness decides, wait window included."""
+    drop = tmp_path / "drop"
+    waiting, no_image, no_values = Patient("W1"), Patient("N1"), Patient("V1")
+    write(us_image(waiting), drop / "w.dcm")
+    (drop / "w.hl7").write_bytes(pathology_result(waiting, "PA-W1"))
+    (drop / "n.hl7").write_bytes(pathology_result(no_image, "PA-N1"))
+    write(us_image(no_values), drop / "v.dcm")
+    config = _site(tmp_path)
+    runner = CliRunner()
+    assert runner.invoke(main, ["--config", str(config), "ingest", str(drop)]).exit_code == 0
+    found = {c["patient_id"]: c for c in json.loads(runner.invoke(
+        main, ["--config", str(config), "cases", "--json"]).stdout)}
+    assert {k: (c["readiness"], c["ready"]) for k, c in found.items()} == {
+        "W1": ("waiting", False), "N1": ("incomplete", False), "V1": ("incomplete", False)}
+    assert found["N1"]["reason"] == "no slide and no ultrasound image"
+    assert found["V1"]["reason"] == "no final clinical values"
+    # once the wait window is over the case is ready (scored with the slide compensated)
+    waited = _site(tmp_path, wait_hours=0)
+    table = runner.invoke(main, ["--config", str(waited), "cases"]).output
+    assert table.splitlines()[-1] == "3 patients: 1 ready, 0 waiting, 2 incomplete"
+    assert "READY" in next(line for line in table.splitlines() if line.startswith("W1"))
+
+
+def test_score_and_rescore_without_a_model_fail_clearly_and_are_recorded(tmp_path):
+    drop = tmp_path / "drop"
+    patient = Patient("S1")
+    write(us_image(patient), drop / "s.dcm")
+    (drop / "s.hl7").write_bytes(pathology_result(patient))
+    config = _site(tmp_path, wait_hours=0)
+    runner = CliRunner()
+    assert runner.invoke(main, ["--config", str(config), "ingest", str(drop)]).exit_code == 0
+    for command in ("score", "rescore"):
+        result = runner.invoke(main, ["--config", str(config), command])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert "Traceback" not in result.output
+        assert f"Error: no model mrrp in the model store {tmp_path / 'state' / 'models'} yet: " \
+               "nothing was scored (1 ready, 0 waiting for a modality, 0 incomplete)" \
+               in result.output
+    result = runner.invoke(main, ["--config", str(config), "score", "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert (report["no_model"], report["due"], report["waiting"]) == (True, 1, 0)
+    assert report["error"].startswith("no model mrrp")
+    with sqlite3.connect(tmp_path / "state" / "mrrp.sqlite3") as conn:
+        jobs = conn.execute("SELECT kind, state, error FROM jobs ORDER BY id").fetchall()
+    assert [(kind, state) for kind, state, _ in jobs] == [
+        ("process", "failed"), ("rescore", "failed"), ("process", "failed")]
+    assert all(error.startswith("no model mrrp/mrrp in ") for _, _, error in jobs)
 
 
 def test_text_summary_names_rejections(tmp_path):
