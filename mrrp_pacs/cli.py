@@ -21,6 +21,9 @@ from mrrp_pacs.config import Config, ConfigError, config_toml, load_config
 from mrrp_pacs.logs import configure_logging
 from mrrp_pacs.store import SchemaError, Store
 
+# listen addresses that are not addresses to connect to
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")  # noqa: S104 (compared against, never bound)
+
 DB_OPTION = click.option(
     "--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
     help="SQLite database file (overrides [paths] db; objects are kept beside it).",
@@ -683,7 +686,8 @@ def rescore(state: _Context, db_path: Path | None, as_json: bool) -> None:
               help="Override [http] port (0 = off).")
 @click.option("--ae-title", default=None, help="Override [dicom] ae_title.")
 @click.option("--allow-ae", "allow_aes", multiple=True,
-              help="Calling AE title allowed to send (repeatable; overrides [dicom] allowed_aes).")
+              help="Calling AE title allowed to send besides [pacs] ae_title (repeatable; "
+                   "replaces [dicom] allowed_aes).")
 @click.pass_obj
 def serve(state: _Context, db_path: Path | None, dicom_port: int | None,
           mllp_port: int | None, http_port: int | None, ae_title: str | None,
@@ -806,17 +810,26 @@ def hl7() -> None:
 @hl7.command("send")
 @click.argument("files", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), required=True)
+@click.option("--host", default=None,
+              help="Listener address (default: [hl7] bind, 127.0.0.1 when that is a wildcard).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Listener port (default: [hl7] port of the configuration).")
 @click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for each acknowledgement.")
-def hl7_send(files: tuple[Path, ...], host: str, port: int, timeout_s: float) -> None:
+@click.pass_obj
+def hl7_send(state: _Context, files: tuple[Path, ...], host: str | None, port: int | None,
+             timeout_s: float) -> None:
     """Send HL7 files (one or more messages each) over MLLP on one connection; print each
-    acknowledgement. Exit status 1 when any message is not accepted (AA)."""
+    acknowledgement. Exit status 1 when any message is not accepted (AA).
+
+    Without --host/--port it sends to the MLLP listener of the configuration (--config)."""
     from listeners.mllp_client import send_files
 
     def work() -> None:
-        results = send_files(list(files), host, port, timeout_s)
+        listener = state.config().hl7
+        target_host = host or (listener.bind if listener.bind not in WILDCARD_ADDRESSES
+                               else "127.0.0.1")
+        results = send_files(list(files), target_host, port or listener.port, timeout_s)
         for path, ack in results:
             line = f"{path.name}: {ack.control_id or '-'} {ack.code or 'no answer'}"
             click.echo(f"{line} {ack.error}" if ack.error else line)

@@ -123,7 +123,8 @@ class DicomConfig:
     ae_title: str = "MRRP"
     port: int = 11112
     bind: str = "127.0.0.1"  # listen address; wider binding is explicit config (example TOML)
-    # calling AE titles allowed to associate; empty = only the PACS of [pacs]
+    # calling AE titles allowed to associate besides [pacs] ae_title, which is always allowed
+    # (studies we C-MOVE arrive with it); see mrrp_pacs.daemon.allowed_calling_aes
     allowed_aes: list[str] = field(default_factory=list)
 
 

@@ -411,6 +411,13 @@ class _MllpListener:
             self.handle = None
 
 
+def allowed_calling_aes(config: Config) -> set[str]:
+    """Calling AE titles our storage SCP accepts: ``[dicom] allowed_aes`` and always the
+    PACS's ``[pacs] ae_title``, since the studies we C-MOVE arrive on associations it opens
+    with that title (listing another sender must not lock out the PACS we pull from)."""
+    return {*config.dicom.allowed_aes, config.pacs.ae_title}
+
+
 def components_from_config(config: Config) -> Components:
     """The listeners, puller, exporter and sender the configuration asks for."""
     from exporters.dicom_sender import DicomSender
@@ -432,8 +439,7 @@ def components_from_config(config: Config) -> Components:
     schema = load_schema(config.clinical.schema_file)
     open_intake = intake_opener(config, schema)
     scp = StorageScp(open_intake, config.dicom.ae_title, config.dicom.port,
-                     host=config.dicom.bind,
-                     allowed_aes=set(config.dicom.allowed_aes) or {config.pacs.ae_title})
+                     host=config.dicom.bind, allowed_aes=allowed_calling_aes(config))
 
     def new_intake() -> Intake:
         return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False),

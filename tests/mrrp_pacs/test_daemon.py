@@ -33,3 +33,25 @@ def test_jobs_persist_and_a_missed_nightly_rescore_runs_at_the_next_start(config
         assert with_pacs.get_job("pull") is not None
     finally:
         with_pacs.shutdown(wait=False)
+
+
+def test_the_pacs_we_pull_from_stays_allowed_when_other_senders_are_listed(config, caplog):
+    """C-MOVE sub-operations arrive with the PACS's AE title: listing a modality that pushes
+    to us must not lock the PACS out; the start log names the allowed titles."""
+    import logging
+
+    from mrrp_pacs.daemon import allowed_calling_aes, components_from_config
+    from mrrp_pacs.doctor import c_echo
+
+    site = config.replace("dicom", allowed_aes=["MODALITY"], port=0).replace("http", port=0)
+    assert allowed_calling_aes(site) == {"MODALITY", "ORTHANC"}
+    scp = components_from_config(site).listeners[0]
+    caplog.set_level(logging.INFO, logger="listeners.dicom_scp")
+    scp.start()
+    try:
+        assert "calling AEs allowed: MODALITY, ORTHANC" in caplog.text
+        for calling in ("ORTHANC", "MODALITY"):
+            assert c_echo("127.0.0.1", scp.port, "MRRP", calling, timeout_s=10) is None
+        assert c_echo("127.0.0.1", scp.port, "MRRP", "STRANGER", timeout_s=10) is not None
+    finally:
+        scp.stop()
