@@ -17,12 +17,9 @@ import click
 from tqdm import tqdm
 
 from mrrp_pacs import __version__
-from mrrp_pacs.config import Config, ConfigError, config_toml, load_config
+from mrrp_pacs.config import Config, ConfigError, config_toml, load_config, local_address
 from mrrp_pacs.logs import configure_logging
 from mrrp_pacs.store import SchemaError, Store
-
-# listen addresses that are not addresses to connect to
-WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")  # noqa: S104 (compared against, never bound)
 
 DB_OPTION = click.option(
     "--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -827,9 +824,8 @@ def hl7_send(state: _Context, files: tuple[Path, ...], host: str | None, port: i
 
     def work() -> None:
         listener = state.config().hl7
-        target_host = host or (listener.bind if listener.bind not in WILDCARD_ADDRESSES
-                               else "127.0.0.1")
-        results = send_files(list(files), target_host, port or listener.port, timeout_s)
+        results = send_files(list(files), host or local_address(listener.bind),
+                             port or listener.port, timeout_s)
         for path, ack in results:
             line = f"{path.name}: {ack.control_id or '-'} {ack.code or 'no answer'}"
             click.echo(f"{line} {ack.error}" if ack.error else line)
@@ -890,7 +886,8 @@ def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> Non
 @click.pass_obj
 def doctor(state: _Context, db_path: Path | None) -> None:
     """Check every precondition of the daemon: configuration, disk, database, models, encoder
-    weights, ports, PACS (C-ECHO). One line each with what to do; exit status 1 if any fails."""
+    weights, ports, PACS (C-ECHO). One line each with what to do; exit status 1 if any fails
+    (warnings, e.g. the default uid_secret, do not)."""
     from mrrp_pacs.doctor import run_checks
 
     def work() -> None:
@@ -898,7 +895,8 @@ def doctor(state: _Context, db_path: Path | None) -> None:
         for check in checks:
             click.echo(check.line())
         failed = sum(not c.ok for c in checks)
-        click.echo(f"{len(checks) - failed} ok, {failed} failed")
+        warned = sum(c.ok and c.warning for c in checks)
+        click.echo(f"{len(checks) - failed - warned} ok, {warned} warnings, {failed} failed")
         if failed:
             sys.exit(1)
 

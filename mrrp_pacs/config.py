@@ -473,6 +473,12 @@ def _coerce(key: str, kind: Any, value: Any, source: str, base_dir: Path) -> Any
     raise TypeError(f"config field {key} has an unsupported type {kind!r}")  # pragma: no cover
 
 
+def local_address(bind: str) -> str:
+    """Where this machine reaches a listener bound to ``bind``: the address itself, or the
+    loopback address for a wildcard (which is something to bind, not to connect to)."""
+    return "127.0.0.1" if bind in ("", "0.0.0.0", "::") else bind  # noqa: S104
+
+
 def config_toml(config: Config) -> str:
     """``config`` as TOML that :func:`load_config` reads back to the same values.
 
