@@ -210,8 +210,9 @@ def our_healthz(config: Config) -> dict[str, Any] | None:
     if not config.http.port:
         return None
     url = f"http://{local_address(config.http.bind)}:{config.http.port}/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never http_proxy
     try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as answer:
+        with direct.open(url, timeout=PROBE_TIMEOUT_S) as answer:
             server, body = answer.headers.get("Server", ""), answer.read()
     except urllib.error.HTTPError as error:  # 503: ours, but a component is down
         server, body = error.headers.get("Server", ""), error.read()

@@ -71,11 +71,16 @@ def test_default_uid_secret_and_export_without_destination_are_warnings(site):
     assert "WARN  uid secret" in result.output and "WARN  PACS" in result.output
 
 
-def test_ports_held_by_our_running_daemon_are_ok_and_others_fail(site):
+def test_ports_held_by_our_running_daemon_are_ok_and_others_fail(site, monkeypatch):
     """Beside a running daemon its three ports are busy: ours, so not a failure."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from mrrp_pacs.daemon import components_from_config
+
+    # a site proxy must not carry the question to our own /healthz
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
 
     with Store(site.paths.db_file, site.paths.objects_dir):
         pass
