@@ -250,7 +250,7 @@ class StorageScp:
         self.port = int(server.server_address[1])
         LOGGER.info("DICOM storage SCP %s listening on %s:%d (%s)", self.ae_title, self.host,
                     self.port, "any calling AE" if self.allowed_aes is None else
-                    f"{len(self.allowed_aes)} allowed calling AEs")
+                    "calling AEs allowed: " + ", ".join(sorted(self.allowed_aes)))
 
     def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
         """Stop listening, let running associations finish for ``grace_s`` seconds, abort the rest.

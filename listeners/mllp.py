@@ -617,10 +617,14 @@ class MllpServer:
                 self._executor, self._persist, frame, host)
         finally:
             self._stats.in_flight -= 1
-        LOGGER.info("HL7 %r from %s: %s, %s", reply.control_id, where, reply.code, reply.detail)
         if reply.ack is None or reply.sent_code is None:
+            # the outcome (reply.code) was not sent: say so rather than name a code
+            LOGGER.info("HL7 %r from %s: %s; no acknowledgement sent (MSH-15/16 ask for none)",
+                        reply.control_id, where, reply.detail)
             self._stats.unanswered += 1
             return True
+        LOGGER.info("HL7 %r from %s: %s sent, %s", reply.control_id, where, reply.sent_code,
+                    reply.detail)
         counts = self._stats.acknowledgements
         counts[reply.sent_code] = counts.get(reply.sent_code, 0) + 1
         try:

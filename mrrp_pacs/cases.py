@@ -4,11 +4,14 @@ A case is one patient key (see :mod:`mrrp_pacs.identity`). Only current rows cou
 replaced by a later version, and superseded reports and values, are ignored.
 
 Readiness: final clinical values (OBX-11 F or C) and at least one imaging modality (a slide
-or an ultrasound image). A missing modality is compensated by the model.
+or an ultrasound image). A missing modality is compensated by the model. When a case is
+scored (ready / waiting for its second modality / incomplete) is decided by
+:func:`mrrp_pacs.scoring.readiness`, which :func:`list_cases` is handed as ``judge``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,6 +100,7 @@ class CaseInputs:
 
     @property
     def ready(self) -> bool:
+        """Has what scoring needs, the wait for a second modality aside (see the module)."""
         return bool(self.clinical) and bool(self.slides or self.us_images)
 
 
@@ -109,6 +113,8 @@ class Case:
     clinical_variables: list[str] = field(default_factory=list)
     ready: bool = False
     missing: list[str] = field(default_factory=list)
+    readiness: str = ""  # ready | waiting | incomplete, as the judge said ("" = not judged)
+    reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,19 +178,27 @@ def case_inputs(store: Store, config: Config) -> dict[str, CaseInputs]:
     return {key: found[key] for key in sorted(found)}
 
 
-def list_cases(store: Store, config: Config) -> list[Case]:
-    """Every patient with anything stored, sorted by key."""
+def list_cases(store: Store, config: Config,
+               judge: Callable[[CaseInputs], tuple[str, str]] | None = None) -> list[Case]:
+    """Every patient with anything stored, sorted by key.
+
+    ``judge`` gives a case's readiness state and reason (scoring's rule, so that ``cases``
+    and the scoring runs use the same words); ``ready`` is then whether the state is "ready".
+    """
     cases = []
     for inputs in case_inputs(store, config).values():
         modalities = inputs.modalities
+        state, reason = judge(inputs) if judge is not None else ("", "")
         cases.append(Case(
             patient_key=inputs.patient_key,
             patient_id=inputs.patient_id,
             issuer=inputs.issuer,
             modalities=modalities,
             clinical_variables=sorted(inputs.clinical),
-            ready=inputs.ready,
+            ready=state == "ready" if judge is not None else inputs.ready,
             missing=[m for m in MODALITIES if m not in modalities],
+            readiness=state,
+            reason=reason,
         ))
     return cases
 

@@ -10,7 +10,6 @@ import sqlite3
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import click
 from tqdm import tqdm
 
 from mrrp_pacs import __version__
-from mrrp_pacs.config import SECTIONS, Config, ConfigError, load_config
+from mrrp_pacs.config import Config, ConfigError, config_toml, load_config, local_address
 from mrrp_pacs.logs import configure_logging
 from mrrp_pacs.store import SchemaError, Store
 
@@ -125,34 +124,50 @@ def ingest(state: _Context, paths: tuple[Path, ...], db_path: Path | None, as_js
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 @click.pass_obj
 def cases(state: _Context, db_path: Path | None, as_json: bool) -> None:
-    """List patients, their modalities and readiness."""
-    from mrrp_pacs.cases import MODALITIES, list_cases
+    """List patients, their modalities and readiness: ready, waiting (for a second imaging
+    modality, within [scoring] wait_hours) or incomplete (no image or no final clinical
+    values), as scoring decides it."""
+    from datetime import timedelta
+
+    from mrrp_pacs.cases import MODALITIES, CaseInputs, list_cases
     from mrrp_pacs.clinical_schema import load_schema
     from mrrp_pacs.features.cache import FeatureCache
+    from mrrp_pacs.scoring import INCOMPLETE, READY, WAITING, readiness, wait_started
 
     def work() -> None:
         config = state.config(db_path)
         n_variables = len(load_schema(config.clinical.schema_file).variables)
+        wait = timedelta(hours=config.scoring.wait_hours)
         with _open_store(config) as store:
-            found = list_cases(store, config)
+            now = store.clock()
+
+            def judge(case: CaseInputs) -> tuple[str, str]:
+                found = readiness(case, wait_started(store, case, now, record=False), now,
+                                  wait)
+                return found.state, found.reason
+
+            found = list_cases(store, config, judge)
             extracted = FeatureCache(store).summary()
         if as_json:
             click.echo(json.dumps([
                 {**c.as_dict(), **extracted.get(c.patient_key, {"features": [], "flags": []})}
                 for c in found], indent=2))
             return
-        header = ["patient", *MODALITIES, "ready", "features", "flags"]
+        header = ["patient", *MODALITIES, "readiness", "features", "flags", "why"]
         rows = [[c.patient_key,
                  *[("yes" if m in c.modalities else "-") if m != "clinical"
                    else f"{len(c.clinical_variables)}/{n_variables}" for m in MODALITIES],
-                 "READY" if c.ready else "waiting",
+                 c.readiness.upper() if c.readiness == READY else c.readiness,
                  ",".join(extracted.get(c.patient_key, {}).get("features", [])) or "-",
-                 ",".join(extracted.get(c.patient_key, {}).get("flags", [])) or "-"]
+                 ",".join(extracted.get(c.patient_key, {}).get("flags", [])) or "-",
+                 c.reason]
                 for c in found]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
-            click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
-        click.echo(f"{len(found)} patients, {sum(c.ready for c in found)} ready")
+            click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True))
+                       .rstrip())
+        counts = {s: sum(c.readiness == s for c in found) for s in (READY, WAITING, INCOMPLETE)}
+        click.echo(f"{len(found)} patients: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
 
     _guarded(work)
 
@@ -614,6 +629,16 @@ def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json:
                 detail = pipeline.process(everyone=everyone, progress=progress)
         finally:
             pipeline.close()
+        if detail.get("no_model"):  # recorded as a failed job, so it fails here too
+            message = (f"no model {config.scoring.model} in the model store "
+                       f"{config.paths.model_store_dir} yet: nothing was scored ({detail['due']} "
+                       f"ready, {detail['waiting']} waiting for a modality, "
+                       f"{detail['incomplete']} incomplete); train one first "
+                       "(docs/operator-guide.md §5)")
+            if not as_json:
+                raise click.ClickException(message)
+            click.echo(json.dumps({**detail, "error": message}, indent=2))
+            sys.exit(1)
         if as_json:
             click.echo(json.dumps(detail, indent=2))
             return
@@ -632,7 +657,9 @@ def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json:
 @click.pass_obj
 def score(state: _Context, db_path: Path | None, as_json: bool) -> None:
     """Score the ready cases that received something new (what the daemon does on its
-    interval): extract their features, score with the promoted model, queue the SR and PDF."""
+    interval): extract their features, score with the promoted model, queue the SR and PDF.
+
+    Exit status 1, with the counts, when there is no model yet."""
     _scoring_run(state, db_path, everyone=False, as_json=as_json)
 
 
@@ -643,7 +670,8 @@ def score(state: _Context, db_path: Path | None, as_json: bool) -> None:
 def rescore(state: _Context, db_path: Path | None, as_json: bool) -> None:
     """Run the nightly rescoring once: every ready case with the promoted model.
 
-    Only patients whose score changes (new model, new data) get a new score and SR."""
+    Only patients whose score changes (new model, new data) get a new score and SR. Exit
+    status 1, with the counts, when there is no model yet."""
     _scoring_run(state, db_path, everyone=True, as_json=as_json)
 
 
@@ -657,7 +685,8 @@ def rescore(state: _Context, db_path: Path | None, as_json: bool) -> None:
               help="Override [http] port (0 = off).")
 @click.option("--ae-title", default=None, help="Override [dicom] ae_title.")
 @click.option("--allow-ae", "allow_aes", multiple=True,
-              help="Calling AE title allowed to send (repeatable; overrides [dicom] allowed_aes).")
+              help="Calling AE title allowed to send besides [pacs] ae_title (repeatable; "
+                   "replaces [dicom] allowed_aes).")
 @click.pass_obj
 def serve(state: _Context, db_path: Path | None, dicom_port: int | None,
           mllp_port: int | None, http_port: int | None, ae_title: str | None,
@@ -780,17 +809,25 @@ def hl7() -> None:
 @hl7.command("send")
 @click.argument("files", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), required=True)
+@click.option("--host", default=None,
+              help="Listener address (default: [hl7] bind, 127.0.0.1 when that is a wildcard).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Listener port (default: [hl7] port of the configuration).")
 @click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for each acknowledgement.")
-def hl7_send(files: tuple[Path, ...], host: str, port: int, timeout_s: float) -> None:
+@click.pass_obj
+def hl7_send(state: _Context, files: tuple[Path, ...], host: str | None, port: int | None,
+             timeout_s: float) -> None:
     """Send HL7 files (one or more messages each) over MLLP on one connection; print each
-    acknowledgement. Exit status 1 when any message is not accepted (AA)."""
+    acknowledgement. Exit status 1 when any message is not accepted (AA).
+
+    Without --host/--port it sends to the MLLP listener of the configuration (--config)."""
     from listeners.mllp_client import send_files
 
     def work() -> None:
-        results = send_files(list(files), host, port, timeout_s)
+        listener = state.config().hl7
+        results = send_files(list(files), host or local_address(listener.bind),
+                             port or listener.port, timeout_s)
         for path, ack in results:
             line = f"{path.name}: {ack.control_id or '-'} {ack.code or 'no answer'}"
             click.echo(f"{line} {ack.error}" if ack.error else line)
@@ -851,7 +888,8 @@ def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> Non
 @click.pass_obj
 def doctor(state: _Context, db_path: Path | None) -> None:
     """Check every precondition of the daemon: configuration, disk, database, models, encoder
-    weights, ports, PACS (C-ECHO). One line each with what to do; exit status 1 if any fails."""
+    weights, ports, PACS (C-ECHO). One line each with what to do; exit status 1 if any fails
+    (warnings, e.g. the default uid_secret, do not)."""
     from mrrp_pacs.doctor import run_checks
 
     def work() -> None:
@@ -859,7 +897,8 @@ def doctor(state: _Context, db_path: Path | None) -> None:
         for check in checks:
             click.echo(check.line())
         failed = sum(not c.ok for c in checks)
-        click.echo(f"{len(checks) - failed} ok, {failed} failed")
+        warned = sum(c.ok and c.warning for c in checks)
+        click.echo(f"{len(checks) - failed - warned} ok, {warned} warnings, {failed} failed")
         if failed:
             sys.exit(1)
 
@@ -886,17 +925,16 @@ def migrate(state: _Context, db_path: Path | None) -> None:
 @DB_OPTION
 @click.pass_obj
 def show_config(state: _Context, db_path: Path | None) -> None:
-    """Validate the configuration and print it."""
+    """Validate the configuration and print it as TOML (secrets redacted).
+
+    The output loads back with --config to the same configuration, secrets aside."""
 
     def work() -> None:
         config = state.config(db_path)
-        click.echo(f"# from {config.source} and MRRP__* environment variables")
-        for name in SECTIONS:
-            section = getattr(config, name)
-            click.echo(f"[{name}]")
-            for f in fields(section):
-                click.echo(f"{f.name} = {_toml_value(getattr(section, f.name))}")
-            click.echo("")
+        click.echo(f"# from {config.source} and MRRP__* environment variables; valid TOML for "
+                   "--config (paths resolved).\n# Secrets are redacted (commented out): put "
+                   "them back before using this as a configuration file.")
+        click.echo(config_toml(config))
         paths = config.paths
         click.echo(f"# database: {paths.db_file}\n# objects:  {paths.objects_dir}\n"
                    f"# models:   {paths.model_store_dir}")
@@ -1028,20 +1066,6 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
                f"example PDF: {summary['example_pdf']}\n"
                f"plots: {Path(summary['reports']).parent / 'evaluation'}\n"
                f"summary: {out_dir / 'summary.json'}; database: {summary['database']}")
-
-
-def _toml_value(value: Any) -> str:
-    if value is None:
-        return '""  # default'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + "}"
-    return json.dumps(str(value))
 
 
 if __name__ == "__main__":  # pragma: no cover

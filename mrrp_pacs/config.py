@@ -124,7 +124,8 @@ class DicomConfig:
     ae_title: str = "MRRP"
     port: int = 11112
     bind: str = "127.0.0.1"  # listen address; wider binding is explicit config (example TOML)
-    # calling AE titles allowed to associate; empty = only the PACS of [pacs]
+    # calling AE titles allowed to associate besides [pacs] ae_title, which is always allowed
+    # (studies we C-MOVE arrive with it); see mrrp_pacs.daemon.allowed_calling_aes
     allowed_aes: list[str] = field(default_factory=list)
 
 
@@ -181,8 +182,9 @@ class ExportConfig:
     timeout_s: int = 30
     sr_study: Literal["pathology", "ultrasound"] = "pathology"  # study the SR is stored in
     pdf: bool = True  # also store the human-readable Encapsulated PDF
-    # site secret of the name-based UIDs (Tracking UID per patient, SR/PDF instance UIDs)
-    uid_secret: str = "mrrp-pacs"  # noqa: S105 (a public default each site replaces)
+    # site secret of the name-based UIDs (Tracking UID per patient, SR/PDF instance UIDs);
+    # "secret" keeps it out of `mrrp-pacs config` (config_toml)
+    uid_secret: str = field(default="mrrp-pacs", metadata={"secret": True})
     manufacturer: str = "mrrp-pacs"
     institution_name: str = ""
     # optional ORU^R01 result message to the HIS over MLLP; empty host = none
@@ -479,3 +481,59 @@ def _coerce(key: str, kind: Any, value: Any, source: str, base_dir: Path) -> Any
             raise bad("a table of strings")
         return dict(value)
     raise TypeError(f"config field {key} has an unsupported type {kind!r}")  # pragma: no cover
+
+
+def local_address(bind: str) -> str:
+    """Where this machine reaches a listener bound to ``bind``: the address itself, or the
+    loopback address for a wildcard (which is something to bind, not to connect to)."""
+    return "127.0.0.1" if bind in ("", "0.0.0.0", "::") else bind  # noqa: S104
+
+
+def config_toml(config: Config) -> str:
+    """``config`` as TOML that :func:`load_config` reads back to the same values.
+
+    Paths are written absolute (as the program resolves them: against the file's folder, else
+    the working folder), so the text loads the same from any folder. A key declared secret
+    (field metadata ``secret``) is written only while it still has its public default;
+    otherwise it is a comment, so the text loads with the default and ``mrrp-pacs doctor``
+    flags it.
+    """
+    lines: list[str] = []
+    for name in SECTIONS:
+        section = getattr(config, name)
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.metadata.get("secret") and value != f.default:
+                lines.append(f"# {f.name} = (set, not shown: secrets are redacted)")
+            elif f.metadata.get("secret"):
+                lines.append(f"{f.name} = {_toml_value(value)}  # the public default: set your own")
+            elif value is None:
+                lines.append(f'{f.name} = ""  # default')
+            else:  # a relative path (no file, or from the environment) is the cwd's
+                shown = value.absolute() if isinstance(value, Path) else value
+                lines.append(f"{f.name} = {_toml_value(shown)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal of a configuration value (the types :func:`_coerce` accepts)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)  # a float keeps its point (0.5, 72.0): TOML reads it as a float
+    if isinstance(value, str | Path):
+        return '"' + "".join(
+            _TOML_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if ord(c) < 0x20 or ord(c) == 0x7F
+                                     else c) for c in str(value)) + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {type(value).__name__}")  # pragma: no cover

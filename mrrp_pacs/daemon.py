@@ -38,7 +38,16 @@ from mrrp_pacs.config import Config
 from mrrp_pacs.features.pipeline import FAMILIES, Extractor
 from mrrp_pacs.model.train import MODEL_KIND
 from mrrp_pacs.results import RiskResult
-from mrrp_pacs.scoring import ScoreOutcome, Scorer, ScoringRun, due_cases
+from mrrp_pacs.scoring import (
+    INCOMPLETE,
+    READY,
+    WAITING,
+    ScoreOutcome,
+    Scorer,
+    ScoringRun,
+    due_cases,
+    judge_cases,
+)
 from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
@@ -46,9 +55,10 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class JobRecord:
-    """Counts a job reports (``jobs.detail``)."""
+    """Counts a job reports (``jobs.detail``), and why it failed without raising (``error``)."""
 
     detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 class Pipeline:
@@ -100,6 +110,9 @@ class Pipeline:
             LOGGER.error("job %s (%d) failed: %s", kind, job_id, type(exc).__name__)
             self._finish(job_id, "failed", record, started, f"{type(exc).__name__}: {exc}")
             raise
+        if record.error is not None:  # a failure the job has logged its own way
+            self._finish(job_id, "failed", record, started, record.error)
+            return
         state = "interrupted" if self.stopping.is_set() and record.detail.get("stopped") \
             else "done"
         self._finish(job_id, state, record, started, None)
@@ -133,13 +146,18 @@ class Pipeline:
         """
         kind = "rescore" if everyone else "process"
         with self.job(kind) as record:
-            if not self.models.versions(MODEL_KIND, self.config.scoring.model):
-                # a fresh installation receives data before its first model is trained
+            name = self.config.scoring.model
+            if not self.models.versions(MODEL_KIND, name):
+                # a fresh installation receives data before its first model is trained: warn
+                # once, but record every run as failed so that alerts on failed jobs fire
                 if not self._warned_no_model:
                     LOGGER.warning("no model %s in the model store yet: cases are kept and "
-                                   "scored once a model is trained", self.config.scoring.model)
+                                   "scored once a model is trained", name)
                     self._warned_no_model = True
+                record.detail.update(self._readiness_counts())
                 record.detail["no_model"] = True
+                record.error = (f"no model {MODEL_KIND}/{name} in {self.models.root}: train "
+                                "one first (docs/operator-guide.md §5); nothing was scored")
                 return record.detail
             scorer = self.scorer()
             wait = timedelta(hours=self.config.scoring.wait_hours)
@@ -147,6 +165,15 @@ class Pipeline:
                                           wait, everyone)
             record.detail.update(self._score_each(scorer, due, digests, run, progress))
             return record.detail
+
+    def _readiness_counts(self) -> dict[str, int]:
+        """Cases by readiness, as a scoring run counts them (``due`` = ready: without a model
+        every ready case is due)."""
+        wait = timedelta(hours=self.config.scoring.wait_hours)
+        judged = judge_cases(self.store, self.config, self.store.clock(), wait)
+        states = [state.state for _, state in judged.values()]
+        return {"due": states.count(READY), "waiting": states.count(WAITING),
+                "incomplete": states.count(INCOMPLETE)}
 
     def _score_each(self, scorer: Scorer, due: dict[str, Any], digests: dict[str, str],
                     run: ScoringRun, progress: Callable[[int, int], None] | None
@@ -404,6 +431,13 @@ class _MllpListener:
             self.handle = None
 
 
+def allowed_calling_aes(config: Config) -> set[str]:
+    """Calling AE titles our storage SCP accepts: ``[dicom] allowed_aes`` and always the
+    PACS's ``[pacs] ae_title``, since the studies we C-MOVE arrive on associations it opens
+    with that title (listing another sender must not lock out the PACS we pull from)."""
+    return {*config.dicom.allowed_aes, config.pacs.ae_title}
+
+
 def components_from_config(config: Config, clock: Clock = system_clock) -> Components:
     """The listeners, puller, exporter and sender the configuration asks for, on ``clock``."""
     from exporters.dicom_sender import DicomSender
@@ -425,8 +459,7 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     schema = load_schema(config.clinical.schema_file)
     open_intake = intake_opener(config, schema, clock)
     scp = StorageScp(open_intake, config.dicom.ae_title, config.dicom.port,
-                     host=config.dicom.bind,
-                     allowed_aes=set(config.dicom.allowed_aes) or {config.pacs.ae_title})
+                     host=config.dicom.bind, allowed_aes=allowed_calling_aes(config))
 
     def new_intake() -> Intake:
         return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False,

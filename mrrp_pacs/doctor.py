@@ -1,48 +1,74 @@
 """``mrrp-pacs doctor``: every precondition of the daemon, each checked and explained.
 
-Each :class:`Check` says ok or not, what was found, and what to do about it. Nothing is
-changed: the database is opened without migrating, ports are bound and released at once,
-and the PACS is sent a C-ECHO only.
+Each :class:`Check` says ok, WARN (works, but should be changed) or FAIL, what was found,
+and what to do about it. Nothing is changed: the database is opened without migrating, ports
+are bound and released at once, and the PACS is sent a C-ECHO and an empty C-FIND only.
+
+A port that cannot be bound because our own daemon listens on it is ok: the HTTP port when
+its ``/healthz`` answers as mrrp-pacs, the DICOM port when our AE title answers a C-ECHO
+there (called with ``[pacs] ae_title``, which the SCP always allows), the MLLP port when that
+``/healthz`` reports the hl7 listener up (HL7 has no probe without side effects).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import sqlite3
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrrp_pacs.config import Config
+from mrrp_pacs.config import Config, ExportConfig, local_address
 
 MIN_FREE_BYTES = 2 * 1024**3  # one day of slides on a small site
+PROBE_TIMEOUT_S = 3.0  # for asking a busy port whether our own daemon holds it
 
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    ok: bool
+    ok: bool  # False fails the doctor (exit status 1)
     detail: str
     fix: str = ""
+    warning: bool = False  # with ok: it works, but should be changed (fix says how)
 
     def line(self) -> str:
-        text = f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
-        return text if self.ok or not self.fix else f"{text}\n      -> {self.fix}"
+        mark = "FAIL" if not self.ok else "WARN" if self.warning else "ok  "
+        text = f"{mark}  {self.name}: {self.detail}"
+        return text if mark == "ok  " or not self.fix else f"{text}\n      -> {self.fix}"
 
 
 def run_checks(config: Config, min_free_bytes: int = MIN_FREE_BYTES,
                check_ports: bool = True) -> list[Check]:
     """Every check, in the order an operator fixes them."""
     checks: list[Check] = [Check("configuration", True, f"valid ({config.source})")]
-    for check in (_disk, _database, _models, _encoders):
+    for check in (_uid_secret, _disk, _database, _models, _encoders):
         checks.extend(check(config, min_free_bytes))
     if check_ports:
         checks.extend(_ports(config))
     checks.extend(_peers(config))
     return checks
+
+
+def _uid_secret(config: Config, _: int) -> Iterator[Check]:
+    if not config.export.enabled:
+        return
+    if config.export.uid_secret == ExportConfig().uid_secret:
+        yield Check("uid secret", True, "[export] uid_secret is the public default "
+                    f"{config.export.uid_secret!r}: anyone who knows a patient key can compute "
+                    "that patient's Tracking UID and the UIDs of its SRs and PDFs",
+                    "set [export] uid_secret to a long random string (e.g. `python3 -c "
+                    "'import secrets; print(secrets.token_hex(32))'`) before results are "
+                    "exported, and keep it with the backups: another secret gives every "
+                    "patient new UIDs", warning=True)
+    else:
+        yield Check("uid secret", True, "[export] uid_secret set (not the public default)")
 
 
 def _disk(config: Config, min_free_bytes: int) -> Iterator[Check]:
@@ -156,21 +182,79 @@ def _ports(config: Config) -> Iterator[Check]:
               ("MLLP port", config.hl7.bind, config.hl7.port, "[hl7] port")]
     if config.http.port:
         wanted.append(("HTTP port", config.http.bind, config.http.port, "[http] port"))
+    health: list[dict[str, Any] | None] = []  # asked once, when a port is busy
     for name, host, port, key in wanted:
         with socket.socket() as probe:
+            # as our listeners do: connections closed a moment ago (TIME_WAIT) do not matter
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                yield Check(name, False, f"{host}:{port} cannot be bound ({exc.strerror})",
-                            f"stop what uses it (a running daemon?) or change {key}")
+                if not health:
+                    health.append(our_healthz(config))
+                ours = _held_by_our_daemon(name, config, health[0])
+                if ours is not None:
+                    yield Check(name, True, f"{host}:{port} in use by the running mrrp-pacs "
+                                f"daemon ({ours})")
+                    continue
+                yield Check(name, False, f"{host}:{port} cannot be bound ({exc.strerror}) "
+                            "and no mrrp-pacs daemon of this configuration answers there",
+                            f"stop what uses it or change {key}")
                 continue
         yield Check(name, True, f"{host}:{port} free")
+
+
+def our_healthz(config: Config) -> dict[str, Any] | None:
+    """The ``/healthz`` body of an mrrp-pacs daemon on the configured HTTP port, or None when
+    nothing there answers as mrrp-pacs (its Server header)."""
+    if not config.http.port:
+        return None
+    url = f"http://{local_address(config.http.bind)}:{config.http.port}/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never http_proxy
+    try:
+        with direct.open(url, timeout=PROBE_TIMEOUT_S) as answer:
+            server, body = answer.headers.get("Server", ""), answer.read()
+    except urllib.error.HTTPError as error:  # 503: ours, but a component is down
+        server, body = error.headers.get("Server", ""), error.read()
+    except (OSError, ValueError):
+        return None
+    if not server.startswith("mrrp-pacs"):
+        return None
+    try:
+        found = json.loads(body)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _held_by_our_daemon(name: str, config: Config, health: dict[str, Any] | None) -> str | None:
+    """Why port ``name`` is taken by our own daemon, or None when that cannot be shown."""
+    components = (health or {}).get("components", {})
+    if name == "HTTP port":
+        return f"its /healthz answers {health.get('status')!r}" if health else None
+    if name == "DICOM port":
+        dicom = config.dicom
+        error = c_echo(local_address(dicom.bind), dicom.port, dicom.ae_title,
+                       config.pacs.ae_title, timeout_s=PROBE_TIMEOUT_S)
+        return f"our AE {dicom.ae_title} answers C-ECHO there" if error is None else None
+    if components.get("hl7") is True:
+        return "its /healthz reports the hl7 listener up"
+    return None
 
 
 def _peers(config: Config) -> Iterator[Check]:
     pacs, export = config.pacs, config.export
     if not pacs.host and not export.host:
-        yield Check("PACS", True, "none configured ([pacs] host empty): push-only, no export")
+        if export.enabled:
+            yield Check("PACS", True, "none configured ([pacs] host and [export] host empty), "
+                        "but [export] enabled = true: SRs and PDFs are queued in the outbox "
+                        "and never sent",
+                        "set [export] host, port and ae_title (or [pacs] host) to the PACS "
+                        "that receives the results, or set [export] enabled = false",
+                        warning=True)
+        else:
+            yield Check("PACS", True, "none configured ([pacs] host empty, [export] enabled = "
+                        "false): push-only, results not exported")
         return
     targets = []
     if pacs.host:

@@ -48,11 +48,15 @@ def metrics_text(store: Store) -> str:
     gauge("mrrp_exports", "Outbox rows by state",
           [(f'{{state="{state}"}}', float(exports.get(state, 0)))
            for state in ("pending", "sent", "dead")])
+    # the last run that counted cases: a finished one, or one failed for want of a model
+    # (which counts every ready case as due)
     last = conn.execute(
-        "SELECT detail FROM jobs WHERE kind IN ('process', 'rescore') AND state = 'done' "
-        "ORDER BY id DESC LIMIT 1").fetchone()
+        "SELECT detail FROM jobs WHERE kind IN ('process', 'rescore') AND state IN ('done', "
+        "'failed') AND json_extract(detail, '$.due') IS NOT NULL ORDER BY id DESC LIMIT 1"
+    ).fetchone()
     detail = json.loads(last[0]) if last and last[0] else {}
-    gauge("mrrp_cases", "Cases by readiness at the last scoring run",
+    gauge("mrrp_cases", "Cases by readiness at the last scoring run (due = ready to score; "
+          "without a model every ready case is due)",
           [('{state="due"}', float(detail.get("due", 0))),
            ('{state="waiting"}', float(detail.get("waiting", 0))),
            ('{state="incomplete"}', float(detail.get("incomplete", 0)))])

@@ -307,6 +307,15 @@ def _utc(stamp: str | None) -> datetime | None:
     return None if stamp is None else datetime.fromisoformat(stamp).astimezone(UTC)
 
 
+def judge_cases(store: Store, config: Config, now: datetime, wait: timedelta, *,
+                record: bool = True) -> dict[str, tuple[CaseInputs, Readiness]]:
+    """Every case with its readiness at ``now``: the one rule for scoring runs, ``cases`` and
+    ``/metrics``. ``record`` as in :func:`wait_started` (read-only callers pass False)."""
+    return {key: (case, readiness(case, wait_started(store, case, now, record=record), now,
+                                  wait))
+            for key, case in case_inputs(store, config).items()}
+
+
 def due_cases(store: Store, config: Config, scorer: Scorer, now: datetime, wait: timedelta,
               everyone: bool = False, patient_keys: Collection[str] | None = None,
               ) -> tuple[dict[str, CaseInputs], dict[str, str], ScoringRun]:
@@ -315,14 +324,12 @@ def due_cases(store: Store, config: Config, scorer: Scorer, now: datetime, wait:
     Returns the cases, their arrivals digests, and a run with the waiting/incomplete counts.
     """
     run = ScoringRun()
-    inputs = case_inputs(store, config)
     current = scorer.current_scores()
     due: dict[str, CaseInputs] = {}
     digests: dict[str, str] = {}
-    for key, case in inputs.items():
+    for key, (case, state) in judge_cases(store, config, now, wait).items():
         if patient_keys is not None and key not in patient_keys:
             continue
-        state = readiness(case, wait_started(store, case, now), now, wait)
         if state.state == WAITING:
             run.waiting += 1
             continue

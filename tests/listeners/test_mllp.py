@@ -364,6 +364,24 @@ def test_enhanced_acknowledgement_modes_on_the_wire(serve):
     assert _msa(peer.ack()) == ("AA", "SU-1")
 
 
+def test_the_log_names_the_acknowledgement_sent_or_that_none_was(serve, caplog):
+    caplog.set_level(logging.INFO, logger="listeners.mllp")
+    _, handle = serve()
+    patient = Patient()
+    peer = Peer(handle.port)
+    peer.send(mllp(_modes(us_report(patient, "QUIET-1"), "NE", "NE")))
+    assert peer.frame(0.4) is None
+    peer.send(mllp(_modes(us_report(patient, "COMMIT-1"), "AL", "NE")))
+    assert _msa(peer.ack()) == ("CA", "COMMIT-1")
+    peer.send(mllp(us_report(patient, "PLAIN-1")))
+    assert _msa(peer.ack()) == ("AA", "PLAIN-1")
+    lines = {line.split("'")[1]: line for line in caplog.messages if line.startswith("HL7 '")}
+    assert lines["QUIET-1"].endswith("no acknowledgement sent (MSH-15/16 ask for none)")
+    assert "AA" not in lines["QUIET-1"] and "stored as row" in lines["QUIET-1"]
+    assert ": CA sent, stored as row" in lines["COMMIT-1"]
+    assert ": AA sent, stored as row" in lines["PLAIN-1"]
+
+
 def test_split_frames_and_two_frames_in_one_write(serve, store):
     _, handle = serve()
     peer = Peer(handle.port)
@@ -416,6 +434,26 @@ def test_client_sends_messages_and_files(serve, tmp_path):
         ("batch.hl7", "F-1", "AA"), ("batch.hl7", "F-2", "AA"), ("missing.hl7", "", ""),
         ("framed.mllp", "F-3", "AA")]
     assert "No such file" in results[2][1].error
+
+
+def test_hl7_send_command_sends_to_the_configured_listener(serve, tmp_path):
+    """`mrrp-pacs --config FILE hl7 send` without --port uses [hl7] port (and bind)."""
+    from click.testing import CliRunner
+
+    from mrrp_pacs.cli import main
+
+    _, handle = serve()
+    message = tmp_path / "report.hl7"
+    message.write_bytes(us_report(Patient(), "CFG-1"))
+    config = tmp_path / "mrrp.toml"
+    config.write_text(f'[hl7]\nport = {handle.port}\nbind = "0.0.0.0"\n')
+    result = CliRunner().invoke(main, ["--config", str(config), "hl7", "send", str(message)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "report.hl7: CFG-1 AA\n"
+    config.write_text('[hl7]\nport = 1\n')  # the flags still win over the file
+    result = CliRunner().invoke(main, ["--config", str(config), "hl7", "send", str(message),
+                                       "--host", "127.0.0.1", "--port", str(handle.port)])
+    assert result.exit_code == 0 and "CFG-1 AA" in result.output
 
 
 def test_client_waits_as_the_mode_says_and_stops_after_a_missing_ack(serve):

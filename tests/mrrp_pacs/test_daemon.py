@@ -60,3 +60,25 @@ def test_nightly_rescore_keeps_its_local_time_across_daylight_saving(config):
 def test_a_time_zone_that_does_not_exist_is_refused(config):
     with pytest.raises(ConfigError, match=r"scoring\.timezone = 'Mars/Olympus'"):
         config.replace("scoring", timezone="Mars/Olympus").check()
+
+
+def test_the_pacs_we_pull_from_stays_allowed_when_other_senders_are_listed(config, caplog):
+    """C-MOVE sub-operations arrive with the PACS's AE title: listing a modality that pushes
+    to us must not lock the PACS out; the start log names the allowed titles."""
+    import logging
+
+    from mrrp_pacs.daemon import allowed_calling_aes, components_from_config
+    from mrrp_pacs.doctor import c_echo
+
+    site = config.replace("dicom", allowed_aes=["MODALITY"], port=0).replace("http", port=0)
+    assert allowed_calling_aes(site) == {"MODALITY", "ORTHANC"}
+    scp = components_from_config(site).listeners[0]
+    caplog.set_level(logging.INFO, logger="listeners.dicom_scp")
+    scp.start()
+    try:
+        assert "calling AEs allowed: MODALITY, ORTHANC" in caplog.text
+        for calling in ("ORTHANC", "MODALITY"):
+            assert c_echo("127.0.0.1", scp.port, "MRRP", calling, timeout_s=10) is None
+        assert c_echo("127.0.0.1", scp.port, "MRRP", "STRANGER", timeout_s=10) is not None
+    finally:
+        scp.stop()

@@ -41,17 +41,76 @@ def test_missing_database_and_models_fail_with_what_to_do(site):
     assert checks["configuration"].ok and checks["disk space"].ok
     assert checks["DICOM port"].ok and checks["MLLP port"].ok and checks["HTTP port"].ok
     assert checks["tile encoder"].ok and checks["text encoder"].ok
-    assert checks["PACS"].ok  # none configured: push-only
 
 
 def test_a_sound_site_passes_every_check(site):
+    site = site.replace("export", uid_secret="site-secret-1234")
     with Store(site.paths.db_file, site.paths.objects_dir):
         pass
     _save_model(site.paths.model_store_dir, "mrrp", "mrrp")
     _save_model(site.paths.model_store_dir, "us-encoder", "usresnet-small")
-    checks = run_checks(site, min_free_bytes=0)
-    assert [c.name for c in checks if not c.ok] == []
+    checks = run_checks(site.replace("export", enabled=False), min_free_bytes=0)
+    assert [c.name for c in checks if not c.ok or c.warning] == []
     assert "verified" in _by_name(checks)["model mrrp/mrrp"].detail
+    assert _by_name(checks)["PACS"].detail.startswith("none configured")  # push-only
+
+
+def test_default_uid_secret_and_export_without_destination_are_warnings(site):
+    checks = _by_name(run_checks(site, min_free_bytes=0))
+    secret = checks["uid secret"]
+    assert secret.ok and secret.warning and "public default 'mrrp-pacs'" in secret.detail
+    assert "set [export] uid_secret" in secret.fix
+    assert secret.line().startswith("WARN  uid secret: ") and "-> set" in secret.line()
+    pacs = checks["PACS"]  # export enabled (the default) but nowhere to send to
+    assert pacs.ok and pacs.warning and "[export] enabled = true" in pacs.detail
+    assert "[export] host" in pacs.fix and "[export] enabled = false" in pacs.fix
+    custom = _by_name(run_checks(site.replace("export", uid_secret="s3cr3t-of-the-site"),
+                                 min_free_bytes=0))["uid secret"]
+    assert custom.ok and not custom.warning and "s3cr3t" not in custom.line()
+    result = CliRunner().invoke(main, ["doctor"])  # built-in defaults: warned, not failed
+    assert "WARN  uid secret" in result.output and "WARN  PACS" in result.output
+
+
+def test_ports_held_by_our_running_daemon_are_ok_and_others_fail(site, monkeypatch):
+    """Beside a running daemon its three ports are busy: ours, so not a failure."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mrrp_pacs.daemon import components_from_config
+
+    # a site proxy must not carry the question to our own /healthz
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+    with Store(site.paths.db_file, site.paths.objects_dir):
+        pass
+    listeners = components_from_config(site).listeners
+    for listener in listeners:
+        listener.start()
+    try:
+        checks = _by_name(run_checks(site, min_free_bytes=0))
+        for name in ("DICOM port", "MLLP port", "HTTP port"):
+            assert checks[name].ok and not checks[name].warning, checks[name].line()
+            assert "in use by the running mrrp-pacs daemon" in checks[name].detail
+        assert "our AE MRRP answers C-ECHO" in checks["DICOM port"].detail
+        assert "hl7 listener up" in checks["MLLP port"].detail
+        assert "/healthz answers 'ok'" in checks["HTTP port"].detail
+    finally:
+        for listener in reversed(listeners):
+            listener.stop()
+    # another program on the HTTP port is not our daemon, and our MLLP port then cannot be
+    # told apart from anyone else's
+    other = ThreadingHTTPServer(("127.0.0.1", site.http.port), BaseHTTPRequestHandler)
+    try:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", site.hl7.port))
+            busy.listen()
+            checks = _by_name(run_checks(site, min_free_bytes=0))
+    finally:
+        other.server_close()
+    assert not checks["HTTP port"].ok and "[http] port" in checks["HTTP port"].fix
+    assert not checks["MLLP port"].ok and "no mrrp-pacs daemon" in checks["MLLP port"].detail
+    assert checks["DICOM port"].ok and checks["DICOM port"].detail.endswith("free")
 
 
 def test_altered_model_newer_database_busy_port_and_low_disk_fail(site):

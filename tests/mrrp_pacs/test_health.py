@@ -39,6 +39,27 @@ def test_metrics_count_what_the_database_holds(store, intake):
     assert "P-77" not in text
 
 
+def test_a_scoring_run_without_a_model_is_a_failed_job_and_counts_the_ready_cases(
+        store, intake, config):
+    """So that alerts on failed jobs fire, and /metrics agrees with `mrrp-pacs cases`."""
+    from mrrp_pacs.daemon import Pipeline
+
+    patient = Patient("P-78", "HOSP")
+    assert intake.receive_dicom(encode(us_image(patient)), "test").row_id
+    assert intake.receive_hl7(pathology_result(patient), "test").row_id
+    pipeline = Pipeline(config.replace("scoring", wait_hours=0.0))
+    try:
+        detail = pipeline.process()
+    finally:
+        pipeline.close()
+    assert (detail["no_model"], detail["due"], detail["waiting"]) == (True, 1, 0)
+    state, error = store.conn.execute("SELECT state, error FROM jobs").fetchone()
+    assert state == "failed" and error.startswith("no model mrrp/mrrp in ")
+    text = metrics_text(store)
+    assert 'mrrp_cases{state="due"} 1\n' in text
+    assert 'mrrp_jobs_total{kind="process",state="failed"} 1\n' in text
+
+
 def test_healthz_reports_each_component_and_fails_when_one_is_down(store, config):
     alive = {"dicom": True}
     server = HealthServer(config.paths.db_file, config.paths.objects_dir, "127.0.0.1", 0,
