@@ -828,7 +828,7 @@ def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> Non
         signal.signal(signum, lambda *_: stop.set())
     with ExitStack() as stack:
         if orthanc_url is None:
-            storage = demo_dir / "orthanc"
+            storage = demo_dir.absolute() / "orthanc"
             if not (storage / "index").exists():
                 raise click.ClickException(f"{storage} holds no Orthanc storage: run `make demo` "
                                            "first, or give --orthanc URL")

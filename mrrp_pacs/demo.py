@@ -18,6 +18,7 @@ in the output folder only).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None],
     from mrrp_pacs import private_orthanc
     from mrrp_pacs.phantom.generator import PhantomSpec, generate
 
+    # absolute once: Orthanc takes relative paths against its configuration file's folder
+    settings = dataclasses.replace(settings, out_dir=settings.out_dir.expanduser().absolute())
     out = _prepare(settings.out_dir)
     timings: dict[str, float] = {}
     step = _Steps(say, timings)
