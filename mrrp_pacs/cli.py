@@ -24,7 +24,9 @@ from mrrp_pacs.store import SchemaError, Store
 
 DB_OPTION = click.option(
     "--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
-    help="SQLite database file (overrides [paths] db; objects are kept beside it).",
+    help="SQLite database file (overrides [paths] db): its folder is the state folder, where "
+         "objects/, models/ and scheduler.sqlite3 are found unless [paths] objects or "
+         "model_store say otherwise.",
 )
 
 
@@ -899,7 +901,8 @@ def show_config(state: _Context, db_path: Path | None) -> None:
             click.echo("")
         paths = config.paths
         click.echo(f"# database: {paths.db_file}\n# objects:  {paths.objects_dir}\n"
-                   f"# models:   {paths.model_store_dir}")
+                   f"# models:   {paths.model_store_dir}\n# scheduler job store: "
+                   f"{paths.scheduler_db}")
 
     _guarded(work)
 

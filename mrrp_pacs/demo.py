@@ -209,9 +209,9 @@ def _maybe_orthanc(wanted: bool, workdir: Path, our_port: int) -> Iterator[Any]:
 
 
 def _config(out: Path, ports: dict[str, int], orthanc: Any) -> Config:
-    state = out / "state"
-    config = load_config(None, environ={}).with_db(state / "mrrp.sqlite3")
-    config = config.replace("paths", data_dir=state, model_store=state / "models")
+    # the state folder holds database, objects, models and job store, as for every command:
+    # `mrrp-pacs <command> --db <out>/state/mrrp.sqlite3` finds them all
+    config = load_config(None, environ={}).with_db(out / "state" / "mrrp.sqlite3")
     config = config.replace("features", workers=os.cpu_count() or 1)
     config = config.replace("dicom", ae_title=DEMO_AE, port=ports["dicom"])
     config = config.replace("hl7", port=ports["hl7"])
