@@ -11,21 +11,23 @@ TEST_TOOLS_STAMP := $(VENV)/.test-tools
 
 # The demo installs Orthanc when it can (as root); without it, it runs in file-drop mode. As
 # root it runs in a private network namespace, like the tests (Orthanc binds every interface).
+# It writes into DEMO_OUT, where `make viewer` looks (its state: DEMO_OUT/state/mrrp.sqlite3).
+DEMO_OUT ?= demo-output
 demo: venv
 	@test -x /usr/sbin/Orthanc || deploy/apt-install.sh orthanc \
 		|| echo "Orthanc could not be installed: the demo runs in file-drop mode"
 	@if [ "$$(id -u)" = 0 ] && command -v ip >/dev/null && unshare --net true 2>/dev/null; then \
-		unshare --net sh -c 'ip link set lo up && exec $(BIN)/mrrp-pacs demo $(DEMO_ARGS)'; \
+		unshare --net sh -c 'ip link set lo up && exec $(BIN)/mrrp-pacs demo --out $(DEMO_OUT) $(DEMO_ARGS)'; \
 	else \
-		$(BIN)/mrrp-pacs demo $(DEMO_ARGS); \
+		$(BIN)/mrrp-pacs demo --out $(DEMO_OUT) $(DEMO_ARGS); \
 	fi
 
-# The OHIF viewer on the demo's results (after `make demo`); ORTHANC_URL=... to show another
-# DICOMweb-enabled Orthanc instead.
+# The OHIF viewer on the demo's results (after `make demo`, same DEMO_OUT); ORTHANC_URL=... to
+# show another DICOMweb-enabled Orthanc instead.
 viewer: venv viewer-deps
 	@test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
 		|| deploy/apt-install.sh orthanc orthanc-dicomweb
-	$(BIN)/mrrp-pacs viewer $(if $(ORTHANC_URL),--orthanc $(ORTHANC_URL))
+	$(BIN)/mrrp-pacs viewer $(if $(ORTHANC_URL),--orthanc $(ORTHANC_URL),--demo $(DEMO_OUT))
 
 # The pinned prebuilt OHIF viewer and playwright-core (drives Debian's chromium in the viewer
 # test; no browser is downloaded). Needs Node.js >= 20 and npm.

@@ -23,7 +23,9 @@ from mrrp_pacs.store import SchemaError, Store
 
 DB_OPTION = click.option(
     "--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
-    help="SQLite database file (overrides [paths] db; objects are kept beside it).",
+    help="SQLite database file (overrides [paths] db): its folder is the state folder, where "
+         "objects/, models/ and scheduler.sqlite3 are found unless [paths] objects or "
+         "model_store say otherwise.",
 )
 
 
@@ -865,7 +867,7 @@ def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> Non
         signal.signal(signum, lambda *_: stop.set())
     with ExitStack() as stack:
         if orthanc_url is None:
-            storage = demo_dir / "orthanc"
+            storage = demo_dir.absolute() / "orthanc"
             if not (storage / "index").exists():
                 raise click.ClickException(f"{storage} holds no Orthanc storage: run `make demo` "
                                            "first, or give --orthanc URL")
@@ -937,7 +939,8 @@ def show_config(state: _Context, db_path: Path | None) -> None:
         click.echo(config_toml(config))
         paths = config.paths
         click.echo(f"# database: {paths.db_file}\n# objects:  {paths.objects_dir}\n"
-                   f"# models:   {paths.model_store_dir}")
+                   f"# models:   {paths.model_store_dir}\n# scheduler job store: "
+                   f"{paths.scheduler_db}")
 
     _guarded(work)
 

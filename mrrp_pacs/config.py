@@ -33,24 +33,56 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PathsConfig:
-    """Where state lives. Relative paths are resolved against the config file's folder."""
+    """Where state lives: one state folder, the database's folder.
+
+    The state folder holds the database (``mrrp.sqlite3``), the object store (``objects/``),
+    the model store (``models/``) and the scheduler's job store (``scheduler.sqlite3``). It is
+    ``data_dir``, or the folder of ``db`` when a database file is named (``[paths] db`` or
+    ``--db FILE``, see :meth:`Config.with_db`); ``objects`` and ``model_store`` move only those
+    two elsewhere. :func:`load_config` makes every path absolute (a file's relative paths
+    against its folder, the environment's and the defaults against the current directory), so
+    no child process or change of directory changes what they name.
+    """
 
     data_dir: Path = Path("mrrp-data")
     db: Path | None = None  # default: <data_dir>/mrrp.sqlite3
-    objects: Path | None = None  # default: "objects" beside the database file
-    model_store: Path | None = None  # default: <data_dir>/models
+    objects: Path | None = None  # default: <state folder>/objects
+    model_store: Path | None = None  # default: <state folder>/models
 
     @property
     def db_file(self) -> Path:
         return self.db if self.db is not None else self.data_dir / "mrrp.sqlite3"
 
     @property
+    def state_dir(self) -> Path:
+        """The folder of the database, where the other state is found unless configured."""
+        return self.db_file.parent
+
+    @property
     def objects_dir(self) -> Path:
-        return self.objects if self.objects is not None else self.db_file.parent / "objects"
+        return self.objects if self.objects is not None else self.state_dir / "objects"
 
     @property
     def model_store_dir(self) -> Path:
-        return self.model_store if self.model_store is not None else self.data_dir / "models"
+        return self.model_store if self.model_store is not None else self.state_dir / "models"
+
+    @property
+    def scheduler_db(self) -> Path:
+        """The scheduler's persistent job store (not configurable: it follows the database)."""
+        return self.state_dir / "scheduler.sqlite3"
+
+    def absolute(self, base_dir: Path) -> PathsConfig:
+        """Every path made absolute, relative ones taken against ``base_dir``."""
+        base = base_dir.expanduser().absolute()
+
+        def under(path: Path) -> Path:
+            path = path.expanduser()
+            return path if path.is_absolute() else base / path
+
+        return PathsConfig(
+            data_dir=under(self.data_dir), db=None if self.db is None else under(self.db),
+            objects=None if self.objects is None else under(self.objects),
+            model_store=None if self.model_store is None else under(self.model_store))
 
 
 @dataclass(frozen=True)
@@ -292,8 +324,14 @@ class Config:
         return self
 
     def with_db(self, db: Path) -> Config:
-        """Use ``db`` as the database; objects go beside it unless configured elsewhere."""
-        return self.replace("paths", db=db.expanduser().absolute())
+        """Use ``db`` as the database (``--db``): its folder becomes the state folder.
+
+        Objects, models and the scheduler's job store are then found beside it, as with
+        ``[paths] data_dir``, unless ``[paths] objects`` or ``model_store`` name other
+        folders. A relative ``db`` is taken against the current directory.
+        """
+        db = db.expanduser().absolute()
+        return self.replace("paths", db=db, data_dir=db.parent)
 
 
 SECTIONS: dict[str, type] = {
@@ -360,7 +398,10 @@ def load_config(
         sections.setdefault(name, {})[key] = value
 
     built = {name: SECTIONS[name](**values) for name, values in sections.items()}
-    return Config(**built, source=source).check()
+    config = Config(**built, source=source)
+    # the defaults are the only relative paths left: they name folders of the current directory
+    config = dataclasses.replace(config, paths=config.paths.absolute(Path.cwd()))
+    return config.check()
 
 
 def read_data_toml(path: Path | None, resource: str, what: str) -> tuple[dict[str, Any], str]:

@@ -267,7 +267,8 @@ def run_job(kind: str) -> None:
 
 
 def scheduler_db(config: Config) -> Path:
-    return config.paths.db_file.with_name("scheduler.sqlite3")
+    """The persistent job store, in the state folder (:class:`mrrp_pacs.config.PathsConfig`)."""
+    return config.paths.scheduler_db
 
 
 def build_scheduler(config: Config, clock: Clock = system_clock) -> Any:

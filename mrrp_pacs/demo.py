@@ -18,6 +18,7 @@ in the output folder only).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None],
     from mrrp_pacs import private_orthanc
     from mrrp_pacs.phantom.generator import PhantomSpec, generate
 
+    # absolute once: Orthanc takes relative paths against its configuration file's folder
+    settings = dataclasses.replace(settings, out_dir=settings.out_dir.expanduser().absolute())
     out = _prepare(settings.out_dir)
     timings: dict[str, float] = {}
     step = _Steps(say, timings)
@@ -206,9 +209,9 @@ def _maybe_orthanc(wanted: bool, workdir: Path, our_port: int) -> Iterator[Any]:
 
 
 def _config(out: Path, ports: dict[str, int], orthanc: Any) -> Config:
-    state = out / "state"
-    config = load_config(None, environ={}).with_db(state / "mrrp.sqlite3")
-    config = config.replace("paths", data_dir=state, model_store=state / "models")
+    # the state folder holds database, objects, models and job store, as for every command:
+    # `mrrp-pacs <command> --db <out>/state/mrrp.sqlite3` finds them all
+    config = load_config(None, environ={}).with_db(out / "state" / "mrrp.sqlite3")
     config = config.replace("features", workers=os.cpu_count() or 1)
     config = config.replace("dicom", ae_title=DEMO_AE, port=ports["dicom"])
     config = config.replace("hl7", port=ports["hl7"])

@@ -71,6 +71,10 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
 
     Parameters
     ----------
+    workdir
+        Its configuration, log, storage and index; a relative folder is taken against the
+        current directory (Orthanc itself would take the paths in its configuration against
+        the configuration file's folder, so every path it is given is absolute).
     modalities
         ``DicomModalities``: AEs allowed to query/store and the C-MOVE destinations,
         e.g. ``{"MRRP": ["MRRP", "127.0.0.1", 11112]}``.
@@ -92,6 +96,8 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
         if not plugin.is_file():
             raise OrthancUnavailable(f"Orthanc plugin {plugin} is not installed (the DICOMweb "
                                      "plugin: apt-get install orthanc-dicomweb)")
+    workdir = workdir.expanduser().absolute()
+    plugins = [plugin.expanduser().absolute() for plugin in plugins or []]
     workdir.mkdir(parents=True, exist_ok=True)
     server = Orthanc(free_port(), free_port(), aet, workdir)
     config = {
@@ -103,7 +109,7 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
         "DicomAet": aet,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
-        "Plugins": [str(plugin) for plugin in plugins or []],
+        "Plugins": [str(plugin) for plugin in plugins],
         "DicomCheckCalledAet": True,
         "DicomModalities": modalities or {},
         "StableAge": 1,

@@ -50,13 +50,15 @@ class Readiness:
 
 
 def readiness(inputs: CaseInputs, wait_from: datetime | None, now: datetime,
-              wait: timedelta) -> Readiness:
+              wait: timedelta, *, scored: bool = False) -> Readiness:
     """Whether a case can be scored at ``now``.
 
     ``wait_from`` is when the wait for a missing imaging modality began (UTC; see
     :func:`wait_started`), None when unknown; ``wait`` is how long to wait before the case is
     scored without that modality. A ``wait_from`` later than ``now`` waits until
-    ``wait_from + wait``: never early.
+    ``wait_from + wait``: never early. The wait delays a case's first score only: a case
+    that has a current score (``scored``) stays ready, so rescoring looks at it again (and a
+    shorter wait used then, as the demo does, does not send it back to waiting).
     """
     if not inputs.clinical:
         return Readiness(INCOMPLETE, "no final clinical values")
@@ -65,6 +67,8 @@ def readiness(inputs: CaseInputs, wait_from: datetime | None, now: datetime,
         return Readiness(INCOMPLETE, "no slide and no ultrasound image")
     if not missing:
         return Readiness(READY, "complete")
+    if scored:
+        return Readiness(READY, f"scored before without {missing[0]}", missing)
     if wait_from is not None and now - wait_from >= wait:
         return Readiness(READY, f"waited {wait} for {missing[0]}", missing)
     return Readiness(WAITING, f"waiting for {missing[0]} until "
@@ -311,8 +315,10 @@ def judge_cases(store: Store, config: Config, now: datetime, wait: timedelta, *,
                 record: bool = True) -> dict[str, tuple[CaseInputs, Readiness]]:
     """Every case with its readiness at ``now``: the one rule for scoring runs, ``cases`` and
     ``/metrics``. ``record`` as in :func:`wait_started` (read-only callers pass False)."""
+    scored = {key for (key,) in store.conn.execute(
+        "SELECT DISTINCT patient_key FROM scores WHERE superseded_by IS NULL")}
     return {key: (case, readiness(case, wait_started(store, case, now, record=record), now,
-                                  wait))
+                                  wait, scored=key in scored))
             for key, case in case_inputs(store, config).items()}
 
 

@@ -40,7 +40,8 @@ MRRP = [sys.executable, "-m", "mrrp_pacs"]
 PHANTOM_WINDOW_DAYS = (date.today() - date(2007, 12, 1)).days
 
 
-def _train(root: Path) -> tuple[Path, dict[str, str]]:
+def _train(root: Path) -> tuple[Path, Path]:
+    """The training phantom's folder, and the model store the model was trained into."""
     db, env, _ = extracted_phantom(root / "training", SPEC, max_tiles=4)
     truth = root / "training" / "phantom" / "truth.csv"
     outcomes = root / "outcomes.csv"
@@ -53,7 +54,7 @@ def _train(root: Path) -> tuple[Path, dict[str, str]]:
                               "--max-epochs", "3"], env={**os.environ, **env},
                              capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr
-    return root / "training" / "phantom", env
+    return root / "training" / "phantom", Path(db[1]).parent / "models"
 
 
 def _config(root: Path, models: str, ports: dict[str, int], pacs_port: int) -> Path:
@@ -149,7 +150,7 @@ def _study_uids(assoc) -> list[str]:
 
 
 def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path):
-    phantom, env = _train(tmp_path)
+    phantom, models = _train(tmp_path)
     dicom_files = [p for p in (phantom / "dicom").rglob("*") if p.is_file()]
     with (phantom / "truth.csv").open() as handle:
         truth = list(csv.DictReader(handle))
@@ -159,7 +160,7 @@ def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path):
     # Orthanc moves studies to our SCP and answers our queries: it must know our AE and port
     with running_orthanc(tmp_path / "orthanc", modalities={
             "MRRP": ["MRRP", LOOPBACK, ports["dicom"]]}) as orthanc:
-        config = _config(tmp_path, env["MRRP__PATHS__MODEL_STORE"], ports, orthanc.dicom_port)
+        config = _config(tmp_path, str(models), ports, orthanc.dicom_port)
         loaded = storescu(orthanc, phantom / "dicom")
         assert loaded.returncode == 0, loaded.stderr
         db = tmp_path / "daemon" / "mrrp.sqlite3"

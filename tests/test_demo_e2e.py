@@ -1,11 +1,15 @@
-"""`mrrp-pacs demo` end to end on a small cohort: Orthanc, daemon, training, SRs back, summary;
-and the file-drop mode used where Orthanc cannot be installed."""
+"""`mrrp-pacs demo` end to end on a small cohort: Orthanc, daemon, training, SRs back, summary,
+then `mrrp-pacs viewer` on its output; and the file-drop mode used where Orthanc cannot be
+installed."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import urllib.request
 
+import pydicom
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -20,10 +24,43 @@ def _orthancs_of(folder) -> list[str]:
     return [line for line in found.stdout.splitlines() if str(folder) in line]
 
 
+def _studies_in(folder) -> set[str]:
+    return {str(pydicom.dcmread(path, stop_before_pixels=True,
+                                specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+            for path in folder.rglob("*") if path.is_file()}
+
+
+def _studies_the_viewer_lists(cwd, demo_dir: str) -> set[str]:
+    """Start `mrrp-pacs viewer --demo DEMO_DIR` in ``cwd`` and ask it for the studies (QIDO-RS,
+    through its proxy to the Orthanc it starts on the demo's storage), as OHIF's list does."""
+    viewer = subprocess.Popen([sys.executable, "-m", "mrrp_pacs", "viewer", "--demo", demo_dir,
+                               "--port", "0"], cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        # "OHIF viewer on http://127.0.0.1:PORT/ (Orthanc …)", or nothing when it failed
+        line = viewer.stdout.readline()
+        if not line.startswith("OHIF viewer on "):
+            viewer.kill()
+            raise AssertionError(f"the viewer did not start: {line}{viewer.communicate()[1]}")
+        request = urllib.request.Request(f"{line.split()[3]}dicom-web/studies",
+                                         headers={"Accept": "application/dicom+json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            studies = json.load(answer)
+    finally:
+        if viewer.poll() is None:
+            viewer.send_signal(signal.SIGTERM)
+        viewer.communicate(timeout=60)
+    assert viewer.returncode == 0
+    return {study["0020000D"]["Value"][0] for study in studies}
+
+
 def test_e2e_demo_scores_every_patient_and_stores_srs_in_orthanc(tmp_path):
     out = tmp_path / "demo"
-    run = subprocess.run([*DEMO, "--out", str(out)], capture_output=True, text=True,
-                         timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # a relative --out, as `make demo` gives: Orthanc takes relative paths against its
+    # configuration file's folder, so every path handed to it must be absolute
+    run = subprocess.run([*DEMO, "--out", "demo"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)
     assert summary == json.loads((out / "summary.json").read_text())
@@ -42,6 +79,12 @@ def test_e2e_demo_scores_every_patient_and_stores_srs_in_orthanc(tmp_path):
     for step in ("phantom hospital", "PACS", "daemon", "training", "scoring", "results"):
         assert step in run.stderr
     assert _orthancs_of(out) == [], "the demo left its Orthanc running"
+    assert (out / "orthanc" / "index").is_dir() and (out / "state" / "models").is_dir()
+
+    # `make viewer` after `make demo`: the viewer restarts the demo's Orthanc on the relative
+    # folder and lists every study the phantom sent it, our SRs and PDFs stored within them
+    assert _studies_the_viewer_lists(tmp_path, "demo") == _studies_in(out / "phantom" / "dicom")
+    assert _orthancs_of(out) == [], "the viewer left its Orthanc running"
 
 
 def test_e2e_demo_file_drop_mode_runs_the_same_pipeline_without_a_pacs(tmp_path):

@@ -10,10 +10,17 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "mrrp.example.toml"
 
 
-def test_defaults_without_file():
+def test_defaults_without_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     config = load_config(None, environ={})
-    assert config.paths.db_file == Path("mrrp-data") / "mrrp.sqlite3"
-    assert config.paths.objects_dir == Path("mrrp-data") / "objects"
+    # one state folder, made absolute at load time: a later chdir changes nothing
+    state = tmp_path / "mrrp-data"
+    monkeypatch.chdir("/")
+    assert config.paths.state_dir == state
+    assert config.paths.db_file == state / "mrrp.sqlite3"
+    assert config.paths.objects_dir == state / "objects"
+    assert config.paths.model_store_dir == state / "models"
+    assert config.paths.scheduler_db == state / "scheduler.sqlite3"
     assert config.identity.match == "id+issuer"
 
 
@@ -107,7 +114,39 @@ def test_missing_file_is_reported(tmp_path):
         load_config(tmp_path / "absent.toml", environ={})
 
 
-def test_with_db_moves_objects_beside_it(tmp_path):
+def test_with_db_makes_its_folder_the_state_folder(tmp_path):
     config = load_config(None, environ={}).with_db(tmp_path / "x" / "cohort.sqlite3")
-    assert config.paths.db_file == tmp_path / "x" / "cohort.sqlite3"
-    assert config.paths.objects_dir == tmp_path / "x" / "objects"
+    state = tmp_path / "x"
+    assert config.paths.db_file == state / "cohort.sqlite3"
+    assert (config.paths.state_dir, config.paths.data_dir) == (state, state)
+    assert config.paths.objects_dir == state / "objects"
+    assert config.paths.model_store_dir == state / "models"
+    assert config.paths.scheduler_db == state / "scheduler.sqlite3"
+
+
+def test_relative_db_is_taken_against_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, environ={}).with_db(Path("run") / "state" / "mrrp.sqlite3")
+    monkeypatch.chdir("/")
+    assert config.paths.db_file == tmp_path / "run" / "state" / "mrrp.sqlite3"
+    assert config.paths.model_store_dir == tmp_path / "run" / "state" / "models"
+
+
+def test_db_in_a_file_moves_the_state_folder_and_explicit_folders_stay(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    path = site / "m.toml"
+    path.write_text('[paths]\ndata_dir = "data"\ndb = "fast/mrrp.sqlite3"\n'
+                    'model_store = "shared-models"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path, environ={"MRRP__PATHS__OBJECTS": "bulk"})
+    # the file's relative paths against its folder, the environment's against the current one
+    assert config.paths.state_dir == site / "fast"
+    assert config.paths.scheduler_db == site / "fast" / "scheduler.sqlite3"
+    assert config.paths.model_store_dir == site / "shared-models"
+    assert config.paths.objects_dir == tmp_path / "bulk"
+    # --db elsewhere moves the state folder; what was named explicitly stays where it was
+    moved = config.with_db(tmp_path / "other" / "x.sqlite3")
+    assert moved.paths.scheduler_db == tmp_path / "other" / "scheduler.sqlite3"
+    assert moved.paths.model_store_dir == site / "shared-models"
+    assert moved.paths.objects_dir == tmp_path / "bulk"

@@ -45,6 +45,12 @@ def _case(slide: bool, us: bool, clinical: bool) -> CaseInputs:
         clinical={"age": ClinicalValue(7, "55", 55.0, "a")} if clinical else {})
 
 
+def test_a_case_scored_before_stays_ready_whatever_the_wait():
+    found = readiness(_case(True, False, True), NOW, NOW, WAIT, scored=True)
+    assert (found.state, found.compensating) == (READY, ("us",))
+    assert readiness(_case(True, False, False), NOW, NOW, WAIT, scored=True).state == INCOMPLETE
+
+
 @pytest.mark.parametrize(("slide", "us", "clinical", "age_h", "state", "compensating"), [
     (True, True, True, 0, READY, ()),
     (True, False, True, 1, WAITING, ("us",)),
@@ -228,3 +234,27 @@ def test_a_stopping_pipeline_scores_nobody_and_says_so(phantom_model):
         assert state == "interrupted"
     finally:
         pipeline.close()
+
+
+def test_rescore_with_db_finds_the_model_beside_the_database_and_writes_nothing_new(
+        phantom_model, tmp_path, monkeypatch):
+    """One rule for state: `--db FILE` makes FILE's folder the state folder, so the model
+    trained with `--db` is found there by `rescore --db` from any current folder."""
+    _, truth, root, env, db, _ = phantom_model
+    assert "MRRP__PATHS__MODEL_STORE" not in env
+    models = root / "state" / "models"
+    assert ModelStore(models).promoted("mrrp", "mrrp")
+    monkeypatch.chdir(tmp_path)  # a folder with no state in it
+    runs = []
+    for _ in range(2):  # the first run scores what earlier tests left unscored, if anything
+        # the default 72 h wait: cases scored before without a modality stay ready
+        result = CliRunner().invoke(main, ["rescore", *db, "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        runs.append(json.loads(result.stdout))
+    first, second = runs
+    assert first["model"].endswith(ModelStore(models).promoted("mrrp", "mrrp"))
+    assert first["scored"] + first["unchanged"] == len(truth)
+    assert (second["due"], second["unchanged"], second["scored"]) == (len(truth),) * 2 + (0,)
+    assert second["failed"] == second["waiting"] == second["incomplete"] == 0
+    assert not any(second["queued"].values())  # no new SR or PDF
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,8 @@ def extracted_phantom(root, spec, max_tiles, clock=None):
     ``clock`` stamps the ingest (``received_at``); default the wall clock.
 
     Returns ``(db_args, env, extract_summary)``: ``db_args`` = ["--db", file] for CLI calls,
-    ``env`` the environment that points the CLI at this run's model store and tiling.
+    ``env`` the environment that sets this run's tiling. Models go to the model store of the
+    state folder, ``models/`` beside the database, where every ``--db`` command finds them.
     """
     import json
 
@@ -30,8 +31,7 @@ def extracted_phantom(root, spec, max_tiles, clock=None):
     with Store(config.paths.db_file, config.paths.objects_dir,
                **({"clock": clock} if clock is not None else {})) as store:
         ingest_paths(Intake(store, config), [root / "phantom" / "dicom", root / "phantom" / "hl7"])
-    env = {"MRRP__PATHS__MODEL_STORE": str(root / "models"),
-           "MRRP__FEATURES__MAX_TILES": str(max_tiles), "MRRP__FEATURES__WORKERS": "2"}
+    env = {"MRRP__FEATURES__MAX_TILES": str(max_tiles), "MRRP__FEATURES__WORKERS": "2"}
     db = ["--db", str(config.paths.db_file)]
     runner = CliRunner()
     encoder = runner.invoke(main, ["train-encoder", "us", "--epochs", "2", *db], env=env)
