@@ -219,9 +219,14 @@ def _config(out: Path, ports: dict[str, int], orthanc: Any) -> Config:
     # every phantom patient is complete or missing a modality for good: no wait
     config = config.replace("scoring", interval_s=3, wait_hours=0.0)
     if orthanc is not None:
-        # the phantom's studies are dated 2008-2018
+        from mrrp_pacs.clock import system_clock
+        from mrrp_pacs.phantom.generator import EARLIEST_STUDY_DATE
+
+        # the puller queries study dates from today back: far enough for the phantom's oldest
+        # study, counted from today so that the window never runs out
+        window_days = (system_clock().astimezone().date() - EARLIEST_STUDY_DATE).days + 1
         config = config.replace("pacs", host="127.0.0.1", port=orthanc.dicom_port,
-                                ae_title=PACS_AE, interval_s=3, window_days=10000)
+                                ae_title=PACS_AE, interval_s=3, window_days=window_days)
         config = config.replace("export", interval_s=3, backoff_s=2)
     else:
         config = config.replace("export", enabled=True)

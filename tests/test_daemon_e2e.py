@@ -28,16 +28,16 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from exporters.pdf import SERIES_DESCRIPTION as PDF_SERIES
 from exporters.sr import SERIES_DESCRIPTION as SR_SERIES
-from mrrp_pacs.phantom.generator import PhantomSpec
+from mrrp_pacs.phantom.generator import EARLIEST_STUDY_DATE, PhantomSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SPEC = PhantomSpec(patients=16, seed=4, slide_px=1024, missing_wsi=0.2, missing_us=0.2,
                    missing_report=0.2)
 MRRP = [sys.executable, "-m", "mrrp_pacs"]
-# the puller queries study dates from today back: far enough for the phantom's oldest study
-# (2008, less three weeks), counted from the day the test runs, so the window never runs out
-PHANTOM_WINDOW_DAYS = (date.today() - date(2007, 12, 1)).days
+# the puller queries study dates from today back: far enough for the phantom's oldest study,
+# counted from the day the test runs, so the window never runs out
+PHANTOM_WINDOW_DAYS = (date.today() - EARLIEST_STUDY_DATE).days + 1
 
 
 def _train(root: Path) -> tuple[Path, Path]:

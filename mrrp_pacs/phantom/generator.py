@@ -111,10 +111,16 @@ class _PatientJob:
     out: Path
 
 
+FIRST_DIAGNOSIS = date(2008, 1, 1)
+US_DAYS_BEFORE_DIAGNOSIS = (3, 21)  # the ultrasound study precedes diagnosis by [3, 21) days
+EARLIEST_STUDY_DATE = FIRST_DIAGNOSIS - timedelta(days=US_DAYS_BEFORE_DIAGNOSIS[1])
+"""No phantom study is older: how far back a PACS query must reach to find them all."""
+
+
 def _dates(rng: np.random.Generator, age: int) -> tuple[date, date, date, date]:
     """Diagnosis, US study, pathology sign-out and birth dates (2008–2018 diagnoses)."""
-    diagnosis = date(2008, 1, 1) + timedelta(days=int(rng.integers(0, 11 * 365)))
-    us_day = diagnosis - timedelta(days=int(rng.integers(3, 21)))
+    diagnosis = FIRST_DIAGNOSIS + timedelta(days=int(rng.integers(0, 11 * 365)))
+    us_day = diagnosis - timedelta(days=int(rng.integers(*US_DAYS_BEFORE_DIAGNOSIS)))
     pathology_day = diagnosis + timedelta(days=int(rng.integers(5, 15)))
     birth = diagnosis - timedelta(days=round(age * 365.25) + int(rng.integers(0, 365)))
     return diagnosis, us_day, pathology_day, birth
