@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from exporters.mllp_client import send_messages
 from listeners.mllp import MllpServer
-from listeners.mllp_client import send_messages
 from mrrp_pacs.config import Config, load_config
 from mrrp_pacs.intake import Intake, Outcome
 from mrrp_pacs.store import Store

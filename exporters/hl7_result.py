@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+from exporters.mllp_client import send_messages
 from exporters.outbox import SendError
-from listeners.mllp_client import send_messages
-from mrrp_pacs.intake.hl7 import MLLP_END, MLLP_START
+from mrrp_pacs.hl7.message import escape
+from mrrp_pacs.hl7.mllp import MLLP_END, MLLP_START
 from mrrp_pacs.results import RiskResult
 
 LOGGER = logging.getLogger(__name__)
@@ -64,13 +65,14 @@ def build_oru_r01(result: RiskResult, *, control_id: str, message_time: datetime
     patient_id, _, issuer = result.patient_key.partition("^^^")
     observed = _hl7_time(result.scored_at) if result.scored_at else ""
     header = [
-        "MSH", "^~\\&", _esc(sending_application), _esc(sending_facility),
-        _esc(receiving_application), _esc(receiving_facility),
+        "MSH", "^~\\&", escape(sending_application), escape(sending_facility),
+        escape(receiving_application), escape(receiving_facility),
         message_time.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000"), "", "ORU^R01^ORU_R01",
-        _esc(control_id), processing_id, "2.5.1", "", "", "", "", "", "UNICODE UTF-8",
+        escape(control_id), processing_id, "2.5.1", "", "", "", "", "", "UNICODE UTF-8",
     ]
-    pid = ["PID", "1", "", f"{_esc(patient_id)}^^^{_esc(issuer)}" if issuer else _esc(patient_id)]
-    obr = ["OBR", "1", "", _esc(f"MRRP-{control_id}"),
+    pid = ["PID", "1", "",
+           f"{escape(patient_id)}^^^{escape(issuer)}" if issuer else escape(patient_id)]
+    obr = ["OBR", "1", "", escape(f"MRRP-{control_id}"),
            _code("MRRP", "Recurrence risk assessment (MRRP)"), "", "", observed,
            *[""] * 14, observed, "", "OTH", "F"]
     values: list[tuple[str, str, str, str, str]] = [
@@ -88,7 +90,7 @@ def build_oru_r01(result: RiskResult, *, control_id: str, message_time: datetime
     if result.compensated:
         values.append(("ST", "MRRP-COMP", "Modalities missing, compensated by the model",
                        ", ".join(result.compensated), ""))
-    obxs = [["OBX", str(n), value_type, _code(code, text), "", _esc(value), _esc(units),
+    obxs = [["OBX", str(n), value_type, _code(code, text), "", escape(value), escape(units),
              "", "", "", "", "F", "", "", observed]
             for n, (value_type, code, text, value, units) in enumerate(values, start=1)]
     segments = [header, pid, obr, *obxs]
@@ -154,16 +156,8 @@ class MllpSender:
         yield self
 
 
-def _esc(text: str) -> str:
-    """HL7 escapes for the delimiters (escape character first) and line breaks."""
-    text = text.replace("\\", "\\E\\")
-    for char, code in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
-        text = text.replace(char, code)
-    return text.replace("\r\n", "\\.br\\").replace("\n", "\\.br\\").replace("\r", "\\.br\\")
-
-
 def _code(code: str, text: str) -> str:
-    return f"{_esc(code)}^{_esc(text)}^{CODING_SYSTEM}"
+    return f"{escape(code)}^{escape(text)}^{CODING_SYSTEM}"
 
 
 def _hl7_time(iso: str) -> str:

@@ -28,7 +28,9 @@ written. Decisions, for the interface engineer on the other side:
   Echoed header fields are cut at ``MAX_ECHO_CHARS`` so a hostile header cannot make a large
   answer.
 
-Control ids, peer addresses and counts are logged; message content never is.
+Control ids, peer addresses and counts are logged; message content never is. The protocol
+itself (framing, header, acknowledgements, escaping) is :mod:`mrrp_pacs.hl7`; this module is
+the server around it.
 """
 
 from __future__ import annotations
@@ -36,326 +38,30 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import sqlite3
 import threading
 import traceback
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 
+from mrrp_pacs.hl7.ack import (
+    ERROR_DATA,
+    ERROR_INTERNAL,
+    ERROR_LOCKED,
+    AckError,
+    acknowledgement_code,
+    build_ack,
+    read_header,
+)
+from mrrp_pacs.hl7.mllp import Frame, MllpFramer, framed
 from mrrp_pacs.intake import Intake, IntakeResult, Outcome
-from mrrp_pacs.intake.hl7 import MLLP_END, MLLP_START, UTF8_BOM, Hl7Error, decode
 
 LOGGER = logging.getLogger(__name__)
 
-VT = MLLP_START[0]
-FS = MLLP_END[0]
-CR = MLLP_END[1]
-
 READ_CHUNK_BYTES = 64 * 1024
-MAX_ECHO_CHARS = 256
-MAX_REASON_CHARS = 200
-DEFAULT_ENCODING_CHARACTERS = "^~\\&"
-
-# HL7 table 0357 (message error condition codes) used in ERR-3
-ERROR_DATA = ("102", "Data type error")
-ERROR_LOCKED = ("206", "Application record locked")
-ERROR_INTERNAL = ("207", "Application internal error")
 
 IntakeFactory = Callable[[], Intake]
-
-
-# -- framing ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Frame:
-    """One MLLP frame: its content (framing removed) and its size as received.
-
-    ``data`` holds at most the framer's limit; ``size_bytes`` counts every byte of the frame,
-    so a frame that was too large has ``truncated`` set and only its first bytes in ``data``.
-    """
-
-    data: bytes
-    size_bytes: int
-
-    @property
-    def truncated(self) -> bool:
-        return self.size_bytes > len(self.data)
-
-
-class MllpFramer:
-    """Cuts a byte stream into MLLP frames with bounded memory (at most ``max_frame_bytes``).
-
-    Bytes outside a frame are dropped and counted in ``junk_bytes``. A start block inside a
-    frame abandons the unfinished frame (its bytes count as junk: the sender started over). The
-    CR after the end block is expected but not required.
-    """
-
-    def __init__(self, max_frame_bytes: int) -> None:
-        if max_frame_bytes < 1:
-            raise ValueError(f"max_frame_bytes must be at least 1, not {max_frame_bytes}")
-        self.max_frame_bytes = max_frame_bytes
-        self.junk_bytes = 0
-        self._buffer = bytearray()
-        self._size = 0
-        self._in_frame = False
-        self._skip_cr = False
-
-    @property
-    def partial_bytes(self) -> int:
-        """Bytes of a frame started but not finished (0 between frames)."""
-        return self._size if self._in_frame else 0
-
-    def feed(self, data: bytes) -> list[Frame]:
-        """Take the next bytes of the stream; return the frames they complete, in order."""
-        frames: list[Frame] = []
-        pos = 0
-        if self._skip_cr and data:
-            self._skip_cr = False
-            if data[0] == CR:
-                pos = 1
-        while pos < len(data):
-            if not self._in_frame:
-                start = data.find(VT, pos)
-                if start < 0:
-                    self.junk_bytes += len(data) - pos
-                    break
-                self.junk_bytes += start - pos
-                self._begin()
-                pos = start + 1
-                continue
-            end = data.find(FS, pos)
-            stop = len(data) if end < 0 else end
-            restart = data.find(VT, pos, stop)
-            if restart >= 0:
-                self.junk_bytes += self._size + restart - pos
-                self._begin()
-                pos = restart + 1
-                continue
-            room = self.max_frame_bytes - len(self._buffer)
-            if room > 0:
-                self._buffer += data[pos : min(stop, pos + room)]
-            self._size += stop - pos
-            if end < 0:
-                break
-            frames.append(Frame(bytes(self._buffer), self._size))
-            self._in_frame = False
-            self._buffer.clear()
-            self._size = 0
-            pos = end + 1
-            if pos == len(data):
-                self._skip_cr = True
-            elif data[pos] == CR:
-                pos += 1
-        return frames
-
-    def _begin(self) -> None:
-        self._in_frame = True
-        self._buffer.clear()
-        self._size = 0
-
-
-# -- the MSH header and the acknowledgement --------------------------------------------------
-
-_FIRST_LINE = re.compile(rb"(?:[ \t]*(?:\r\n|\n|\r))*([^\r\n]*)")
-
-
-@dataclass(frozen=True)
-class MshHeader:
-    """The MSH fields an acknowledgement needs, as sent (escaped), each cut at MAX_ECHO_CHARS."""
-
-    field_separator: str
-    encoding_characters: str  # MSH-2 as sent (4 characters, 5 from v2.7)
-    sending_application: str  # MSH-3
-    sending_facility: str  # MSH-4
-    receiving_application: str  # MSH-5
-    receiving_facility: str  # MSH-6
-    trigger_event: str  # MSH-9.2
-    control_id: str  # MSH-10
-    processing_id: str  # MSH-11
-    version: str  # MSH-12
-    accept_ack_type: str  # MSH-15, upper case
-    application_ack_type: str  # MSH-16, upper case
-    charset: str  # MSH-18 as sent; '' when we cannot write it (unknown, or bytes not in it)
-    codec: str  # Python codec that reproduces the header's bytes
-
-    @property
-    def enhanced_mode(self) -> bool:
-        return bool(self.accept_ack_type or self.application_ack_type)
-
-
-def read_header(data: bytes) -> MshHeader | None:
-    """Read the MSH segment of a message (or of the first bytes of one); None without an MSH.
-
-    Total: never raises. The header is decoded by MSH-18 when that works; else as Latin-1,
-    which gives back the very bytes sent when the acknowledgement is encoded the same way, and
-    ``charset`` is left empty: the answer must not claim a character set we cannot write.
-    """
-    body = data[len(UTF8_BOM) :] if data.startswith(UTF8_BOM) else data
-    match = _FIRST_LINE.match(body)
-    line = match[1] if match else b""
-    if len(line) < 8 or not line.startswith(b"MSH"):
-        return None
-    try:
-        text, codec = decode(line)
-        charset_known = True
-    except Hl7Error:
-        text, codec, charset_known = line.decode("latin-1"), "latin-1", False
-    if codec == "cp1252":  # undeclared and not UTF-8: Latin-1 gives back the very bytes
-        text, codec = line.decode("latin-1"), "latin-1"
-    separator = text[3]
-    if separator.isalnum() or separator.isspace():
-        return None
-    fields = ["MSH", separator, *(f[:MAX_ECHO_CHARS] for f in text[4:].split(separator))]
-
-    def get(n: int) -> str:
-        return fields[n] if n < len(fields) else ""
-
-    encoding = get(2)
-    component_sep = (encoding + DEFAULT_ENCODING_CHARACTERS)[0]
-    message_type = get(9).split(component_sep)
-    return MshHeader(
-        field_separator=separator,
-        encoding_characters=encoding,
-        sending_application=get(3),
-        sending_facility=get(4),
-        receiving_application=get(5),
-        receiving_facility=get(6),
-        trigger_event=message_type[1] if len(message_type) > 1 else "",
-        control_id=get(10),
-        processing_id=get(11),
-        version=get(12),
-        accept_ack_type=get(15).strip().upper(),
-        application_ack_type=get(16).strip().upper(),
-        charset=get(18) if charset_known else "",
-        codec=codec,
-    )
-
-
-def _wanted(ack_type: str, success: bool) -> bool:
-    """Whether an enhanced-mode condition (HL7 table 0155) asks for an acknowledgement."""
-    if ack_type in ("", "NE"):
-        return False
-    if ack_type == "ER":
-        return not success
-    if ack_type == "SU":
-        return success
-    return True  # AL, and values we do not know: answering is safer than silence
-
-
-def acknowledgement_code(header: MshHeader | None, code: str) -> str | None:
-    """The code to send for outcome ``code`` (AA, AE or AR) under the message's mode; None = none.
-
-    Original mode answers ``code``. Enhanced mode answers ``code`` when MSH-16 asks for it,
-    else the commit code (CA, CE, CR) when MSH-15 asks for it, else nothing.
-    """
-    if header is None or not header.enhanced_mode:
-        return code
-    success = code == "AA"
-    if _wanted(header.application_ack_type, success):
-        return code
-    if _wanted(header.accept_ack_type, success):
-        return "C" + code[1]
-    return None
-
-
-@dataclass(frozen=True)
-class AckError:
-    """Why a message was not accepted: an HL7 table 0357 code and a reason without patient data."""
-
-    code: str
-    text: str
-    reason: str
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = re.findall(r"\d+", version.split("^")[0])
-    return tuple(int(p) for p in parts[:3]) or (2, 5)
-
-
-def build_ack(header: MshHeader | None, code: str, error: AckError | None = None,
-              application: str = "MRRP", now: datetime | None = None) -> bytes:
-    """Encode the acknowledgement of a message (without MLLP framing).
-
-    Parameters
-    ----------
-    header
-        The message's MSH, or None when it had none (a minimal v2.5 ACK then answers).
-    code
-        MSA-1: AA, AE, AR, CA, CE or CR.
-    error
-        For AE/AR/CE/CR: the ERR segment's code and the reason (also in MSA-3).
-    application
-        Our MSH-3 when the message named no receiving application.
-    now
-        MSH-7 (local time with offset); the current time by default.
-    """
-    if header is not None and _usable_delimiters(header):
-        sep, encoding = header.field_separator, header.encoding_characters
-
-        def echo(value: str) -> str:
-            return value
-    else:
-        # no header, or delimiters an answer cannot reuse: standard ones, echoed values escaped
-        sep, encoding = "|", DEFAULT_ENCODING_CHARACTERS
-
-        def echo(value: str) -> str:
-            return _escape(value, sep, encoding)
-    component, subcomponent = encoding[0], encoding[3]
-    stamp = (now or datetime.now().astimezone()).strftime("%Y%m%d%H%M%S%z")
-    trigger = echo(header.trigger_event) if header else ""
-    message_type = component.join(["ACK", trigger, "ACK"]) if trigger else "ACK"
-    msh = [
-        "MSH", encoding,
-        echo(header.receiving_application if header else "") or application,
-        echo(header.receiving_facility if header else ""),
-        echo(header.sending_application if header else ""),
-        echo(header.sending_facility if header else ""),
-        stamp, "", message_type, uuid.uuid4().hex[:20].upper(),
-        echo(header.processing_id if header else "") or "P",
-        echo(header.version if header else "") or "2.5",
-    ]
-    if header and header.charset:
-        msh += ["", "", "", "", "", echo(header.charset)]
-    msa = ["MSA", code, echo(header.control_id if header else "")]
-    segments = [msh]
-    if error is not None:
-        reason = _escape(error.reason[:MAX_REASON_CHARS], sep, encoding)
-        msa.append(reason)
-        if header and _version_tuple(header.version) < (2, 5):
-            # v2.1-2.4 ERR-1 is an ELD whose 4th component is the coded condition
-            segments += [msa, ["ERR", component * 3 + subcomponent.join(
-                [error.code, error.text, "HL70357"])]]
-        else:
-            segments += [msa, ["ERR", "", "", component.join([error.code, error.text, "HL70357"]),
-                               "E", "", "", "", reason]]
-    else:
-        segments.append(msa)
-    # MSH-1 is the separator itself, so joining MSH's list by it gives "MSH|^~\\&|..."
-    text = "".join(sep.join(segment) + "\r" for segment in segments)
-    codec = header.codec if header else "ascii"
-    return text.encode(codec, errors="replace")
-
-
-def _usable_delimiters(header: MshHeader) -> bool:
-    """Whether the message's five delimiters are distinct ASCII punctuation (else an answer
-    written with them could not be read back)."""
-    chars = header.field_separator + header.encoding_characters[:4]
-    return (len(chars) == 5 and len(set(chars)) == 5
-            and all(c.isascii() and c.isprintable() and not c.isalnum() and c != " "
-                    for c in chars))
-
-
-def _escape(text: str, separator: str, encoding: str) -> str:
-    """Escape HL7 delimiters in free text (HL7 2.7 §2.7) and flatten line breaks."""
-    chars = encoding + DEFAULT_ENCODING_CHARACTERS
-    escape = chars[2]
-    codes = {escape: "E", separator: "F", chars[0]: "S", chars[3]: "T", chars[1]: "R"}
-    flat = " ".join(text.split())
-    return "".join(f"{escape}{codes[c]}{escape}" if c in codes else c for c in flat)
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -628,7 +334,7 @@ class MllpServer:
         counts = self._stats.acknowledgements
         counts[reply.sent_code] = counts.get(reply.sent_code, 0) + 1
         try:
-            writer.write(MLLP_START + reply.ack + MLLP_END)
+            writer.write(framed(reply.ack))
             async with asyncio.timeout(self.idle_timeout_s):
                 await writer.drain()
         except (ConnectionError, TimeoutError) as exc:

@@ -824,7 +824,7 @@ def hl7_send(state: _Context, files: tuple[Path, ...], host: str | None, port: i
     acknowledgement. Exit status 1 when any message is not accepted (AA).
 
     Without --host/--port it sends to the MLLP listener of the configuration (--config)."""
-    from listeners.mllp_client import send_files
+    from exporters.mllp_client import send_files
 
     def work() -> None:
         listener = state.config().hl7

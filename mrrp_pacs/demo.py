@@ -113,8 +113,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None],
 def _run_hospital(config: Config, orthanc: Any, dicom_files: list[Path], hl7_files: list[Path],
                   phantom_dir: Path, settings: DemoSettings, step: _Steps,
                   tick: Progress) -> dict[str, Any]:
+    from exporters.mllp_client import send_files
     from listeners.file_drop import ingest_paths
-    from listeners.mllp_client import send_files
     from mrrp_pacs.daemon import Daemon, Pipeline, components_from_config
     from mrrp_pacs.intake import Intake
 

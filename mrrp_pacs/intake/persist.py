@@ -18,8 +18,8 @@ from pathlib import Path
 
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
+from mrrp_pacs.hl7.message import Hl7Error, looks_like_hl7, parse_message, split_messages
 from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, DicomError, looks_like_dicom, read_meta
-from mrrp_pacs.intake.hl7 import Hl7Error, looks_like_hl7, parse_message, split_messages
 from mrrp_pacs.intake.records import FINAL_STATUSES, ResultContent, read_result
 from mrrp_pacs.intake.sidecars import (
     MAX_SIDECAR_BYTES,

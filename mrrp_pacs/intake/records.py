@@ -8,7 +8,7 @@ from datetime import date
 
 from mrrp_pacs.clinical_schema import ClinicalSchema, Variable
 from mrrp_pacs.config import IdentityConfig, IngestConfig
-from mrrp_pacs.intake.hl7 import Hl7Message, Segment
+from mrrp_pacs.hl7.message import Hl7Message, Segment
 
 # OBX-11 result statuses that are final (F) or a correction of a final result (C)
 FINAL_STATUSES = ("F", "C")

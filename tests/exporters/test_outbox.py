@@ -26,8 +26,8 @@ from exporters.hl7_result import MllpSender, build_oru_r01
 from exporters.outbox import DrainSummary, Enqueued, ExportRow, Outbox, SendSession
 from listeners.mllp import MllpServer
 from mrrp_pacs.config import load_config
+from mrrp_pacs.hl7.message import parse_message
 from mrrp_pacs.intake import Intake
-from mrrp_pacs.intake.hl7 import parse_message
 from mrrp_pacs.results import RiskResult
 from mrrp_pacs.store import Store
 

@@ -388,7 +388,7 @@ def test_without_pdf_only_the_srs_are_queued(store, config, objects, models, ver
 
 def test_an_hl7_result_is_queued_for_the_his_once_when_configured(store, config, objects,
                                                                  models, version):
-    from mrrp_pacs.intake.hl7 import parse_message
+    from mrrp_pacs.hl7.message import parse_message
 
     outcome = record_score(store, make_result(store, config, objects, version))
     settings = PublishSettings(uid_secret=SECRET, hl7=True, hl7_receiving_application="HIS")

@@ -8,20 +8,23 @@ import threading
 import time
 
 import pytest
-from builders import PATHOLOGY_VALUES, Patient, mllp, pathology_result, us_report
+from builders import (
+    PATHOLOGY_VALUES,
+    Patient,
+    mllp,
+    pathology_result,
+    us_report,
+    with_ack_modes,
+)
 from hl7apy.parser import parse_message as hl7apy_parse
 
+from exporters.mllp_client import FrameReader, send_files, send_messages
 from listeners.mllp import (
-    AckError,
-    MllpFramer,
     MllpServer,
-    acknowledgement_code,
-    build_ack,
     read_header,
 )
-from listeners.mllp_client import FrameReader, read_ack, send_files, send_messages
+from mrrp_pacs.hl7.message import parse_message
 from mrrp_pacs.intake import Intake
-from mrrp_pacs.intake.hl7 import parse_message
 from mrrp_pacs.store import Store
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -104,56 +107,6 @@ def _msa(ack):
 
 def _rows(store, table, where="1", params=()):
     return store.conn.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).fetchone()[0]
-
-
-def _modes(message, accept, application):
-    """Set MSH-15/MSH-16 of a builders message (which leaves both empty)."""
-    assert b"|2.5||||||" in message
-    return message.replace(b"|2.5||||||", f"|2.5|||{accept}|{application}||".encode())
-
-
-# -- framing and the acknowledgement rules (no sockets) --------------------------------------
-
-def test_framer_cuts_frames_across_any_chunking_and_counts_junk():
-    stream = b"noise\r\n" + mllp(b"MSH|one\r") + mllp(b"MSH|two\r") + b"\x1c\rtail"
-    framer = MllpFramer(100)
-    frames = [f.data for i in range(len(stream)) for f in framer.feed(stream[i : i + 1])]
-    assert frames == [b"MSH|one\r", b"MSH|two\r"]
-    assert framer.junk_bytes == len(b"noise\r\n") + len(b"\x1c\rtail")
-    assert [f.data for f in MllpFramer(100).feed(stream)] == frames
-
-
-def test_framer_bounds_a_large_frame_and_restarts_on_a_new_start_block():
-    framer = MllpFramer(8)
-    (big,) = framer.feed(b"\x0b" + b"x" * 1000 + b"\x1c\r")
-    assert (big.data, big.size_bytes, big.truncated) == (b"x" * 8, 1000, True)
-    assert framer.feed(b"\x0bhalf") == [] and framer.partial_bytes == 4
-    (whole,) = framer.feed(b"\x0bwhole\x1c")  # sender restarted; CR after FS not required
-    assert whole.data == b"whole" and framer.junk_bytes == 4
-    assert framer.feed(b"\r") == [] and framer.junk_bytes == 4  # the late CR is not junk
-
-
-@pytest.mark.parametrize(("accept", "application", "outcome", "sent"), [
-    ("", "", "AA", "AA"), ("", "", "AE", "AE"), ("", "", "AR", "AR"),
-    ("NE", "NE", "AA", None), ("NE", "NE", "AE", None),
-    ("AL", "NE", "AA", "CA"), ("AL", "NE", "AR", "CR"), ("NE", "AL", "AE", "AE"),
-    ("ER", "ER", "AA", None), ("ER", "ER", "AE", "AE"), ("ER", "NE", "AR", "CR"),
-    ("SU", "SU", "AA", "AA"), ("SU", "SU", "AE", None), ("AL", "SU", "AE", "CE"),
-    ("", "AL", "AA", "AA"), ("XX", "", "AA", "CA"),
-])
-def test_acknowledgement_modes(accept, application, outcome, sent):
-    header = read_header(_modes(us_report(Patient()), accept, application))
-    assert acknowledgement_code(header, outcome) == sent
-
-
-def test_ack_of_a_v23_message_uses_the_v23_err_segment():
-    header = read_header(us_report(Patient(), "OLD-1").replace(b"|2.5|", b"|2.3.1|"))
-    raw = build_ack(header, "AR", AckError("206", "Application record locked", "busy | retry"))
-    lines = raw.decode().split("\r")
-    assert lines[1] == "MSA|AR|OLD-1|busy \\F\\ retry"
-    assert lines[2] == "ERR|^^^206&Application record locked&HL70357"
-    parsed = hl7apy_parse(raw.decode(), find_groups=False)
-    assert parsed.validate() and parsed.msh.msh_12.value == "2.3.1"
 
 
 # -- the listener ----------------------------------------------------------------------------
@@ -346,21 +299,21 @@ def test_enhanced_acknowledgement_modes_on_the_wire(serve):
     patient = Patient()
     peer = Peer(handle.port)
     quiet = 0.4
-    peer.send(mllp(_modes(us_report(patient, "NE-1"), "NE", "NE")))
+    peer.send(mllp(with_ack_modes(us_report(patient, "NE-1"), "NE", "NE")))
     assert peer.frame(quiet) is None
     peer.send(mllp(us_report(patient, "ORIG-1")))
     assert _msa(peer.ack()) == ("AA", "ORIG-1")  # nothing stray was queued before it
-    peer.send(mllp(_modes(us_report(patient, "CA-1"), "AL", "NE")))
+    peer.send(mllp(with_ack_modes(us_report(patient, "CA-1"), "AL", "NE")))
     assert _msa(peer.ack()) == ("CA", "CA-1")
-    peer.send(mllp(_modes(us_report(patient, "AP-1"), "NE", "AL")))
+    peer.send(mllp(with_ack_modes(us_report(patient, "AP-1"), "NE", "AL")))
     assert _msa(peer.ack()) == ("AA", "AP-1")
-    peer.send(mllp(_modes(us_report(patient, "ER-1"), "ER", "ER")))
+    peer.send(mllp(with_ack_modes(us_report(patient, "ER-1"), "ER", "ER")))
     assert peer.frame(quiet) is None
-    peer.send(mllp(_modes(us_report(patient, ""), "ER", "ER")))  # empty MSH-10: an error
+    peer.send(mllp(with_ack_modes(us_report(patient, ""), "ER", "ER")))  # empty MSH-10: an error
     assert _msa(peer.ack()) == ("AE", "")
-    peer.send(mllp(_modes(us_report(patient, ""), "SU", "SU")))
+    peer.send(mllp(with_ack_modes(us_report(patient, ""), "SU", "SU")))
     assert peer.frame(quiet) is None
-    peer.send(mllp(_modes(us_report(patient, "SU-1"), "SU", "SU")))
+    peer.send(mllp(with_ack_modes(us_report(patient, "SU-1"), "SU", "SU")))
     assert _msa(peer.ack()) == ("AA", "SU-1")
 
 
@@ -369,9 +322,9 @@ def test_the_log_names_the_acknowledgement_sent_or_that_none_was(serve, caplog):
     _, handle = serve()
     patient = Patient()
     peer = Peer(handle.port)
-    peer.send(mllp(_modes(us_report(patient, "QUIET-1"), "NE", "NE")))
+    peer.send(mllp(with_ack_modes(us_report(patient, "QUIET-1"), "NE", "NE")))
     assert peer.frame(0.4) is None
-    peer.send(mllp(_modes(us_report(patient, "COMMIT-1"), "AL", "NE")))
+    peer.send(mllp(with_ack_modes(us_report(patient, "COMMIT-1"), "AL", "NE")))
     assert _msa(peer.ack()) == ("CA", "COMMIT-1")
     peer.send(mllp(us_report(patient, "PLAIN-1")))
     assert _msa(peer.ack()) == ("AA", "PLAIN-1")
@@ -415,7 +368,7 @@ def test_client_sends_messages_and_files(serve, tmp_path):
     patient = Patient()
     acks = send_messages("127.0.0.1", handle.port, [
         us_report(patient, "C-1"), b"not HL7 at all\r", pathology_result(patient, "C-2"),
-        _modes(us_report(patient, "C-3"), "NE", "NE"), us_report(patient, "C-4")],
+        with_ack_modes(us_report(patient, "C-3"), "NE", "NE"), us_report(patient, "C-4")],
         timeout_s=5)
     assert [(a.control_id, a.code, a.acked_control_id) for a in acks] == [
         ("C-1", "AA", "C-1"), ("", "AE", ""), ("C-2", "AA", "C-2"), ("C-3", "", ""),
@@ -460,7 +413,7 @@ def test_client_waits_as_the_mode_says_and_stops_after_a_missing_ack(serve):
     _, handle = serve()
     patient = Patient()
     acks = send_messages("127.0.0.1", handle.port, [
-        us_report(patient, "FRAMED\x1c"), _modes(us_report(patient, "ER-1"), "ER", "ER"),
+        us_report(patient, "FRAMED\x1c"), with_ack_modes(us_report(patient, "ER-1"), "ER", "ER"),
         us_report(patient, "S-2")], timeout_s=0.5)
     assert acks[0].code == "" and "framing" in acks[0].error
     assert acks[1].code == "" and "only on error" in acks[1].error
@@ -482,11 +435,6 @@ def _closed_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def test_read_ack_of_garbage_is_total():
-    assert read_ack(b"\x00\xff", "X").code == ""
-    assert "MSA" in read_ack(b"MSH|^~\\&|A|B|C|D|2026||ACK|1|P|2.5\r", "X").error
 
 
 def test_stop_answers_the_message_in_flight_and_closes_idle_connections(serve, store, config):

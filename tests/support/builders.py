@@ -227,3 +227,10 @@ def pathology_result(patient: Patient, control_id: str = "PA-0001", status: str 
 
 def mllp(message: bytes) -> bytes:
     return b"\x0b" + message + b"\x1c\r"
+
+
+def with_ack_modes(message: bytes, accept: str, application: str) -> bytes:
+    """Set MSH-15/MSH-16 (accept / application acknowledgement type) of a message built here
+    (which leaves both empty)."""
+    assert b"|2.5||||||" in message
+    return message.replace(b"|2.5||||||", f"|2.5|||{accept}|{application}||".encode())

@@ -18,8 +18,8 @@ from listeners.file_drop import ingest_paths
 from mrrp_pacs.cases import list_cases
 from mrrp_pacs.cli import main
 from mrrp_pacs.config import load_config
+from mrrp_pacs.hl7.message import parse_message
 from mrrp_pacs.intake import Intake
-from mrrp_pacs.intake.hl7 import parse_message
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
 from mrrp_pacs.store import Store
 

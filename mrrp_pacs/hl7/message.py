@@ -1,4 +1,5 @@
-"""HL7 v2 messages: framing, decoding and a tolerant reader for what the pipeline needs.
+"""HL7 v2 messages: splitting, decoding, escaping and a tolerant reader for what the pipeline
+needs.
 
 Bytes from the network are hostile, so this reader is small and total: any input either yields
 an :class:`Hl7Message` or raises :class:`Hl7Error` with a reason fit for an AE acknowledgement.
@@ -12,9 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-MLLP_START = b"\x0b"
-MLLP_END = b"\x1c\x0d"
+from mrrp_pacs.hl7.mllp import MLLP_END, MLLP_START
+
 UTF8_BOM = b"\xef\xbb\xbf"
+DEFAULT_ENCODING_CHARACTERS = "^~\\&"  # component, repetition, escape, subcomponent
 
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _LINE_END = re.compile(r"\r\n|\n|\r")
@@ -138,29 +140,62 @@ class Hl7Message:
         return self.component(segment, int(match[2]), int(match[3] or 1))
 
     def unescape(self, value: str) -> str:
-        """Decode HL7 escape sequences (\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\.br\\ \\Xhh\\)."""
-        esc = self.escape_char
-        if esc not in value:
-            return value
-        out, i = [], 0
-        simple = {"F": self.field_separator, "S": self.component_sep, "T": self.subcomponent_sep,
-                  "R": self.repetition_sep, "E": esc, ".br": "\n", "H": "", "N": ""}
-        while i < len(value):
-            if value[i] == esc:
-                end = value.find(esc, i + 1)
-                if end > i:
-                    code = value[i + 1 : end]
-                    if code in simple:
-                        out.append(simple[code])
-                        i = end + 1
-                        continue
-                    if _HEX_ESCAPE.match(code):
-                        out.append(bytes.fromhex(code[1:]).decode(self.charset, "replace"))
-                        i = end + 1
-                        continue
-            out.append(value[i])
-            i += 1
-        return "".join(out)
+        """Decode HL7 escape sequences with this message's delimiters (see :func:`unescape`)."""
+        return unescape(value, self.field_separator,
+                        self.component_sep + self.repetition_sep + self.escape_char
+                        + self.subcomponent_sep, self.charset)
+
+
+def escape(text: str, separator: str = "|",
+           encoding: str = DEFAULT_ENCODING_CHARACTERS) -> str:
+    """Escape free text for a field (HL7 v2.7 §2.7): the one rule of this project.
+
+    The escape character first, then the field, component, subcomponent and repetition
+    separators (``\\E\\ \\F\\ \\S\\ \\T\\ \\R\\``); each line break (CR LF, LF or CR)
+    becomes ``\\.br\\``, so a multi-line text survives a segment that CR would otherwise
+    end. :func:`unescape` reverses it (line breaks come back as LF).
+
+    Parameters
+    ----------
+    separator, encoding
+        MSH-1 and MSH-2 of the message the text goes into.
+    """
+    chars = (encoding + DEFAULT_ENCODING_CHARACTERS)[:4]
+    esc = chars[2]
+    codes = {esc: "E", separator: "F", chars[0]: "S", chars[3]: "T", chars[1]: "R"}
+    escaped = "".join(f"{esc}{codes[c]}{esc}" if c in codes else c for c in text)
+    line_break = f"{esc}.br{esc}"
+    return _LINE_END.sub(lambda _: line_break, escaped)
+
+
+def unescape(value: str, separator: str = "|", encoding: str = DEFAULT_ENCODING_CHARACTERS,
+             charset: str = "utf-8") -> str:
+    """Decode HL7 escape sequences (``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\.br\\ \\Xhh\\``; the
+    highlighting ``\\H\\``/``\\N\\`` are dropped). ``charset`` decodes ``\\Xhh\\`` bytes. An
+    unknown or unterminated sequence is kept as sent (total: never raises)."""
+    chars = (encoding + DEFAULT_ENCODING_CHARACTERS)[:4]
+    esc = chars[2]
+    if esc not in value:
+        return value
+    out, i = [], 0
+    simple = {"F": separator, "S": chars[0], "T": chars[3], "R": chars[1], "E": esc,
+              ".br": "\n", "H": "", "N": ""}
+    while i < len(value):
+        if value[i] == esc:
+            end = value.find(esc, i + 1)
+            if end > i:
+                code = value[i + 1 : end]
+                if code in simple:
+                    out.append(simple[code])
+                    i = end + 1
+                    continue
+                if _HEX_ESCAPE.match(code):
+                    out.append(bytes.fromhex(code[1:]).decode(charset, "replace"))
+                    i = end + 1
+                    continue
+        out.append(value[i])
+        i += 1
+    return "".join(out)
 
 
 def decode(raw: bytes) -> tuple[str, str]:

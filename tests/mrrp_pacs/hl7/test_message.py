@@ -1,9 +1,20 @@
+"""HL7 v2 messages: splitting, decoding, reading, and the one escaping rule."""
+
+import random
+
 import pytest
 from builders import Patient, mllp, pathology_result, us_report
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message as hl7apy_parse
 
-from mrrp_pacs.intake.hl7 import Hl7Error, looks_like_hl7, parse_message, split_messages
+from mrrp_pacs.hl7.message import (
+    Hl7Error,
+    escape,
+    looks_like_hl7,
+    parse_message,
+    split_messages,
+    unescape,
+)
 
 
 @pytest.mark.parametrize("end", ["\r", "\n", "\r\n"])
@@ -100,3 +111,49 @@ def test_hl7apy_reads_the_same_fields():
     assert theirs.pid.pid_3.pid_3_1.value == ours.get("PID-3")
     values = [obx.obx_5.to_er7() for obx in theirs.obx]
     assert values == [ours.field(s, 5) for s in ours.segments if s.name == "OBX"]
+
+
+# -- escaping: one rule, both ways -----------------------------------------------------------
+
+ESCAPED = [
+    ("a|b^c&d~e\\f", "a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f"),
+    ("line one\nline two", "line one\\.br\\line two"),
+    ("Größe 2,1 cm; \\E\\ literally", "Größe 2,1 cm; \\E\\E\\E\\ literally"),
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize(("text", "wire"), ESCAPED)
+def test_escape_gives_the_wire_form_and_unescape_takes_it_back(text, wire):
+    assert escape(text) == wire
+    assert unescape(wire) == text
+
+
+def test_every_line_break_becomes_one_br_and_comes_back_as_lf():
+    assert escape("a\r\nb\rc\nd") == "a\\.br\\b\\.br\\c\\.br\\d"
+    assert unescape(escape("a\r\nb\rc\nd")) == "a\nb\nc\nd"
+
+
+def test_escape_follows_the_messages_own_delimiters():
+    # MSH|^~\& is not the only encoding: a site may send MSH#$*@! (field #, escape @)
+    assert escape("a#b$c@d", separator="#", encoding="$*@!") == "a@F@b@S@c@E@d"
+    assert unescape("a@F@b@S@c@E@d", separator="#", encoding="$*@!") == "a#b$c@d"
+
+
+def test_round_trip_on_random_text_both_ways():
+    rng = random.Random(7)
+    alphabet = "ab |^~\\&\r\n.XE0"
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        canonical = text.replace("\r\n", "\n").replace("\r", "\n")
+        assert unescape(escape(text)) == canonical
+        assert escape(unescape(escape(text))) == escape(text)
+
+
+def test_a_parsed_message_unescapes_what_escape_wrote():
+    note = "margins: <1 mm | re-excision^advised\nsee report"
+    raw = (b"MSH|^~\\&|LIS|H|MRRP|H|20260105120000||ORU^R01|E1|P|2.5\r"
+           b"PID|1||P1^^^HOSP\r"
+           + f"NTE|1||{escape(note)}\r".encode())
+    message = parse_message(raw)
+    assert message.component(message.segment("NTE"), 3) == note

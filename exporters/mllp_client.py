@@ -1,6 +1,7 @@
 """A small MLLP client: send HL7 v2 messages over one connection and read their acknowledgements.
 
-Used by the operator command ``mrrp-pacs hl7 send`` and by tests. One message is sent at a
+Used by the ORU result sender (:mod:`exporters.hl7_result`), the operator command ``mrrp-pacs
+hl7 send`` and tests; the protocol is :mod:`mrrp_pacs.hl7`. One message is sent at a
 time and its acknowledgement awaited before the next (HL7 order matters). A message whose
 MSH-15/MSH-16 ask for no acknowledgement (NE) is not waited for; one that asks only on
 error or only on success (ER, SU) is waited for up to the timeout.
@@ -9,90 +10,14 @@ error or only on success (ER, SU) is waited for up to the timeout.
 from __future__ import annotations
 
 import socket
-import time
-from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from listeners.mllp import MllpFramer, MshHeader, read_header
-from mrrp_pacs.intake.hl7 import MLLP_END, MLLP_START, Hl7Error, parse_message, split_messages
+from mrrp_pacs.hl7.ack import Ack, read_ack, read_header, wait_mode
+from mrrp_pacs.hl7.message import Hl7Error, split_messages
+from mrrp_pacs.hl7.mllp import MLLP_END, MLLP_START, FrameReader, framed
 
-MAX_ACK_BYTES = 1024 * 1024
 MAX_FILE_BYTES = 64 * 1024 * 1024
-ACCEPTED_CODES = ("AA", "CA")
-
-
-@dataclass(frozen=True)
-class Ack:
-    """The answer to one message sent.
-
-    ``code`` is MSA-1 (AA, AE, AR, CA, CE, CR) or '' when no acknowledgement came (then
-    ``error`` says why); ``acked_control_id`` is MSA-2 as received.
-    """
-
-    control_id: str  # MSH-10 of the message sent ('' when it has no MSH)
-    code: str
-    acked_control_id: str = ""
-    error: str = ""
-
-    @property
-    def accepted(self) -> bool:
-        """AA or CA naming the control id sent."""
-        return self.code in ACCEPTED_CODES and self.acked_control_id == self.control_id
-
-
-def read_ack(data: bytes, control_id: str) -> Ack:
-    """Read an acknowledgement (framing removed) for the message with ``control_id``."""
-    try:
-        message = parse_message(data)
-    except Hl7Error as exc:
-        return Ack(control_id, "", error=f"unreadable acknowledgement: {exc}")
-    msa = message.segment("MSA")
-    if msa is None:
-        return Ack(control_id, "", error="acknowledgement without an MSA segment")
-    error = message.get("ERR-8") or message.get("ERR-3.2") or message.get("MSA-3")
-    return Ack(control_id, message.component(msa, 1).upper(), message.field(msa, 2), error)
-
-
-def _wait_mode(header: MshHeader | None) -> str:
-    """'always', 'maybe' (ER/SU: only on error or success) or 'never' (NE/NE)."""
-    if header is None or not header.enhanced_mode:
-        return "always"
-    kinds = {header.accept_ack_type, header.application_ack_type} - {""}
-    if kinds <= {"NE"}:
-        return "never"
-    if kinds <= {"NE", "ER", "SU"}:
-        return "maybe"
-    return "always"
-
-
-class FrameReader:
-    """MLLP frames arriving on ``sock``, read with a deadline (``timeout_s``, adjustable)."""
-
-    def __init__(self, sock: socket.socket, timeout_s: float,
-                 max_frame_bytes: int = MAX_ACK_BYTES) -> None:
-        self.sock = sock
-        self.timeout_s = timeout_s
-        self.framer = MllpFramer(max_frame_bytes)
-        self.frames: deque[bytes] = deque()
-
-    def next_frame(self) -> bytes | None:
-        """The next frame within the timeout; None on timeout. Raises ConnectionError on EOF."""
-        deadline = time.monotonic() + self.timeout_s
-        while not self.frames:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                return None
-            if not chunk:
-                raise ConnectionError("the listener closed the connection")
-            self.frames.extend(f.data for f in self.framer.feed(chunk))
-        return self.frames.popleft()
 
 
 def send_messages(host: str, port: int, messages: Iterable[bytes],
@@ -134,20 +59,20 @@ def send_messages(host: str, port: int, messages: Iterable[bytes],
                 acks.append(Ack(control_id, "", error="holds MLLP framing bytes (0x0B/0x1C); "
                                                       "not sent"))
                 continue
-            mode = _wait_mode(header)
+            mode = wait_mode(header)
             try:
                 sock.settimeout(timeout_s)
-                sock.sendall(MLLP_START + raw + MLLP_END)
+                sock.sendall(framed(raw))
                 if mode == "never":
                     acks.append(Ack(control_id, "", error="no acknowledgement asked for "
                                                           "(MSH-15/MSH-16 NE)"))
                     continue
-                frame = connection.next_frame()
+                answer = connection.next_frame()
             except OSError as exc:
                 broken = f"connection lost ({exc})"
                 acks.append(Ack(control_id, "", error=broken))
                 continue
-            if frame is None:
+            if answer is None:
                 if mode == "maybe":
                     acks.append(Ack(control_id, "", error=f"no acknowledgement within "
                                 f"{timeout_s:g} s (MSH-15/MSH-16 ask for one only on error "
@@ -156,7 +81,7 @@ def send_messages(host: str, port: int, messages: Iterable[bytes],
                 broken = f"no acknowledgement within {timeout_s:g} s"
                 acks.append(Ack(control_id, "", error=broken))
                 continue
-            acks.append(read_ack(frame, control_id))
+            acks.append(read_ack(answer, control_id))
     return acks
 
 
