@@ -21,7 +21,7 @@ from model_store import ModelStore
 from mrrp_pacs.cases import case_inputs
 from mrrp_pacs.config import load_config
 from mrrp_pacs.features.pipeline import FAMILIES, Extractor
-from mrrp_pacs.features.us import save_us_encoder, train_us_encoder
+from mrrp_pacs.features.us_encoder import save_us_encoder, train_us_encoder
 from mrrp_pacs.intake import Intake
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
 from mrrp_pacs.store import Store

@@ -225,7 +225,7 @@ def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: 
     from model_store import ModelStore
     from mrrp_pacs.features.errors import FeatureError
     from mrrp_pacs.features.pipeline import lesion_crops
-    from mrrp_pacs.features.us import US_ENCODER_KIND, save_us_encoder, train_us_encoder
+    from mrrp_pacs.features.us_encoder import US_ENCODER_KIND, save_us_encoder, train_us_encoder
 
     def work() -> None:
         config = state.config(db_path)

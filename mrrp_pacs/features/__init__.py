@@ -1,3 +1,3 @@
-"""Feature extraction, one module per family (wsi, nuclei, morphology, topology, us, radiomics,
-text, clinical) plus the encoder registries. Results are cached in the store by
-(patient, family, extractor name + version, input hash)."""
+"""Feature extraction, a module per family or step (wsi, nuclei, morphology, topology, us_image,
+us_roi, us_encoder, radiomics, text, clinical) plus the encoder registries. Results are cached in
+the store by (patient, family, extractor name + version, input hash)."""

@@ -115,7 +115,7 @@ class _Encoders:
     @cached_property
     def us(self) -> tuple[Any, str]:
         from model_store import ModelStore
-        from mrrp_pacs.features.us import load_us_encoder
+        from mrrp_pacs.features.us_encoder import load_us_encoder
 
         with _model("ultrasound encoder"):
             model, stored = load_us_encoder(ModelStore(self.config.paths.model_store_dir),
@@ -233,7 +233,8 @@ class _Patient:
     @cached_property
     def us_lesion(self) -> tuple[Any, tuple[int, int, int, int], list[str]]:
         """(UltrasoundImage, lesion box, flags)."""
-        from mrrp_pacs.features import us
+        from mrrp_pacs.features import us_roi
+        from mrrp_pacs.features.us_image import read_ultrasound
 
         image_ref, roi = self.us_choice
         path = self.store.objects.path_for(image_ref.sha256)
@@ -241,21 +242,21 @@ class _Patient:
         name = f"image {image_ref.sop_instance_uid}"
         box = None
         if roi is not None and roi[0] == "sr":
-            box = us.roi_from_sr(pydicom.dcmread(self.store.objects.path_for(roi[1])),
-                                 image_ref.sop_instance_uid)
+            box = us_roi.roi_from_sr(pydicom.dcmread(self.store.objects.path_for(roi[1])),
+                                     image_ref.sop_instance_uid)
         elif roi is not None:
-            box = us.roi_from_voc(self.store.objects.read_bytes(roi[1]))
-        image = us.read_ultrasound(ds, source_name=name, roi=box,
-                                   default_pixel_mm=self.config.features.us_default_mm_per_px)
+            box = us_roi.roi_from_voc(self.store.objects.read_bytes(roi[1]))
+        image = read_ultrasound(ds, source_name=name, roi=box,
+                                default_pixel_mm=self.config.features.us_default_mm_per_px)
         flags = list(image.flags)
         if box is None:
             assert image.pixel_mm is not None
             try:
-                box = us.automatic_lesion_candidate(image.gray, image.pixel_mm)
+                box = us_roi.automatic_lesion_candidate(image.gray, image.pixel_mm)
             except FeatureError as exc:
                 raise FeatureError(f"ultrasound {name} has no lesion ROI and {exc}") from exc
-            flags.append(us.AUTOMATIC_ROI)
-        return image, us.clip_box(box, image.gray.shape, name), flags
+            flags.append(us_roi.AUTOMATIC_ROI)
+        return image, us_roi.clip_box(box, image.gray.shape, name), flags
 
     # -- text ------------------------------------------------------------------------------
 
@@ -410,14 +411,14 @@ def _nuclei(patient: _Patient, segmenter: Any, nuclei: Any, morphology: Any,
 
 
 def _us(patient: _Patient, model: Any) -> FeatureSet:
-    from mrrp_pacs.features import us
+    from mrrp_pacs.features import us_encoder
 
     image, box, flags = patient.us_lesion
-    crop = us.crop_roi(image.gray, box, patient.config.features.us_roi_margin_px)
-    tokens = us.encode_crops(model, crop[None])[0]
+    crop = us_encoder.crop_roi(image.gray, box, patient.config.features.us_roi_margin_px)
+    tokens = us_encoder.encode_crops(model, crop[None])[0]
     return FeatureSet("us", "usresnet", "", {
         "tokens": tokens.astype(np.float32),
-        "positions": us.token_positions().astype(np.int16),
+        "positions": us_encoder.token_positions().astype(np.int16),
         "box_px": np.asarray(box, dtype=np.float32),
     }, {"flags": flags, "pixel_mm": list(image.pixel_mm or []),
         "image_uid": patient.us_choice[0].sop_instance_uid,
@@ -449,7 +450,7 @@ def _text(patient: _Patient, encoder: Any, patterns: tuple[str, ...]) -> Feature
 def lesion_crops(store: Store, config: Config) -> tuple[np.ndarray, list[str]]:
     """(n, 256, 256) crops of every annotated ultrasound lesion (the encoder's training set),
     and why other images were left out. Automatic lesion candidates are not trained on."""
-    from mrrp_pacs.features import us
+    from mrrp_pacs.features.us_encoder import CROP_SIZE_PX, crop_roi
 
     crops, skipped = [], []
     for inputs in case_inputs(store, config).values():
@@ -464,8 +465,8 @@ def lesion_crops(store: Store, config: Config) -> tuple[np.ndarray, list[str]]:
         except FeatureError as exc:
             skipped.append(f"{inputs.patient_key}: {exc}")
             continue
-        crops.append(us.crop_roi(image.gray, box, config.features.us_roi_margin_px))
-    empty = np.zeros((0, us.CROP_SIZE_PX, us.CROP_SIZE_PX), np.float32)
+        crops.append(crop_roi(image.gray, box, config.features.us_roi_margin_px))
+    empty = np.zeros((0, CROP_SIZE_PX, CROP_SIZE_PX), np.float32)
     return (np.stack(crops) if crops else empty), skipped
 
 
