@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from mrrp_pacs import __version__
 from mrrp_pacs.config import SECTIONS, Config, ConfigError, load_config
+from mrrp_pacs.features.families import FAMILY_NAMES
 from mrrp_pacs.logs import configure_logging
 from mrrp_pacs.store import SchemaError, Store
 
@@ -160,7 +161,7 @@ def cases(state: _Context, db_path: Path | None, as_json: bool) -> None:
 @main.command()
 @DB_OPTION
 @click.option("--families", default=None,
-              help="Comma-separated subset of wsi,nuclei,us,radiomics,text,clinical "
+              help=f"Comma-separated subset of {','.join(FAMILY_NAMES)} "
                    "(default: [features] families).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: [features] workers).")
@@ -173,17 +174,16 @@ def extract(state: _Context, db_path: Path | None, families: str | None, workers
 
     A rerun computes only what changed."""
     from mrrp_pacs.features.errors import FeatureError
-    from mrrp_pacs.features.pipeline import FAMILIES
     from mrrp_pacs.features.pipeline import extract as run_extraction
 
     def work() -> None:
         config = state.config(db_path)
         chosen = tuple(f.strip() for f in families.split(",") if f.strip()) if families \
             else tuple(config.features.families)
-        unknown = set(chosen) - set(FAMILIES)
+        unknown = set(chosen) - set(FAMILY_NAMES)
         if unknown:
             raise click.BadParameter(f"unknown families {sorted(unknown)}; known: "
-                                     f"{','.join(FAMILIES)}", param_hint="--families")
+                                     f"{','.join(FAMILY_NAMES)}", param_hint="--families")
         with _open_store(config) as store:
             from mrrp_pacs.cases import case_inputs
 
