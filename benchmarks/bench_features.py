@@ -20,8 +20,9 @@ from listeners.file_drop import ingest_paths
 from model_store import ModelStore
 from mrrp_pacs.cases import case_inputs
 from mrrp_pacs.config import load_config
-from mrrp_pacs.features.pipeline import FAMILIES, Extractor
-from mrrp_pacs.features.us import save_us_encoder, train_us_encoder
+from mrrp_pacs.features.families import FAMILY_NAMES
+from mrrp_pacs.features.pipeline import Extractor, FamilyStatus
+from mrrp_pacs.features.us_encoder import save_us_encoder, train_us_encoder
 from mrrp_pacs.intake import Intake
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
 from mrrp_pacs.store import Store
@@ -41,14 +42,14 @@ def main() -> None:
         with Store(config.paths.db_file, config.paths.objects_dir) as store:
             ingest_paths(Intake(store, config), [root / "phantom"])
             extractor = Extractor(store, config)
-            timings: dict[str, list[float]] = {f: [] for f in FAMILIES}
+            timings: dict[str, list[float]] = {f: [] for f in FAMILY_NAMES}
             totals = []
             for index, inputs in enumerate(case_inputs(store, config).values()):
                 start_patient = time.perf_counter()
-                for family in FAMILIES:
+                for family in FAMILY_NAMES:
                     start = time.perf_counter()
                     (outcome,) = extractor.run(inputs, (family,), force=True)
-                    assert outcome.status == "computed", outcome
+                    assert outcome.status == FamilyStatus.COMPUTED, outcome
                     if index:
                         timings[family].append(time.perf_counter() - start)
                 elapsed = time.perf_counter() - start_patient

@@ -25,12 +25,8 @@ from skimage.filters import threshold_otsu
 
 from mrrp_pacs.features.errors import FeatureError
 from mrrp_pacs.features.radiomics import radiomics_tokens
-from mrrp_pacs.features.us import (
-    automatic_lesion_candidate,
-    crop_roi,
-    encode_crops,
-    train_us_encoder,
-)
+from mrrp_pacs.features.us_encoder import crop_roi, encode_crops, train_us_encoder
+from mrrp_pacs.features.us_roi import automatic_lesion_candidate
 from mrrp_pacs.phantom.ultrasound import UltrasoundFrame, render_frame
 
 US_TRAITS = ("us_margin", "us_orientation", "us_shadowing", "us_heterogeneity")

@@ -1,2 +1,3 @@
-"""Everything that sends results out: the DICOM SR and PDF builders, the outbox and its
-senders. Nothing is here yet: results export is the exporter issue's work."""
+"""Everything that sends results out: the DICOM SR and PDF builders (``sr``, ``pdf``, ``codes``),
+``publish`` (score → objects → outbox), the ``outbox`` and its senders (``dicom_sender``,
+``hl7_result``); see docs/exporters.md."""

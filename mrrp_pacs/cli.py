@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mrrp_pacs import __version__
 from mrrp_pacs.config import Config, ConfigError, config_toml, load_config, local_address
+from mrrp_pacs.features.families import FAMILY_NAMES
 from mrrp_pacs.logs import configure_logging
 from mrrp_pacs.store import SchemaError, Store
 
@@ -177,7 +178,7 @@ def cases(state: _Context, db_path: Path | None, as_json: bool) -> None:
 @main.command()
 @DB_OPTION
 @click.option("--families", default=None,
-              help="Comma-separated subset of wsi,nuclei,us,radiomics,text,clinical "
+              help=f"Comma-separated subset of {','.join(FAMILY_NAMES)} "
                    "(default: [features] families).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: [features] workers).")
@@ -190,17 +191,16 @@ def extract(state: _Context, db_path: Path | None, families: str | None, workers
 
     A rerun computes only what changed."""
     from mrrp_pacs.features.errors import FeatureError
-    from mrrp_pacs.features.pipeline import FAMILIES
     from mrrp_pacs.features.pipeline import extract as run_extraction
 
     def work() -> None:
         config = state.config(db_path)
         chosen = tuple(f.strip() for f in families.split(",") if f.strip()) if families \
             else tuple(config.features.families)
-        unknown = set(chosen) - set(FAMILIES)
+        unknown = set(chosen) - set(FAMILY_NAMES)
         if unknown:
             raise click.BadParameter(f"unknown families {sorted(unknown)}; known: "
-                                     f"{','.join(FAMILIES)}", param_hint="--families")
+                                     f"{','.join(FAMILY_NAMES)}", param_hint="--families")
         with _open_store(config) as store:
             from mrrp_pacs.cases import case_inputs
 
@@ -242,7 +242,7 @@ def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: 
     from model_store import ModelStore
     from mrrp_pacs.features.errors import FeatureError
     from mrrp_pacs.features.pipeline import lesion_crops
-    from mrrp_pacs.features.us import US_ENCODER_KIND, save_us_encoder, train_us_encoder
+    from mrrp_pacs.features.us_encoder import US_ENCODER_KIND, save_us_encoder, train_us_encoder
 
     def work() -> None:
         config = state.config(db_path)

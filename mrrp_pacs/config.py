@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from mrrp_pacs.features.families import FAMILY_NAMES
+
 ENV_PREFIX = "MRRP__"
 CONFIG_ENV = "MRRP_CONFIG"
 
@@ -123,14 +125,11 @@ class ClinicalConfig:
     schema_file: Path | None = None
 
 
-FEATURE_FAMILIES = ["wsi", "nuclei", "us", "radiomics", "text", "clinical"]
-
-
 @dataclass(frozen=True)
 class FeaturesConfig:
     """Feature extraction: which families, tiling, and the encoders (local weights only)."""
 
-    families: list[str] = field(default_factory=lambda: list(FEATURE_FAMILIES))
+    families: list[str] = field(default_factory=lambda: list(FAMILY_NAMES))
     target_mpp: float = 0.5  # µm/px of the slide tiles
     tile_px: int = 224
     max_tiles: int = 64  # per slide, chosen evenly over the tumour region
@@ -512,10 +511,10 @@ def _coerce(key: str, kind: Any, value: Any, source: str, base_dir: Path) -> Any
     if origin is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of strings")
-        if key == "features.families" and not set(value) <= set(FEATURE_FAMILIES):
+        if key == "features.families" and not set(value) <= set(FAMILY_NAMES):
             raise ConfigError(f"{source}: {key} = {value!r}: unknown families "
-                              f"{sorted(set(value) - set(FEATURE_FAMILIES))}; known: "
-                              f"{', '.join(FEATURE_FAMILIES)}")
+                              f"{sorted(set(value) - set(FAMILY_NAMES))}; known: "
+                              f"{', '.join(FAMILY_NAMES)}")
         return list(value)
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):

@@ -35,7 +35,8 @@ from typing import Any
 from model_store import ModelStore
 from mrrp_pacs.clock import Clock, system_clock
 from mrrp_pacs.config import Config
-from mrrp_pacs.features.pipeline import FAMILIES, Extractor
+from mrrp_pacs.features.families import FAMILY_NAMES
+from mrrp_pacs.features.pipeline import Extractor, FamilyStatus
 from mrrp_pacs.model.train import MODEL_KIND
 from mrrp_pacs.results import RiskResult
 from mrrp_pacs.scoring import (
@@ -180,7 +181,7 @@ class Pipeline:
                     ) -> dict[str, Any]:
         if self._extractor is None:
             self._extractor = Extractor(self.store, self.config)
-        families = tuple(f for f in FAMILIES if f in self.config.features.families)
+        families = tuple(f for f in FAMILY_NAMES if f in self.config.features.families)
         failed_families = 0
         exported: dict[str, int] = {}
         stopped = False
@@ -189,7 +190,7 @@ class Pipeline:
                 stopped = True
                 break
             outcomes = self._extractor.run(inputs, families, force=False)
-            failed_families += sum(o.status == "failed" for o in outcomes)
+            failed_families += sum(o.status == FamilyStatus.FAILED for o in outcomes)
             scored = scorer.score({key: inputs}, {key: digests[key]})
             run.outcomes.extend(scored)
             self._publish([o for o in scored if o.state == "scored"], exported)

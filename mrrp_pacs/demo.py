@@ -277,7 +277,7 @@ def _train(config: Config, truth_csv: Path, seed: int,
            tick: Callable[[int, int], None]) -> str:
     from model_store import ModelStore
     from mrrp_pacs.features.pipeline import extract, lesion_crops
-    from mrrp_pacs.features.us import US_ENCODER_KIND, save_us_encoder, train_us_encoder
+    from mrrp_pacs.features.us_encoder import US_ENCODER_KIND, save_us_encoder, train_us_encoder
     from mrrp_pacs.model.dataset import cohort_from_store, read_outcomes
     from mrrp_pacs.model.evaluate import evaluate_predictions
     from mrrp_pacs.model.train import MODEL_KIND, TrainSettings, config_for, predict, save, train

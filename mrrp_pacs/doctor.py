@@ -120,7 +120,7 @@ def _database(config: Config, _: int) -> Iterator[Check]:
 
 def _models(config: Config, _: int) -> Iterator[Check]:
     from model_store import ModelStore, ModelStoreError
-    from mrrp_pacs.features.us import US_ENCODER_KIND
+    from mrrp_pacs.features.us_encoder import US_ENCODER_KIND
     from mrrp_pacs.model.train import MODEL_KIND
 
     store = ModelStore(config.paths.model_store_dir)

@@ -7,9 +7,7 @@ computes nothing and a new extractor version recomputes only its family. A resul
 in one transaction after it is complete; an input that cannot be used is reported with the
 patient and family and leaves nothing behind.
 
-Families: ``wsi`` deep tile features; ``nuclei`` morphology + topology tokens on the same tiles;
-``us`` ResNet tokens of the lesion crop; ``radiomics`` PyRadiomics tokens of the same lesion;
-``text`` token embeddings of the US report findings; ``clinical`` the clinical schema values.
+The families, what each reads and stores: :mod:`mrrp_pacs.features.families`.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
 from mrrp_pacs.features.cache import FeatureCache, FeatureSet, input_hash
 from mrrp_pacs.features.errors import FeatureError, ModelUnavailable
+from mrrp_pacs.features.families import FAMILY_NAMES, FamilyInput, family_named
 from mrrp_pacs.features.wsi import (
     Region,
     Tiles,
@@ -45,15 +45,23 @@ from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
 
-FAMILIES = ("wsi", "nuclei", "us", "radiomics", "text", "clinical")
 PIPELINE_VERSION = "1"
+
+
+class FamilyStatus(StrEnum):
+    """How one family came out for one patient; ``extract`` counts and prints these values."""
+
+    COMPUTED = "computed"
+    CACHED = "cached"
+    NO_INPUT = "no_input"
+    FAILED = "failed"
 
 
 @dataclass
 class FamilyOutcome:
     patient_key: str
     family: str
-    status: str  # computed | cached | no_input | failed
+    status: FamilyStatus
     reason: str = ""
 
 
@@ -61,19 +69,19 @@ class FamilyOutcome:
 class ExtractionSummary:
     outcomes: list[FamilyOutcome] = field(default_factory=list)
 
-    def count(self, status: str) -> int:
+    def count(self, status: FamilyStatus) -> int:
         return sum(o.status == status for o in self.outcomes)
 
     @property
     def failures(self) -> list[FamilyOutcome]:
-        return [o for o in self.outcomes if o.status == "failed"]
+        return [o for o in self.outcomes if o.status == FamilyStatus.FAILED]
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "patients": len({o.patient_key for o in self.outcomes}),
-            "computed": self.count("computed"),
-            "cached": self.count("cached"),
-            "no_input": self.count("no_input"),
+            "computed": self.count(FamilyStatus.COMPUTED),
+            "cached": self.count(FamilyStatus.CACHED),
+            "no_input": self.count(FamilyStatus.NO_INPUT),
             "failed": [{"patient": o.patient_key, "family": o.family, "reason": o.reason}
                        for o in self.failures],
         }
@@ -115,7 +123,7 @@ class _Encoders:
     @cached_property
     def us(self) -> tuple[Any, str]:
         from model_store import ModelStore
-        from mrrp_pacs.features.us import load_us_encoder
+        from mrrp_pacs.features.us_encoder import load_us_encoder
 
         with _model("ultrasound encoder"):
             model, stored = load_us_encoder(ModelStore(self.config.paths.model_store_dir),
@@ -155,6 +163,18 @@ class _Patient:
         self.config = config
         self.tiling = TilingParameters(config.features.target_mpp, config.features.tile_px,
                                        config.features.max_tiles)
+
+    def has(self, reads: FamilyInput) -> bool:
+        """Whether the patient has what a family reads."""
+        match reads:
+            case FamilyInput.SLIDE:
+                return bool(self.inputs.slides)
+            case FamilyInput.ULTRASOUND:
+                return bool(self.inputs.us_images)
+            case FamilyInput.REPORT:
+                return bool(self.inputs.us_reports)
+            case FamilyInput.CLINICAL:
+                return bool(self.inputs.clinical)
 
     # -- slide ---------------------------------------------------------------------------
 
@@ -233,7 +253,8 @@ class _Patient:
     @cached_property
     def us_lesion(self) -> tuple[Any, tuple[int, int, int, int], list[str]]:
         """(UltrasoundImage, lesion box, flags)."""
-        from mrrp_pacs.features import us
+        from mrrp_pacs.features import us_roi
+        from mrrp_pacs.features.us_image import read_ultrasound
 
         image_ref, roi = self.us_choice
         path = self.store.objects.path_for(image_ref.sha256)
@@ -241,21 +262,21 @@ class _Patient:
         name = f"image {image_ref.sop_instance_uid}"
         box = None
         if roi is not None and roi[0] == "sr":
-            box = us.roi_from_sr(pydicom.dcmread(self.store.objects.path_for(roi[1])),
-                                 image_ref.sop_instance_uid)
+            box = us_roi.roi_from_sr(pydicom.dcmread(self.store.objects.path_for(roi[1])),
+                                     image_ref.sop_instance_uid)
         elif roi is not None:
-            box = us.roi_from_voc(self.store.objects.read_bytes(roi[1]))
-        image = us.read_ultrasound(ds, source_name=name, roi=box,
-                                   default_pixel_mm=self.config.features.us_default_mm_per_px)
+            box = us_roi.roi_from_voc(self.store.objects.read_bytes(roi[1]))
+        image = read_ultrasound(ds, source_name=name, roi=box,
+                                default_pixel_mm=self.config.features.us_default_mm_per_px)
         flags = list(image.flags)
         if box is None:
             assert image.pixel_mm is not None
             try:
-                box = us.automatic_lesion_candidate(image.gray, image.pixel_mm)
+                box = us_roi.automatic_lesion_candidate(image.gray, image.pixel_mm)
             except FeatureError as exc:
                 raise FeatureError(f"ultrasound {name} has no lesion ROI and {exc}") from exc
-            flags.append(us.AUTOMATIC_ROI)
-        return image, us.clip_box(box, image.gray.shape, name), flags
+            flags.append(us_roi.AUTOMATIC_ROI)
+        return image, us_roi.clip_box(box, image.gray.shape, name), flags
 
     # -- text ------------------------------------------------------------------------------
 
@@ -263,6 +284,20 @@ class _Patient:
     def report(self) -> Any:
         reports = self.inputs.us_reports
         return reports[-1] if reports else None
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """One family for one patient, decided before any pixel is read.
+
+    ``inputs`` describes what goes in (object SHA-256s, region source, parameters); its hash,
+    with ``extractor`` and ``version``, is the cache key. ``compute`` runs only on a miss.
+    """
+
+    extractor: str
+    version: str
+    inputs: list[object]
+    compute: Callable[[], FeatureSet]
 
 
 class Extractor:
@@ -274,6 +309,10 @@ class Extractor:
         self.cache = FeatureCache(store)
         self.encoders = _Encoders(config)
         self.schema: ClinicalSchema = load_schema(config.clinical.schema_file)
+        self._planners: dict[str, Callable[[_Patient], FamilyPlan]] = {
+            "wsi": self._plan_wsi, "nuclei": self._plan_nuclei, "us": self._plan_us,
+            "radiomics": self._plan_radiomics, "text": self._plan_text,
+            "clinical": self._plan_clinical}
 
     def run(self, inputs: CaseInputs, families: tuple[str, ...], force: bool) -> list[
             FamilyOutcome]:
@@ -285,78 +324,76 @@ class Extractor:
             except ModelUnavailable:
                 raise
             except FeatureError as exc:
-                outcomes.append(FamilyOutcome(inputs.patient_key, family, "failed", str(exc)))
+                outcomes.append(FamilyOutcome(inputs.patient_key, family, FamilyStatus.FAILED,
+                                              str(exc)))
                 LOGGER.warning("feature family %s failed for one patient (see the summary)",
                                family)
         return outcomes
 
     def _family(self, patient: _Patient, family: str, force: bool) -> FamilyOutcome:
         key = patient.inputs.patient_key
-        plan = self._plan(patient, family)
-        if plan is None:
-            return FamilyOutcome(key, family, "no_input")
-        extractor, version, description, compute = plan
-        digest = input_hash([PIPELINE_VERSION, family, description])
-        cached = self.cache.find(key, family, extractor, version, digest)
+        # no input: nothing to plan, so a model the family needs is not even loaded
+        if not patient.has(family_named(family).reads):
+            return FamilyOutcome(key, family, FamilyStatus.NO_INPUT)
+        plan = self._planners[family](patient)
+        digest = input_hash([PIPELINE_VERSION, family, plan.inputs])
+        cached = self.cache.find(key, family, plan.extractor, plan.version, digest)
         if cached is not None and not force:
             self.cache.revive(cached)
-            return FamilyOutcome(key, family, "cached")
-        features = compute()
-        features.extractor, features.version = extractor, version
+            return FamilyOutcome(key, family, FamilyStatus.CACHED)
+        features = plan.compute()
+        features.extractor, features.version = plan.extractor, plan.version
         features.meta.setdefault("flags", [])
         if cached is not None:  # --force: the same key, recomputed in place
             self.cache.replace(cached, features)
         else:
             self.cache.put(key, digest, features)
-        return FamilyOutcome(key, family, "computed")
+        return FamilyOutcome(key, family, FamilyStatus.COMPUTED)
 
-    def _plan(self, patient: _Patient, family: str) -> tuple[
-            str, str, list[object], Callable[[], FeatureSet]] | None:
-        inputs = patient.inputs
-        if family == "clinical":
-            values = inputs.clinical
-            if not values:
-                return None
-            description: list[object] = [sorted((k, v.value_text, v.unit)
-                                                for k, v in values.items()),
-                                         [(v.name, v.kind, v.unit, v.levels)
-                                          for v in self.schema.variables]]
-            return ("clinical-schema", "1", description,
-                    lambda: _clinical(values, self.schema))
-        if family in ("wsi", "nuclei"):
-            if patient.slide_series is None:
-                return None
-            if family == "wsi":
-                encoder = self.encoders.tile
-                return (encoder.name, encoder.version, patient.slide_description(),
-                        lambda: _wsi(patient, encoder))
-            from mrrp_pacs.features import morphology, nuclei, topology
+    # -- one plan per family (the patient has what the family reads) -------------------------
 
-            segmenter = self.encoders.segmenter
-            version = (f"{segmenter.version}+m{morphology.MORPHOLOGY_VERSION}"
-                       f"+t{topology.TOPOLOGY_VERSION}")
-            return (segmenter.name, version, patient.slide_description(),
-                    lambda: _nuclei(patient, segmenter, nuclei, morphology, topology))
-        if family in ("us", "radiomics"):
-            if not inputs.us_images:
-                return None
-            if family == "us":
-                model, version = self.encoders.us
-                return ("usresnet", version, patient.us_description(),
-                        lambda: _us(patient, model))
-            from mrrp_pacs.features import radiomics
+    def _plan_clinical(self, patient: _Patient) -> FamilyPlan:
+        from mrrp_pacs.features.clinical import CLINICAL_VERSION
 
-            return ("pyradiomics", radiomics.RADIOMICS_VERSION, patient.us_description(),
-                    lambda: _radiomics(patient, radiomics))
-        if family == "text":
-            report = patient.report
-            if report is None:
-                return None
-            patterns = tuple(self.config.features.findings_patterns)
-            return (self.config.features.text_encoder, self.encoders.text_version,
-                    [report.row_id, report.text, patterns],
-                    lambda: _text(patient, self.encoders.text, patterns))
-        raise ValueError(f"unknown feature family {family!r}")
+        values = patient.inputs.clinical
+        description: list[object] = [sorted((k, v.value_text, v.unit)
+                                            for k, v in values.items()),
+                                     [(v.name, v.kind, v.unit, v.levels)
+                                      for v in self.schema.variables]]
+        return FamilyPlan("clinical-schema", CLINICAL_VERSION, description,
+                          lambda: _clinical(values, self.schema))
+
+    def _plan_wsi(self, patient: _Patient) -> FamilyPlan:
+        encoder = self.encoders.tile
+        return FamilyPlan(encoder.name, encoder.version, patient.slide_description(),
+                          lambda: _wsi(patient, encoder))
+
+    def _plan_nuclei(self, patient: _Patient) -> FamilyPlan:
+        from mrrp_pacs.features import morphology, nuclei, topology
+
+        segmenter = self.encoders.segmenter
+        version = (f"{segmenter.version}+m{morphology.MORPHOLOGY_VERSION}"
+                   f"+t{topology.TOPOLOGY_VERSION}")
+        return FamilyPlan(segmenter.name, version, patient.slide_description(),
+                          lambda: _nuclei(patient, segmenter, nuclei, morphology, topology))
+
+    def _plan_us(self, patient: _Patient) -> FamilyPlan:
+        model, version = self.encoders.us
+        return FamilyPlan("usresnet", version, patient.us_description(),
+                          lambda: _us(patient, model))
+
+    def _plan_radiomics(self, patient: _Patient) -> FamilyPlan:
+        from mrrp_pacs.features import radiomics
+
+        return FamilyPlan("pyradiomics", radiomics.RADIOMICS_VERSION, patient.us_description(),
+                          lambda: _radiomics(patient, radiomics))
+
+    def _plan_text(self, patient: _Patient) -> FamilyPlan:
+        report = patient.report
+        patterns = tuple(self.config.features.findings_patterns)
+        return FamilyPlan(self.config.features.text_encoder, self.encoders.text_version,
+                          [report.row_id, report.text, patterns],
+                          lambda: _text(patient, self.encoders.text, patterns))
 
 
 # -- the families ---------------------------------------------------------------------------
@@ -410,14 +447,14 @@ def _nuclei(patient: _Patient, segmenter: Any, nuclei: Any, morphology: Any,
 
 
 def _us(patient: _Patient, model: Any) -> FeatureSet:
-    from mrrp_pacs.features import us
+    from mrrp_pacs.features import us_encoder
 
     image, box, flags = patient.us_lesion
-    crop = us.crop_roi(image.gray, box, patient.config.features.us_roi_margin_px)
-    tokens = us.encode_crops(model, crop[None])[0]
+    crop = us_encoder.crop_roi(image.gray, box, patient.config.features.us_roi_margin_px)
+    tokens = us_encoder.encode_crops(model, crop[None])[0]
     return FeatureSet("us", "usresnet", "", {
         "tokens": tokens.astype(np.float32),
-        "positions": us.token_positions().astype(np.int16),
+        "positions": us_encoder.token_positions().astype(np.int16),
         "box_px": np.asarray(box, dtype=np.float32),
     }, {"flags": flags, "pixel_mm": list(image.pixel_mm or []),
         "image_uid": patient.us_choice[0].sop_instance_uid,
@@ -449,7 +486,7 @@ def _text(patient: _Patient, encoder: Any, patterns: tuple[str, ...]) -> Feature
 def lesion_crops(store: Store, config: Config) -> tuple[np.ndarray, list[str]]:
     """(n, 256, 256) crops of every annotated ultrasound lesion (the encoder's training set),
     and why other images were left out. Automatic lesion candidates are not trained on."""
-    from mrrp_pacs.features import us
+    from mrrp_pacs.features.us_encoder import CROP_SIZE_PX, crop_roi
 
     crops, skipped = [], []
     for inputs in case_inputs(store, config).values():
@@ -464,8 +501,8 @@ def lesion_crops(store: Store, config: Config) -> tuple[np.ndarray, list[str]]:
         except FeatureError as exc:
             skipped.append(f"{inputs.patient_key}: {exc}")
             continue
-        crops.append(us.crop_roi(image.gray, box, config.features.us_roi_margin_px))
-    empty = np.zeros((0, us.CROP_SIZE_PX, us.CROP_SIZE_PX), np.float32)
+        crops.append(crop_roi(image.gray, box, config.features.us_roi_margin_px))
+    empty = np.zeros((0, CROP_SIZE_PX, CROP_SIZE_PX), np.float32)
     return (np.stack(crops) if crops else empty), skipped
 
 
@@ -488,14 +525,14 @@ def _work(inputs: CaseInputs, families: tuple[str, ...], force: bool) -> list[Fa
     return _WORKER.run(inputs, families, force)
 
 
-def extract(store: Store, config: Config, families: tuple[str, ...] = FAMILIES,
+def extract(store: Store, config: Config, families: tuple[str, ...] = FAMILY_NAMES,
             force: bool = False, workers: int = 1,
             progress: Callable[[int], None] | None = None,
             patient_keys: Collection[str] | None = None) -> ExtractionSummary:
     """Extract ``families`` for every patient in the store (or those of ``patient_keys``)."""
-    unknown = set(families) - set(FAMILIES)
+    unknown = set(families) - set(FAMILY_NAMES)
     if unknown:
-        raise ValueError(f"unknown feature families {sorted(unknown)}; known: {FAMILIES}")
+        raise ValueError(f"unknown feature families {sorted(unknown)}; known: {FAMILY_NAMES}")
     everything = [inputs for key, inputs in case_inputs(store, config).items()
                   if patient_keys is None or key in patient_keys]
     summary = ExtractionSummary()

@@ -38,7 +38,7 @@ import SimpleITK as sitk
 from radiomics import featureextractor, getFeatureClasses
 
 from mrrp_pacs.features.errors import FeatureError
-from mrrp_pacs.features.us import Box, clip_box
+from mrrp_pacs.features.us_roi import Box, clip_box
 
 LOGGER = logging.getLogger(__name__)
 

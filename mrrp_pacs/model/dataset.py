@@ -2,14 +2,8 @@
 
 A cohort is a list of :class:`PatientRecord` (one per patient: token arrays per family, clinical
 values, outcome). :func:`collate` pads them into a :class:`~mrrp_pacs.model.fusion.Batch`.
-Feature families map to the model's families as follows::
-
-    wsi_deep       ← features "wsi"        array "deep"        (tiles, d)
-    wsi_morphology ← features "nuclei"     array "morphology"  (tiles, 328)
-    wsi_topology   ← features "nuclei"     array "topology"    (tiles, 504)
-    us_deep        ← features "us"         array "tokens"      (256, 64)
-    us_radiomics   ← features "radiomics"  array "tokens"      (49, 24)
-    us_text        ← features "text"       array "tokens"      (n, 384)
+The model's token families are read from the extracted feature families as
+:data:`FAMILY_SOURCES` says.
 """
 
 from __future__ import annotations
@@ -32,13 +26,16 @@ from mrrp_pacs.model.fusion import Batch, FamilyTokens
 from mrrp_pacs.store import Store
 
 FAMILY_SOURCES: dict[str, tuple[str, str]] = {
-    "wsi_deep": ("wsi", "deep"),
-    "wsi_morphology": ("nuclei", "morphology"),
-    "wsi_topology": ("nuclei", "topology"),
-    "us_deep": ("us", "tokens"),
-    "us_radiomics": ("radiomics", "tokens"),
-    "us_text": ("text", "tokens"),
+    # model family: (feature family, array)   token shape
+    "wsi_deep": ("wsi", "deep"),  # (tiles, d)
+    "wsi_morphology": ("nuclei", "morphology"),  # (tiles, 328)
+    "wsi_topology": ("nuclei", "topology"),  # (tiles, 504)
+    "us_deep": ("us", "tokens"),  # (256, 64)
+    "us_radiomics": ("radiomics", "tokens"),  # (49, 24)
+    "us_text": ("text", "tokens"),  # (n, 384)
 }
+"""The one mapping from extracted feature families (:mod:`mrrp_pacs.features.families`) to
+the model's token families."""
 MODALITY_QUERY = {"wsi": "wsi_deep", "us": "us_deep"}
 
 

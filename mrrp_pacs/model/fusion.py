@@ -1,6 +1,7 @@
 """The MRRP fusion network: WSI + ultrasound tokens + clinical tokens → log hazard.
 
-Data flow for B patients (shapes in the contract, ``notes/model_contract.md``)::
+Data flow for B patients (docs/model.md; each family's token shape in
+:data:`mrrp_pacs.model.dataset.FAMILY_SOURCES`)::
 
     family tokens (B, N, D_f) ─ standardise (fitted buffers) ─ Linear → (B, N, d_model)
         [+ Fourier position code] [+ slot embedding] [+ family-type embedding for keys]

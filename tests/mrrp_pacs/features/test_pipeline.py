@@ -14,7 +14,9 @@ from mrrp_pacs.config import Config, load_config
 from mrrp_pacs.features import pipeline
 from mrrp_pacs.features.cache import FeatureCache
 from mrrp_pacs.features.errors import ModelUnavailable
+from mrrp_pacs.features.families import FAMILY_NAMES, family_named
 from mrrp_pacs.intake import Intake
+from mrrp_pacs.model.dataset import FAMILY_SOURCES
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
 from mrrp_pacs.store import Store
 
@@ -89,6 +91,17 @@ def test_shapes_and_tokens(state):
             "SELECT patient_key FROM features WHERE family = 'text' LIMIT 1").fetchone()[0]
         text = cache.current(text_key, "text")
         assert text is not None and text.arrays["tokens"].shape[1] == 384
+
+
+def test_every_family_stores_the_arrays_its_registry_entry_names(state):
+    _, config = state
+    with Store(config.paths.db_file, config.paths.objects_dir) as store:
+        rows = store.conn.execute("SELECT family, meta FROM features").fetchall()
+    assert {family for family, _ in rows} == set(FAMILY_NAMES)
+    for family, meta in rows:
+        assert set(json.loads(meta)["shapes"]) == set(family_named(family).arrays), family
+    for family, array in FAMILY_SOURCES.values():  # what the model reads is stored
+        assert array in family_named(family).arrays, (family, array)
 
 
 def test_a_new_extractor_version_recomputes_only_its_family(state, monkeypatch):

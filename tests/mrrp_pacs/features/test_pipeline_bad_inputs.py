@@ -6,7 +6,7 @@ from builders import Patient, encode, pathology_result, us_image, us_report, us_
 
 from model_store import ModelStore
 from mrrp_pacs.features import pipeline
-from mrrp_pacs.features.us import save_us_encoder, train_us_encoder
+from mrrp_pacs.features.us_encoder import save_us_encoder, train_us_encoder
 
 
 @pytest.fixture
