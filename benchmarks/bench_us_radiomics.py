@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage, stats
 from skimage.filters import threshold_otsu
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.radiomics import radiomics_tokens
 from mrrp_pacs.features.us_encoder import crop_roi, encode_crops, train_us_encoder
 from mrrp_pacs.features.us_roi import automatic_lesion_candidate

@@ -26,7 +26,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from exporters.outbox import SendError
+from mrrp_pacs.errors import SendError
 
 LOGGER = logging.getLogger(__name__)
 

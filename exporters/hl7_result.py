@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from exporters.mllp_client import send_messages
-from exporters.outbox import SendError
+from mrrp_pacs.errors import SendError
 from mrrp_pacs.hl7.message import escape
 from mrrp_pacs.hl7.mllp import MLLP_END, MLLP_START
 from mrrp_pacs.results import RiskResult

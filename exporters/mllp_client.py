@@ -13,8 +13,9 @@ import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from mrrp_pacs.errors import Hl7Error
 from mrrp_pacs.hl7.ack import Ack, read_ack, read_header, wait_mode
-from mrrp_pacs.hl7.message import Hl7Error, split_messages
+from mrrp_pacs.hl7.message import split_messages
 from mrrp_pacs.hl7.mllp import MLLP_END, MLLP_START, FrameReader, framed
 
 MAX_FILE_BYTES = 64 * 1024 * 1024

@@ -34,6 +34,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from mrrp_pacs.clock import iso_utc
+from mrrp_pacs.errors import SendError
 from mrrp_pacs.store import ObjectStore, Store
 
 LOGGER = logging.getLogger(__name__)
@@ -53,25 +54,6 @@ class ExportState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"
-
-
-class SendError(Exception):
-    """A send that did not deliver.
-
-    Parameters
-    ----------
-    reason
-        What happened, readable by an operator; stored as ``last_error``. It must hold no
-        patient identifiers: status codes, exception classes, AE titles, hosts and ports.
-    transient
-        True when the same send may succeed later (peer down, busy, out of resources); False
-        when it will not (the peer cannot understand the object), so the row goes ``dead`` at once.
-    """
-
-    def __init__(self, reason: str, *, transient: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.transient = transient
 
 
 class SendSession(Protocol):

@@ -56,6 +56,7 @@ from listeners.dicom_scp import (
     IntakeOpener,
     persist_c_store,
 )
+from mrrp_pacs.errors import PullError
 from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
@@ -75,10 +76,6 @@ SUCCESS = 0x0000
 WARNING_SOME_FAILED = 0xB000
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CS = re.compile(r"^[A-Z0-9_ ]{1,16}$")
-
-
-class PullError(RuntimeError):
-    """A step of a poll that failed; the message says which and what to check."""
 
 
 @dataclass(frozen=True)
@@ -332,18 +329,20 @@ class PacsPuller:
             code = status.get("Status") if status else None
             if code is None:
                 raise PullError(f"{self._remote_text()} gave no C-FIND status "
-                                "(association aborted or timed out)" + self._acl_hint())
+                                "(association aborted or timed out)" + self._acl_hint(),
+                                source=self._remote_text())
             if code in PENDING:
                 if identifier is not None:
                     answers.append(identifier)
                 if len(answers) > MAX_FIND_MATCHES:
                     assoc.abort()
                     raise PullError(f"the PACS answered more than {MAX_FIND_MATCHES} matches; "
-                                    "narrow window_days")
+                                    "narrow window_days", source=self._remote_text())
             else:
                 final = int(code)
         if final != SUCCESS:
-            raise PullError(f"C-FIND ended with status {_status_text(final)}")
+            raise PullError(f"C-FIND ended with status {_status_text(final)}",
+                            source=self._remote_text())
         return answers
 
     # -- retrieval --------------------------------------------------------------------------
@@ -390,7 +389,8 @@ class PacsPuller:
                             f"C-{self.method.upper()} of series {index} of {len(wanted)} ended "
                             f"with status {_status_text(code, self.method)}, "
                             f"{done.completed} sub-operations completed, {done.failed} failed"
-                            + (self._destination_hint() if self.method == "move" else ""))
+                            + (self._destination_hint() if self.method == "move" else ""),
+                            source=self._remote_text())
         except Exception as exc:
             error = _describe(exc)
             LOGGER.warning("retrieval of a study from %s failed: %s", self.remote.ae_title, error)
@@ -477,9 +477,9 @@ class PacsPuller:
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise PullError(f"{self._remote_text()} rejected our association (calling "
-                                f"AE {self.our_ae})" + self._acl_hint())
+                                f"AE {self.our_ae})" + self._acl_hint(), source=self._remote_text())
             raise PullError(f"cannot associate with {self._remote_text()}: connection "
-                            "refused, timed out or aborted")
+                            "refused, timed out or aborted", source=self._remote_text())
         try:
             yield assoc
         finally:

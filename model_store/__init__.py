@@ -1,5 +1,8 @@
-"""Versioned model registry: weights + manifest with provenance and SHA-256 of every file."""
+"""Versioned model registry: weights + manifest with provenance and SHA-256 of every file.
 
-from model_store.registry import ModelStore, ModelStoreError, ModelVersion
+Its errors are :class:`mrrp_pacs.errors.ModelStoreError`.
+"""
 
-__all__ = ["ModelStore", "ModelStoreError", "ModelVersion"]
+from model_store.registry import ModelStore, ModelVersion
+
+__all__ = ["ModelStore", "ModelVersion"]

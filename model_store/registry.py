@@ -20,13 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mrrp_pacs.errors import ModelStoreError
+
 MANIFEST = "manifest.json"
 PROMOTED = "PROMOTED"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ModelStoreError(RuntimeError):
-    """A model that is missing, incomplete or altered; the message says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -148,11 +146,12 @@ class ModelStore:
         if not available:
             raise ModelStoreError(
                 f"no model {kind}/{name} in {self.root}: train one first (see the operator "
-                "guide) or point [paths] model_store at the folder that holds it")
+                "guide) or point [paths] model_store at the folder that holds it",
+                key=f"{kind}/{name}", source=str(self.root))
         chosen = version or self.promoted(kind, name) or available[-1]
         if chosen not in available:
             raise ModelStoreError(f"{kind}/{name} has no version {chosen!r}; available: "
-                                  f"{', '.join(available)}")
+                                  f"{', '.join(available)}", key=f"{kind}/{name}")
         path = self.root / kind / name / chosen
         manifest = json.loads((path / MANIFEST).read_text())
         loaded = ModelVersion(kind, name, chosen, path, manifest)
@@ -164,8 +163,9 @@ class ModelStore:
         for filename, entry in model.manifest.get("files", {}).items():
             path = model.path / filename
             if not path.is_file():
-                raise ModelStoreError(f"{model.label}: file {filename} is missing")
+                raise ModelStoreError(f"{model.label}: file {filename} is missing",
+                                      key=model.label, source=str(path))
             if _sha256(path) != entry["sha256"]:
                 raise ModelStoreError(
                     f"{model.label}: {filename} does not match its manifest sha256 (altered or "
-                    "corrupt); restore it or train again")
+                    "corrupt); restore it or train again", key=model.label, source=str(path))

@@ -17,10 +17,11 @@ import click
 from tqdm import tqdm
 
 from mrrp_pacs import __version__
-from mrrp_pacs.config import Config, ConfigError, config_toml, load_config, local_address
+from mrrp_pacs.config import Config, config_toml, load_config, local_address
+from mrrp_pacs.errors import ConfigError, MrrpError
 from mrrp_pacs.features.families import FAMILY_NAMES
 from mrrp_pacs.logs import configure_logging
-from mrrp_pacs.store import SchemaError, Store
+from mrrp_pacs.store import Store
 
 DB_OPTION = click.option(
     "--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -73,13 +74,16 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None) ->
 
 
 def _guarded(work: Callable[[], Any]) -> Any:
-    """Run ``work``, turning expected operational failures into one clear message."""
+    """Run ``work``, turning the failures a user can act on into one clear message.
+
+    Those are every :class:`~mrrp_pacs.errors.MrrpError` (its message says what and what to
+    do), a database that cannot be used, and operating-system errors. Anything else (a bug, a
+    ``ValueError`` out of torch or numpy) keeps its traceback.
+    """
     try:
         return work()
-    except ConfigError as exc:
+    except MrrpError as exc:
         raise click.ClickException(str(exc)) from None
-    except SchemaError as exc:
-        raise click.ClickException(f"database schema: {exc}") from None
     except sqlite3.Error as exc:
         raise click.ClickException(
             f"the database cannot be used ({exc}); check the path, free disk space and that "
@@ -190,7 +194,6 @@ def extract(state: _Context, db_path: Path | None, families: str | None, workers
     """Compute features for every case (cached).
 
     A rerun computes only what changed."""
-    from mrrp_pacs.features.errors import FeatureError
     from mrrp_pacs.features.pipeline import extract as run_extraction
 
     def work() -> None:
@@ -206,12 +209,9 @@ def extract(state: _Context, db_path: Path | None, families: str | None, workers
 
             total = len(case_inputs(store, config))
             with _progress(total, "patient") as bar:
-                try:
-                    summary = run_extraction(store, config, chosen, force=force,
-                                             workers=workers or config.features.workers,
-                                             progress=bar.update)
-                except FeatureError as exc:  # a model every patient needs is unusable
-                    raise click.ClickException(str(exc)) from None
+                summary = run_extraction(store, config, chosen, force=force,
+                                         workers=workers or config.features.workers,
+                                         progress=bar.update)
         result = summary.as_dict()
         if as_json:
             click.echo(json.dumps(result, indent=2))
@@ -240,7 +240,6 @@ def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: 
                   promote: bool) -> None:
     """Train the ultrasound encoder (no outcome labels)."""
     from model_store import ModelStore
-    from mrrp_pacs.features.errors import FeatureError
     from mrrp_pacs.features.pipeline import lesion_crops
     from mrrp_pacs.features.us_encoder import US_ENCODER_KIND, save_us_encoder, train_us_encoder
 
@@ -255,10 +254,7 @@ def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: 
         for reason in skipped:
             click.echo(f"  skipped: {reason}", err=True)
         models = ModelStore(config.paths.model_store_dir)
-        try:
-            model, history = train_us_encoder(crops, epochs=epochs, seed=seed)
-        except FeatureError as exc:
-            raise click.ClickException(str(exc)) from None
+        model, history = train_us_encoder(crops, epochs=epochs, seed=seed)
         stored = save_us_encoder(models, model, history, {
             "source": "mrrp-pacs train-encoder us", "database": str(config.paths.db_file),
             "n_crops": len(crops), "rois": "annotated lesions only (SR or VOC)"},
@@ -301,19 +297,6 @@ def _cohort_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ]):
         command = option(command)
     return command
-
-
-def _model_errors(work: Callable[[], Any]) -> Any:
-    from model_store import ModelStoreError
-    from mrrp_pacs.model.dataset import CohortError
-
-    def guarded() -> Any:
-        try:
-            return work()
-        except (CohortError, ModelStoreError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return _guarded(guarded)
 
 
 @main.command("train")
@@ -384,12 +367,13 @@ def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
             click.echo(f"test: n {test['n']}, events {test['events']}, C-index "
                        f"{test['c_index']} (95% CI {ci[0]}-{ci[1]})")
 
-    _model_errors(work)
+    _guarded(work)
 
 
 def _version_at(path: Path) -> Any:
     """A model version from its folder (<store>/<kind>/<name>/<version>) or a name folder."""
-    from model_store import ModelStore, ModelStoreError
+    from model_store import ModelStore
+    from mrrp_pacs.errors import ModelStoreError
 
     path = path.absolute()
     if (path / "manifest.json").exists():
@@ -444,7 +428,7 @@ def evaluate_model(state: _Context, db_path: Path | None, outcomes: Path | None,
         click.echo(f"{out_dir / 'metrics.json'}: n {metrics['n']}, events {metrics['events']}, "
                    f"C-index {metrics['c_index']}")
 
-    _model_errors(work)
+    _guarded(work)
 
 
 @main.group()
@@ -479,7 +463,7 @@ def models_list(state: _Context, store_dir: Path | None) -> None:
         if not found:
             click.echo(f"no models in {store.root}")
 
-    _model_errors(work)
+    _guarded(work)
 
 
 @models.command("show")
@@ -494,7 +478,7 @@ def models_show(path: Path) -> None:
                               "training_risk_percentiles")}
         click.echo(json.dumps(shown, indent=2, sort_keys=True))
 
-    _model_errors(work)
+    _guarded(work)
 
 
 @models.command("verify")
@@ -502,7 +486,8 @@ def models_show(path: Path) -> None:
 @click.pass_obj
 def models_verify(state: _Context, store_dir: Path | None) -> None:
     """Check the SHA-256 of every file of every stored version."""
-    from model_store import ModelStore, ModelStoreError
+    from model_store import ModelStore
+    from mrrp_pacs.errors import ModelStoreError
 
     store = ModelStore(store_dir or state.config().paths.model_store_dir)
     failed = 0
@@ -532,7 +517,7 @@ def models_promote(path: Path) -> None:
         ModelStore(version.path.parents[2]).promote(version.kind, version.name, version.version)
         click.echo(f"promoted {version.label}")
 
-    _model_errors(work)
+    _guarded(work)
 
 
 @main.command()
@@ -558,7 +543,7 @@ def ablate(state: _Context, db_path: Path | None, outcomes: Path, out_dir: Path,
         write_ablation(result, out_dir)
         click.echo((out_dir / "ablation.md").read_text())
 
-    _model_errors(work)
+    _guarded(work)
 
 
 @main.group()
@@ -598,19 +583,7 @@ def benchmark_gbsg2(folds: int, repeats: int, seed: int, export_dir: Path | None
         for name, values in result["models"].items():
             click.echo(f"  {name:<6} {values['c_index_mean']:.4f} ± {values['c_index_sd']:.4f}")
 
-    _model_errors(work)
-
-
-def _model_store_errors(work: Callable[[], Any]) -> Any:
-    from model_store import ModelStoreError
-
-    def guarded() -> Any:
-        try:
-            return work()
-        except ModelStoreError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return _guarded(guarded)
+    _guarded(work)
 
 
 def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json: bool) -> None:
@@ -650,7 +623,7 @@ def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json:
                    f"failed; {detail['waiting']} waiting for a modality, {detail['incomplete']} "
                    f"incomplete; queued {queued.get('sr', 0)} SR, {queued.get('pdf', 0)} PDF")
 
-    _model_store_errors(work)
+    _guarded(work)
 
 
 @main.command()
@@ -717,7 +690,7 @@ def serve(state: _Context, db_path: Path | None, dicom_port: int | None,
                       else "") + f"; database {config.paths.db_file}", err=True)
         daemon.run_until_signalled()
 
-    _model_store_errors(work)
+    _guarded(work)
 
 
 @main.command("export")
@@ -855,7 +828,7 @@ def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> Non
     import threading
     from contextlib import ExitStack
 
-    from mrrp_pacs.private_orthanc import DICOMWEB_PLUGIN, OrthancUnavailable, running_orthanc
+    from mrrp_pacs.private_orthanc import DICOMWEB_PLUGIN, running_orthanc
     from mrrp_pacs.viewer import ViewerServer, viewer_files
 
     try:
@@ -871,11 +844,8 @@ def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> Non
             if not (storage / "index").exists():
                 raise click.ClickException(f"{storage} holds no Orthanc storage: run `make demo` "
                                            "first, or give --orthanc URL")
-            try:
-                orthanc = stack.enter_context(running_orthanc(
-                    storage, "ORTHANC", plugins=[DICOMWEB_PLUGIN]))
-            except OrthancUnavailable as exc:
-                raise click.ClickException(str(exc)) from None
+            orthanc = _guarded(lambda: stack.enter_context(running_orthanc(
+                storage, "ORTHANC", plugins=[DICOMWEB_PLUGIN])))
             orthanc_url = orthanc.url
         server = ViewerServer(files.dist_dir, files.app_config, orthanc_url, host, port)
         server.start()
@@ -1016,8 +986,7 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
          as_json: bool) -> None:
     """Run the main job end to end on a synthetic hospital: a private Orthanc, the daemon
     pulling studies and receiving HL7, training, scoring, SR + PDF back into Orthanc."""
-    from mrrp_pacs.demo import DemoError, DemoSettings, run_demo
-    from mrrp_pacs.private_orthanc import OrthancUnavailable
+    from mrrp_pacs.demo import DemoSettings, run_demo
 
     bars: dict[str, tqdm] = {}
 
@@ -1040,13 +1009,11 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
     def work() -> dict[str, Any]:
         try:
             return run_demo(settings, lambda line: click.echo(line, err=True), progress)
-        except (DemoError, OrthancUnavailable) as exc:
-            raise click.ClickException(str(exc)) from None
         finally:
             for bar in bars.values():
                 bar.close()
 
-    summary = _model_store_errors(work)
+    summary = _guarded(work)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

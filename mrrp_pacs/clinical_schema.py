@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mrrp_pacs.config import ConfigError, read_data_toml
+from mrrp_pacs.config import read_data_toml
+from mrrp_pacs.errors import ConfigError
 
 _SYSTEM_ALIASES = {"LOINC": "LN", "HTTP://LOINC.ORG": "LN", "LNC": "LN"}
 

@@ -23,14 +23,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from mrrp_pacs.errors import ConfigError
 from mrrp_pacs.features.families import FAMILY_NAMES
 
 ENV_PREFIX = "MRRP__"
 CONFIG_ENV = "MRRP_CONFIG"
-
-
-class ConfigError(ValueError):
-    """A configuration file, key or value that cannot be used; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -273,7 +270,8 @@ class Config:
             Naming the key, the value and this configuration's source.
         """
         def fail(key: str, value: object, expected: str) -> None:
-            raise ConfigError(f"{self.source}: {key} = {value!r} is invalid; expected {expected}")
+            raise ConfigError(f"{self.source}: {key} = {value!r} is invalid; expected {expected}",
+                              key=key, source=self.source)
 
         for key, port, lowest in (("dicom.port", self.dicom.port, 1),
                                   ("hl7.port", self.hl7.port, 1),
@@ -361,11 +359,13 @@ def load_config(
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            raise ConfigError(f"config file {path} does not exist", source=str(path)) from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+            raise ConfigError(f"config file {path} cannot be read: {exc}",
+                              source=str(path)) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}",
+                              source=str(path)) from None
         base_dir = path.absolute().parent
         source = str(path)
 
@@ -470,8 +470,7 @@ def _coerce(key: str, kind: Any, value: Any, source: str, base_dir: Path) -> Any
     def bad(expected: str) -> ConfigError:
         return ConfigError(
             f"{source}: {key} = {value!r} is invalid: expected {expected}, "
-            f"got {type(value).__name__}"
-        )
+            f"got {type(value).__name__}", key=key, source=source)
 
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)

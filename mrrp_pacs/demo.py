@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mrrp_pacs.config import Config, load_config
+from mrrp_pacs.errors import DemoError
 from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ LOAD_ATTEMPTS = 3
 SENT_SCORES_SQL = ("SELECT COUNT(*) FROM scores s WHERE s.superseded_by IS NULL AND EXISTS "
                    "(SELECT 1 FROM exports e WHERE e.score_id = s.id) AND NOT EXISTS "
                    "(SELECT 1 FROM exports e WHERE e.score_id = s.id AND e.state != 'sent')")
-
-
-class DemoError(RuntimeError):
-    """The demo cannot go on; the message says which step and why."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +232,7 @@ def _config(out: Path, ports: dict[str, int], orthanc: Any) -> Config:
 
 def _load_pacs(orthanc: Any, files: list[Path], tick: Callable[[int], None]) -> None:
     from exporters.dicom_sender import DicomSender
-    from exporters.outbox import SendError
+    from mrrp_pacs.errors import SendError
 
     sender = DicomSender("127.0.0.1", orthanc.dicom_port, PACS_AE, DEMO_AE, timeout_s=120)
     with sender.session() as session:
@@ -319,7 +316,8 @@ def _collect(config: Config, truth_csv: Path, out: Path, orthanc: Any,
              model_label: str) -> dict[str, Any]:
     from exporters.sr import SERIES_DESCRIPTION
     from mrrp_pacs.cases import case_inputs
-    from mrrp_pacs.model.evaluate import MetricUndefined, harrell_c
+    from mrrp_pacs.errors import MetricUndefined
+    from mrrp_pacs.model.evaluate import harrell_c
     from mrrp_pacs.results import RiskResult
 
     with truth_csv.open() as handle:

@@ -119,7 +119,8 @@ def _database(config: Config, _: int) -> Iterator[Check]:
 
 
 def _models(config: Config, _: int) -> Iterator[Check]:
-    from model_store import ModelStore, ModelStoreError
+    from model_store import ModelStore
+    from mrrp_pacs.errors import ModelStoreError
     from mrrp_pacs.features.us_encoder import US_ENCODER_KIND
     from mrrp_pacs.model.train import MODEL_KIND
 

@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrrp_pacs.errors import OrthancUnavailable
+
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 """Debian package orthanc-dicomweb (``dpkg -L orthanc-dicomweb``)."""
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 30
-
-
-class OrthancUnavailable(RuntimeError):
-    """Orthanc is not installed, or did not start (the message says which and where to look)."""
 
 
 def free_port() -> int:

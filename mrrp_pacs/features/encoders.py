@@ -58,8 +58,8 @@ import numpy as np
 from scipy import fft, ndimage
 from skimage.color import rgb2hed
 
-from mrrp_pacs.config import ConfigError, read_data_toml
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.config import read_data_toml
+from mrrp_pacs.errors import ConfigError, FeatureError
 from mrrp_pacs.store import sha256_file
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import find_contours
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.nuclei import (
     NUCLEUS_TYPES,
     SegmentedNuclei,

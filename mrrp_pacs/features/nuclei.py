@@ -43,7 +43,7 @@ from skimage.color import rgb2hed
 from skimage.feature import peak_local_max
 from skimage.segmentation import expand_labels, relabel_sequential, watershed
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import pydicom
 from mrrp_pacs.cases import CaseInputs, case_inputs
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
+from mrrp_pacs.errors import FeatureError, ModelUnavailable
 from mrrp_pacs.features.cache import FeatureCache, FeatureSet, input_hash
-from mrrp_pacs.features.errors import FeatureError, ModelUnavailable
 from mrrp_pacs.features.families import FAMILY_NAMES, FamilyInput, family_named
 from mrrp_pacs.features.wsi import (
     Region,
@@ -141,8 +141,7 @@ class _Encoders:
 
 @contextmanager
 def _model(what: str) -> Iterator[None]:
-    from model_store import ModelStoreError
-    from mrrp_pacs.config import ConfigError
+    from mrrp_pacs.errors import ConfigError, ModelStoreError
 
     try:
         yield

@@ -37,7 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 from radiomics import featureextractor, getFeatureClasses
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.us_roi import Box, clip_box
 
 LOGGER = logging.getLogger(__name__)

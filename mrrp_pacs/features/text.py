@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from mrrp_pacs.config import ConfigError, read_data_toml
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.config import read_data_toml
+from mrrp_pacs.errors import ConfigError, FeatureError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -55,7 +55,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 
 LOGGER = logging.getLogger(__name__)
 

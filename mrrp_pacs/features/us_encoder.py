@@ -23,8 +23,8 @@ from skimage.transform import resize
 from torch import nn
 from torch.nn import functional
 
-from model_store import ModelStore, ModelStoreError, ModelVersion
-from mrrp_pacs.features.errors import FeatureError
+from model_store import ModelStore, ModelVersion
+from mrrp_pacs.errors import FeatureError, ModelStoreError
 from mrrp_pacs.features.us_roi import Box, clip_box
 
 LOGGER = logging.getLogger(__name__)

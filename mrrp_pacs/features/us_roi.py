@@ -17,9 +17,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from mrrp_pacs.features.errors import FeatureError
-from mrrp_pacs.intake.dicom import SR_CLASSES, DicomError, sr_rois
-from mrrp_pacs.intake.sidecars import SidecarError, parse_xml
+from mrrp_pacs.errors import DicomError, FeatureError, SidecarError
+from mrrp_pacs.intake.dicom import SR_CLASSES, sr_rois
+from mrrp_pacs.intake.sidecars import parse_xml
 
 LOGGER = logging.getLogger(__name__)
 

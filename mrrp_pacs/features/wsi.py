@@ -21,7 +21,7 @@ import pydicom
 from matplotlib.path import Path as PolygonPath
 from wsidicom import WsiDicom
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def region_from_annotation(annotation: Path, level0: pydicom.Dataset) -> list[np
 
 def region_from_sidecar(data: bytes, name: str) -> list[np.ndarray]:
     """Polygons (level-0 pixels) of an ASAP XML or QuPath GeoJSON sidecar."""
-    from mrrp_pacs.intake.sidecars import SidecarError, polygons
+    from mrrp_pacs.errors import SidecarError
+    from mrrp_pacs.intake.sidecars import polygons
 
     try:
         return polygons(data)

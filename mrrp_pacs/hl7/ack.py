@@ -11,10 +11,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from mrrp_pacs.errors import Hl7Error
 from mrrp_pacs.hl7.message import (
     DEFAULT_ENCODING_CHARACTERS,
     UTF8_BOM,
-    Hl7Error,
     decode,
     escape,
     parse_message,

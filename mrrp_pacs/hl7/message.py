@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mrrp_pacs.errors import Hl7Error
 from mrrp_pacs.hl7.mllp import MLLP_END, MLLP_START
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -39,10 +40,6 @@ _CHARSETS = {
     "KS X 1001": "euc-kr",
     "BIG-5": "big5",
 }
-
-
-class Hl7Error(ValueError):
-    """Content that is not a usable HL7 v2 message; the message says why."""
 
 
 def looks_like_hl7(head: bytes) -> bool:

@@ -22,6 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from mrrp_pacs.errors import DicomError
 from mrrp_pacs.results import CODING_SCHEME
 
 PREAMBLE_BYTES = 128
@@ -53,10 +54,6 @@ _ITEM_END = (0xFFFE, 0xE00D)
 _SEQUENCE_END = (0xFFFE, 0xE0DD)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
              b"UT", b"UV"}
-
-
-class DicomError(ValueError):
-    """A file that looks like DICOM but cannot be used; the message says why."""
 
 
 @dataclass(frozen=True)

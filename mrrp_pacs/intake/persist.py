@@ -18,15 +18,11 @@ from pathlib import Path
 
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
-from mrrp_pacs.hl7.message import Hl7Error, looks_like_hl7, parse_message, split_messages
-from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, DicomError, looks_like_dicom, read_meta
+from mrrp_pacs.errors import DicomError, Hl7Error, SidecarError
+from mrrp_pacs.hl7.message import looks_like_hl7, parse_message, split_messages
+from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, looks_like_dicom, read_meta
 from mrrp_pacs.intake.records import FINAL_STATUSES, ResultContent, read_result
-from mrrp_pacs.intake.sidecars import (
-    MAX_SIDECAR_BYTES,
-    SidecarError,
-    looks_like_sidecar,
-    read_sidecar,
-)
+from mrrp_pacs.intake.sidecars import MAX_SIDECAR_BYTES, looks_like_sidecar, read_sidecar
 from mrrp_pacs.store import Store, sha256_file
 
 LOGGER = logging.getLogger(__name__)

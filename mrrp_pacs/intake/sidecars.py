@@ -16,11 +16,9 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
 
+from mrrp_pacs.errors import SidecarError
+
 MAX_SIDECAR_BYTES = 64 * 1024 * 1024
-
-
-class SidecarError(ValueError):
-    """A file that looks like a sidecar but cannot be used."""
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from mrrp_pacs.errors import CohortError, MetricUndefined
 from mrrp_pacs.model.dataset import Cohort, PatientRecord
-from mrrp_pacs.model.evaluate import MetricUndefined, harrell_c
+from mrrp_pacs.model.evaluate import harrell_c
 from mrrp_pacs.model.train import TrainSettings, config_for, predict, train
 
 PAPER = {"full": 0.840}
@@ -99,7 +100,7 @@ def run_ablation(cohort: Cohort, settings: TrainSettings, seeds: int = 1,
     split = cohort.split
     train_idx, test_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
     if not len(train_idx) or not len(test_idx):
-        raise ValueError("the ablation needs a split column with train and test patients")
+        raise CohortError("the ablation needs a split column with train and test patients")
     rows: list[dict[str, Any]] = []
     for arm in arms:
         data = _without(cohort, arm.drop_families)

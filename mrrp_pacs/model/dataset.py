@@ -21,6 +21,7 @@ import torch
 from mrrp_pacs.cases import case_inputs
 from mrrp_pacs.clinical_schema import load_schema
 from mrrp_pacs.config import Config
+from mrrp_pacs.errors import CohortError
 from mrrp_pacs.features.cache import FeatureCache
 from mrrp_pacs.model.fusion import Batch, FamilyTokens
 from mrrp_pacs.store import Store
@@ -37,10 +38,6 @@ FAMILY_SOURCES: dict[str, tuple[str, str]] = {
 """The one mapping from extracted feature families (:mod:`mrrp_pacs.features.families`) to
 the model's token families."""
 MODALITY_QUERY = {"wsi": "wsi_deep", "us": "us_deep"}
-
-
-class CohortError(ValueError):
-    """A cohort that cannot be assembled; the message names the patient, file or column."""
 
 
 @dataclass(frozen=True)

@@ -35,15 +35,13 @@ from sksurv.metrics import (
 from sksurv.nonparametric import SurvivalFunctionEstimator
 from sksurv.util import Surv
 
+from mrrp_pacs.errors import MetricUndefined
+
 LOGGER = logging.getLogger(__name__)
 
 HORIZONS_MONTHS: tuple[float, ...] = (36.0, 60.0, 84.0)
 BOOTSTRAP_RESAMPLES = 2000
 IBS_STEP_MONTHS = 1.0
-
-
-class MetricUndefined(ValueError):
-    """A metric that has no value on these data (no event, horizon past follow-up, …)."""
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from model_store import ModelStore, ModelStoreError, ModelVersion
+from model_store import ModelStore, ModelVersion
 from mrrp_pacs import __version__
+from mrrp_pacs.errors import CohortError, MetricUndefined, ModelStoreError
 from mrrp_pacs.model.dataset import Cohort, collate, describe
-from mrrp_pacs.model.evaluate import MetricUndefined, breslow_baseline, harrell_c
+from mrrp_pacs.model.evaluate import breslow_baseline, harrell_c
 from mrrp_pacs.model.fusion import FusionConfig, MrrpFusion
 from mrrp_pacs.model.losses import Ties, cox_partial_log_likelihood
 
@@ -131,12 +132,12 @@ def train(cohort: Cohort, config: FusionConfig, settings: TrainSettings = TrainS
           ) -> TrainedModel:
     """Fit a fresh model on ``cohort`` (every record needs an outcome)."""
     if any(r.outcome is None for r in cohort.records):
-        raise ValueError("every training patient needs an outcome")
+        raise CohortError("every training patient needs an outcome")
     event = cohort.event
     if settings.stop_on not in ("loss", "c_index"):
         raise ValueError(f"stop_on = {settings.stop_on!r}: expected 'loss' or 'c_index'")
     if event.sum() < 2:
-        raise ValueError(f"the training cohort has {int(event.sum())} events: too few to fit")
+        raise CohortError(f"the training cohort has {int(event.sum())} events: too few to fit")
     fit_idx, val_idx = inner_split(event, settings.validation_fraction, settings.seed)
     fit, validation = cohort.subset(fit_idx), cohort.subset(val_idx)
     dims = config.family_dims

@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from importlib import resources
 
 from mrrp_pacs.clock import Clock, iso_utc, system_clock
+from mrrp_pacs.errors import SchemaError
 
 LOGGER = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-class SchemaError(RuntimeError):
-    """The database schema cannot be used by this version of mrrp-pacs."""
 
 
 @dataclass(frozen=True)

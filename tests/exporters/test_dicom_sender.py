@@ -18,7 +18,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 from storage_peer import COMPREHENSIVE_SR, ENCAPSULATED_PDF, storage_scp
 
 from exporters.dicom_sender import DicomSender
-from exporters.outbox import SendError
+from mrrp_pacs.errors import SendError
 
 PDF_BYTES = b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"
 

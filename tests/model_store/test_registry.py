@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from model_store import ModelStore, ModelStoreError
+from model_store import ModelStore
+from mrrp_pacs.errors import ModelStoreError
 
 
 def test_save_load_and_manifest(tmp_path):

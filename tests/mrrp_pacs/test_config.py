@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mrrp_pacs.config import SECTIONS, Config, ConfigError, load_config
+from mrrp_pacs.config import SECTIONS, Config, load_config
+from mrrp_pacs.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "mrrp.example.toml"

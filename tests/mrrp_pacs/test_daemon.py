@@ -4,8 +4,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mrrp_pacs.config import ConfigError
 from mrrp_pacs.daemon import build_scheduler, scheduler_db
+from mrrp_pacs.errors import ConfigError
 
 
 def test_jobs_persist_and_a_missed_nightly_rescore_runs_at_the_next_start(config):

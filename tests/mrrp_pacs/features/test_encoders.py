@@ -20,6 +20,7 @@ from scipy import ndimage
 from skimage.color import rgb2hed, rgb_from_hed
 from skimage.feature import local_binary_pattern
 
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.encoders import (
     BLOB_RADII_UM,
     HED_TEXTURE_DIM,
@@ -30,7 +31,6 @@ from mrrp_pacs.features.encoders import (
     create_timm_model,
     load_registry,
 )
-from mrrp_pacs.features.errors import FeatureError
 from mrrp_pacs.phantom.histology import TUMOUR, render_slide
 
 VITS = "kaiko-vits16"  # the registry's ViT-S/16: the cheapest timm entry to run on CPU

@@ -5,7 +5,7 @@ import pytest
 from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import regionprops
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.morphology import (
     FEATURE_NAMES,
     GLCM_LEVELS,

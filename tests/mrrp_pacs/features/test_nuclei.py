@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.morphology import nucleus_features
 from mrrp_pacs.features.nuclei import (
     INFLAMMATORY,

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from listeners.file_drop import ingest_paths
 from mrrp_pacs.cli import main
 from mrrp_pacs.config import Config, load_config
+from mrrp_pacs.errors import ModelUnavailable
 from mrrp_pacs.features import pipeline
 from mrrp_pacs.features.cache import FeatureCache
-from mrrp_pacs.features.errors import ModelUnavailable
 from mrrp_pacs.features.families import FAMILY_NAMES, family_named
 from mrrp_pacs.intake import Intake
 from mrrp_pacs.model.dataset import FAMILY_SOURCES

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.radiomics import RadiomicsSettings, radiomics_tokens, token_layout
 from mrrp_pacs.phantom.ultrasound import render_frame
 

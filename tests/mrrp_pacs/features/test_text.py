@@ -18,8 +18,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, BertConfig, BertModel
 
-from mrrp_pacs.config import ConfigError
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import ConfigError, FeatureError
 from mrrp_pacs.features.text import (
     TEXT_FEATURES_VERSION,
     FindingsExtractor,

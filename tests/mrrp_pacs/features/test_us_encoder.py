@@ -10,8 +10,8 @@ import pytest
 import torch
 from us_phantom import random_traits
 
-from model_store import ModelStore, ModelStoreError
-from mrrp_pacs.features.errors import FeatureError
+from model_store import ModelStore
+from mrrp_pacs.errors import FeatureError, ModelStoreError
 from mrrp_pacs.features.us_encoder import (
     UsResNet,
     crop_roi,

@@ -26,7 +26,7 @@ from pydicom.uid import (
 )
 from us_phantom import STUDY, WHO, saved
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.us_image import FALLBACK_SPACING, read_ultrasound
 from mrrp_pacs.phantom.dicom_objects import ultrasound_image
 

@@ -13,7 +13,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from us_phantom import random_traits, saved
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.us_roi import (
     automatic_lesion_candidate,
     roi_from_gsps,

@@ -5,7 +5,7 @@ import pydicom
 import pytest
 from matplotlib.path import Path as PolygonPath
 
-from mrrp_pacs.features.errors import FeatureError
+from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.wsi import (
     Region,
     TilingParameters,

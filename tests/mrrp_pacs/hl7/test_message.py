@@ -7,8 +7,8 @@ from builders import Patient, mllp, pathology_result, us_report
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message as hl7apy_parse
 
+from mrrp_pacs.errors import Hl7Error
 from mrrp_pacs.hl7.message import (
-    Hl7Error,
     escape,
     looks_like_hl7,
     parse_message,

@@ -3,10 +3,10 @@ import struct
 import pytest
 from builders import Patient, encode, tumour_annotation, us_image, us_roi_sr, wsi_image
 
+from mrrp_pacs.errors import DicomError
 from mrrp_pacs.intake.dicom import (
     COMPREHENSIVE_SR,
     MICROSCOPY_BULK_ANNOTATIONS,
-    DicomError,
     looks_like_dicom,
     read_meta,
 )

@@ -5,8 +5,9 @@ import pytest
 from builders import Patient, us_image, write, wsi_image
 
 from mrrp_pacs.cases import case_inputs
+from mrrp_pacs.errors import SidecarError
 from mrrp_pacs.intake import Outcome
-from mrrp_pacs.intake.sidecars import SidecarError, polygons, read_sidecar, voc_boxes
+from mrrp_pacs.intake.sidecars import polygons, read_sidecar, voc_boxes
 
 ASAP = b"""<?xml version="1.0"?>
 <ASAP_Annotations><Annotations>

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from model_store import ModelStore, ModelStoreError
+from model_store import ModelStore
 from mrrp_pacs.cli import main
+from mrrp_pacs.errors import ModelStoreError
 from mrrp_pacs.model import gbsg2
 from mrrp_pacs.model.dataset import Cohort, Outcome, PatientRecord, cohort_from_table
 from mrrp_pacs.model.train import TrainSettings, config_for, load, predict, save, train

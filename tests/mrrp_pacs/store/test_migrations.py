@@ -2,7 +2,8 @@ import sqlite3
 
 import pytest
 
-from mrrp_pacs.store import SchemaError, Store
+from mrrp_pacs.errors import SchemaError
+from mrrp_pacs.store import Store
 from mrrp_pacs.store import migrations as mig
 
 EXPECTED_TABLES = {"instances", "hl7_messages", "observations", "reports", "clinical_values",
