@@ -601,26 +601,26 @@ def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json:
                 bar.update(done - bar.n)
 
             with bar:
-                detail = pipeline.process(everyone=everyone, progress=progress)
+                summary = pipeline.process(everyone=everyone, progress=progress)
         finally:
             pipeline.close()
-        if detail.get("no_model"):  # recorded as a failed job, so it fails here too
+        if summary.no_model:  # recorded as a failed job, so it fails here too
             message = (f"no model {config.scoring.model} in the model store "
-                       f"{config.paths.model_store_dir} yet: nothing was scored ({detail['due']} "
-                       f"ready, {detail['waiting']} waiting for a modality, "
-                       f"{detail['incomplete']} incomplete); train one first "
+                       f"{config.paths.model_store_dir} yet: nothing was scored ({summary.due} "
+                       f"ready, {summary.waiting} waiting for a modality, "
+                       f"{summary.incomplete} incomplete); train one first "
                        "(docs/operator-guide.md §5)")
             if not as_json:
                 raise click.ClickException(message)
-            click.echo(json.dumps({**detail, "error": message}, indent=2))
+            click.echo(json.dumps({**summary.as_dict(), "error": message}, indent=2))
             sys.exit(1)
         if as_json:
-            click.echo(json.dumps(detail, indent=2))
+            click.echo(json.dumps(summary.as_dict(), indent=2))
             return
-        queued = detail.get("queued", {})
-        click.echo(f"model {detail['model']}: {detail['due']} due, {detail['scored']} scored "
-                   f"(new or changed), {detail['unchanged']} unchanged, {detail['failed']} "
-                   f"failed; {detail['waiting']} waiting for a modality, {detail['incomplete']} "
+        queued = summary.queued
+        click.echo(f"model {summary.model}: {summary.due} due, {summary.scored} scored "
+                   f"(new or changed), {summary.unchanged} unchanged, {summary.failed} "
+                   f"failed; {summary.waiting} waiting for a modality, {summary.incomplete} "
                    f"incomplete; queued {queued.get('sr', 0)} SR, {queued.get('pdf', 0)} PDF")
 
     _guarded(work)
@@ -709,12 +709,12 @@ def export_results(state: _Context, db_path: Path | None, as_json: bool) -> None
                                        "host (and export.enabled = true)")
         pipeline = Pipeline(config, drain=components.drain)
         try:
-            detail = pipeline.export()
+            summary = pipeline.export()
         finally:
             pipeline.close()
-        click.echo(json.dumps(detail) if as_json else
-                   f"sent {detail['sent']}, retried later {detail['retried']}, dead "
-                   f"{detail['dead']}, skipped {detail['skipped']}")
+        click.echo(json.dumps(summary.as_dict()) if as_json else
+                   f"sent {summary.sent}, retried later {summary.retried}, dead "
+                   f"{summary.dead}, skipped {summary.skipped}")
 
     _guarded(work)
 

@@ -19,20 +19,22 @@ accepting, lets the current job stop at its next patient, and exits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
 import threading
 import time
 import zoneinfo
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from model_store import ModelStore
+from mrrp_pacs.cases import CaseInputs
 from mrrp_pacs.clock import Clock, system_clock
 from mrrp_pacs.config import Config
 from mrrp_pacs.features.families import FAMILY_NAMES
@@ -51,15 +53,60 @@ from mrrp_pacs.scoring import (
 )
 from mrrp_pacs.store import Store
 
+if TYPE_CHECKING:  # the wiring imports listeners and exporters when it builds them
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.base import BaseTrigger
+
+    from exporters.outbox import DrainSummary, Sender
+    from listeners.mllp import MllpServer, MllpServerThread
+    from listeners.pacs_puller import PullSummary
+
 LOGGER = logging.getLogger(__name__)
+
+
+JobDetail = dict[str, object]
+"""What a job records in ``jobs.detail`` (JSON): its summary's ``as_dict()`` and ``seconds``."""
+
+Publisher = Callable[[Store, Sequence[ScoreOutcome]], dict[str, int]]
+"""Builds and queues the objects of new scores; returns how many of each kind it queued
+(:class:`exporters.publish.ResultPublisher`)."""
+
+
+class Listener(Protocol):
+    """Something that receives (storage SCP, MLLP listener, health endpoint): started and
+    stopped with the daemon."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
 class JobRecord:
     """Counts a job reports (``jobs.detail``), and why it failed without raising (``error``)."""
 
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: JobDetail = field(default_factory=dict)
     error: str | None = None
+
+
+@dataclass
+class ProcessSummary:
+    """What one process or rescore job did; its :meth:`as_dict` is the job's ``jobs.detail``."""
+
+    model: str = ""  # label of the model scored with; '' when there is none
+    due: int = 0  # ready cases looked at (without a model: ready cases)
+    scored: int = 0  # new score rows (new or changed)
+    unchanged: int = 0
+    failed: int = 0
+    waiting: int = 0  # for a second imaging modality, within the wait window
+    incomplete: int = 0
+    failed_families: int = 0  # feature families that failed for a patient
+    queued: dict[str, int] = field(default_factory=dict)  # objects queued, by kind
+    stopped: bool = False  # the daemon stopped the job between patients
+    no_model: bool = False
+
+    def as_dict(self) -> JobDetail:
+        return dataclasses.asdict(self)
 
 
 class Pipeline:
@@ -72,9 +119,9 @@ class Pipeline:
     """
 
     def __init__(self, config: Config, stopping: threading.Event | None = None,
-                 exporter: Callable[[Store, list[Any]], dict[str, Any]] | None = None,
-                 drain: Callable[[Store], dict[str, Any]] | None = None,
-                 pull: Callable[[Store], dict[str, Any]] | None = None,
+                 exporter: Publisher | None = None,
+                 drain: Callable[[Store], DrainSummary] | None = None,
+                 pull: Callable[[Store], PullSummary] | None = None,
                  clock: Clock = system_clock) -> None:
         self.config = config
         self.stopping = stopping or threading.Event()
@@ -139,7 +186,7 @@ class Pipeline:
         return self._scorer
 
     def process(self, everyone: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[int, int], None] | None = None) -> ProcessSummary:
         """Extract and score the due cases, one patient at a time, and queue their results.
 
         ``everyone`` rescores every ready case (the nightly job). Stops between patients when
@@ -155,30 +202,31 @@ class Pipeline:
                     LOGGER.warning("no model %s in the model store yet: cases are kept and "
                                    "scored once a model is trained", name)
                     self._warned_no_model = True
-                record.detail.update(self._readiness_counts())
-                record.detail["no_model"] = True
+                summary = self._readiness_counts()
+                record.detail.update(summary.as_dict())
                 record.error = (f"no model {MODEL_KIND}/{name} in {self.models.root}: train "
                                 "one first (docs/operator-guide.md §5); nothing was scored")
-                return record.detail
+                return summary
             scorer = self.scorer()
             wait = timedelta(hours=self.config.scoring.wait_hours)
             due, digests, run = due_cases(self.store, self.config, scorer, self.store.clock(),
                                           wait, everyone)
-            record.detail.update(self._score_each(scorer, due, digests, run, progress))
-            return record.detail
+            summary = self._score_each(scorer, due, digests, run, progress)
+            record.detail.update(summary.as_dict())
+            return summary
 
-    def _readiness_counts(self) -> dict[str, int]:
-        """Cases by readiness, as a scoring run counts them (``due`` = ready: without a model
-        every ready case is due)."""
+    def _readiness_counts(self) -> ProcessSummary:
+        """Cases by readiness, as a scoring run counts them, for a run without a model
+        (``due`` = ready: without a model every ready case is due)."""
         wait = timedelta(hours=self.config.scoring.wait_hours)
         judged = judge_cases(self.store, self.config, self.store.clock(), wait)
         states = [state.state for _, state in judged.values()]
-        return {"due": states.count(READY), "waiting": states.count(WAITING),
-                "incomplete": states.count(INCOMPLETE)}
+        return ProcessSummary(due=states.count(READY), waiting=states.count(WAITING),
+                              incomplete=states.count(INCOMPLETE), no_model=True)
 
-    def _score_each(self, scorer: Scorer, due: dict[str, Any], digests: dict[str, str],
+    def _score_each(self, scorer: Scorer, due: dict[str, CaseInputs], digests: dict[str, str],
                     run: ScoringRun, progress: Callable[[int, int], None] | None
-                    ) -> dict[str, Any]:
+                    ) -> ProcessSummary:
         if self._extractor is None:
             self._extractor = Extractor(self.store, self.config)
         families = tuple(f for f in FAMILY_NAMES if f in self.config.features.families)
@@ -198,11 +246,11 @@ class Pipeline:
                 progress(done + 1, len(due))
         if not stopped:
             self._publish(self._unpublished(), exported)
-        summary = {**run.as_dict(), "due": len(due), "failed_families": failed_families,
-                   "model": scorer.version.label, "queued": exported}
-        if stopped:
-            summary["stopped"] = True
-        return summary
+        return ProcessSummary(
+            model=scorer.version.label, due=len(due), scored=run.count("scored"),
+            unchanged=run.count("unchanged"), failed=run.count("failed"), waiting=run.waiting,
+            incomplete=run.incomplete, failed_families=failed_families, queued=exported,
+            stopped=stopped)
 
     def _publish(self, outcomes: list[ScoreOutcome], counts: dict[str, int]) -> None:
         """Queue the objects of new scores; a failure leaves the score to the next run."""
@@ -229,19 +277,23 @@ class Pipeline:
                     "AND id NOT IN (SELECT score_id FROM exports WHERE score_id IS NOT NULL) "
                     "ORDER BY id")]
 
-    def export(self) -> dict[str, Any]:
+    def export(self) -> DrainSummary:
         """Send what the outbox holds (once)."""
-        with self.job("export") as record:
-            if self._drain is not None:
-                record.detail.update(self._drain(self.store))
-            return record.detail
+        from exporters.outbox import DrainSummary
 
-    def pull(self) -> dict[str, Any]:
+        with self.job("export") as record:
+            summary = self._drain(self.store) if self._drain is not None else DrainSummary()
+            record.detail.update(summary.as_dict())
+            return summary
+
+    def pull(self) -> PullSummary:
         """Query the PACS and retrieve new studies (once)."""
+        from listeners.pacs_puller import PullSummary
+
         with self.job("pull") as record:
-            if self._pull is not None:
-                record.detail.update(self._pull(self.store))
-            return record.detail
+            summary = self._pull(self.store) if self._pull is not None else PullSummary()
+            record.detail.update(summary.as_dict())
+            return summary
 
 
 # -- scheduler -------------------------------------------------------------------------------
@@ -272,7 +324,7 @@ def scheduler_db(config: Config) -> Path:
     return config.paths.scheduler_db
 
 
-def build_scheduler(config: Config, clock: Clock = system_clock) -> Any:
+def build_scheduler(config: Config, clock: Clock = system_clock) -> BackgroundScheduler:
     """A BackgroundScheduler with a persistent SQLite job store and the daemon's jobs.
 
     The scheduler fires jobs by the wall clock (APScheduler reads it itself); ``clock`` sets
@@ -302,7 +354,7 @@ def build_scheduler(config: Config, clock: Clock = system_clock) -> Any:
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600},
         timezone="UTC")
     hour, minute = (int(part) for part in config.scoring.rescore_time.split(":"))
-    wanted: dict[str, Any] = {
+    wanted: dict[str, BaseTrigger] = {
         "process": IntervalTrigger(seconds=config.scoring.interval_s),
         "rescore": CronTrigger(hour=hour, minute=minute, timezone=rescore_zone(config)),
     }
@@ -354,7 +406,7 @@ class Daemon:
         self.pipeline = Pipeline(config, self.stopping, exporter=components.exporter,
                                  drain=components.drain, pull=components.pull,
                                  clock=components.clock)
-        self.scheduler: Any = None
+        self.scheduler: BackgroundScheduler | None = None
 
     def start(self) -> None:
         interrupted = self.pipeline.mark_interrupted()
@@ -405,10 +457,10 @@ class Daemon:
 class Components:
     """What the daemon wires together (built by :func:`components_from_config`)."""
 
-    listeners: list[Any] = field(default_factory=list)  # objects with start() and stop()
-    exporter: Callable[[Store, list[Any]], dict[str, Any]] | None = None
-    drain: Callable[[Store], dict[str, Any]] | None = None
-    pull: Callable[[Store], dict[str, Any]] | None = None
+    listeners: list[Listener] = field(default_factory=list)
+    exporter: Publisher | None = None
+    drain: Callable[[Store], DrainSummary] | None = None
+    pull: Callable[[Store], PullSummary] | None = None
     stopping: threading.Event = field(default_factory=threading.Event)  # the daemon's
     clock: Clock = system_clock  # what every component stamps and decides by
 
@@ -416,9 +468,9 @@ class Components:
 class _MllpListener:
     """Start/stop adapter for the asyncio MLLP server running in a thread of its own."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: MllpServer) -> None:
         self.server = server
-        self.handle: Any = None
+        self.handle: MllpServerThread | None = None
 
     @property
     def port(self) -> int:
@@ -480,7 +532,7 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     if pacs.host:
         remote = RemotePacs(pacs.host, pacs.port, pacs.ae_title)
 
-        def pull(store: Store) -> dict[str, Any]:
+        def pull(store: Store) -> PullSummary:
             puller = PacsPuller(store, remote, config.dicom.ae_title, our_port=scp.port,
                                 open_intake=open_intake, modalities=tuple(pacs.modalities),
                                 window_days=pacs.window_days, method=pacs.method,
@@ -488,14 +540,14 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
                                 retrieve_timeout_s=pacs.retrieve_timeout_s,
                                 stop_requested=components.stopping)
             # StudyDate is a local date: the PACS's day, taken as this machine's zone
-            return dict(puller.poll(store.clock().astimezone()).as_dict())
+            return puller.poll(store.clock().astimezone())
 
         components.pull = pull
     export = config.export
     if export.enabled:
         components.exporter = ResultPublisher(ModelStore(config.paths.model_store_dir, clock=clock),
                                               settings_from_config(export))
-        senders: dict[str, Any] = {}
+        senders: dict[str, Sender] = {}
         host = export.host or pacs.host
         if host:
             senders[DESTINATION] = DicomSender(host, export.port or pacs.port,
@@ -507,10 +559,10 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
                                                   timeout_s=export.timeout_s)
         if senders:
 
-            def drain(store: Store) -> dict[str, Any]:
+            def drain(store: Store) -> DrainSummary:
                 return Outbox(store).drain(
                     senders, max_attempts=export.max_attempts,
-                    backoff_s=export.backoff_s, max_backoff_s=export.max_backoff_s).as_dict()
+                    backoff_s=export.backoff_s, max_backoff_s=export.max_backoff_s)
 
             components.drain = drain
         else:

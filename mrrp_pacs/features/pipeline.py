@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import pydicom
 
-from mrrp_pacs.cases import CaseInputs, case_inputs
+from mrrp_pacs.cases import CaseInputs, ClinicalValue, InstanceRef, ReportRef, case_inputs
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
 from mrrp_pacs.errors import FeatureError, ModelUnavailable
@@ -42,6 +42,13 @@ from mrrp_pacs.features.wsi import (
     tile_region,
 )
 from mrrp_pacs.store import Store
+
+if TYPE_CHECKING:  # the encoders pull in torch: imported when first used
+    from mrrp_pacs.features.encoders import TileEncoder
+    from mrrp_pacs.features.nuclei import NucleusSegmenter
+    from mrrp_pacs.features.text import TextEncoder
+    from mrrp_pacs.features.us_encoder import UsResNet
+    from mrrp_pacs.features.us_image import UltrasoundImage
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +72,22 @@ class FamilyOutcome:
     reason: str = ""
 
 
+class FailedFamily(TypedDict):
+    patient: str
+    family: str
+    reason: str
+
+
+class ExtractionCounts(TypedDict):
+    """:meth:`ExtractionSummary.as_dict`: what ``extract --json`` prints."""
+
+    patients: int
+    computed: int
+    cached: int
+    no_input: int
+    failed: list[FailedFamily]
+
+
 @dataclass
 class ExtractionSummary:
     outcomes: list[FamilyOutcome] = field(default_factory=list)
@@ -76,7 +99,7 @@ class ExtractionSummary:
     def failures(self) -> list[FamilyOutcome]:
         return [o for o in self.outcomes if o.status == FamilyStatus.FAILED]
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> ExtractionCounts:
         return {
             "patients": len({o.patient_key for o in self.outcomes}),
             "computed": self.count(FamilyStatus.COMPUTED),
@@ -95,7 +118,7 @@ class _Encoders:
         self.config = config
 
     @cached_property
-    def tile(self) -> Any:
+    def tile(self) -> TileEncoder:
         from mrrp_pacs.features.encoders import build_encoder
 
         features = self.config.features
@@ -113,7 +136,7 @@ class _Encoders:
                                         _paths(features.text_encoder_paths))
 
     @cached_property
-    def text(self) -> Any:
+    def text(self) -> TextEncoder:
         from mrrp_pacs.features.text import build_text_encoder
 
         features = self.config.features
@@ -121,7 +144,7 @@ class _Encoders:
             return build_text_encoder(features.text_encoder, _paths(features.text_encoder_paths))
 
     @cached_property
-    def us(self) -> tuple[Any, str]:
+    def us(self) -> tuple[UsResNet, str]:
         from model_store import ModelStore
         from mrrp_pacs.features.us_encoder import load_us_encoder
 
@@ -131,7 +154,7 @@ class _Encoders:
         return model, stored.version
 
     @cached_property
-    def segmenter(self) -> Any:
+    def segmenter(self) -> NucleusSegmenter:
         from mrrp_pacs.features.nuclei import ClassicalSegmenter, TorchScriptSegmenter
 
         model = self.config.features.nuclei_model
@@ -232,7 +255,7 @@ class _Patient:
     # -- ultrasound ------------------------------------------------------------------------
 
     @cached_property
-    def us_choice(self) -> tuple[Any, tuple[str, str] | None]:
+    def us_choice(self) -> tuple[InstanceRef, tuple[str, str] | None]:
         """(image ref, ROI source (kind, sha256) or None): an image with an ROI if one exists."""
         images = {i.sop_instance_uid: i for i in self.inputs.us_images}
         for sr, target in self.inputs.us_rois:
@@ -250,7 +273,7 @@ class _Patient:
                 features.us_default_mm_per_px]
 
     @cached_property
-    def us_lesion(self) -> tuple[Any, tuple[int, int, int, int], list[str]]:
+    def us_lesion(self) -> tuple[UltrasoundImage, tuple[int, int, int, int], list[str]]:
         """(UltrasoundImage, lesion box, flags)."""
         from mrrp_pacs.features import us_roi
         from mrrp_pacs.features.us_image import read_ultrasound
@@ -280,9 +303,9 @@ class _Patient:
     # -- text ------------------------------------------------------------------------------
 
     @cached_property
-    def report(self) -> Any:
-        reports = self.inputs.us_reports
-        return reports[-1] if reports else None
+    def report(self) -> ReportRef:
+        """The latest ultrasound report (the text family is planned only when there is one)."""
+        return self.inputs.us_reports[-1]
 
 
 @dataclass(frozen=True)
@@ -368,13 +391,13 @@ class Extractor:
                           lambda: _wsi(patient, encoder))
 
     def _plan_nuclei(self, patient: _Patient) -> FamilyPlan:
-        from mrrp_pacs.features import morphology, nuclei, topology
+        from mrrp_pacs.features import morphology, topology
 
         segmenter = self.encoders.segmenter
         version = (f"{segmenter.version}+m{morphology.MORPHOLOGY_VERSION}"
                    f"+t{topology.TOPOLOGY_VERSION}")
         return FamilyPlan(segmenter.name, version, patient.slide_description(),
-                          lambda: _nuclei(patient, segmenter, nuclei, morphology, topology))
+                          lambda: _nuclei(patient, segmenter))
 
     def _plan_us(self, patient: _Patient) -> FamilyPlan:
         model, version = self.encoders.us
@@ -385,7 +408,7 @@ class Extractor:
         from mrrp_pacs.features import radiomics
 
         return FamilyPlan("pyradiomics", radiomics.RADIOMICS_VERSION, patient.us_description(),
-                          lambda: _radiomics(patient, radiomics))
+                          lambda: _radiomics(patient))
 
     def _plan_text(self, patient: _Patient) -> FamilyPlan:
         report = patient.report
@@ -397,13 +420,13 @@ class Extractor:
 
 # -- the families ---------------------------------------------------------------------------
 
-def _clinical(values: Any, schema: ClinicalSchema) -> FeatureSet:
+def _clinical(values: dict[str, ClinicalValue], schema: ClinicalSchema) -> FeatureSet:
     from mrrp_pacs.features.clinical import encode_clinical
 
     return encode_clinical(values, schema)
 
 
-def _wsi(patient: _Patient, encoder: Any) -> FeatureSet:
+def _wsi(patient: _Patient, encoder: TileEncoder) -> FeatureSet:
     tiles = patient.tiles
     deep = encoder.encode(tiles.rgb, tiles.mpp)
     return FeatureSet("wsi", encoder.name, encoder.version,
@@ -413,8 +436,9 @@ def _wsi(patient: _Patient, encoder: Any) -> FeatureSet:
                        "region": patient._region_description()[0]})
 
 
-def _nuclei(patient: _Patient, segmenter: Any, nuclei: Any, morphology: Any,
-            topology: Any) -> FeatureSet:
+def _nuclei(patient: _Patient, segmenter: NucleusSegmenter) -> FeatureSet:
+    from mrrp_pacs.features import morphology, topology
+
     tiles = patient.tiles
     tile_um = tiles.rgb.shape[1] * tiles.mpp
     morph_tokens, xy_um, kinds, patch = [], [], [], []
@@ -445,7 +469,7 @@ def _nuclei(patient: _Patient, segmenter: Any, nuclei: Any, morphology: Any,
         "count_names": ["tumour", "inflammatory", "stromal", "normal"]})
 
 
-def _us(patient: _Patient, model: Any) -> FeatureSet:
+def _us(patient: _Patient, model: UsResNet) -> FeatureSet:
     from mrrp_pacs.features import us_encoder
 
     image, box, flags = patient.us_lesion
@@ -460,7 +484,9 @@ def _us(patient: _Patient, model: Any) -> FeatureSet:
         "roi_source": patient.us_choice[1][0] if patient.us_choice[1] else "automatic"})
 
 
-def _radiomics(patient: _Patient, radiomics: Any) -> FeatureSet:
+def _radiomics(patient: _Patient) -> FeatureSet:
+    from mrrp_pacs.features import radiomics
+
     image, box, flags = patient.us_lesion
     assert image.pixel_mm is not None
     tokens, token_names, feature_names = radiomics.radiomics_tokens(image.gray, box,
@@ -471,7 +497,7 @@ def _radiomics(patient: _Patient, radiomics: Any) -> FeatureSet:
                        "feature_names": feature_names})
 
 
-def _text(patient: _Patient, encoder: Any, patterns: tuple[str, ...]) -> FeatureSet:
+def _text(patient: _Patient, encoder: TextEncoder, patterns: tuple[str, ...]) -> FeatureSet:
     from mrrp_pacs.features.text import DEFAULT_PATTERNS, findings
 
     report = patient.report

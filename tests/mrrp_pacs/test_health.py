@@ -52,7 +52,7 @@ def test_a_scoring_run_without_a_model_is_a_failed_job_and_counts_the_ready_case
         detail = pipeline.process()
     finally:
         pipeline.close()
-    assert (detail["no_model"], detail["due"], detail["waiting"]) == (True, 1, 0)
+    assert (detail.no_model, detail.due, detail.waiting) == (True, 1, 0)
     state, error = store.conn.execute("SELECT state, error FROM jobs").fetchone()
     assert state == "failed" and error.startswith("no model mrrp/mrrp in ")
     text = metrics_text(store)

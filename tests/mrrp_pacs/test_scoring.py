@@ -195,19 +195,19 @@ def test_pipeline_waits_then_compensates_and_rescores_with_a_new_model(phantom_m
             conn.execute("DELETE FROM scores")
             conn.execute("DELETE FROM case_waits")
         first = pipeline.process()
-        assert (first["scored"], first["waiting"]) == (len(truth) - incomplete, incomplete)
-        assert first["failed"] == 0
+        assert (first.scored, first.waiting) == (len(truth) - incomplete, incomplete)
+        assert first.failed == 0
         clock.set(START + timedelta(hours=config.scoring.wait_hours) - timedelta(seconds=1))
-        assert pipeline.process()["waiting"] == incomplete  # not a second early
+        assert pipeline.process().waiting == incomplete  # not a second early
         clock.advance(seconds=1)
         waited = pipeline.process()
-        assert (waited["scored"], waited["waiting"]) == (incomplete, 0)
+        assert (waited.scored, waited.waiting) == (incomplete, 0)
         retrained = CliRunner().invoke(main, ["train", *db, "--outcomes", str(outcomes),
                                               "--max-epochs", "2", "--seed", "1"], env=env)
         assert retrained.exit_code == 0, retrained.output
         second = pipeline.process()
-        assert second["scored"] == len(truth)
-        assert pipeline.process()["due"] == 0
+        assert second.scored == len(truth)
+        assert pipeline.process().due == 0
         rows = pipeline.store.conn.execute(
             "SELECT patient_key, COUNT(*), SUM(superseded_by IS NULL) FROM scores "
             "GROUP BY patient_key").fetchall()
@@ -228,7 +228,7 @@ def test_a_stopping_pipeline_scores_nobody_and_says_so(phantom_model):
     try:
         pipeline.stopping.set()
         detail = pipeline.process(everyone=True)
-        assert detail["stopped"] is True and detail["scored"] + detail["unchanged"] == 0
+        assert detail.stopped is True and detail.scored + detail.unchanged == 0
         state = pipeline.store.conn.execute(
             "SELECT state FROM jobs ORDER BY id DESC LIMIT 1").fetchone()[0]
         assert state == "interrupted"
