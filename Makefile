@@ -40,23 +40,23 @@ $(VIEWER_STAMP): deploy/viewer/package.json deploy/viewer/package-lock.json
 # As root, the tests run in a private network namespace: only a loopback interface exists,
 # so the servers they start (Orthanc listens on all interfaces) reach nothing else.
 # Then the tests of everything that stamps, waits, retries or schedules run a second time with
-# the system clock moved FUTURE ahead (libfaketime, also in Orthanc and every child process):
-# a test that compares a date literal with the wall clock fails the day it is written, not on
-# the day the calendar overtakes it. Feature extraction, the model, the phantom, the viewer
-# and the demo read no clock and are left out of that pass to keep CI short.
+# the wall clock moved FUTURE ahead (time-machine, in the test process and every Python process
+# it starts; tests/support/clock_travel.py): a test that compares a date literal with the wall
+# clock fails the day it is written, not on the day the calendar overtakes it. Feature
+# extraction, the model, the phantom, the viewer and the demo read no clock and are left out of
+# that pass to keep CI short.
 FUTURE ?= +365d
 PYTEST_NOW := $(BIN)/pytest
-PYTEST_FUTURE := MRRP_TEST_CLOCK_AHEAD=$(FUTURE) faketime -m -f $(FUTURE) $(BIN)/pytest \
-	-p no:cacheprovider \
+PYTEST_FUTURE := MRRP_TEST_CLOCK_AHEAD=$(FUTURE) $(BIN)/pytest -p no:cacheprovider \
 	--ignore=tests/mrrp_pacs/features --ignore=tests/mrrp_pacs/model \
 	--ignore=tests/mrrp_pacs/phantom --ignore=tests/viewer --ignore=tests/test_demo_e2e.py
 test: venv test-tools viewer-deps lint
 	@if [ "$$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then \
 		echo "pytest in a private network namespace (loopback only)"; \
 		unshare --net sh -c 'ip link set lo up && $(PYTEST_NOW) \
-			&& echo "again with the clock $(FUTURE) ahead (faketime)" && $(PYTEST_FUTURE)'; \
+			&& echo "again with the clock $(FUTURE) ahead" && $(PYTEST_FUTURE)'; \
 	else \
-		$(PYTEST_NOW) && echo "again with the clock $(FUTURE) ahead (faketime)" \
+		$(PYTEST_NOW) && echo "again with the clock $(FUTURE) ahead" \
 			&& $(PYTEST_FUTURE); \
 	fi
 
@@ -82,16 +82,15 @@ $(STAMP): pyproject.toml
 
 # Real external programs the tests use: Orthanc (PACS) with its DICOMweb plugin, dcmtk,
 # dicom3tools, R survival, poppler (pdftoppm renders the PDF companion), chromium (the viewer
-# test), iproute2 for the private network namespace and faketime (the clock moved ahead).
+# test) and iproute2 for the private network namespace.
 test-tools:
 	@if command -v storescu >/dev/null && command -v dsrdump >/dev/null \
 		&& command -v dciodvfy >/dev/null && test -x /usr/sbin/Orthanc && command -v ip >/dev/null \
 		&& command -v pdftoppm >/dev/null && command -v chromium >/dev/null \
-		&& command -v faketime >/dev/null \
 		&& test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
 		&& Rscript -e 'suppressMessages(library(survival))' >/dev/null 2>&1; then :; \
 	else deploy/apt-install.sh orthanc orthanc-dicomweb dcmtk dicom3tools r-cran-survival \
-		poppler-utils chromium iproute2 faketime; fi
+		poppler-utils chromium iproute2; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,12 @@
 """The clock and the stamp format every ``*_at`` column uses."""
 
 import os
-import re
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta, timezone
 
+import clock_travel
 import pytest
 
 from mrrp_pacs.clock import iso_utc, system_clock
@@ -28,7 +30,7 @@ def test_the_system_clock_is_timezone_aware_utc():
 
 
 def _real_now_s() -> float:
-    """The kernel's boot time plus its uptime: read from /proc, which libfaketime leaves alone."""
+    """The kernel's boot time plus its uptime: read from /proc, which no clock travel moves."""
     with open("/proc/stat") as stat:
         boot_s = next(int(line.split()[1]) for line in stat if line.startswith("btime "))
     with open("/proc/uptime") as uptime:
@@ -36,10 +38,15 @@ def _real_now_s() -> float:
 
 
 def test_the_system_clock_is_where_make_test_put_it():
-    """``make test``'s second pass sets MRRP_TEST_CLOCK_AHEAD (e.g. +365d) and runs under
-    faketime: this proves the clock really moved, so that pass cannot pass by doing nothing."""
-    wanted = os.environ.get("MRRP_TEST_CLOCK_AHEAD", "+0d")
-    match = re.fullmatch(r"\+(\d+)([dy])", wanted)
-    assert match, f"MRRP_TEST_CLOCK_AHEAD={wanted!r}: expected +<n>d or +<n>y"
-    ahead_s = int(match[1]) * {"d": 86_400, "y": 365 * 86_400}[match[2]]
-    assert abs(time.time() - _real_now_s() - ahead_s) < 120
+    """``make test``'s second pass sets MRRP_TEST_CLOCK_AHEAD (e.g. +365d): this proves the
+    clock really moved, so that pass cannot pass by doing nothing."""
+    ahead = clock_travel.offset(os.environ.get(clock_travel.VARIABLE, "+0d"))
+    assert abs(time.time() - _real_now_s() - ahead.total_seconds()) < 120
+    assert abs(datetime.now(UTC).timestamp() - _real_now_s() - ahead.total_seconds()) < 120
+
+
+def test_a_python_process_the_tests_start_travels_too():
+    moved = subprocess.run([sys.executable, "-c", "import time; print(time.time())"],
+                           capture_output=True, text=True, check=True, timeout=60)
+    ahead = clock_travel.offset(os.environ.get(clock_travel.VARIABLE, "+0d"))
+    assert abs(float(moved.stdout) - _real_now_s() - ahead.total_seconds()) < 120
