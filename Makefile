@@ -1,5 +1,6 @@
 # The two front doors: `make demo` and `make test`. Both create .venv and install what they
-# need, including Debian packages when run as root (see deploy/apt-install.sh).
+# need, including Debian packages when run as root (see deploy/apt-install.sh). `make
+# test-quick` is the tier that needs no external program.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_TOOLS_STAMP := $(VENV)/.test-tools
 
-.PHONY: demo test lint venv build-prerequisites test-tools viewer-deps viewer clean
+.PHONY: demo test test-quick lint venv build-prerequisites test-tools viewer-deps viewer clean
 
 # The demo installs Orthanc when it can (as root); without it, it runs in file-drop mode. As
 # root it runs in a private network namespace, like the tests (Orthanc binds every interface).
@@ -60,6 +61,13 @@ test: venv test-tools viewer-deps lint
 			&& $(PYTEST_FUTURE); \
 	fi
 
+# The quick tier: lint, then every test not marked e2e, i.e. that runs no external program
+# (Orthanc, dcmtk, dicom3tools, R, poppler, Chromium, Node.js: tests/support/tools.py). It
+# installs none of them, starts no Orthanc and needs no network namespace; `make test` runs
+# every tier. `.ci/without-test-tools make test-quick` proves it on a machine that has them.
+test-quick: venv lint
+	$(BIN)/pytest -m "not e2e"
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -83,6 +91,7 @@ $(STAMP): pyproject.toml
 # Real external programs the tests use: Orthanc (PACS) with its DICOMweb plugin, dcmtk,
 # dicom3tools, R survival, poppler (pdftoppm renders the PDF companion), chromium (the viewer
 # test) and iproute2 for the private network namespace.
+# A test that runs one says so (needs_tool, tests/support/tools.py) and fails if it is missing.
 test-tools:
 	@if command -v storescu >/dev/null && command -v dsrdump >/dev/null \
 		&& command -v dciodvfy >/dev/null && test -x /usr/sbin/Orthanc && command -v ip >/dev/null \

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import clock_travel
 import pytest
+import tools
 from clocks import SteppingClock
 
 from mrrp_pacs.config import Config, load_config
@@ -20,6 +22,38 @@ def pytest_configure(config: pytest.Config) -> None:
             filter(None, [str(Path(__file__).parent / "support" / "time_travel"),
                           os.environ.get("PYTHONPATH")]))
         clock_travel.travel_if_asked()
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects, so "not e2e" sees the added mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that runs an external program is ``e2e``: the quick tier leaves it out."""
+    for item in items:
+        if item.get_closest_marker("needs_tool") is None:
+            continue
+        names = tools.declared(item)
+        if not names or tools.unknown(names):
+            raise pytest.UsageError(
+                f"{item.nodeid}: needs_tool({', '.join(map(repr, names))}) must name tools "
+                f"of tests/support/tools.py: {', '.join(tools.TOOLS)}")
+        item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """``tools.tool`` reads the marks of the test being run, fixtures included."""
+    tools.running(item)
+    try:
+        return (yield)
+    finally:
+        tools.running(None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Every tool a test declares is there before its fixtures start, or it fails (no skip)."""
+    problem = tools.missing_message(tools.declared(item))
+    if problem:
+        pytest.fail(f"{item.nodeid}: {problem}", pytrace=False)
 
 
 @pytest.fixture

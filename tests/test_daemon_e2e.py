@@ -30,7 +30,8 @@ from exporters.pdf import SERIES_DESCRIPTION as PDF_SERIES
 from exporters.sr import SERIES_DESCRIPTION as SR_SERIES
 from mrrp_pacs.phantom.generator import EARLIEST_STUDY_DATE, PhantomSpec
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.needs_tool("Orthanc", "storescu")]
 
 SPEC = PhantomSpec(patients=16, seed=4, slide_px=1024, missing_wsi=0.2, missing_us=0.2,
                    missing_report=0.2)

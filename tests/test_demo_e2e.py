@@ -55,6 +55,7 @@ def _studies_the_viewer_lists(cwd, demo_dir: str) -> set[str]:
     return {study["0020000D"]["Value"][0] for study in studies}
 
 
+@pytest.mark.needs_tool("Orthanc", "libOrthancDicomWeb.so")  # the demo, then the viewer
 def test_e2e_demo_scores_every_patient_and_stores_srs_in_orthanc(tmp_path):
     out = tmp_path / "demo"
     # a relative --out, as `make demo` gives: Orthanc takes relative paths against its

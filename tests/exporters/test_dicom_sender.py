@@ -61,6 +61,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield server
 
 
+@pytest.mark.needs_tool("Orthanc")
 def test_sends_sr_and_pdf_to_orthanc_unchanged(orthanc: Orthanc) -> None:
     patient = Patient("SND001")
     sr, pdf = sr_object(patient), encapsulated_pdf(patient)
@@ -77,6 +78,7 @@ def test_sends_sr_and_pdf_to_orthanc_unchanged(orthanc: Orthanc) -> None:
     assert stored_pdf.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
+@pytest.mark.needs_tool("Orthanc")
 def test_compressed_object_is_stored_in_its_own_transfer_syntax(orthanc: Orthanc) -> None:
     image = us_image(Patient("SND002"), rows=32, columns=48)
     image.compress(RLELossless)
@@ -157,6 +159,7 @@ def test_silent_peer_times_out() -> None:
     assert 0.9 < elapsed < 5.0
 
 
+@pytest.mark.needs_tool("Orthanc")
 def test_called_ae_mismatch_is_a_readable_rejection(orthanc: Orthanc) -> None:
     sender = DicomSender(LOOPBACK, orthanc.dicom_port, "NOTPACS", calling_ae="MRRP", timeout_s=10)
     with pytest.raises(SendError) as caught:

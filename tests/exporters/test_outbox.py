@@ -137,6 +137,7 @@ def test_enqueue_refuses_bad_arguments(outbox: Outbox, kwargs: dict[str, object]
     assert outbox.rows() == []
 
 
+@pytest.mark.needs_tool("Orthanc")
 def test_drain_delivers_to_orthanc_and_a_second_drain_sends_nothing(
         outbox: Outbox, orthanc: Orthanc, clock: SteppingClock) -> None:
     objects = [sr_object("OBX002"), sr_object("OBX003")]
@@ -157,6 +158,7 @@ def test_drain_delivers_to_orthanc_and_a_second_drain_sends_nothing(
     assert outbox.counts() == {"pending": 0, "sent": 2, "dead": 0}
 
 
+@pytest.mark.needs_tool("Orthanc")
 def test_pacs_down_backs_off_dies_keeps_everything_then_retry_delivers_once(
         outbox: Outbox, store: Store, tmp_path: Path, clock: SteppingClock) -> None:
     ds = sr_object("OBX004")
@@ -208,6 +210,7 @@ def test_pacs_down_backs_off_dies_keeps_everything_then_retry_delivers_once(
         assert only_row(outbox) == sent
 
 
+@pytest.mark.needs_tool("Orthanc")
 def test_called_ae_mismatch_is_recorded_readably(outbox: Outbox, orthanc: Orthanc) -> None:
     queue_sr(outbox, sr_object("OBX005"))
     wrong = {"pacs": DicomSender(LOOPBACK, orthanc.dicom_port, "WRONGAE", "MRRP", timeout_s=10)}

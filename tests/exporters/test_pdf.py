@@ -4,7 +4,6 @@ by dciodvfy; the rendered page is kept as test-artifacts/exporters/companion.png
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from tools import tool
+from validators import PRIVATE_SCHEME_WARNING, dciodvfy
 
 from exporters import codes
 from exporters.pdf import (
@@ -25,14 +26,6 @@ from exporters.pdf import (
 from mrrp_pacs.results import EvidenceRef, RiskResult
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "exporters"
-PRIVATE_SCHEME_WARNING = ("Warning - Unrecognized defined term <99MRRP> for value 1 of "
-                          "attribute <Coding Scheme Designator>")
-
-
-def tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} (Debian package {package}) is not installed"
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +68,9 @@ def pdf(result, km) -> bytes:
     return build_companion_pdf(result, km, patient_id="MRN001")
 
 
+@pytest.mark.needs_tool("pdftoppm")
 def test_page_renders_as_a_non_blank_a4_png(pdf, tmp_path):
-    pdftoppm = tool("pdftoppm", "poppler-utils")
+    pdftoppm = tool("pdftoppm")
     source = tmp_path / "companion.pdf"
     source.write_bytes(pdf)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -97,8 +91,9 @@ def test_page_renders_as_a_non_blank_a4_png(pdf, tmp_path):
     assert (grey[height // 2 :] < 200).mean() > 0.02
 
 
+@pytest.mark.needs_tool("pdftotext")
 def test_text_carries_score_probabilities_and_intended_use(pdf, tmp_path):
-    pdftotext = tool("pdftotext", "poppler-utils")
+    pdftotext = tool("pdftotext")
     source = tmp_path / "companion.pdf"
     source.write_bytes(pdf)
     run = subprocess.run([pdftotext, "-layout", str(source), "-"], capture_output=True,
@@ -125,16 +120,15 @@ def test_pdf_is_one_a4_page_and_the_same_bytes_for_the_same_result(pdf, result, 
     assert low != pdf and b"MRN001" not in low
 
 
+@pytest.mark.needs_tool("dciodvfy")
 def test_encapsulated_pdf_passes_dciodvfy(pdf, result, patient, tmp_path):
-    dciodvfy = tool("dciodvfy", "dicom3tools")
     ds = build_encapsulated_pdf(pdf, patient["wsi"], result=result, series_number=91,
                                 instance_number=1, uid_secret="test-secret")
     path = tmp_path / "pdf.dcm"
     ds.save_as(path, enforce_file_format=True)
-    run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
-    lines = (run.stdout + run.stderr).splitlines()
-    assert [line for line in lines if line.startswith("Error")] == []
-    assert {line for line in lines if line.startswith("Warning")} == {PRIVATE_SCHEME_WARNING}
+    errors, warnings = dciodvfy(path)
+    assert errors == []
+    assert set(warnings) == {PRIVATE_SCHEME_WARNING}
 
     back = pydicom.dcmread(path)
     assert back.SOPClassUID == ENCAPSULATED_PDF

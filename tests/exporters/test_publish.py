@@ -363,6 +363,7 @@ def test_our_srs_returned_by_the_pacs_are_stored_but_are_no_lesion_roi(store, co
         (objects["us_roi"].SOPInstanceUID, objects["us_image"].SOPInstanceUID)]
 
 
+@pytest.mark.needs_tool("dciodvfy")
 def test_queued_srs_and_pdf_pass_dciodvfy(store, config, objects, version, publisher):
     first = make_result(store, config, objects, version)
     outcomes = [record_score(store, first),

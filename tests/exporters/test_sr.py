@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ import pydicom
 import pytest
 from highdicom.sr.utils import find_content_items
 from pydicom.sr.codedict import codes as dcm_codes
+from tools import tool
 from validators import PRIVATE_SCHEME_WARNING, dciodvfy
 
 from exporters import codes
@@ -72,6 +72,7 @@ def write(sr, path: Path) -> Path:
     return path
 
 
+@pytest.mark.needs_tool("dciodvfy")
 @pytest.mark.parametrize("placement", ["wsi", "us"])
 def test_dciodvfy_finds_no_error_and_only_the_private_scheme_warning(instances, tmp_path,
                                                                     placement):
@@ -82,6 +83,7 @@ def test_dciodvfy_finds_no_error_and_only_the_private_scheme_warning(instances, 
     assert warnings and set(warnings) == {PRIVATE_SCHEME_WARNING}
 
 
+@pytest.mark.needs_tool("dciodvfy")
 def test_minimal_result_without_region_attention_or_parameters_is_valid(instances, tmp_path):
     result = make_result(instances, group="low", us_region=None, clinical_attention=[],
                          algorithm_parameters={}, compensated=[],
@@ -93,10 +95,10 @@ def test_minimal_result_without_region_attention_or_parameters_is_valid(instance
     assert "PredecessorDocumentsSequence" not in sr
 
 
+@pytest.mark.needs_tool("dsrdump")
 def test_dsrdump_renders_the_score(instances, tmp_path):
-    assert shutil.which("dsrdump"), "dsrdump (Debian package dcmtk) is not installed"
     path = write(build(instances, make_result(instances)), tmp_path / "sr.dcm")
-    run = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert '"Recurrence risk score (log hazard)")="1.234567" ({risk},UCUM' in run.stdout
     assert '(15508007,SCT,"High risk")' in run.stdout
@@ -178,6 +180,7 @@ def test_every_value_reads_back_through_highdicom(instances, tmp_path):
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99MRRP"
 
 
+@pytest.mark.needs_tool("dciodvfy")
 def test_a_tiny_probability_is_not_written_as_zero(instances, tmp_path):
     # OHIF prints no value for a NUM of 0: a model's near-certain recurrence must read 0.00 %
     result = make_result(instances, rfs_probability={"36": 0.0123457, "60": 3.2e-05,
@@ -265,6 +268,7 @@ def test_region_outside_the_image_is_refused(instances):
         build(instances, result)
 
 
+@pytest.mark.needs_tool("dciodvfy")
 def test_sources_read_without_pixels_are_enough(instances, tmp_path):
     headers = {}
     for name, ds in instances.items():
@@ -276,6 +280,7 @@ def test_sources_read_without_pixels_are_enough(instances, tmp_path):
     assert errors == []
 
 
+@pytest.mark.needs_tool("dciodvfy")
 def test_sr_over_a_phantom_patient_is_valid(tmp_path):
     """Real-world headers: UTF-8, multi-frame slide levels, annotation, US image and ROI SR."""
     from mrrp_pacs.phantom.generator import PhantomSpec, generate

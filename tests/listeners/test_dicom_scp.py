@@ -1,7 +1,6 @@
 """The storage SCP against real senders: dcmtk's storescu/echoscu and a pynetdicom SCU."""
 
 import logging
-import shutil
 import struct
 import subprocess
 
@@ -12,6 +11,7 @@ from orthanc import LOOPBACK
 from pydicom.uid import JPEGBaseline8Bit
 from pynetdicom import AE
 from pynetdicom.sop_class import UltrasoundImageStorage
+from tools import tool
 
 from listeners.dicom_scp import StorageScp, intake_opener
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
@@ -19,12 +19,6 @@ from mrrp_pacs.phantom.generator import PhantomSpec, generate
 TINY = PhantomSpec(patients=2, seed=5, slide_px=1024, missing_wsi=0.0, missing_us=0.0,
                    missing_report=0.0)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def _tool(name):
-    path = shutil.which(name)
-    assert path, f"dcmtk's {name} is not installed (apt-get install dcmtk)"
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def running_scp(config, store):
 
 def _storescu(scp, folder, calling="MRRPTEST", called="MRRP", *options):
     return subprocess.run(
-        [_tool("storescu"), *options, "-R", "-xy", "-aet", calling, "-aec", called, "+sd", "+r",
+        [tool("storescu"), *options, "-R", "-xy", "-aet", calling, "-aec", called, "+sd", "+r",
          LOOPBACK, str(scp.port), str(folder)], capture_output=True, text=True, timeout=120)
 
 
@@ -61,7 +55,7 @@ def _count(store, table="instances"):
     return store.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("storescu")
 def test_storescu_objects_are_persisted_as_sent(running_scp, store, phantom, caplog):
     folder, files = phantom
     caplog.set_level(logging.INFO, logger="listeners.dicom_scp")
@@ -98,10 +92,10 @@ def test_storescu_objects_are_persisted_as_sent(running_scp, store, phantom, cap
     assert not any(uid in log for uid in rows)
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("storescu")
 def test_concurrent_associations_each_persist_safely(running_scp, store, phantom):
     folder, _ = phantom
-    command = [_tool("storescu"), "-R", "-xy", "-aet", "MRRPTEST", "-aec", "MRRP", "+sd", "+r",
+    command = [tool("storescu"), "-R", "-xy", "-aet", "MRRPTEST", "-aec", "MRRP", "+sd", "+r",
                LOOPBACK, str(running_scp.port), str(folder)]
     senders = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     for sender in senders:
@@ -112,9 +106,9 @@ def test_concurrent_associations_each_persist_safely(running_scp, store, phantom
     assert store.conn.execute("SELECT count(DISTINCT sha256) FROM instances").fetchone()[0] == 12
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("echoscu")
 def test_echo_answers_and_a_busy_port_fails_at_start(running_scp, config):
-    echo = subprocess.run([_tool("echoscu"), "-aet", "MRRPTEST", "-aec", "MRRP", LOOPBACK,
+    echo = subprocess.run([tool("echoscu"), "-aet", "MRRPTEST", "-aec", "MRRP", LOOPBACK,
                            str(running_scp.port)], capture_output=True, text=True, timeout=30)
     assert echo.returncode == 0, echo.stderr
     second = StorageScp(intake_opener(config), "MRRP", running_scp.port)
@@ -123,7 +117,7 @@ def test_echo_answers_and_a_busy_port_fails_at_start(running_scp, config):
     assert not second.running
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("storescu")
 def test_unknown_calling_or_called_ae_is_rejected_at_association(running_scp, store, phantom,
                                                                   caplog):
     folder, _ = phantom
@@ -140,7 +134,7 @@ def test_unknown_calling_or_called_ae_is_rejected_at_association(running_scp, st
     assert "rejected (called AE title not recognised): MRRPTEST -> OTHERPACS" in caplog.text
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("storescu")
 def test_unsupported_sop_class_gets_no_presentation_context(running_scp, store, tmp_path):
     ct = us_image(Patient())
     ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CT_IMAGE
@@ -153,7 +147,7 @@ def test_unsupported_sop_class_gets_no_presentation_context(running_scp, store, 
     assert _count(store) == 0
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("storescu")
 def test_persistence_failure_answers_out_of_resources(config, store, tmp_path):
     blocked = tmp_path / "objects-is-a-file"
     blocked.write_bytes(b"")  # the object store cannot create its folders: a real OSError

@@ -71,7 +71,7 @@ def _assert_same_objects(store, files, headers):
         JPEGBaseline8Bit}
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("Orthanc", "storescu")
 def test_move_retrieves_each_study_once_and_again_when_it_grows(config, store, pacs, scp_port,
                                                                  phantom, tmp_path):
     _, files, headers = phantom
@@ -114,7 +114,7 @@ def test_move_retrieves_each_study_once_and_again_when_it_grows(config, store, p
     assert row == {"attempts": 2, "remote_instances": per_study[extra.StudyInstanceUID] + 1}
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("Orthanc", "storescu")
 def test_get_retrieves_on_our_own_association(config, store, pacs, scp_port, phantom):
     _, files, headers = phantom
     puller = _puller(store, pacs, scp_port, method="get", open_intake=intake_opener(config))
@@ -126,7 +126,7 @@ def test_get_retrieves_on_our_own_association(config, store, pacs, scp_port, pha
     assert puller.poll(NOW).up_to_date == 4
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("Orthanc", "storescu")
 def test_window_and_modalities_choose_studies_and_series(store, pacs, scp_port, phantom,
                                                          config):
     _, _, headers = phantom
@@ -145,7 +145,7 @@ def test_window_and_modalities_choose_studies_and_series(store, pacs, scp_port, 
     assert all(s.series == 1 for s in summary.studies)
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("Orthanc", "storescu")
 def test_failed_studies_are_recorded_and_retried_next_poll(config, store, pacs, scp_port):
     puller = _puller(store, pacs, scp_port)
     down = puller.poll(NOW)  # our storage SCP is not running: every sub-operation fails
@@ -165,7 +165,7 @@ def test_failed_studies_are_recorded_and_retried_next_poll(config, store, pacs, 
     assert len(_rows(store, "SELECT id FROM instances")) == 12
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("Orthanc")
 def test_pacs_errors_are_returned_not_raised(store, tmp_path, scp_port):
     closed = RemotePacs(LOOPBACK, free_port(), "PACS")
     summary = PacsPuller(store, closed, "MRRP", window_days=None).poll(NOW)

@@ -142,7 +142,7 @@ def test_encoder_weights_must_exist_where_configured(site, tmp_path):
     assert _by_name(run_checks(present, min_free_bytes=0))["tile encoder weights"].ok
 
 
-@pytest.mark.e2e
+@pytest.mark.needs_tool("Orthanc")
 def test_pacs_is_checked_with_a_real_c_echo(site, tmp_path):
     down = site.replace("pacs", host="127.0.0.1", port=free_port())
     check = _by_name(run_checks(down, min_free_bytes=0))["PACS (C-ECHO)"]

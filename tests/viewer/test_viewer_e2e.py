@@ -9,7 +9,6 @@ served by :class:`mrrp_pacs.viewer.ViewerServer`, and Chromium driven by playwri
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ import pydicom
 import pytest
 from orthanc import DICOMWEB_PLUGIN, running_orthanc, storescu
 from pydicom.dataset import Dataset
+from tools import tool
 
 from exporters.pdf import TrainingKM, build_companion_pdf, build_encapsulated_pdf
 from exporters.sr import build_risk_sr
@@ -28,13 +28,13 @@ from mrrp_pacs.phantom.generator import PhantomSpec, generate
 from mrrp_pacs.results import EvidenceRef, RiskResult, UsRegion
 from mrrp_pacs.viewer import INSTALL_COMMAND, VIEWER_DIR, ViewerServer, viewer_files
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.needs_tool("Orthanc", "libOrthancDicomWeb.so", "storescu", "node",
+                                     "chromium")]
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "viewer"
 CHECK_SCRIPT = Path(__file__).with_name("viewer_check.mjs")
-CHROMIUM = Path("/usr/bin/chromium")
-APT = "apt-get install -y --no-install-recommends"
 ROLES = {"level-0": "wsi", "level-1": "wsi", "level-2": "wsi", "tumour-region": "wsi_roi",
          "image": "us_image", "lesion-roi": "us_roi"}
 RISK = 1.234567
@@ -44,20 +44,15 @@ HEADLINE = "MRRP risk high, recurrence within 5 years: 16.55 %"
 SHOT_NAMES = ("study-list.png", "sr-on-image.png", "pdf.png")
 
 
-def required_tools() -> str:
-    """Path of node, after checking every program and file the test needs (never skip)."""
-    node = shutil.which("node")
-    assert node, f"node (Node.js 20 or newer) is not on PATH: {APT} nodejs npm"
-    assert CHROMIUM.is_file(), f"Debian's Chromium is not installed: {APT} chromium"
-    assert DICOMWEB_PLUGIN.is_file(), \
-        f"Orthanc's DICOMweb plugin is not installed: {APT} orthanc-dicomweb"
+def required_files() -> None:
+    """The OHIF build and playwright-core (npm, not Debian: the programs are the module's
+    ``needs_tool``), checked before the test spends time (never skip)."""
     try:
         viewer_files()
     except FileNotFoundError as missing:
         raise AssertionError(str(missing)) from None
     assert (VIEWER_DIR / "node_modules" / "playwright-core" / "package.json").is_file(), \
         f"playwright-core is not installed: run `{INSTALL_COMMAND}`"
-    return node
 
 
 def training_km() -> TrainingKM:
@@ -111,19 +106,19 @@ def write_results(headers: dict[str, Dataset], result: RiskResult, out: Path) ->
                            ).save_as(out / "pdf.dcm", enforce_file_format=True)
 
 
-def browse(node: str, viewer: ViewerServer, headers: dict[str, Dataset]) -> dict[str, Any]:
+def browse(viewer: ViewerServer, headers: dict[str, Dataset]) -> dict[str, Any]:
     """Run viewer_check.mjs against ``viewer``; what it saw, as a dict."""
     slide_day = datetime.strptime(str(headers["level-0"].StudyDate), "%Y%m%d")
     arguments = {
-        "base": viewer.url, "viewerDir": str(VIEWER_DIR), "chromium": str(CHROMIUM),
+        "base": viewer.url, "viewerDir": str(VIEWER_DIR), "chromium": tool("chromium"),
         "outDir": str(ARTIFACTS), "accession": str(headers["image"].AccessionNumber),
         "srSeries": "MRRP recurrence risk", "expectLabel": HEADLINE,
         # OHIF's study browser names a study by its date, DD-Mon-YYYY
         "otherStudyLabel": slide_day.strftime("%d-%b-%Y"),
         "pdfSeries": "MRRP recurrence risk report", "timeoutMs": 60_000, "pdfRenderMs": 3_000,
     }
-    run = subprocess.run([node, str(CHECK_SCRIPT), json.dumps(arguments)], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+    run = subprocess.run([tool("node"), str(CHECK_SCRIPT), json.dumps(arguments)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     try:
         seen: dict[str, Any] = json.loads(run.stdout)
     except json.JSONDecodeError:
@@ -139,7 +134,7 @@ def browse(node: str, viewer: ViewerServer, headers: dict[str, Dataset]) -> dict
 
 
 def test_a_reader_sees_the_risk_on_the_ultrasound_lesion_and_the_report(tmp_path):
-    node = required_tools()
+    required_files()
     generate(PhantomSpec(patients=1, seed=5, slide_px=1024, missing_wsi=0.0, missing_us=0.0,
                          missing_report=0.0), tmp_path / "phantom", workers=1)
     (folder,) = (tmp_path / "phantom" / "dicom").iterdir()
@@ -157,7 +152,7 @@ def test_a_reader_sees_the_risk_on_the_ultrasound_lesion_and_the_report(tmp_path
         files = viewer_files()
         with ViewerServer(files.dist_dir, files.app_config,
                           f"http://127.0.0.1:{orthanc.http_port}") as viewer:
-            seen = browse(node, viewer, headers)
+            seen = browse(viewer, headers)
 
     print(f"\nviewer steps {seen['steps']}; drags needed for the SR: {len(seen['attempts'])}")
     # nothing failed on the way: every request answered, from our one origin, no script error

@@ -83,10 +83,8 @@ def test_refuses_a_missing_build_or_a_non_http_orthanc(build, tmp_path):
         ViewerServer(dist, config, "https://127.0.0.1:8042")
 
 
+@pytest.mark.needs_tool("Orthanc", "libOrthancDicomWeb.so", "storescu")
 def test_dicomweb_is_forwarded_with_host_status_and_type(build, tmp_path):
-    assert DICOMWEB_PLUGIN.is_file(), ("Orthanc's DICOMweb plugin is not installed: "
-                                       "apt-get install -y --no-install-recommends "
-                                       "orthanc-dicomweb")
     dist, config = build
     image = builders.us_image(builders.Patient())
     builders.write(image, tmp_path / "incoming" / "us.dcm")

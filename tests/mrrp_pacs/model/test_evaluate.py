@@ -1,16 +1,15 @@
-"""Survival metrics against R survival (tests/reference/survival_metrics.R), lifelines and
-scikit-survival, and the metrics.json summary on clean and degenerate test sets."""
+"""Survival metrics against R survival (tests/reference/survival_metrics.R, its values committed
+in survival_metrics.json and checked live in the e2e tier), lifelines and scikit-survival, and
+the metrics.json summary on clean and degenerate test sets."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import r_reference
 from lifelines import CoxPHFitter
 from lifelines.utils import concordance_index
 from sksurv.metrics import (
@@ -25,7 +24,6 @@ from sksurv.util import Surv
 
 from mrrp_pacs.model import evaluate as ev
 
-REFERENCE = Path(__file__).parents[2] / "reference"
 METRICS_KEYS = {"n", "events", "cutoff", "c_index", "c_index_ci95", "c_index_uno", "td_auc",
                 "brier", "brier_null", "ibs", "logrank_p", "hazard_ratio", "hazard_ratio_ci95",
                 "null_reasons"}
@@ -46,31 +44,23 @@ def cohort(n: int, seed: int, follow_up=(24.0, 174.0)) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def tied() -> pd.DataFrame:
-    """90 patients on integer months: tied event times, events tied with censorings, tied risks."""
-    rng = np.random.default_rng(5)
-    n = 90
-    risk = np.round(rng.normal(size=n), 1)
-    time = np.ceil(rng.exponential(30.0 * np.exp(-risk)))
-    event = rng.random(n) < 0.65
-    time[:5], event[:5] = 12.0, [True, True, False, False, True]
-    return pd.DataFrame({"time": time, "status": event.astype(int), "risk": risk,
-                         "group": (risk > np.median(risk)).astype(int)})
+    return r_reference.metrics_tied()
 
 
 @pytest.fixture(scope="module")
-def r_reference(tied, tmp_path_factory) -> tuple[dict[str, float], pd.DataFrame]:
-    rscript = shutil.which("Rscript")
-    assert rscript is not None, "Rscript is missing: install r-base-core and r-cran-survival"
-    folder = tmp_path_factory.mktemp("r")
-    tied.to_csv(folder / "data.csv", index=False, float_format="%.17g")
-    done = subprocess.run([rscript, "--vanilla", str(REFERENCE / "survival_metrics.R"),
-                           str(folder / "data.csv"), str(folder / "scalars.csv"),
-                           str(folder / "basehaz.csv")], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    scalars = pd.read_csv(folder / "scalars.csv")
-    return (dict(zip(scalars["name"], scalars["value"].astype(float), strict=True)),
-            pd.read_csv(folder / "basehaz.csv"))
+def r_values(tied) -> dict:
+    """What R survival gave on ``tied`` (committed): scalars and basehaz."""
+    return r_reference.case("survival_metrics", "tied").given(r_reference.metrics_inputs(tied))
+
+
+@pytest.mark.needs_tool("Rscript")
+def test_r_still_gives_the_committed_metrics(tmp_path):
+    """R survival, run now on the committed case, gives the committed values (a failure here
+    with the other tests passing means R moved, not our metrics)."""
+    case = r_reference.case("survival_metrics", "tied")
+    live = r_reference.run_r("survival_metrics", case.inputs, tmp_path)
+    assert r_reference.flat(live) == pytest.approx(r_reference.flat(case.outputs), rel=1e-12,
+                                                   abs=0)
 
 
 def arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,10 +68,10 @@ def arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             frame["risk"].to_numpy(float))
 
 
-def test_harrell_c_matches_r_scikit_survival_and_lifelines(tied, r_reference):
+def test_harrell_c_matches_r_scikit_survival_and_lifelines(tied, r_values):
     time, event, risk = arrays(tied)
     value = ev.harrell_c(time, event, risk)
-    assert value == pytest.approx(r_reference[0]["harrell_c"], abs=1e-12)
+    assert value == pytest.approx(r_values["scalars"]["harrell_c"], abs=1e-12)
     assert value == pytest.approx(concordance_index_censored(event, time, risk)[0], abs=1e-12)
     # lifelines expects predicted survival time (higher = better): pass -risk
     assert value == pytest.approx(concordance_index(time, -risk, event), abs=1e-12)
@@ -89,17 +79,17 @@ def test_harrell_c_matches_r_scikit_survival_and_lifelines(tied, r_reference):
     assert 0.6 < value < 0.9
 
 
-def test_logrank_matches_r_survdiff(tied, r_reference):
+def test_logrank_matches_r_survdiff(tied, r_values):
     time, event, _ = arrays(tied)
     p = ev.logrank(time, event, tied["group"].to_numpy())
-    assert p == pytest.approx(r_reference[0]["logrank_p"], rel=1e-9)
+    assert p == pytest.approx(r_values["scalars"]["logrank_p"], rel=1e-9)
     assert p < 0.01
 
 
-def test_hazard_ratio_matches_r_coxph(tied, r_reference):
+def test_hazard_ratio_matches_r_coxph(tied, r_values):
     time, event, _ = arrays(tied)
     ratio = ev.hazard_ratio(time, event, tied["group"].to_numpy())
-    reference = r_reference[0]
+    reference = r_values["scalars"]
     # lifelines and R stop Newton at their own tolerances: 8e-7 apart here
     assert ratio.ratio == pytest.approx(reference["hazard_ratio"], rel=1e-5)
     assert ratio.ci_low == pytest.approx(reference["hr_low"], rel=1e-5)
@@ -107,12 +97,12 @@ def test_hazard_ratio_matches_r_coxph(tied, r_reference):
     assert ratio.ci_low < ratio.ratio < ratio.ci_high and ratio.ratio > 1.5
 
 
-def test_breslow_baseline_matches_r_basehaz(tied, r_reference):
+def test_breslow_baseline_matches_r_basehaz(tied, r_values):
     time, event, risk = arrays(tied)
     baseline = ev.breslow_baseline(risk, time, event)
-    reference = r_reference[1]
-    np.testing.assert_allclose(baseline.at(reference["time"].to_numpy()),
-                               reference["hazard"].to_numpy(), rtol=1e-12, atol=0)
+    reference = r_values["basehaz"]
+    np.testing.assert_allclose(baseline.at(reference["time"]),
+                               reference["hazard"], rtol=1e-12, atol=0)
     assert baseline.at([0.0])[0] == 0.0 and np.all(np.diff(baseline.cumulative_hazard) > 0)
     times, hazard = baseline  # unpacks like a tuple
     assert len(times) == len(np.unique(time[event])) == len(hazard)

@@ -1,43 +1,18 @@
-"""Cox partial likelihood loss against R survival (tests/reference/cox_loglik.R), lifelines,
-a hand computation, autograd's gradcheck and permutations of the input."""
+"""Cox partial likelihood loss against R survival (tests/reference/cox_loglik.R, its values
+committed in cox_loglik.json and checked live in the e2e tier), lifelines, a hand computation,
+autograd's gradcheck and permutations of the input."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 import pytest
+import r_reference
 import torch
-from lifelines import CoxPHFitter
-from sksurv.datasets import load_gbsg2
+from r_reference import cox_inputs
 
 from mrrp_pacs.model.losses import cox_partial_log_likelihood
 
-REFERENCE = Path(__file__).parents[2] / "reference"
-
-
-def r_loglik(tmp_path: Path, time, status, x: np.ndarray, beta: np.ndarray,
-             weight=None) -> dict[str, float]:
-    """R coxph log partial likelihood at ``beta`` (no iteration), Efron and Breslow."""
-    rscript = shutil.which("Rscript")
-    assert rscript is not None, "Rscript is missing: install r-base-core and r-cran-survival"
-    frame = pd.DataFrame({"time": time, "status": np.asarray(status, dtype=int),
-                          "weight": np.ones(len(time)) if weight is None else weight})
-    for j in range(x.shape[1]):
-        frame[f"x{j + 1}"] = x[:, j]
-    frame.to_csv(tmp_path / "data.csv", index=False, float_format="%.17g")
-    pd.DataFrame({"beta": beta}).to_csv(tmp_path / "beta.csv", index=False,
-                                        float_format="%.17g")
-    done = subprocess.run([rscript, "--vanilla", str(REFERENCE / "cox_loglik.R"),
-                           str(tmp_path / "data.csv"), str(tmp_path / "beta.csv"),
-                           str(tmp_path / "out.csv")], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    out = pd.read_csv(tmp_path / "out.csv")
-    return dict(zip(out["ties"], out["loglik"].astype(float), strict=True))
+R_CASES = r_reference.committed("cox_loglik")
 
 
 def loglik(risk, time, event, ties, weight=None) -> float:
@@ -49,25 +24,25 @@ def loglik(risk, time, event, ties, weight=None) -> float:
 
 @pytest.fixture(scope="module")
 def tied() -> dict[str, np.ndarray]:
-    """60 patients on 8 distinct times: several events per time, censorings at event times."""
-    rng = np.random.default_rng(7)
-    n = 60
-    time = rng.integers(1, 9, n).astype(float)
-    event = rng.random(n) < 0.6
-    time[:6], event[:6] = 4.0, [True, True, True, False, False, True]  # 4 events + 2 censored
-    x = np.column_stack([rng.normal(size=n), rng.integers(0, 2, n)])
-    return {"time": time, "event": event, "x": x, "beta": np.array([0.8, -0.5]),
-            "weight": rng.uniform(0.5, 2.0, n)}
+    return r_reference.cox_tied()
 
 
-def test_field_note_ties_match_r_and_the_hand_formula(tmp_path):
-    # an event and a censoring at t = 1: the censored patient is in the event's risk set
-    time, event = np.array([1.0, 1.0, 2.0, 3.0]), np.array([True, False, True, False])
-    x = np.array([[0.5], [-1.0], [2.0], [0.3]])
-    beta = np.array([0.7])
+@pytest.mark.needs_tool("Rscript")
+@pytest.mark.parametrize("case", R_CASES.values(), ids=R_CASES.keys())
+def test_r_still_gives_the_committed_logliks(case, tmp_path):
+    """R survival, run now on each committed case, gives the committed values (a failure here
+    with the other tests passing means R moved, not our loss)."""
+    live = r_reference.run_r("cox_loglik", case.inputs, tmp_path)
+    assert r_reference.flat(live) == pytest.approx(r_reference.flat(case.outputs), rel=1e-12,
+                                                   abs=0)
+
+
+def test_field_note_ties_match_r_and_the_hand_formula():
+    case = r_reference.field_note()
+    time, event, x, beta = case["time"], case["event"], case["x"], case["beta"]
     eta = x[:, 0] * beta[0]
     hand = (eta[0] - np.log(np.exp(eta).sum())) + (eta[2] - np.log(np.exp(eta[2:]).sum()))
-    reference = r_loglik(tmp_path, time, event, x, beta)
+    reference = R_CASES["field_note"].given(cox_inputs(time, event, x, beta))
     for ties in ("efron", "breslow"):
         assert reference[ties] == pytest.approx(hand, abs=1e-12)
         for order in ([0, 1, 2, 3], [1, 0, 2, 3], [3, 2, 1, 0], [2, 1, 3, 0]):
@@ -76,9 +51,10 @@ def test_field_note_ties_match_r_and_the_hand_formula(tmp_path):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_tied_times_match_r_efron_and_breslow(tmp_path, tied, weighted):
+def test_tied_times_match_r_efron_and_breslow(tied, weighted):
     weight = tied["weight"] if weighted else None
-    reference = r_loglik(tmp_path, tied["time"], tied["event"], tied["x"], tied["beta"], weight)
+    reference = R_CASES["tied_weighted" if weighted else "tied"].given(
+        cox_inputs(tied["time"], tied["event"], tied["x"], tied["beta"], weight))
     eta = tied["x"] @ tied["beta"]
     efron = loglik(eta, tied["time"], tied["event"], "efron", weight)
     breslow = loglik(eta, tied["time"], tied["event"], "breslow", weight)
@@ -87,10 +63,10 @@ def test_tied_times_match_r_efron_and_breslow(tmp_path, tied, weighted):
     assert abs(efron - breslow) > 0.5  # the fixture's ties matter
 
 
-def test_risks_of_plus_minus_50_match_r_without_overflow(tmp_path, tied):
-    x = np.linspace(-50.0, 50.0, len(tied["time"]))[:, None]
-    x = x[np.random.default_rng(3).permutation(len(x))]
-    reference = r_loglik(tmp_path, tied["time"], tied["event"], x, np.array([1.0]))
+def test_risks_of_plus_minus_50_match_r_without_overflow(tied):
+    x = r_reference.extreme_risks()
+    reference = R_CASES["extreme_risks"].given(
+        cox_inputs(tied["time"], tied["event"], x, [1.0]))
     for ties in ("efron", "breslow"):
         assert loglik(x[:, 0], tied["time"], tied["event"], ties) == pytest.approx(
             reference[ties], rel=1e-12)
@@ -104,26 +80,22 @@ def test_risks_of_plus_minus_50_match_r_without_overflow(tmp_path, tied):
         assert -float(loss.detach()) == pytest.approx(reference[ties], rel=1e-5)
 
 
-def test_gbsg2_matches_r_and_lifelines(tmp_path):
-    features, outcome = load_gbsg2()
-    frame = pd.DataFrame({
-        "age": features["age"], "estrec": features["estrec"], "pnodes": features["pnodes"],
-        "progrec": features["progrec"], "tsize": features["tsize"],
-        "hormone": (features["horTh"] == "yes").astype(float),
-        "grade": features["tgrade"].map({"I": 1.0, "II": 2.0, "III": 3.0}).astype(float),
-        "time": outcome["time"], "event": outcome["cens"].astype(int)})
-    fitter = CoxPHFitter().fit(frame, duration_col="time", event_col="event")
-    covariates = [c for c in frame.columns if c not in ("time", "event")]
-    beta = fitter.params_[covariates].to_numpy()
+def test_gbsg2_matches_r_and_lifelines():
+    frame, covariates, fitter = r_reference.gbsg2()
+    time, event = frame["time"].to_numpy(), frame["event"].to_numpy()
     x = frame[covariates].to_numpy()
-    eta = x @ beta
-    reference = r_loglik(tmp_path, frame["time"].to_numpy(), frame["event"].to_numpy(), x, beta)
-    efron = loglik(eta, frame["time"].to_numpy(), frame["event"].to_numpy().astype(bool),
-                   "efron")
-    breslow = loglik(eta, frame["time"].to_numpy(), frame["event"].to_numpy().astype(bool),
-                     "breslow")
-    assert efron == pytest.approx(reference["efron"], rel=1e-12)
-    assert breslow == pytest.approx(reference["breslow"], rel=1e-12)
+    # R's values are at the coefficients lifelines found when they were made (committed with
+    # them, so that a lifelines release moving its optimum by 1e-9 moves no reference)
+    case = R_CASES["gbsg2"]
+    reference = case.given(cox_inputs(time, event, x, case.inputs["beta"]))
+    committed_eta = x @ case.inputs["beta"]
+    assert loglik(committed_eta, time, event.astype(bool), "efron") == pytest.approx(
+        reference["efron"], rel=1e-12)
+    assert loglik(committed_eta, time, event.astype(bool), "breslow") == pytest.approx(
+        reference["breslow"], rel=1e-12)
+    beta = fitter.params_[covariates].to_numpy()
+    efron = loglik(x @ beta, time, event.astype(bool), "efron")
+    breslow = loglik(x @ beta, time, event.astype(bool), "breslow")
     assert efron == pytest.approx(fitter.log_likelihood_, rel=1e-9)  # lifelines is Efron
     assert efron != pytest.approx(breslow, rel=1e-6)  # GBSG2 has tied event times
 
