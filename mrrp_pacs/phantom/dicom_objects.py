@@ -51,6 +51,16 @@ class StudyInfo:
     description: str
 
 
+@dataclass(frozen=True)
+class Equipment:
+    """The device and place that acquired an image (General Equipment module)."""
+
+    manufacturer: str = MANUFACTURER
+    model: str = "synthetic linear probe"
+    station_name: str = ""
+    institution_name: str = ""
+
+
 DatasetT = TypeVar("DatasetT", bound=Dataset)
 
 
@@ -69,8 +79,14 @@ def _fix_clock(ds: DatasetT, date: str, time: str) -> DatasetT:
 
 
 def ultrasound_image(pixels: np.ndarray, pixel_mm: float, who: Demographics, study: StudyInfo,
-                     laterality: str, uid_seed: str) -> Dataset:
-    """Ultrasound Image Storage, 8-bit MONOCHROME2, calibrated by its ultrasound region."""
+                     laterality: str, uid_seed: str, equipment: Equipment | None = None,
+                     series_description: str = "Breast ultrasound") -> Dataset:
+    """Ultrasound Image Storage, 8-bit MONOCHROME2, calibrated by its ultrasound region.
+
+    ``pixel_mm`` is the machine's pixel spacing (square pixels), written as PhysicalDeltaX/Y of
+    the one Sequence of Ultrasound Regions item. ``equipment`` defaults to the phantom's own.
+    """
+    equipment = equipment if equipment is not None else Equipment()
     rows, columns = pixels.shape
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -85,10 +101,14 @@ def ultrasound_image(pixels: np.ndarray, pixel_mm: float, who: Demographics, stu
     ds.Modality = "US"
     ds.SeriesInstanceUID = phantom_uid(uid_seed, "us-series")
     ds.SeriesNumber = 1
-    ds.SeriesDescription = "Breast ultrasound"
+    ds.SeriesDescription = series_description
     ds.BodyPartExamined = "BREAST"
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = "synthetic linear probe"
+    ds.Manufacturer = equipment.manufacturer
+    ds.ManufacturerModelName = equipment.model
+    if equipment.institution_name:
+        ds.InstitutionName = equipment.institution_name
+    if equipment.station_name:
+        ds.StationName = equipment.station_name
     ds.SoftwareVersions = __version__
     ds.InstanceNumber = 1
     ds.ContentDate, ds.ContentTime = study.date, study.time
