@@ -124,3 +124,15 @@ def test_every_site_object_passes_dciodvfy(three_sites):
     for path in files:
         errors, warnings = dciodvfy(path)
         assert errors + warnings == [], f"{path.name}: {errors + warnings}"
+
+
+def test_cli_refuses_more_sites_than_it_knows(tmp_path):
+    from click.testing import CliRunner
+
+    from mrrp_pacs.cli import main
+
+    result = CliRunner().invoke(main, ["phantom", "--patients", "2", "--seed", "1", "--out",
+                                       str(tmp_path / "p"), "--sites", str(len(SITES) + 1)])
+    assert result.exit_code == 2
+    assert f"--sites must be between 1 and {len(SITES)}" in result.output
+    assert not (tmp_path / "p").exists()
