@@ -196,14 +196,15 @@ def _write_patient(job: _PatientJob) -> dict[str, int]:
     if job.has_us:
         machine = site.ultrasound
         frame = render_frame(us_rng, job.traits, size_mm, machine.rows, machine.columns,
-                             machine.pixel_mm, machine.gain_db)
+                             machine.pixel_mm, machine.gain_db, machine.frames)
         study = StudyInfo(phantom_uid(seed_key, "us-study"), us_accession, "US1",
                           us_day.strftime("%Y%m%d"), "101500",
                           describe(site.us_study, laterality))
         image = ultrasound_image(
-            frame.pixels, frame.pixel_mm, who, study, laterality, f"{seed_key}/us",
+            frame.pixels if frame.cine is None else frame.cine, frame.pixel_mm, who, study,
+            laterality, f"{seed_key}/us",
             Equipment(machine.manufacturer, machine.model, site.us_station, site.institution),
-            describe(site.us_series, laterality))
+            describe(site.us_series, laterality), machine.frame_rate_hz)
         (patient_dir / "us").mkdir(parents=True, exist_ok=True)
         image.save_as(patient_dir / "us" / "image.dcm", enforce_file_format=True)
         roi = lesion_roi_report(image, frame.lesion_box_px, f"{seed_key}/us")
@@ -330,7 +331,8 @@ def _site_summary(site: Site) -> dict[str, object]:
                     "mpp": site.scanner.mpp, "jpeg_quality": site.scanner.jpeg_quality},
         "ultrasound": {"manufacturer": machine.manufacturer, "model": machine.model,
                        "pixel_mm": machine.pixel_mm, "rows": machine.rows,
-                       "columns": machine.columns, "gain_db": machine.gain_db},
+                       "columns": machine.columns, "gain_db": machine.gain_db,
+                       "frames": machine.frames, "frame_rate_hz": machine.frame_rate_hz},
     }
 
 

@@ -78,10 +78,15 @@ class UltrasoundMachine:
     depth_mm: float  # field of view, skin to the bottom row
     width_mm: float
     gain_db: float  # overall receive gain before log compression; 0 is the phantom's reference
+    frames: int = 1  # > 1: the machine stores a cine loop (Ultrasound Multi-frame Image)
+    frame_rate_hz: float = 20.0
 
     def __post_init__(self) -> None:
         if self.pixel_mm <= 0:
             raise ValueError(f"ultrasound pixel spacing must be positive, got {self.pixel_mm}")
+        if self.frames < 1 or self.frame_rate_hz <= 0:
+            raise ValueError(f"an ultrasound machine stores at least one frame at a positive "
+                             f"rate, got {self.frames} at {self.frame_rate_hz} Hz")
 
     @property
     def rows(self) -> int:
@@ -155,7 +160,8 @@ SITES: tuple[Site, ...] = (
     Site(code="B", institution="Phantom University Medical Centre", stain=MACENKO_REFERENCE,
          scanner=SlideScanner("Lumen Slide Systems", "LX-40", mpp=0.25, jpeg_quality=80),
          ultrasound=UltrasoundMachine("Echolab", "EL-7 L12-5", pixel_mm=0.08, depth_mm=40.0,
-                                      width_mm=50.0, gain_db=3.0),
+                                      width_mm=50.0, gain_db=3.0, frames=5,
+                                      frame_rate_hz=25.0),
          wsi_station="PUMC-DP-02", us_station="PUMC-US-BREAST",
          pathology_study="PATHOLOGY BREAST {lat}", pathology_series="HE 40X",
          us_study="US BREAST UNILAT {side}", us_series="B-MODE {side} BREAST"),
@@ -169,7 +175,7 @@ SITES: tuple[Site, ...] = (
     Site(code="D", institution="Phantom Women's Clinic", stain=QUPATH_BREAST,
          scanner=SlideScanner("Lumen Slide Systems", "LX-20", mpp=0.25, jpeg_quality=85),
          ultrasound=UltrasoundMachine("Echolab", "EL-5 L10", pixel_mm=0.1, depth_mm=42.0,
-                                      width_mm=56.0, gain_db=1.5),
+                                      width_mm=56.0, gain_db=1.5, frames=3),
          wsi_station="PWC-SCAN", us_station="PWC-US-A",
          pathology_study="Breast pathology", pathology_series="H&E scan",
          us_study="Breast US {side}", us_series="Breast {lat}"),

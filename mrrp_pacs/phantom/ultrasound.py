@@ -29,10 +29,13 @@ PIXEL_MM = 0.1  # the reference grid: the anatomy's texture is drawn on it
 
 @dataclass
 class UltrasoundFrame:
-    pixels: np.ndarray  # (rows, columns) uint8
+    pixels: np.ndarray  # (rows, columns) uint8; the middle frame of a cine loop
     pixel_mm: float
     lesion_box_px: tuple[int, int, int, int]  # x0, y0, x1, y1 inclusive, (column, row)
     lesion_outline_px: np.ndarray  # (n, 2) (x, y)
+    # (frames, rows, columns) uint8 when more than one frame was asked for: the same section
+    # under fresh speckle each frame (a held probe); ``pixels`` is frame ``frames // 2``
+    cine: np.ndarray | None = None
 
 
 def _outline(rng: np.random.Generator, traits: dict[str, float], size_mm: float,
@@ -68,12 +71,15 @@ def _to_machine(field: np.ndarray, rows: int, columns: int, pixel_mm: float) -> 
 
 def render_frame(rng: np.random.Generator, traits: dict[str, float], size_mm: float,
                  rows: int = ROWS, columns: int = COLUMNS, pixel_mm: float = PIXEL_MM,
-                 gain_db: float = 0.0) -> UltrasoundFrame:
-    """Render one frame; ``size_mm`` is the lesion's largest diameter (capped at 45 mm).
+                 gain_db: float = 0.0, frames: int = 1) -> UltrasoundFrame:
+    """Render one frame, or a cine loop of ``frames``; ``size_mm`` is the lesion's largest
+    diameter (capped at 45 mm).
 
     ``rows`` x ``columns`` pixels of ``pixel_mm`` must fit in the reference field of view
     (48 mm deep, 64 mm wide); ``gain_db`` scales the echo before log compression.
     """
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
     if rows * pixel_mm > ROWS * PIXEL_MM + 1e-6 or columns * pixel_mm > COLUMNS * PIXEL_MM + 1e-6:
         raise ValueError(f"a {rows}x{columns} frame at {pixel_mm} mm/px is larger than the "
                          f"{ROWS * PIXEL_MM:g} x {COLUMNS * PIXEL_MM:g} mm field of the anatomy")
@@ -118,13 +124,16 @@ def render_frame(rng: np.random.Generator, traits: dict[str, float], size_mm: fl
     decay = np.exp(-np.maximum(np.arange(rows) - ys.max(), 0) * pixel_mm / 40.0)[:, None]
     tissue *= 1 + (factor - 1) * below * decay * band[None, :]
 
-    # speckle: Rayleigh amplitude, laterally correlated, then log compression
-    speckle = rng.rayleigh(1.0, (rows, columns)).astype(np.float32)
-    speckle = ndimage.gaussian_filter(speckle, (0.7, 1.6)) / 1.25
+    # speckle: Rayleigh amplitude, laterally correlated, then log compression; one draw a frame
     attenuation = np.exp(-depth_mm / 90.0)
-    echo = np.clip(tissue, 0, None) * speckle * attenuation
     gain = 10 ** (gain_db / 20)
-    image = np.log1p(30 * gain * echo) / np.log1p(30 * 1.4)
-    pixels = np.clip(image * 255, 0, 255).astype(np.uint8)
+    loop = []
+    for _ in range(frames):
+        speckle = rng.rayleigh(1.0, (rows, columns)).astype(np.float32)
+        speckle = ndimage.gaussian_filter(speckle, (0.7, 1.6)) / 1.25
+        echo = np.clip(tissue, 0, None) * speckle * attenuation
+        image = np.log1p(30 * gain * echo) / np.log1p(30 * 1.4)
+        loop.append(np.clip(image * 255, 0, 255).astype(np.uint8))
     box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
-    return UltrasoundFrame(pixels, pixel_mm, box, outline)
+    return UltrasoundFrame(loop[frames // 2], pixel_mm, box, outline,
+                           np.stack(loop) if frames > 1 else None)

@@ -19,6 +19,7 @@ from mrrp_pacs.phantom.cohort import TRAITS
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
 from mrrp_pacs.phantom.histology import render_slide
 from mrrp_pacs.phantom.sites import SITES
+from mrrp_pacs.phantom.ultrasound import render_frame
 
 THREE = SITES[:3]
 PLAN_PX = 512  # 256 µm of section
@@ -52,6 +53,27 @@ def test_same_section_and_nuclei_at_every_site_in_micrometres():
     assert len(reference.nuclei) > 50
 
 
+def test_same_lesion_in_millimetres_on_every_ultrasound_machine():
+    traits = {"us_margin": 0.8, "us_orientation": 0.3, "us_shadowing": 1.0,
+              "us_heterogeneity": 0.2, "vascularity": 0.0}
+    outlines_mm = []
+    for site in SITES:
+        machine = site.ultrasound
+        frame = render_frame(np.random.default_rng(4), traits, 18.0, machine.rows,
+                             machine.columns, machine.pixel_mm, machine.gain_db, machine.frames)
+        assert frame.pixels.shape == (machine.rows, machine.columns)
+        if machine.frames > 1:
+            assert frame.cine is not None and frame.cine.shape[0] == machine.frames
+            assert np.array_equal(frame.cine[machine.frames // 2], frame.pixels)
+            assert not np.array_equal(frame.cine[0], frame.cine[1])  # fresh speckle
+        # lesion outline relative to the frame's centre line, in mm
+        outlines_mm.append(frame.lesion_outline_px * machine.pixel_mm
+                           - [machine.width_mm / 2, 0])
+    for outline in outlines_mm[1:]:
+        assert np.allclose(outline, outlines_mm[0], atol=1e-6)
+    assert len({site.ultrasound.frames for site in SITES}) > 1
+
+
 def test_stain_vectors_estimated_from_the_pixels_differ_between_sites():
     hematoxylin = {}
     for site in THREE:
@@ -81,6 +103,15 @@ def three_sites(tmp_path_factory):
     return root
 
 
+def _walk(ds):
+    """Every item of every sequence in ``ds``, depth first."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield item
+                yield from _walk(item)
+
+
 def _truth(path):
     with path.open() as handle:
         return list(csv.DictReader(handle))
@@ -107,6 +138,12 @@ def test_each_site_writes_its_own_acquisition_with_the_same_traits(three_sites):
         (region,) = image.SequenceOfUltrasoundRegions
         assert region.PhysicalDeltaX == pytest.approx(site.ultrasound.pixel_mm / 10)
         assert (image.Rows, image.Columns) == (site.ultrasound.rows, site.ultrasound.columns)
+        assert int(image.get("NumberOfFrames", 1)) == site.ultrasound.frames
+        roi = pydicom.dcmread(folder / "us" / "lesion-roi.dcm")
+        frames = [item.ReferencedFrameNumber for item in _walk(roi)
+                  if "ReferencedFrameNumber" in item]
+        assert frames == ([site.ultrasound.frames // 2 + 1] if site.ultrasound.frames > 1
+                          else [])
         for ds, station in ((level0, site.wsi_station), (image, site.us_station)):
             assert ds.StationName == station and ds.InstitutionName == site.institution
             assert ds.BodyPartExamined == "BREAST" and ds.ImageLaterality in ("R", "L")
