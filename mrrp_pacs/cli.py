@@ -921,7 +921,8 @@ def show_config(state: _Context, db_path: Path | None) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="New or empty folder to write into.")
 @click.option("--slide-px", type=int, default=4096, show_default=True,
-              help="Slide width and height in pixels at 0.5 µm/px.")
+              help="Slide width and height in pixels at 0.5 µm/px (a 0.25 µm/px site scans "
+              "the same section with twice as many).")
 @click.option("--missing-wsi", type=float, default=0.1, show_default=True,
               help="Fraction of patients without a slide.")
 @click.option("--missing-us", type=float, default=0.1, show_default=True,
