@@ -921,7 +921,8 @@ def show_config(state: _Context, db_path: Path | None) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="New or empty folder to write into.")
 @click.option("--slide-px", type=int, default=4096, show_default=True,
-              help="Slide width and height in pixels at 0.5 µm/px.")
+              help="Slide width and height in pixels at 0.5 µm/px (a 0.25 µm/px site scans "
+              "the same section with twice as many).")
 @click.option("--missing-wsi", type=float, default=0.1, show_default=True,
               help="Fraction of patients without a slide.")
 @click.option("--missing-us", type=float, default=0.1, show_default=True,
@@ -930,12 +931,15 @@ def show_config(state: _Context, db_path: Path | None) -> None:
               help="Fraction without an ultrasound report.")
 @click.option("--signal", default="", help="Modality weights of the true hazard, e.g. "
               "wsi=1,us=0.6,text=0.5,clinical=0.6 (those are the defaults).")
+@click.option("--sites", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Hospitals the patients are spread over, each with its own stain, glass, "
+              "scanner (0.25 or 0.5 µm/px), JPEG quality and ultrasound machine.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: one per CPU core).")
 @click.option("--json", "as_json", is_flag=True, help="Print phantom.json's content.")
 def phantom(patients: int, seed: int, out_dir: Path, slide_px: int, missing_wsi: float,
-            missing_us: float, missing_report: float, signal: str, workers: int | None,
-            as_json: bool) -> None:
+            missing_us: float, missing_report: float, signal: str, sites: int,
+            workers: int | None, as_json: bool) -> None:
     """Generate a synthetic hospital (DICOM, HL7, truth).
 
     Outcomes follow a known hazard whose signal is rendered into the slides, ultrasound
@@ -947,7 +951,8 @@ def phantom(patients: int, seed: int, out_dir: Path, slide_px: int, missing_wsi:
     try:
         spec = PhantomSpec(patients=patients, seed=seed, slide_px=slide_px,
                            missing_wsi=missing_wsi, missing_us=missing_us,
-                           missing_report=missing_report, signal=parse_signal(signal))
+                           missing_report=missing_report, signal=parse_signal(signal),
+                           sites=sites)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     started = time.perf_counter()

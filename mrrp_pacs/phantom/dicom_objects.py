@@ -20,6 +20,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from mrrp_pacs import __version__
 
 ULTRASOUND_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+ULTRASOUND_MULTIFRAME_IMAGE = "1.2.840.10008.5.1.4.1.1.3.1"
+FRAME_TIME_TAG = 0x00181063
 MANUFACTURER = "mrrp-pacs phantom hospital"
 BREAST = hd.sr.CodedConcept("76752008", "SCT", "Breast")
 US_BREAST_PROCEDURE = hd.sr.CodedConcept("24627-2", "LN", "US Breast")
@@ -51,6 +53,16 @@ class StudyInfo:
     description: str
 
 
+@dataclass(frozen=True)
+class Equipment:
+    """The device and place that acquired an image (General Equipment module)."""
+
+    manufacturer: str = MANUFACTURER
+    model: str = "synthetic linear probe"
+    station_name: str = ""
+    institution_name: str = ""
+
+
 DatasetT = TypeVar("DatasetT", bound=Dataset)
 
 
@@ -69,26 +81,42 @@ def _fix_clock(ds: DatasetT, date: str, time: str) -> DatasetT:
 
 
 def ultrasound_image(pixels: np.ndarray, pixel_mm: float, who: Demographics, study: StudyInfo,
-                     laterality: str, uid_seed: str) -> Dataset:
-    """Ultrasound Image Storage, 8-bit MONOCHROME2, calibrated by its ultrasound region."""
-    rows, columns = pixels.shape
+                     laterality: str, uid_seed: str, equipment: Equipment | None = None,
+                     series_description: str = "Breast ultrasound",
+                     frame_rate_hz: float = 20.0) -> Dataset:
+    """Ultrasound Image Storage, 8-bit MONOCHROME2, calibrated by its ultrasound region.
+
+    ``pixels`` is (rows, columns), or (frames, rows, columns) for a cine loop, written as an
+    Ultrasound Multi-frame Image (Cine and Multi-frame modules, frames ``1000 /
+    frame_rate_hz`` ms apart). ``pixel_mm`` is the machine's pixel spacing (square pixels),
+    written as PhysicalDeltaX/Y of the one Sequence of Ultrasound Regions item. ``equipment``
+    defaults to the phantom's own.
+    """
+    equipment = equipment if equipment is not None else Equipment()
+    frames = pixels.shape[0] if pixels.ndim == 3 else 1
+    rows, columns = pixels.shape[-2:]
+    sop_class = ULTRASOUND_MULTIFRAME_IMAGE if pixels.ndim == 3 else ULTRASOUND_IMAGE
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = UID(ULTRASOUND_IMAGE)
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.file_meta.MediaStorageSOPInstanceUID = phantom_uid(uid_seed, "us-image")
     ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = ULTRASOUND_IMAGE
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.InstanceCreationDate, ds.InstanceCreationTime = study.date, study.time
     _patient_and_study(ds, who, study)
     ds.Modality = "US"
     ds.SeriesInstanceUID = phantom_uid(uid_seed, "us-series")
     ds.SeriesNumber = 1
-    ds.SeriesDescription = "Breast ultrasound"
+    ds.SeriesDescription = series_description
     ds.BodyPartExamined = "BREAST"
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = "synthetic linear probe"
+    ds.Manufacturer = equipment.manufacturer
+    ds.ManufacturerModelName = equipment.model
+    if equipment.institution_name:
+        ds.InstitutionName = equipment.institution_name
+    if equipment.station_name:
+        ds.StationName = equipment.station_name
     ds.SoftwareVersions = __version__
     ds.InstanceNumber = 1
     ds.ContentDate, ds.ContentTime = study.date, study.time
@@ -105,6 +133,12 @@ def ultrasound_image(pixels: np.ndarray, pixel_mm: float, who: Demographics, stu
     ds.PixelRepresentation = 0
     ds.LossyImageCompression = "00"
     ds.BurnedInAnnotation = "NO"
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = frames
+        ds.FrameIncrementPointer = FRAME_TIME_TAG
+        ds.FrameTime = f"{1000.0 / frame_rate_hz:.6g}"
+        ds.RecommendedDisplayFrameRate = round(frame_rate_hz)
+        ds.CineRate = round(frame_rate_hz)
     region = Dataset()
     region.RegionSpatialFormat = 1    # 2D tissue
     region.RegionDataType = 1         # tissue
@@ -138,13 +172,16 @@ def lesion_roi_report(image: Dataset, box_px: tuple[int, int, int, int], uid_see
                       ) -> hd.sr.ComprehensiveSR:
     """TID 1500 Measurement Report with the lesion bounding box as a TID 1410 planar ROI.
 
-    The box is a closed POLYLINE in the image's pixel space (column, row), referencing it.
+    The box is a closed POLYLINE in the image's pixel space (column, row), referencing it; on a
+    cine loop it is drawn on the middle frame (``NumberOfFrames // 2 + 1``, 1-based).
     """
     x0, y0, x1, y1 = (float(v) for v in box_px)
+    frames = int(image.get("NumberOfFrames", 1) or 1)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(image),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(
+            image, referenced_frame_numbers=[frames // 2 + 1] if frames > 1 else None),
     )
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(

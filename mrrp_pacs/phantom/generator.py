@@ -9,11 +9,16 @@ Layout of ``out``::
     hl7/<patient>-us-report.hl7               ORU^R01 breast ultrasound report
     hl7/<patient>-pathology.hl7               ORU^R01 pathology result
     truth/nuclei/<patient>.csv.gz             every nucleus drawn (x, y level-0 px, type, µm)
-    truth.csv                                 outcomes, true log hazard, split, latent traits
-    phantom.json                              parameters, oracle C-index
+    truth.csv                                 outcomes, true log hazard, split, site, traits
+    phantom.json                              parameters, sites, oracle C-index
 
 Each patient draws from its own random stream, so the output is byte-identical for a seed
 whatever the number of worker processes.
+
+Patients are spread over ``spec.sites`` hospitals (:mod:`mrrp_pacs.phantom.sites`), in turn by
+patient number: each site scans and images with its own stain batch, glass, scanner, JPEG
+quality and ultrasound machine, and names its studies its own way. The traits are drawn and
+rendered the same way at every site.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from mrrp_pacs import __version__
 from mrrp_pacs.phantom import cohort as cohort_model
 from mrrp_pacs.phantom.dicom_objects import (
     Demographics,
+    Equipment,
     StudyInfo,
     lesion_roi_report,
     phantom_uid,
@@ -49,6 +55,7 @@ from mrrp_pacs.phantom.messages import (
     report_text,
     ultrasound_report,
 )
+from mrrp_pacs.phantom.sites import SITES, Site, describe
 from mrrp_pacs.phantom.ultrasound import render_frame
 from mrrp_pacs.phantom.wsi_dicom import SlideIdentity, write_wsi_pyramid
 
@@ -60,14 +67,17 @@ DEFAULT_MPP = 0.5
 class PhantomSpec:
     patients: int
     seed: int
-    slide_px: int = 4096
+    slide_px: int = 4096  # slide side in pixels at ``mpp``: every site's section is as wide
     mpp: float = DEFAULT_MPP
     missing_wsi: float = 0.1
     missing_us: float = 0.1
     missing_report: float = 0.1
     signal: tuple[tuple[str, float], ...] = tuple(cohort_model.DEFAULT_SIGNAL.items())
+    sites: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.sites <= len(SITES):
+            raise ValueError(f"--sites must be between 1 and {len(SITES)}, got {self.sites}")
         for name in ("missing_wsi", "missing_us", "missing_report"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -76,6 +86,16 @@ class PhantomSpec:
         if self.slide_px < 512 or self.slide_px % 256:
             raise ValueError(f"--slide-px must be a multiple of 256, at least 512; got "
                              f"{self.slide_px}")
+        for site in SITES[: self.sites]:
+            side_px = self.slide_px * self.mpp / site.scanner.mpp
+            if side_px != int(side_px):
+                raise ValueError(f"a {self.slide_px}-px slide at {self.mpp} µm/px is not a whole "
+                                 f"number of pixels at site {site.code}'s "
+                                 f"{site.scanner.mpp} µm/px")
+
+    def site_of(self, index: int) -> Site:
+        """The site of the patient numbered ``index`` (from 0): the sites take turns."""
+        return SITES[index % self.sites]
         unknown = {k for k, _ in self.signal} - set(cohort_model.DEFAULT_SIGNAL)
         if unknown:
             raise ValueError(f"--signal: unknown modality {sorted(unknown)}; known: "
@@ -103,6 +123,7 @@ class _PatientJob:
     seed: int
     slide_px: int
     mpp: float
+    site: Site
     traits: dict[str, float]
     clinical: dict[str, object]
     has_wsi: bool
@@ -143,31 +164,47 @@ def _write_patient(job: _PatientJob) -> dict[str, int]:
     slide_rng, us_rng, text_rng = (np.random.default_rng(s) for s in
                                    np.random.SeedSequence([job.seed, job.index, 7]).spawn(3))
 
+    site = job.site
     if job.has_wsi:
-        slide = render_slide(slide_rng, job.traits, job.slide_px, job.mpp)
+        scanner = site.scanner
+        # the same section (slide_px x mpp µm) at the site scanner's resolution
+        side_px = round(job.slide_px * job.mpp / scanner.mpp)
+        slide = render_slide(slide_rng, job.traits, side_px, scanner.mpp, site.stain)
         identity = SlideIdentity(
             patient_id=job.patient_id, issuer_of_patient_id=ISSUER,
             patient_name=who.patient_name, patient_birth_date=who.birth_date,
             patient_sex="F", study_instance_uid=phantom_uid(seed_key, "pathology-study"),
             accession_number=path_accession, study_id="PATH1",
             study_date=pathology_day.strftime("%Y%m%d"), study_time="090000",
-            uid_seed=f"{seed_key}/slide", container_identifier=f"{job.patient_id}-A1")
-        levels = write_wsi_pyramid(slide.rgb, job.mpp, identity, patient_dir / "slide")
+            uid_seed=f"{seed_key}/slide", container_identifier=f"{job.patient_id}-A1",
+            study_description=describe(site.pathology_study, laterality),
+            series_description=describe(site.pathology_series, laterality),
+            laterality=laterality, body_part_examined="BREAST",
+            manufacturer=scanner.manufacturer, manufacturer_model_name=scanner.model,
+            station_name=site.wsi_station, institution_name=site.institution)
+        levels = write_wsi_pyramid(slide.rgb, scanner.mpp, identity, patient_dir / "slide",
+                                   jpeg_quality=scanner.jpeg_quality)
         level0 = pydicom.dcmread(levels[0], stop_before_pixels=True)
         annotation = tumour_region_annotation(level0, slide.tumour_polygon_px, laterality,
                                               f"{seed_key}/slide")
         annotation.save_as(patient_dir / "slide" / "tumour-region.dcm", enforce_file_format=True)
         _write_nuclei(job.out / "truth" / "nuclei" / f"{job.patient_id}.csv.gz", slide.nuclei,
-                      job.mpp)
+                      scanner.mpp)
         written["dicom"] += len(levels) + 1
 
     size_mm = float(job.clinical["tumour_size_mm"])  # type: ignore[arg-type]
     if job.has_us:
-        frame = render_frame(us_rng, job.traits, size_mm)
+        machine = site.ultrasound
+        frame = render_frame(us_rng, job.traits, size_mm, machine.rows, machine.columns,
+                             machine.pixel_mm, machine.gain_db, machine.frames)
         study = StudyInfo(phantom_uid(seed_key, "us-study"), us_accession, "US1",
-                          us_day.strftime("%Y%m%d"), "101500", "US breast")
-        image = ultrasound_image(frame.pixels, frame.pixel_mm, who, study, laterality,
-                                 f"{seed_key}/us")
+                          us_day.strftime("%Y%m%d"), "101500",
+                          describe(site.us_study, laterality))
+        image = ultrasound_image(
+            frame.pixels if frame.cine is None else frame.cine, frame.pixel_mm, who, study,
+            laterality, f"{seed_key}/us",
+            Equipment(machine.manufacturer, machine.model, site.us_station, site.institution),
+            describe(site.us_series, laterality), machine.frame_rate_hz)
         (patient_dir / "us").mkdir(parents=True, exist_ok=True)
         image.save_as(patient_dir / "us" / "image.dcm", enforce_file_format=True)
         roi = lesion_roi_report(image, frame.lesion_box_px, f"{seed_key}/us")
@@ -230,7 +267,7 @@ def generate(spec: PhantomSpec, out: Path, workers: int | None = None,
     jobs = [
         _PatientJob(
             index=i, patient_id=pid, seed=spec.seed, slide_px=spec.slide_px, mpp=spec.mpp,
-            traits={k: float(v[i]) for k, v in cohort.traits.items()},
+            site=spec.site_of(i), traits={k: float(v[i]) for k, v in cohort.traits.items()},
             clinical={k: _scalar(v[i]) for k, v in cohort.clinical.items()},
             has_wsi=bool(cohort.has_wsi[i]), has_us=bool(cohort.has_us[i]),
             has_report=bool(cohort.has_report[i]), out=out)
@@ -253,7 +290,7 @@ def generate(spec: PhantomSpec, out: Path, workers: int | None = None,
             for written in pool.map(_write_patient, jobs, chunksize=1):
                 collect(written)
 
-    _write_truth(out / "truth.csv", cohort)
+    _write_truth(out / "truth.csv", cohort, [job.site.code for job in jobs])
     test = cohort.split == "test"
     summary: dict[str, object] = {
         "generator": f"mrrp-pacs {__version__}",
@@ -275,21 +312,41 @@ def generate(spec: PhantomSpec, out: Path, workers: int | None = None,
         "oracle_c_index_all": _finite(cohort_model.harrell_c(
             cohort.time_months, cohort.event, cohort.log_hazard)),
         "files": totals,
+        "sites": {site.code: _site_summary(site) for site in SITES[: spec.sites]},
     }
     (out / "phantom.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 
-def _write_truth(path: Path, cohort: cohort_model.Cohort) -> None:
+def _site_summary(site: Site) -> dict[str, object]:
+    """How a site acquires, for phantom.json (so measurements can be read per site)."""
+    machine = site.ultrasound
+    return {
+        "institution": site.institution,
+        "stain": {"hematoxylin_od": list(site.stain.hematoxylin_od),
+                  "eosin_od": list(site.stain.eosin_od),
+                  "glass_rgb": [round(v, 2) for v in site.stain.glass_rgb],
+                  "source": site.stain.source},
+        "scanner": {"manufacturer": site.scanner.manufacturer, "model": site.scanner.model,
+                    "mpp": site.scanner.mpp, "jpeg_quality": site.scanner.jpeg_quality},
+        "ultrasound": {"manufacturer": machine.manufacturer, "model": machine.model,
+                       "pixel_mm": machine.pixel_mm, "rows": machine.rows,
+                       "columns": machine.columns, "gain_db": machine.gain_db,
+                       "frames": machine.frames, "frame_rate_hz": machine.frame_rate_hz},
+    }
+
+
+def _write_truth(path: Path, cohort: cohort_model.Cohort, sites: list[str]) -> None:
     traits = list(cohort_model.TRAITS)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["patient_id", "time_months", "event", "true_log_hazard", "split",
-                         "has_wsi", "has_us", "has_report", *[f"latent_{t}" for t in traits]])
+                         "has_wsi", "has_us", "has_report", "site",
+                         *[f"latent_{t}" for t in traits]])
         for i, pid in enumerate(cohort.ids):
             writer.writerow([
                 pid, f"{cohort.time_months[i]:.1f}", int(cohort.event[i]),
                 f"{cohort.log_hazard[i]:.6f}", cohort.split[i], int(cohort.has_wsi[i]),
-                int(cohort.has_us[i]), int(cohort.has_report[i]),
+                int(cohort.has_us[i]), int(cohort.has_report[i]), sites[i],
                 *[f"{cohort.traits[t][i]:.6f}" for t in traits],
             ])

@@ -1,12 +1,17 @@
 """Synthetic H&E slides with every nucleus known.
 
 The slide is rendered in optical density (Beer–Lambert): per pixel a hematoxylin and an eosin
-concentration, mixed with the Ruifrok–Johnston stain vectors that colour deconvolution
-(``skimage.color.rgb2hed``) inverts. Tissue is an irregular section on glass; inside it a
-tumour region (the annotated polygon) holds nests of tumour cells; stroma carries spindle
-(stromal) nuclei along its fibres, a few normal ducts and lymphocytes.
+concentration, mixed with the stain vectors of the site's stain batch
+(:class:`~mrrp_pacs.phantom.sites.StainBatch`) over the optical density of its glass. Tissue is an
+irregular section on glass; inside it a tumour region (the annotated polygon) holds nests of
+tumour cells; stroma carries spindle (stromal) nuclei along its fibres, a few normal ducts and
+lymphocytes.
 
-Traits planted (see :mod:`cohort`), with realistic sizes at 0.5 µm/px:
+The section is planned in micrometres on a 0.5 µm grid (:data:`PLAN_MPP`) and drawn at the
+scanner's resolution, so the same random stream gives the same tissue and the same nuclei (in
+µm) at 0.25 and at 0.5 µm/px: only the pixels differ.
+
+Traits planted (see :mod:`cohort`), with realistic sizes:
 - ``nuclear_size``: tumour nuclear diameter, mean 10.5 µm + 1.6 µm per SD;
 - ``pleomorphism``: spread of tumour nuclear size, elongation and staining;
 - ``tumour_density``: spacing of tumour cells (about 16 µm, closer when dense);
@@ -22,11 +27,11 @@ import numpy as np
 from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 
-# Ruifrok & Johnston stain vectors (as in skimage.color.hed_from_rgb's inverse)
-HEMATOXYLIN = np.array([0.65, 0.70, 0.29], dtype=np.float32)
-EOSIN = np.array([0.07, 0.99, 0.11], dtype=np.float32)
+from mrrp_pacs.phantom.sites import RUIFROK_JOHNSTON, StainBatch
 
-MASK_FACTOR = 8
+PLAN_MPP = 0.5  # µm per pixel of the grid the section is planned on
+MASK_FACTOR = 8  # region masks are held at 1/MASK_FACTOR of the plan grid (4 µm cells)
+FIBRE_TILE_PX = 1024  # the stroma fibre texture repeats every 512 µm
 NUCLEUS_TYPES = ("tumour", "inflammatory", "stromal", "normal")
 TUMOUR, INFLAMMATORY, STROMAL, NORMAL = range(4)
 
@@ -63,9 +68,17 @@ def _blob_radius(rng: np.random.Generator, angles: np.ndarray, roughness: float)
     return np.clip(radius, 0.6, 1.4)
 
 
-def _upsample(low: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling (masks and slowly varying fields)."""
-    return np.repeat(np.repeat(low, factor, axis=0), factor, axis=1)[: shape[0], : shape[1]]
+def _resample_index(size_px: int, mpp: float, cell_um: float, cells: int) -> np.ndarray:
+    """For each of ``size_px`` pixels at ``mpp``: the index of its ``cell_um`` cell."""
+    return np.minimum((np.arange(size_px) * (mpp / cell_um)).astype(np.int64), cells - 1)
+
+
+def _upsample(low: np.ndarray, mpp: float, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a mask-grid field (4 µm cells) to pixels at ``mpp``."""
+    cell_um = MASK_FACTOR * PLAN_MPP
+    rows = _resample_index(shape[0], mpp, cell_um, low.shape[0])
+    cols = _resample_index(shape[1], mpp, cell_um, low.shape[1])
+    return low[rows[:, None], cols[None, :]]
 
 
 def _jittered_grid(rng: np.random.Generator, size_px: int, spacing_px: float
@@ -102,18 +115,30 @@ def _softplus(x: float) -> float:
 
 
 def render_slide(rng: np.random.Generator, traits: dict[str, float], size_px: int = 4096,
-                 mpp: float = 0.5) -> Slide:
-    """Render one square H&E slide of ``size_px`` pixels at ``mpp`` µm/px."""
-    shape = (size_px, size_px)
-    um = 1.0 / mpp  # pixels per µm
-    centre = size_px / 2
+                 mpp: float = PLAN_MPP, stain: StainBatch = RUIFROK_JOHNSTON) -> Slide:
+    """Render one square H&E slide of ``size_px`` pixels at ``mpp`` µm/px.
 
-    # outlines and regions on a grid 1/MASK_FACTOR of the slide (4 µm cells at 0.5 µm/px)
-    low = size_px // MASK_FACTOR
+    The section covers ``size_px * mpp`` µm, which must be a whole number of plan pixels
+    (0.5 µm). The random stream is consumed identically whatever ``mpp`` and ``stain``: the
+    same ``rng`` state gives the same section and nuclei (in µm) at every resolution.
+    """
+    plan_px = size_px * mpp / PLAN_MPP
+    if mpp <= 0 or plan_px != int(plan_px) or plan_px < 2 * MASK_FACTOR:
+        raise ValueError(f"a slide of {size_px} px at {mpp} µm/px is not a whole number of "
+                         f"{PLAN_MPP} µm plan pixels (at least {2 * MASK_FACTOR})")
+    scale = PLAN_MPP / mpp  # slide pixels per plan pixel
+    shape = (size_px, size_px)
+
+    # the plan: outlines, regions and nuclei on the 0.5 µm grid (and its 4 µm mask grid)
+    size_plan = int(plan_px)
+    um = 1.0 / PLAN_MPP  # plan pixels per µm
+    centre = size_plan / 2
+    low = size_plan // MASK_FACTOR
     angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
-    tissue_outline = _outline(rng, angles, centre, centre, 0.46 * size_px, 0.25)
-    offset = rng.uniform(-0.06, 0.06, 2) * size_px
-    outline = _outline(rng, angles, centre + offset[0], centre + offset[1], 0.27 * size_px, 0.45)
+    tissue_outline = _outline(rng, angles, centre, centre, 0.46 * size_plan, 0.25)
+    offset = rng.uniform(-0.06, 0.06, 2) * size_plan
+    outline = _outline(rng, angles, centre + offset[0], centre + offset[1], 0.27 * size_plan,
+                       0.45)
     tissue = _fill(tissue_outline / MASK_FACTOR, low)
     tumour = _fill(outline / MASK_FACTOR, low) & tissue
     nest_noise = ndimage.gaussian_filter(rng.standard_normal((low, low)).astype(np.float32), 2.0)
@@ -121,28 +146,35 @@ def render_slide(rng: np.random.Generator, traits: dict[str, float], size_px: in
     cellular = tumour & nests
     stroma = tissue & ~cellular
 
-    # stain concentrations: eosin everywhere in tissue (denser, fibrous, in stroma)
+    # stain concentrations, drawn at the scanner's pixels: eosin everywhere in tissue (denser,
+    # fibrous, in stroma)
     eosin_low = np.where(stroma, 0.42, np.where(cellular, 0.30, 0.0)).astype(np.float32)
-    eosin = _upsample(eosin_low, MASK_FACTOR, shape)
-    fibre_block = ndimage.gaussian_filter(rng.standard_normal((1024, 1024)).astype(np.float32),
-                                          (0.6, 5.0))
+    eosin = _upsample(eosin_low, mpp, shape)
+    fibre_block = ndimage.gaussian_filter(
+        rng.standard_normal((FIBRE_TILE_PX, FIBRE_TILE_PX)).astype(np.float32), (0.6, 5.0))
     fibre_block *= 0.10 / (fibre_block.std() + 1e-6)
-    eosin += np.tile(fibre_block, (size_px // 1024 + 1, size_px // 1024 + 1))[
-        : size_px, : size_px] * _upsample(stroma, MASK_FACTOR, shape)
-    hema = _upsample(np.where(tissue, 0.06, 0.0).astype(np.float32), MASK_FACTOR, shape)
+    fibre_index = (np.arange(size_px) * (mpp / PLAN_MPP)).astype(np.int64) % FIBRE_TILE_PX
+    eosin += fibre_block[fibre_index[:, None], fibre_index[None, :]] * _upsample(stroma, mpp,
+                                                                                  shape)
+    hema = _upsample(np.where(tissue, 0.06, 0.0).astype(np.float32), mpp, shape)
 
-    ducts = _ducts(rng, stroma, size_px, um)
-    nuclei = _place_nuclei(rng, traits, cellular, stroma, tissue, outline, ducts, size_px, um)
+    ducts = _ducts(rng, stroma, size_plan, um)
+    planned = _place_nuclei(rng, traits, cellular, stroma, tissue, outline, ducts, size_plan, um)
+    nuclei = Nuclei(planned.x_px * np.float32(scale), planned.y_px * np.float32(scale),
+                    planned.kind, planned.major_um, planned.minor_um, planned.angle_rad,
+                    planned.stain)
+    px_per_um = 1.0 / mpp
     for i in range(len(nuclei)):
-        _stamp(hema, eosin, nuclei.x_px[i], nuclei.y_px[i], nuclei.major_um[i] * um / 2,
-               nuclei.minor_um[i] * um / 2, nuclei.angle_rad[i], nuclei.stain[i])
-    for duct_x, duct_y, radius in ducts:
+        _stamp(hema, eosin, nuclei.x_px[i], nuclei.y_px[i], nuclei.major_um[i] * px_per_um / 2,
+               nuclei.minor_um[i] * px_per_um / 2, nuclei.angle_rad[i], nuclei.stain[i])
+    for duct_x, duct_y, plan_radius in ducts:
+        radius = round(plan_radius * scale)
         yy0, xx0 = np.ogrid[-radius:radius + 1, -radius:radius + 1]
         lumen = (xx0**2 + yy0**2) < (0.55 * radius) ** 2
-        rows = slice(int(duct_y) - radius, int(duct_y) + radius + 1)
-        cols = slice(int(duct_x) - radius, int(duct_x) + radius + 1)
+        rows = slice(int(duct_y * scale) - radius, int(duct_y * scale) + radius + 1)
+        cols = slice(int(duct_x * scale) - radius, int(duct_x * scale) + radius + 1)
         eosin[rows, cols][lumen] = 0.05
-    return Slide(_to_rgb(hema, eosin, rng), mpp, outline, nuclei)
+    return Slide(_to_rgb(hema, eosin, rng, stain), mpp, outline * scale, nuclei)
 
 
 def _place_nuclei(rng: np.random.Generator, traits: dict[str, float], cellular: np.ndarray,
@@ -249,11 +281,14 @@ def _stamp(hema: np.ndarray, eosin: np.ndarray, x: float, y: float, a_px: float,
     window_e *= 1.0 - 0.6 * alpha
 
 
-def _to_rgb(hema: np.ndarray, eosin: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Beer–Lambert mix through a 256×256 lookup table (fast on 16 M pixels)."""
+def _to_rgb(hema: np.ndarray, eosin: np.ndarray, rng: np.random.Generator, stain: StainBatch
+            ) -> np.ndarray:
+    """Beer–Lambert mix over the glass through a 256×256 lookup table (fast on 16 M pixels)."""
+    hematoxylin, eosin_od = stain.vectors()
     h_levels = np.linspace(0, 2.0, 256, dtype=np.float32)
     e_levels = np.linspace(0, 1.0, 256, dtype=np.float32)
-    od = h_levels[:, None, None] * HEMATOXYLIN + e_levels[None, :, None] * EOSIN + 0.02
+    od = (h_levels[:, None, None] * hematoxylin + e_levels[None, :, None] * eosin_od
+          + stain.glass_od())
     table = np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8).reshape(-1, 3)
     grain = rng.normal(0, 0.02, (256, 256)).astype(np.float32)  # tiled stain grain
     reps = (hema.shape[0] // 256 + 1, hema.shape[1] // 256 + 1)

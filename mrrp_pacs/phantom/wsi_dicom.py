@@ -57,6 +57,15 @@ class SlideIdentity:
     study_time: str
     uid_seed: str  # every UID of the pyramid is derived from it (see :func:`pyramid_uids`)
     container_identifier: str  # the slide label, e.g. "P0001-A1"; also the specimen identifier
+    # what a PACS study list shows, and the scanner (a site's, see mrrp_pacs.phantom.sites)
+    study_description: str = ""
+    series_description: str = "Synthetic H&E"
+    laterality: str = ""  # R or L: the breast the specimen comes from (a paired body part)
+    body_part_examined: str = ""
+    manufacturer: str = "mrrp-pacs"
+    manufacturer_model_name: str = "phantom"
+    station_name: str = ""
+    institution_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -245,10 +254,22 @@ def _level_dataset(size: tuple[int, int], tiles: list[bytes], level: int, spacin
     ds.ContentTime = identity.study_time
     ds.AccessionNumber = identity.accession_number
     ds.Modality = "SM"
-    ds.Manufacturer = "mrrp-pacs"
+    ds.Manufacturer = identity.manufacturer
     ds.ReferringPhysicianName = ""
-    ds.SeriesDescription = "Synthetic H&E"
-    ds.ManufacturerModelName = "phantom"
+    if identity.study_description:
+        ds.StudyDescription = identity.study_description
+    ds.SeriesDescription = identity.series_description
+    ds.ManufacturerModelName = identity.manufacturer_model_name
+    if identity.institution_name:
+        ds.InstitutionName = identity.institution_name
+    if identity.station_name:
+        ds.StationName = identity.station_name
+    if identity.body_part_examined:
+        ds.BodyPartExamined = identity.body_part_examined
+    if identity.laterality:
+        # Image Laterality, not the series' Laterality: dciodvfy rejects the latter on a WSI
+        # (General Series 2C, "may not be present otherwise")
+        ds.ImageLaterality = identity.laterality
     ds.VolumetricProperties = "VOLUME"
     ds.PatientName = identity.patient_name
     ds.PatientID = identity.patient_id

@@ -39,7 +39,8 @@ def test_layout_and_truth(small_phantom):
     assert len(truth) == SMALL.patients
     assert [k for k in truth[0] if not k.startswith("latent_")] == [
         "patient_id", "time_months", "event", "true_log_hazard", "split", "has_wsi", "has_us",
-        "has_report"]
+        "has_report", "site"]
+    assert {row["site"] for row in truth} == {"A"}  # one site unless --sites says more
     assert {"latent_nuclear_size", "latent_lymphocytes", "latent_us_margin"} <= set(truth[0])
     for row in truth:
         folder = small_phantom / "dicom" / row["patient_id"]
