@@ -2,11 +2,11 @@
 
 The tumour region comes, in order of preference, from a DICOM Microscopy Bulk Simple
 Annotations object on the slide, an ASAP XML or a QuPath GeoJSON sidecar, and otherwise from
-tissue detection on a thumbnail (the case is then flagged ``automatic_roi``). Tiles of
-``tile_px`` pixels at ``target_mpp`` µm/px are laid on a grid over the region; a tile is kept
-when its centre is inside the region and enough of it is tissue; when more remain than
-``max_tiles``, an evenly spaced subset (in grid order) is kept, so the choice is deterministic
-and spread over the whole region.
+tissue detection on a low-resolution pyramid level (the case is then flagged ``automatic_roi``).
+Tiles of ``tile_px`` pixels at ``target_mpp`` µm/px are laid on a grid over the region; a
+tile is kept when its centre is inside the region and enough of it is tissue; when more remain
+than ``max_tiles``, an evenly spaced subset (in grid order) is kept, so the choice is
+deterministic and spread over the whole region.
 """
 
 from __future__ import annotations
@@ -19,14 +19,19 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from matplotlib.path import Path as PolygonPath
+from scipy import ndimage
 from wsidicom import WsiDicom
 
 from mrrp_pacs.errors import FeatureError
 
 LOGGER = logging.getLogger(__name__)
 
-WSI_TILING_VERSION = "1"
-THUMBNAIL_MPP = 16.0  # µm/px for tissue detection
+WSI_TILING_VERSION = "2"  # 2: Otsu tissue detection, every fragment kept
+# Tissue detection (detect_tissue): the level read, and what counts as a fragment.
+TISSUE_MIN_LEVEL_PX = 512  # shorter side of the smallest pyramid level that is read
+TISSUE_MAX_READ_PX = 16_000_000  # pixels decoded at once; larger levels are read in bands
+TISSUE_MIN_AREA_UM2 = 20_000.0  # fragments (and holes) below this are dropped (filled)
+TISSUE_MIN_OD = 0.2  # summed OD; the Otsu threshold never goes below (an all-glass slide)
 
 
 @dataclass(frozen=True)
@@ -111,32 +116,93 @@ def region_from_sidecar(data: bytes, name: str) -> list[np.ndarray]:
         raise FeatureError(f"region file {name} {exc}") from None
 
 
-def detect_tissue(wsi: WsiDicom) -> tuple[np.ndarray, float]:
-    """Tissue mask at about :data:`THUMBNAIL_MPP` µm/px and its µm/px.
+def detect_tissue(wsi: WsiDicom, *, min_level_px: int = TISSUE_MIN_LEVEL_PX,
+                  max_read_px: int = TISSUE_MAX_READ_PX,
+                  min_area_um2: float = TISSUE_MIN_AREA_UM2) -> tuple[np.ndarray, float]:
+    """Tissue mask of the whole slide at a low resolution, and its µm/px.
 
-    Tissue is where the optical density summed over RGB exceeds 0.15 (glass is near white);
-    the threshold suits brightfield H&E.
+    The mask is read from the smallest pyramid level whose shorter side still has
+    ``min_level_px`` pixels (the base level when none has). A level of more than
+    ``max_read_px`` pixels (low levels missing, e.g. a pyramid of one level) is never decoded
+    whole: it is read in bands of at most ``max_read_px`` pixels, each averaged down by the
+    integer factor that brings the shorter side to about ``min_level_px``.
+
+    Tissue is where the optical density summed over RGB exceeds an Otsu threshold of that
+    density over the slide, and never below :data:`TISSUE_MIN_OD`: tinted or greyish glass
+    (RGB 225-235, summed OD 0.25-0.38) falls below the threshold that separates it from
+    stained tissue, where a fixed threshold near white would call it tissue. Every connected
+    component of at least ``min_area_um2`` µm² is kept (fragmented biopsies); smaller specks
+    and holes smaller than that are cleaned.
+
+    Returns
+    -------
+    mask : np.ndarray
+        (rows, cols) bool over the whole slide, True = tissue.
+    mpp : float
+        µm per mask pixel.
     """
-    size_mm = (wsi.size.width * wsi.mpp.width / 1000, wsi.size.height * wsi.mpp.height / 1000)
-    thumb = np.asarray(wsi.read_region_mpp((0.0, 0.0), THUMBNAIL_MPP, size_mm, as_array=True))
-    od = -np.log(np.clip(thumb[..., :3].astype(np.float32) / 255.0, 1 / 255, 1.0)).sum(axis=-1)
-    return od > 0.15, THUMBNAIL_MPP
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    rgb, mpp = _low_resolution_rgb(wsi, min_level_px, max_read_px)
+    od = -np.log(np.clip(rgb.astype(np.float32) / 255.0, 1 / 255, 1.0)).sum(axis=-1)
+    od = ndimage.median_filter(od, size=3)  # JPEG ringing and single dark grains
+    threshold = TISSUE_MIN_OD
+    if float(od.max()) > float(od.min()):
+        threshold = max(TISSUE_MIN_OD, float(threshold_otsu(od)))
+    min_px = max(1, round(min_area_um2 / (mpp * mpp)))
+    mask = remove_small_objects(od > threshold, max_size=min_px - 1)
+    mask = remove_small_holes(mask, max_size=min_px - 1)
+    LOGGER.debug("tissue mask at %.2f µm/px, OD threshold %.3f, %.1f %% tissue", mpp,
+                 threshold, 100 * mask.mean())
+    return mask, mpp
+
+
+def _low_resolution_rgb(wsi: WsiDicom, min_level_px: int, max_read_px: int
+                        ) -> tuple[np.ndarray, float]:
+    """The whole slide as (rows, cols, 3) uint8 at low resolution, and its µm/px."""
+    levels = sorted(wsi.levels, key=lambda lv: lv.size.width * lv.size.height)
+    big_enough = [lv for lv in levels if min(lv.size.width, lv.size.height) >= min_level_px]
+    level = big_enough[0] if big_enough else levels[-1]
+    width, height = level.size.width, level.size.height
+    mpp = float(level.mpp.width)
+    if width * height <= max_read_px:
+        rgb = np.asarray(wsi.read_region((0, 0), level.level, (width, height), as_array=True))
+        return rgb[..., :3], mpp
+    factor = max(1, min(width, height) // min_level_px)
+    if width * factor > max_read_px:
+        raise FeatureError(f"the slide's smallest usable level is {width} px wide: too wide to "
+                           f"read {factor} rows at a time within {max_read_px} pixels")
+    band = max(factor, max_read_px // width // factor * factor)
+    out_rows, out_cols = height // factor, width // factor
+    out = np.empty((out_rows, out_cols, 3), np.uint8)
+    for row in range(0, out_rows * factor, band):
+        rows = min(band, out_rows * factor - row)
+        part = np.asarray(wsi.read_region((0, row), level.level, (out_cols * factor, rows),
+                                          as_array=True))[..., :3].astype(np.float32)
+        pooled = part.reshape(rows // factor, factor, out_cols, factor, 3).mean(axis=(1, 3))
+        out[row // factor : (row + rows) // factor] = np.round(pooled).astype(np.uint8)
+    return out, mpp * factor
 
 
 def region_from_tissue(wsi: WsiDicom) -> list[np.ndarray]:
-    """The tissue's bounding polygon(s) in level-0 pixels (automatic region)."""
+    """One outline per tissue fragment, in level-0 pixels (the automatic region).
+
+    Every component of the tissue mask (:func:`detect_tissue`, which already dropped those
+    under the area floor) gives the polygon of its outer boundary.
+    """
     from skimage.measure import find_contours, label
 
     mask, mpp = detect_tissue(wsi)
-    if not mask.any():
-        return []
-    labels = label(mask)
-    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
-    # padded so that tissue touching the slide edge still gives one closed contour
-    contours = find_contours(np.pad((labels == largest).astype(float), 1), 0.5)
-    contour = max(contours, key=len) - 1  # (row, col) at thumbnail scale
-    scale = mpp / wsi.mpp.width
-    return [np.column_stack([contour[:, 1], contour[:, 0]]) * scale]
+    labels, count = label(mask, return_num=True)
+    scale = mpp / float(wsi.mpp.width)
+    polygons = []
+    for component in range(1, count + 1):
+        # padded so that tissue touching the slide edge still gives one closed contour
+        contours = find_contours(np.pad((labels == component).astype(float), 1), 0.5)
+        contour = max(contours, key=len) - 1  # (row, col) at mask scale
+        polygons.append(np.column_stack([contour[:, 1], contour[:, 0]]) * scale)
+    return polygons
 
 
 def tile_region(wsi: WsiDicom, region: Region, params: TilingParameters, name: str) -> Tiles:
