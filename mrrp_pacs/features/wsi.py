@@ -253,3 +253,37 @@ def tile_region(wsi: WsiDicom, region: Region, params: TilingParameters, name: s
                            f"{params.tile_px} px")
     flags = ["automatic_roi"] if region.automatic else []
     return Tiles(rgb.astype(np.uint8), corners[keep] + tile_um / 2, params.target_mpp, flags)
+
+
+def read_region_um(wsi: WsiDicom, x_um: float, y_um: float, width_um: float, height_um: float,
+                   mpp: float, name: str = "slide") -> np.ndarray:
+    """(rows, cols, 3) uint8 pixels of a rectangle at ``mpp`` µm/px, µm from the slide origin.
+
+    rows = round(height_um / mpp), cols = round(width_um / mpp). The part outside the slide
+    (a context margin at the slide's edge) is white, like glass.
+
+    Raises
+    ------
+    FeatureError
+        The slide has no level fine enough for ``mpp`` (``name`` identifies it).
+    """
+    rows, cols = round(height_um / mpp), round(width_um / mpp)
+    out = np.full((rows, cols, 3), 255, np.uint8)
+    base_mpp = float(wsi.mpp.width)
+    x0, y0 = max(x_um, 0.0), max(y_um, 0.0)
+    # a hair inside the last pixel, so that float rounding never reaches past the slide
+    x1 = min(x_um + width_um, (wsi.size.width - 0.01) * base_mpp)
+    y1 = min(y_um + height_um, (wsi.size.height - 0.01) * base_mpp)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    try:
+        part = np.asarray(wsi.read_region_mpp((x0 / 1000, y0 / 1000), mpp,
+                                              ((x1 - x0) / 1000, (y1 - y0) / 1000),
+                                              as_array=True))[..., :3]
+    except Exception as exc:  # wsidicom raises its own types for a missing resolution
+        raise FeatureError(f"{name}: cannot read {mpp} µm/px from this pyramid (base "
+                           f"{base_mpp} µm/px): {exc}") from exc
+    r0, c0 = round((y0 - y_um) / mpp), round((x0 - x_um) / mpp)
+    h, w = min(part.shape[0], rows - r0), min(part.shape[1], cols - c0)
+    out[r0 : r0 + h, c0 : c0 + w] = part[:h, :w]
+    return out
