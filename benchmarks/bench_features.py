@@ -4,6 +4,11 @@ Run: ``.venv/bin/python benchmarks/bench_features.py [patients]`` (default 4). W
 phantom with every modality, ingests it, trains a throwaway US encoder on random crops, then
 extracts patient by patient in one process: the first patient pays for loading the models
 (reported apart), the others give the per-family medians and the per-patient total.
+
+The nuclei family is also timed the old way, side by side: each sampled tile segmented on its
+own, no margin, one graph over the tiles' nuclei (nuclei on shared tile edges counted twice),
+as before the region path (``mrrp_pacs/features/region.py``). Both times include reading the
+tiles (each family run reads them); the new one also reads its blocks.
 """
 
 from __future__ import annotations
@@ -20,12 +25,33 @@ from listeners.file_drop import ingest_paths
 from model_store import ModelStore
 from mrrp_pacs.cases import case_inputs
 from mrrp_pacs.config import load_config
+from mrrp_pacs.features import morphology, topology
 from mrrp_pacs.features.families import FAMILY_NAMES
-from mrrp_pacs.features.pipeline import Extractor, FamilyStatus
+from mrrp_pacs.features.nuclei import NucleusSegmenter
+from mrrp_pacs.features.pipeline import Extractor, FamilyStatus, _Patient
 from mrrp_pacs.features.us_encoder import save_us_encoder, train_us_encoder
 from mrrp_pacs.intake import Intake
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
 from mrrp_pacs.store import Store
+
+
+def old_per_tile_nuclei(tiles_rgb: np.ndarray, centres_um: np.ndarray, mpp: float,
+                        segmenter: NucleusSegmenter) -> int:
+    """The nuclei family before the region path; returns the number of graph nodes."""
+    tile_um = tiles_rgb.shape[1] * mpp
+    xy_um, kinds, patch = [], [], []
+    for index, rgb in enumerate(tiles_rgb):
+        found = segmenter.segment(rgb, mpp)
+        per_nucleus, _ = morphology.nucleus_features(rgb, found, mpp)
+        morphology.patch_token(per_nucleus, found.kinds, whole=~found.touches_border)
+        origin = centres_um[index] - tile_um / 2
+        xy_um.append(origin + np.asarray(found.centroids_px, dtype=np.float64) * mpp)
+        kinds.append(np.asarray(found.kinds, dtype=np.int64))
+        patch.append(np.full(len(found.kinds), index))
+    all_kinds = np.concatenate(kinds)
+    node, _ = topology.node_features(np.concatenate(xy_um), all_kinds)
+    topology.patch_tokens(node, all_kinds, np.concatenate(patch), len(tiles_rgb))
+    return len(all_kinds)
 
 
 def main() -> None:
@@ -44,6 +70,9 @@ def main() -> None:
             extractor = Extractor(store, config)
             timings: dict[str, list[float]] = {f: [] for f in FAMILY_NAMES}
             totals = []
+            old_nuclei: list[float] = []
+            nodes_old: list[int] = []
+            nodes_new: list[int] = []
             for index, inputs in enumerate(case_inputs(store, config).values()):
                 start_patient = time.perf_counter()
                 for family in FAMILY_NAMES:
@@ -53,8 +82,17 @@ def main() -> None:
                     if index:
                         timings[family].append(time.perf_counter() - start)
                 elapsed = time.perf_counter() - start_patient
+                start = time.perf_counter()
+                tiles = _Patient(inputs, store, config).tiles  # as each family run reads them
+                nodes = old_per_tile_nuclei(tiles.rgb, tiles.centres_um, tiles.mpp,
+                                            extractor.encoders.segmenter)
                 if index:
                     totals.append(elapsed)
+                    old_nuclei.append(time.perf_counter() - start)
+                    nodes_old.append(nodes)
+                    found = extractor.cache.current(inputs.patient_key, "nuclei")
+                    assert found is not None
+                    nodes_new.append(int(found.meta["graph_nuclei"]))
                 else:
                     print(f"first patient (loads the text, tile and US models): {elapsed:.2f} s")
     print(f"per patient, {patients - 1} warm patients, one process, max_tiles "
@@ -62,6 +100,13 @@ def main() -> None:
     for family, values in timings.items():
         print(f"  median {family:<10} {statistics.median(values):6.2f} s")
     print(f"  median total      {statistics.median(totals):6.2f} s  (target: <= 10 s)")
+    print(f"nuclei family, old (per tile, {config.features.max_tiles} tiles) vs new (region "
+          f"blocks of {config.features.nuclei_block_tiles}x{config.features.nuclei_block_tiles}"
+          f" tiles, <= {config.features.nuclei_region_mm2} mm²), medians:")
+    print(f"  old {statistics.median(old_nuclei):6.2f} s  {statistics.median(nodes_old):8.0f} "
+          "graph nuclei")
+    print(f"  new {statistics.median(timings['nuclei']):6.2f} s  "
+          f"{statistics.median(nodes_new):8.0f} graph nuclei")
 
 
 if __name__ == "__main__":
