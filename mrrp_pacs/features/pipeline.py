@@ -267,7 +267,8 @@ class _Patient:
 
         features = self.config.features
         tiles = self.tiles
-        blocks = region.plan_blocks(tiles.centres_um, tiles.rgb.shape[1] * tiles.mpp,
+        tile_um = tiles.rgb.shape[1] * tiles.mpp
+        blocks = region.plan_blocks(tiles.centres_um, tile_um,
                                     block_tiles=features.nuclei_block_tiles,
                                     max_region_mm2=features.nuclei_region_mm2)
         name = f"series {self.slide_series}"
@@ -277,8 +278,11 @@ class _Patient:
                      read_mpp: float) -> np.ndarray:
                 return read_region_um(wsi, x_um, y_um, width_um, height_um, read_mpp, name)
 
+            def in_a_tile(xy_um: np.ndarray) -> np.ndarray:
+                return region.patch_of(xy_um, tiles.centres_um, tile_um) >= 0
+
             return region.segment_blocks(blocks, read, segmenter, mpp,
-                                         features.nuclei_margin_um)
+                                         features.nuclei_margin_um, measure=in_a_tile)
         finally:
             wsi.close()
 

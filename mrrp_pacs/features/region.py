@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mrrp_pacs.errors import FeatureError
-from mrrp_pacs.features.nuclei import NucleusSegmenter
+from mrrp_pacs.features.nuclei import NucleusSegmenter, SegmentedNuclei
 
 REGION_VERSION = "1"
 
@@ -65,7 +65,8 @@ class RegionNuclei:
         (n,) int8 nucleus types (:data:`mrrp_pacs.features.nuclei.NUCLEUS_TYPES`).
     features
         (n, F) float32 morphology (:func:`mrrp_pacs.features.morphology.nucleus_features`),
-        measured in the block it was segmented in.
+        measured in the block it was segmented in; NaN rows for nuclei left unmeasured (outside
+        ``measure`` of :func:`segment_blocks`).
     whole
         (n,) bool, False where the outline reaches the edge of the block read (margin included).
     block
@@ -137,7 +138,8 @@ def plan_blocks(tile_centres_um: np.ndarray, tile_um: float, *, block_tiles: int
 
 
 def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmenter, mpp: float,
-                   margin_um: float = MARGIN_UM) -> RegionNuclei:
+                   margin_um: float = MARGIN_UM,
+                   measure: Callable[[np.ndarray], np.ndarray] | None = None) -> RegionNuclei:
     """Segment every block with its margin and keep the nuclei centred in its core.
 
     Parameters
@@ -152,6 +154,10 @@ def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmente
         µm/px the segmenter works at (its own, e.g. a model's ``model_mpp``).
     margin_um
         Context read around each core, µm; at least the largest nuclear radius.
+    measure
+        (n, 2) centroids in µm -> (n,) bool: the nuclei whose morphology is wanted (those in
+        a patch token); None measures all. Morphology is most of the cost, and the graph needs
+        only positions and types.
     """
     from mrrp_pacs.features.morphology import FEATURE_NAMES, nucleus_features
 
@@ -168,10 +174,13 @@ def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmente
         centre_um = np.asarray(found.centroids_px, np.float64).reshape(-1, 2) * mpp + (x0, y0)
         keep = ((centre_um[:, 0] >= block.x0_um) & (centre_um[:, 0] < block.x1_um)
                 & (centre_um[:, 1] >= block.y0_um) & (centre_um[:, 1] < block.y1_um))
-        measured, _ = nucleus_features(rgb, found, mpp)
+        wanted = keep if measure is None else keep & np.asarray(measure(centre_um), bool)
+        measured, _ = nucleus_features(rgb, _only(found, wanted), mpp)
+        rows = np.full((int(keep.sum()), len(FEATURE_NAMES)), np.nan, np.float32)
+        rows[wanted[keep]] = measured
         xy.append(centre_um[keep])
         kinds.append(np.asarray(found.kinds, np.int8)[keep])
-        features.append(measured[keep])
+        features.append(rows)
         whole.append(~np.asarray(found.touches_border, bool)[keep])
         owner.append(np.full(int(keep.sum()), index, np.int64))
     if not blocks:
@@ -180,6 +189,15 @@ def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmente
                             np.zeros(0, np.int64), 0)
     return RegionNuclei(np.concatenate(xy), np.concatenate(kinds), np.concatenate(features),
                         np.concatenate(whole), np.concatenate(owner), len(blocks))
+
+
+def _only(found: SegmentedNuclei, wanted: np.ndarray) -> SegmentedNuclei:
+    """The nuclei of ``found`` where ``wanted``, relabelled 1..m in their order."""
+    lookup = np.zeros(len(found) + 1, np.int32)
+    lookup[1:][wanted] = np.arange(1, int(wanted.sum()) + 1, dtype=np.int32)
+    return SegmentedNuclei(lookup[found.labels], np.asarray(found.kinds)[wanted],
+                           np.asarray(found.centroids_px, np.float64).reshape(-1, 2)[wanted],
+                           np.asarray(found.touches_border, bool)[wanted])
 
 
 def patch_of(xy_um: np.ndarray, tile_centres_um: np.ndarray, tile_um: float) -> np.ndarray:

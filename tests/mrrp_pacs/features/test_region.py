@@ -108,3 +108,17 @@ def test_blocks_beyond_the_area_limit_shrink_to_their_tiles():
     assert np.array_equal(patch_of(centres, centres, TILE_UM), np.arange(len(centres)))
     with pytest.raises(FeatureError, match="max_region_mm2"):
         plan_blocks(centres, TILE_UM, max_region_mm2=0.0)
+
+
+def test_only_the_wanted_nuclei_are_measured_and_they_measure_the_same():
+    centres = _nuclei_grid()
+    blocks = plan_blocks(TILES, TILE_UM, block_tiles=2, max_region_mm2=1.0)
+    read = _reader(_slide(centres, (240, 480)))
+    everything = segment_blocks(blocks, read, DarkBlobSegmenter(), MPP)
+    left = segment_blocks(blocks, read, DarkBlobSegmenter(), MPP,
+                          measure=lambda xy: xy[:, 0] < 100.0)
+    assert np.array_equal(left.xy_um, everything.xy_um)
+    wanted = left.xy_um[:, 0] < 100.0
+    assert 0 < wanted.sum() < len(wanted)
+    assert np.isnan(left.features[~wanted]).all()
+    assert np.allclose(left.features[wanted], everything.features[wanted])
