@@ -135,6 +135,11 @@ class FeaturesConfig:
     encoder_checkpoints: dict[str, str] = field(default_factory=dict)
     bf16: bool = False  # bfloat16 autocast for transformer tile encoders
     nuclei_model: Path | None = None  # TorchScript nucleus model; empty = classical pipeline
+    # nuclei and topology over the region (mrrp_pacs/features/region.py): blocks of this many
+    # tiles a side, read with this context margin, at most this much block area per patient
+    nuclei_block_tiles: int = 4
+    nuclei_margin_um: float = 16.0
+    nuclei_region_mm2: float = 1.0
     text_encoder: str = "minilm"  # a name in mrrp_pacs/data/text_encoders.toml
     # local Hugging Face folder per text encoder name, e.g. { bert-large = "/models/bert" }
     text_encoder_paths: dict[str, str] = field(default_factory=dict)
@@ -311,6 +316,7 @@ class Config:
                             ("ingest.max_hl7_bytes", self.ingest.max_hl7_bytes),
                             ("features.tile_px", self.features.tile_px),
                             ("features.max_tiles", self.features.max_tiles),
+                            ("features.nuclei_block_tiles", self.features.nuclei_block_tiles),
                             ("features.workers", self.features.workers)):
             if number < 1:
                 fail(key, number, "a number of at least 1")
@@ -318,6 +324,10 @@ class Config:
             fail("features.target_mpp / us_default_mm_per_px",
                  (self.features.target_mpp, self.features.us_default_mm_per_px),
                  "sizes above 0")
+        if not (self.features.nuclei_region_mm2 > 0 and self.features.nuclei_margin_um >= 0):
+            fail("features.nuclei_region_mm2 / nuclei_margin_um",
+                 (self.features.nuclei_region_mm2, self.features.nuclei_margin_um),
+                 "an area above 0 mm² and a margin of at least 0 µm")
         return self
 
     def with_db(self, db: Path) -> Config:

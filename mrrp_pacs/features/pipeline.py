@@ -36,6 +36,7 @@ from mrrp_pacs.features.wsi import (
     Tiles,
     TilingParameters,
     open_slide,
+    read_region_um,
     region_from_annotation,
     region_from_sidecar,
     region_from_tissue,
@@ -46,6 +47,7 @@ from mrrp_pacs.store import Store
 if TYPE_CHECKING:  # the encoders pull in torch: imported when first used
     from mrrp_pacs.features.encoders import TileEncoder
     from mrrp_pacs.features.nuclei import NucleusSegmenter
+    from mrrp_pacs.features.region import RegionNuclei
     from mrrp_pacs.features.text import TextEncoder
     from mrrp_pacs.features.us_encoder import UsResNet
     from mrrp_pacs.features.us_image import UltrasoundImage
@@ -247,6 +249,43 @@ class _Patient:
         finally:
             wsi.close()
 
+    def slide_paths(self) -> list[Path]:
+        series = self.slide_series
+        assert series is not None
+        return [self.store.objects.path_for(r.sha256) for r in self.inputs.slides[series]]
+
+    def region_description(self, mpp: float) -> list[object]:
+        """What the region's nuclei depend on beyond the slide: block plan and resolution."""
+        features = self.config.features
+        return [features.nuclei_block_tiles, features.nuclei_margin_um,
+                features.nuclei_region_mm2, mpp]
+
+    def region_nuclei(self, segmenter: NucleusSegmenter, mpp: float) -> RegionNuclei:
+        """Nuclei of the blocks around the sampled tiles, each once, read at ``mpp`` µm/px (the
+        segmenter's own resolution) with the configured context margin."""
+        from mrrp_pacs.features import region
+
+        features = self.config.features
+        tiles = self.tiles
+        tile_um = tiles.rgb.shape[1] * tiles.mpp
+        blocks = region.plan_blocks(tiles.centres_um, tile_um,
+                                    block_tiles=features.nuclei_block_tiles,
+                                    max_region_mm2=features.nuclei_region_mm2)
+        name = f"series {self.slide_series}"
+        wsi = open_slide(self.slide_paths(), name)
+        try:
+            def read(x_um: float, y_um: float, width_um: float, height_um: float,
+                     read_mpp: float) -> np.ndarray:
+                return read_region_um(wsi, x_um, y_um, width_um, height_um, read_mpp, name)
+
+            def in_a_tile(xy_um: np.ndarray) -> np.ndarray:
+                return region.patch_of(xy_um, tiles.centres_um, tile_um) >= 0
+
+            return region.segment_blocks(blocks, read, segmenter, mpp,
+                                         features.nuclei_margin_um, measure=in_a_tile)
+        finally:
+            wsi.close()
+
     @staticmethod
     def _level0(paths: list[Path]) -> pydicom.Dataset:
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
@@ -391,13 +430,15 @@ class Extractor:
                           lambda: _wsi(patient, encoder))
 
     def _plan_nuclei(self, patient: _Patient) -> FamilyPlan:
-        from mrrp_pacs.features import morphology, topology
+        from mrrp_pacs.features import morphology, region, topology
 
         segmenter = self.encoders.segmenter
         version = (f"{segmenter.version}+m{morphology.MORPHOLOGY_VERSION}"
-                   f"+t{topology.TOPOLOGY_VERSION}")
-        return FamilyPlan(segmenter.name, version, patient.slide_description(),
-                          lambda: _nuclei(patient, segmenter))
+                   f"+t{topology.TOPOLOGY_VERSION}+r{region.REGION_VERSION}")
+        mpp = _segmenter_mpp(segmenter, self.config.features.target_mpp)
+        return FamilyPlan(segmenter.name, version,
+                          [*patient.slide_description(), patient.region_description(mpp)],
+                          lambda: _nuclei(patient, segmenter, mpp))
 
     def _plan_us(self, patient: _Patient) -> FamilyPlan:
         model, version = self.encoders.us
@@ -436,37 +477,45 @@ def _wsi(patient: _Patient, encoder: TileEncoder) -> FeatureSet:
                        "region": patient._region_description()[0]})
 
 
-def _nuclei(patient: _Patient, segmenter: NucleusSegmenter) -> FeatureSet:
-    from mrrp_pacs.features import morphology, topology
+def _segmenter_mpp(segmenter: NucleusSegmenter, default_mpp: float) -> float:
+    """The µm/px a segmenter reads its blocks at: its own ``model_mpp`` when it has one (a
+    learned model), else the tiles' ``target_mpp``."""
+    own = getattr(segmenter, "model_mpp", None)
+    return float(own) if isinstance(own, (int, float)) else default_mpp
+
+
+def _nuclei(patient: _Patient, segmenter: NucleusSegmenter, mpp: float) -> FeatureSet:
+    """Nuclei over the region (blocks with margins, each nucleus once), one k-NN graph over all
+    of them, then per sampled tile a morphology and a topology token (the wsi family's tiles,
+    in its order)."""
+    from mrrp_pacs.features import morphology, region, topology
 
     tiles = patient.tiles
     tile_um = tiles.rgb.shape[1] * tiles.mpp
-    morph_tokens, xy_um, kinds, patch = [], [], [], []
+    found = patient.region_nuclei(segmenter, mpp)
+    patch = region.patch_of(found.xy_um, tiles.centres_um, tile_um)
+    node, _node_names = topology.node_features(found.xy_um, found.kinds.astype(np.int64))
+    in_patch = patch >= 0
+    topo, topo_names = topology.patch_tokens(node[in_patch], found.kinds[in_patch].astype(
+        np.int64), patch[in_patch], len(tiles.rgb))
+    morph_tokens: list[np.ndarray] = []
     morph_names: list[str] = []
-    for index, rgb in enumerate(tiles.rgb):
-        found = segmenter.segment(rgb, tiles.mpp)
-        per_nucleus, _names = morphology.nucleus_features(rgb, found, tiles.mpp)
-        # nuclei cut by the tile edge count, but stay out of the shape statistics
-        token, morph_names = morphology.patch_token(per_nucleus, found.kinds,
-                                                    whole=~found.touches_border)
+    for index in range(len(tiles.rgb)):
+        mine = patch == index
+        token, morph_names = morphology.patch_token(found.features[mine], found.kinds[mine],
+                                                    whole=found.whole[mine])
         morph_tokens.append(token)
-        origin = tiles.centres_um[index] - tile_um / 2
-        xy_um.append(origin + np.asarray(found.centroids_px, dtype=np.float64) * tiles.mpp)
-        kinds.append(np.asarray(found.kinds))
-        patch.append(np.full(len(found.kinds), index))
-    all_xy = np.concatenate(xy_um) if xy_um else np.zeros((0, 2))
-    all_kinds = np.concatenate(kinds) if kinds else np.zeros(0, dtype=np.int8)
-    node, _node_names = topology.node_features(all_xy, all_kinds)
-    topo, topo_names = topology.patch_tokens(node, all_kinds, np.concatenate(patch),
-                                             len(tiles.rgb))
-    counts = np.stack([np.bincount(k, minlength=4) for k in kinds]).astype(np.float32)
+    counts = np.stack([np.bincount(found.kinds[patch == i].astype(np.int64), minlength=4)
+                       for i in range(len(tiles.rgb))]).astype(np.float32)
     return FeatureSet("nuclei", segmenter.name, "", {
         "morphology": np.stack(morph_tokens).astype(np.float32),
         "topology": topo.astype(np.float32),
         "counts": counts,
         "positions_um": tiles.centres_um.astype(np.float32),
     }, {"flags": tiles.flags, "morphology_names": morph_names, "topology_names": topo_names,
-        "count_names": ["tumour", "inflammatory", "stromal", "normal"]})
+        "count_names": ["tumour", "inflammatory", "stromal", "normal"],
+        "graph_nuclei": len(found.kinds), "region_blocks": found.n_blocks,
+        "mpp": mpp})
 
 
 def _us(patient: _Patient, model: UsResNet) -> FeatureSet:

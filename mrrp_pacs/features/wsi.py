@@ -2,11 +2,11 @@
 
 The tumour region comes, in order of preference, from a DICOM Microscopy Bulk Simple
 Annotations object on the slide, an ASAP XML or a QuPath GeoJSON sidecar, and otherwise from
-tissue detection on a thumbnail (the case is then flagged ``automatic_roi``). Tiles of
-``tile_px`` pixels at ``target_mpp`` µm/px are laid on a grid over the region; a tile is kept
-when its centre is inside the region and enough of it is tissue; when more remain than
-``max_tiles``, an evenly spaced subset (in grid order) is kept, so the choice is deterministic
-and spread over the whole region.
+tissue detection on a low-resolution pyramid level (the case is then flagged ``automatic_roi``).
+Tiles of ``tile_px`` pixels at ``target_mpp`` µm/px are laid on a grid over the region; a
+tile is kept when its centre is inside the region and enough of it is tissue; when more remain
+than ``max_tiles``, an evenly spaced subset (in grid order) is kept, so the choice is
+deterministic and spread over the whole region.
 """
 
 from __future__ import annotations
@@ -19,14 +19,21 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from matplotlib.path import Path as PolygonPath
+from scipy import ndimage
 from wsidicom import WsiDicom
 
 from mrrp_pacs.errors import FeatureError
 
 LOGGER = logging.getLogger(__name__)
 
-WSI_TILING_VERSION = "1"
-THUMBNAIL_MPP = 16.0  # µm/px for tissue detection
+WSI_TILING_VERSION = "2"  # 2: Otsu tissue detection, every fragment kept
+# Tissue detection (detect_tissue): the level read, and what counts as a fragment.
+TISSUE_MIN_LEVEL_PX = 512  # shorter side of the smallest pyramid level that is read
+TISSUE_MAX_READ_PX = 16_000_000  # pixels decoded at once; larger levels are read in bands
+TISSUE_MIN_AREA_UM2 = 20_000.0  # fragments (and holes) below this are dropped (filled)
+TISSUE_MIN_OD = 0.2  # summed OD; the Otsu threshold never goes below (an all-glass slide)
+TISSUE_OD_CAP = 1.0  # summed OD above this is surely tissue: capped before Otsu
+TISSUE_SMOOTH_UM = 8.0  # Gaussian sigma before thresholding: tissue scale, nuclei blurred in
 
 
 @dataclass(frozen=True)
@@ -111,32 +118,97 @@ def region_from_sidecar(data: bytes, name: str) -> list[np.ndarray]:
         raise FeatureError(f"region file {name} {exc}") from None
 
 
-def detect_tissue(wsi: WsiDicom) -> tuple[np.ndarray, float]:
-    """Tissue mask at about :data:`THUMBNAIL_MPP` µm/px and its µm/px.
+def detect_tissue(wsi: WsiDicom, *, min_level_px: int = TISSUE_MIN_LEVEL_PX,
+                  max_read_px: int = TISSUE_MAX_READ_PX,
+                  min_area_um2: float = TISSUE_MIN_AREA_UM2) -> tuple[np.ndarray, float]:
+    """Tissue mask of the whole slide at a low resolution, and its µm/px.
 
-    Tissue is where the optical density summed over RGB exceeds 0.15 (glass is near white);
-    the threshold suits brightfield H&E.
+    The mask is read from the smallest pyramid level whose shorter side still has
+    ``min_level_px`` pixels (the base level when none has). A level of more than
+    ``max_read_px`` pixels (low levels missing, e.g. a pyramid of one level) is never decoded
+    whole: it is read in bands of at most ``max_read_px`` pixels, each averaged down by the
+    integer factor that brings the shorter side to about ``min_level_px``.
+
+    Tissue is where the optical density summed over RGB, smoothed to tissue scale
+    (:data:`TISSUE_SMOOTH_UM`), exceeds an Otsu threshold of that density over the slide (capped
+    at :data:`TISSUE_OD_CAP`), and never below :data:`TISSUE_MIN_OD`: tinted or greyish glass
+    (RGB 225-235, summed OD 0.25-0.38) falls below the threshold that separates it from
+    stained tissue, where a fixed threshold near white would call it tissue. Every connected
+    component of at least ``min_area_um2`` µm² is kept (fragmented biopsies); smaller specks
+    and holes smaller than that are cleaned.
+
+    Returns
+    -------
+    mask : np.ndarray
+        (rows, cols) bool over the whole slide, True = tissue.
+    mpp : float
+        µm per mask pixel.
     """
-    size_mm = (wsi.size.width * wsi.mpp.width / 1000, wsi.size.height * wsi.mpp.height / 1000)
-    thumb = np.asarray(wsi.read_region_mpp((0.0, 0.0), THUMBNAIL_MPP, size_mm, as_array=True))
-    od = -np.log(np.clip(thumb[..., :3].astype(np.float32) / 255.0, 1 / 255, 1.0)).sum(axis=-1)
-    return od > 0.15, THUMBNAIL_MPP
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    rgb, mpp = _low_resolution_rgb(wsi, min_level_px, max_read_px)
+    od = -np.log(np.clip(rgb.astype(np.float32) / 255.0, 1 / 255, 1.0)).sum(axis=-1)
+    # At tissue scale, not nuclear scale: on a fine level the dark nuclei make a third mode that
+    # Otsu would split off (seen on 1 µm/px levels: threshold 0.95, no tissue left).
+    od = ndimage.gaussian_filter(od, TISSUE_SMOOTH_UM / mpp)
+    capped = np.minimum(od, TISSUE_OD_CAP)
+    threshold = TISSUE_MIN_OD
+    if float(capped.max()) > float(capped.min()):
+        threshold = max(TISSUE_MIN_OD, float(threshold_otsu(capped)))
+    min_px = max(1, round(min_area_um2 / (mpp * mpp)))
+    mask = remove_small_objects(od > threshold, max_size=min_px - 1)
+    mask = remove_small_holes(mask, max_size=min_px - 1)
+    LOGGER.debug("tissue mask at %.2f µm/px, OD threshold %.3f, %.1f %% tissue", mpp,
+                 threshold, 100 * mask.mean())
+    return mask, mpp
+
+
+def _low_resolution_rgb(wsi: WsiDicom, min_level_px: int, max_read_px: int
+                        ) -> tuple[np.ndarray, float]:
+    """The whole slide as (rows, cols, 3) uint8 at low resolution, and its µm/px."""
+    levels = sorted(wsi.levels, key=lambda lv: lv.size.width * lv.size.height)
+    big_enough = [lv for lv in levels if min(lv.size.width, lv.size.height) >= min_level_px]
+    level = big_enough[0] if big_enough else levels[-1]
+    width, height = level.size.width, level.size.height
+    mpp = float(level.mpp.width)
+    if width * height <= max_read_px:
+        rgb = np.asarray(wsi.read_region((0, 0), level.level, (width, height), as_array=True))
+        return rgb[..., :3], mpp
+    factor = max(1, min(width, height) // min_level_px)
+    if width * factor > max_read_px:
+        raise FeatureError(f"the slide's smallest usable level is {width} px wide: too wide to "
+                           f"read {factor} rows at a time within {max_read_px} pixels")
+    band = max(factor, max_read_px // width // factor * factor)
+    out_rows, out_cols = height // factor, width // factor
+    out = np.empty((out_rows, out_cols, 3), np.uint8)
+    for row in range(0, out_rows * factor, band):
+        rows = min(band, out_rows * factor - row)
+        part = np.asarray(wsi.read_region((0, row), level.level, (out_cols * factor, rows),
+                                          as_array=True))[..., :3].astype(np.float32)
+        pooled = part.reshape(rows // factor, factor, out_cols, factor, 3).mean(axis=(1, 3))
+        out[row // factor : (row + rows) // factor] = np.round(pooled).astype(np.uint8)
+    return out, mpp * factor
 
 
 def region_from_tissue(wsi: WsiDicom) -> list[np.ndarray]:
-    """The tissue's bounding polygon(s) in level-0 pixels (automatic region)."""
+    """One outline per tissue fragment, in level-0 pixels (the automatic region).
+
+    Every component of the tissue mask (:func:`detect_tissue`, which already dropped those
+    under the area floor) gives the polygon of its outer boundary.
+    """
     from skimage.measure import find_contours, label
 
     mask, mpp = detect_tissue(wsi)
-    if not mask.any():
-        return []
-    labels = label(mask)
-    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
-    # padded so that tissue touching the slide edge still gives one closed contour
-    contours = find_contours(np.pad((labels == largest).astype(float), 1), 0.5)
-    contour = max(contours, key=len) - 1  # (row, col) at thumbnail scale
-    scale = mpp / wsi.mpp.width
-    return [np.column_stack([contour[:, 1], contour[:, 0]]) * scale]
+    labels, count = label(mask, return_num=True)
+    scale = mpp / float(wsi.mpp.width)
+    polygons = []
+    for component in range(1, count + 1):
+        # padded so that tissue touching the slide edge still gives one closed contour
+        contours = find_contours(np.pad((labels == component).astype(float), 1), 0.5)
+        contour = max(contours, key=len) - 1  # (row, col) at mask scale
+        polygons.append(np.column_stack([contour[:, 1], contour[:, 0]]) * scale)
+    return polygons
 
 
 def tile_region(wsi: WsiDicom, region: Region, params: TilingParameters, name: str) -> Tiles:
@@ -187,3 +259,37 @@ def tile_region(wsi: WsiDicom, region: Region, params: TilingParameters, name: s
                            f"{params.tile_px} px")
     flags = ["automatic_roi"] if region.automatic else []
     return Tiles(rgb.astype(np.uint8), corners[keep] + tile_um / 2, params.target_mpp, flags)
+
+
+def read_region_um(wsi: WsiDicom, x_um: float, y_um: float, width_um: float, height_um: float,
+                   mpp: float, name: str = "slide") -> np.ndarray:
+    """(rows, cols, 3) uint8 pixels of a rectangle at ``mpp`` µm/px, µm from the slide origin.
+
+    rows = round(height_um / mpp), cols = round(width_um / mpp). The part outside the slide
+    (a context margin at the slide's edge) is white, like glass.
+
+    Raises
+    ------
+    FeatureError
+        The slide has no level fine enough for ``mpp`` (``name`` identifies it).
+    """
+    rows, cols = round(height_um / mpp), round(width_um / mpp)
+    out = np.full((rows, cols, 3), 255, np.uint8)
+    base_mpp = float(wsi.mpp.width)
+    x0, y0 = max(x_um, 0.0), max(y_um, 0.0)
+    # a hair inside the last pixel, so that float rounding never reaches past the slide
+    x1 = min(x_um + width_um, (wsi.size.width - 0.01) * base_mpp)
+    y1 = min(y_um + height_um, (wsi.size.height - 0.01) * base_mpp)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    try:
+        part = np.asarray(wsi.read_region_mpp((x0 / 1000, y0 / 1000), mpp,
+                                              ((x1 - x0) / 1000, (y1 - y0) / 1000),
+                                              as_array=True))[..., :3]
+    except Exception as exc:  # wsidicom raises its own types for a missing resolution
+        raise FeatureError(f"{name}: cannot read {mpp} µm/px from this pyramid (base "
+                           f"{base_mpp} µm/px): {exc}") from exc
+    r0, c0 = round((y0 - y_um) / mpp), round((x0 - x_um) / mpp)
+    h, w = min(part.shape[0], rows - r0), min(part.shape[1], cols - c0)
+    out[r0 : r0 + h, c0 : c0 + w] = part[:h, :w]
+    return out

@@ -87,6 +87,8 @@ def test_config_file_from_environment(tmp_path):
     ('[ingest]\nmax_hl7_bytes = -5\n', ["ingest.max_hl7_bytes", "-5"]),
     ('[logging]\njson = "yes"\n', ["logging.json", "true or false"]),
     ('[ingest]\naccession_fields = "OBR-3"\n', ["ingest.accession_fields", "list of strings"]),
+    ('[features]\nnuclei_region_mm2 = 0.0\n', ["features.nuclei_region_mm2", "above 0 mm²"]),
+    ('[features]\nnuclei_block_tiles = 0\n', ["features.nuclei_block_tiles", "at least 1"]),
     ('paths = 3\n', ["'paths' must be a [section]"]),
     ('[paths\n', ["not valid TOML"]),
 ])

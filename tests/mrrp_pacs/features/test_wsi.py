@@ -4,11 +4,13 @@ import numpy as np
 import pydicom
 import pytest
 from matplotlib.path import Path as PolygonPath
+from scipy import ndimage
 
 from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.wsi import (
     Region,
     TilingParameters,
+    detect_tissue,
     open_slide,
     region_from_annotation,
     region_from_sidecar,
@@ -97,3 +99,111 @@ def test_unusable_slides_say_which(tmp_path: Path, slide_files):
                      "asap")
     with pytest.raises(FeatureError, match="slide W1: the tumour region"):
         tile_region(wsi, outside, PARAMS, "W1")
+
+
+# -- tissue detection on tinted glass -------------------------------------------------------
+# The test's own slide (not the phantom's): greyish, tinted glass of RGB 225-235 and three
+# H&E-coloured fragments of different shapes, plus a dust speck below the area floor.
+GLASS_SLIDE_PX = 2048
+GLASS_MPP = 0.5
+FRAGMENTS = ((600, 500, 360, 170, 0.3), (1450, 620, 230, 210, 0.0), (1000, 1500, 420, 120, -0.5))
+
+
+def _glass_slide() -> tuple[np.ndarray, np.ndarray]:
+    """(rgb, truth mask): glass RGB 225-235, three fragments (cx, cy, rx, ry, angle)."""
+    rng = np.random.default_rng(11)
+    rows, cols = np.mgrid[:GLASS_SLIDE_PX, :GLASS_SLIDE_PX]
+    tint = np.array([230.0, 228.0, 233.0])
+    gradient = 3.0 * (cols / GLASS_SLIDE_PX - 0.5)[..., None]  # uneven illumination
+    rgb = tint + gradient + rng.normal(0, 1.0, (GLASS_SLIDE_PX, GLASS_SLIDE_PX, 3))
+    rgb = np.clip(rgb, 225, 235)
+    truth = np.zeros((GLASS_SLIDE_PX, GLASS_SLIDE_PX), bool)
+    for cx, cy, rx, ry, angle in FRAGMENTS:
+        u = (cols - cx) * np.cos(angle) + (rows - cy) * np.sin(angle)
+        v = -(cols - cx) * np.sin(angle) + (rows - cy) * np.cos(angle)
+        truth |= (u / rx) ** 2 + (v / ry) ** 2 <= 1
+    stroma = np.array([224.0, 168.0, 204.0])  # pale eosin
+    pale = np.array([229.0, 196.0, 217.0])  # loose, barely stained stroma
+    nucleus = np.array([110.0, 70.0, 150.0])
+    patches = ndimage.uniform_filter(rng.uniform(size=truth.shape), 64) > 0.5
+    tissue = np.where(patches[..., None], pale, stroma)
+    # dark nuclei of ~5 µm over a fifth of the tissue: on a fine level they form a density
+    # mode of their own, which a plain Otsu threshold splits off from the rest of the tissue
+    nuclei = ndimage.binary_dilation(rng.uniform(size=truth.shape) < 0.004, iterations=5)
+    tissue[nuclei & truth] = nucleus
+    tissue += rng.normal(0, 3.0, tissue.shape)
+    rgb = np.where(truth[..., None], tissue, rgb)
+    speck = (cols - 1800) ** 2 + (rows - 1800) ** 2 <= 40**2  # 1250 µm² of dust
+    rgb[speck] = (90, 80, 85)
+    return np.clip(rgb, 0, 255).astype(np.uint8), truth
+
+
+@pytest.fixture(scope="module")
+def glass_slide(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("glass")
+    rgb, truth = _glass_slide()
+    identity = SlideIdentity("G1", "TEST", "TEST^G1", "19700101", "F", "1.2.3.5", "PA2", "1",
+                             "20200101", "090000", "glass-test", "G1-A1")
+    return write_wsi_pyramid(rgb, GLASS_MPP, identity, folder), truth
+
+
+@pytest.mark.parametrize("min_level_px", [512, 2048])  # 2 µm/px, and the base at 0.5 µm/px
+def test_tissue_area_is_found_at_any_level(glass_slide, min_level_px):
+    levels, truth = glass_slide
+    mask, mpp = detect_tissue(open_slide(levels, "G1"), min_level_px=min_level_px)
+    assert mpp == pytest.approx(GLASS_MPP * GLASS_SLIDE_PX / min_level_px)
+    true_um2 = truth.sum() * GLASS_MPP**2
+    assert abs(mask.sum() * mpp**2 - true_um2) / true_um2 < 0.10
+
+
+def test_tinted_glass_is_not_tissue_and_every_fragment_is_kept(glass_slide):
+    levels, truth = glass_slide
+    wsi = open_slide(levels, "G1")
+    true_um2 = truth.sum() * GLASS_MPP**2
+    polygons = region_from_tissue(wsi)
+    assert len(polygons) == 3  # the speck is dropped, no fragment is lost
+    for cx, cy, *_ in FRAGMENTS:
+        assert sum(PolygonPath(p).contains_point((cx, cy)) for p in polygons) == 1
+    outlined = sum(0.5 * abs(np.dot(p[:, 0], np.roll(p[:, 1], 1))
+                             - np.dot(p[:, 1], np.roll(p[:, 0], 1))) for p in polygons)
+    assert abs(outlined * GLASS_MPP**2 - true_um2) / true_um2 < 0.10
+
+
+def _spy_reads(wsi, monkeypatch) -> list[tuple[int, tuple[int, int]]]:
+    calls: list[tuple[int, tuple[int, int]]] = []
+    read_region = wsi.read_region
+
+    def spy(location, level, size, *args, **kwargs):
+        calls.append((level, tuple(size)))
+        return read_region(location, level, size, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tissue detection must read pixel regions of one chosen level")
+
+    monkeypatch.setattr(wsi, "read_region", spy)
+    monkeypatch.setattr(wsi, "read_region_mpp", refuse)
+    monkeypatch.setattr(wsi, "read_thumbnail", refuse)
+    return calls
+
+
+def test_tissue_is_read_from_the_smallest_level_big_enough(glass_slide, monkeypatch):
+    levels, _ = glass_slide
+    wsi = open_slide(levels, "G1")
+    calls = _spy_reads(wsi, monkeypatch)
+    mask, mpp = detect_tissue(wsi, min_level_px=512)
+    # levels are 2048, 1024, 512, 256 and 128 px: only the 512-px one is decoded
+    assert calls == [(2, (512, 512))]
+    assert mask.shape == (512, 512) and mpp == pytest.approx(4 * GLASS_MPP)
+
+
+def test_without_low_levels_the_base_is_read_in_bands(glass_slide, monkeypatch):
+    levels, truth = glass_slide
+    wsi = open_slide(levels[:1], "G1")  # a pyramid whose low levels are missing
+    calls = _spy_reads(wsi, monkeypatch)
+    budget = GLASS_SLIDE_PX * 300
+    mask, mpp = detect_tissue(wsi, min_level_px=512, max_read_px=budget)
+    assert len(calls) > 1 and all(level == 0 and w * h <= budget for level, (w, h) in calls)
+    assert sum(h for _, (_, h) in calls) == GLASS_SLIDE_PX  # every row read once
+    assert mpp == pytest.approx(4 * GLASS_MPP) and mask.shape == (512, 512)
+    true_um2 = truth.sum() * GLASS_MPP**2
+    assert abs(mask.sum() * mpp**2 - true_um2) / true_um2 < 0.10
