@@ -7,9 +7,11 @@ from matplotlib.path import Path as PolygonPath
 
 from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.wsi import (
+    UPSAMPLED,
     Region,
     TilingParameters,
     open_slide,
+    read_squares,
     region_from_annotation,
     region_from_sidecar,
     region_from_tissue,
@@ -97,3 +99,24 @@ def test_unusable_slides_say_which(tmp_path: Path, slide_files):
                      "asap")
     with pytest.raises(FeatureError, match="slide W1: the tumour region"):
         tile_region(wsi, outside, PARAMS, "W1")
+
+
+def test_squares_at_another_resolution_with_context_beyond_the_edge(slide_files):
+    slide, levels, _ = slide_files
+    wsi = open_slide(levels, "W1")
+    centres_um = np.array([[300.0, 400.0], [5.0, 10.0]])  # the second reaches past the corner
+    same, flags = read_squares(wsi, centres_um, 64, 0.5, "W1")
+    assert same.shape == (2, 64, 64, 3) and flags == []
+    x, y = (centres_um[0] / 0.5 - 32).astype(int)
+    assert np.abs(same[0].astype(float) - slide.rgb[y : y + 64, x : x + 64]).mean() < 6
+    # beyond the slide is white glass; inside, the slide's pixels
+    assert (same[1, :, :22] == 255).all() and (same[1, :12] == 255).all()
+    assert np.abs(same[1, 12:, 22:].astype(float) - slide.rgb[:52, :42]).mean() < 6
+
+    fine, flags = read_squares(wsi, centres_um[:1], 128, 0.25, "W1")  # finer than the scan
+    assert fine.shape == (1, 128, 128, 3) and flags == [UPSAMPLED]
+    back = fine[0].reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
+    assert np.abs(back - same[0]).mean() < 6  # the same field, twice the pixels
+    coarse, flags = read_squares(wsi, centres_um[:1], 32, 1.0, "W1")
+    assert coarse.shape == (1, 32, 32, 3) and flags == []
+    wsi.close()
