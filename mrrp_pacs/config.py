@@ -134,7 +134,10 @@ class FeaturesConfig:
     # local checkpoint per tile encoder name, e.g. { uni = "/models/uni/pytorch_model.bin" }
     encoder_checkpoints: dict[str, str] = field(default_factory=dict)
     bf16: bool = False  # bfloat16 autocast for transformer tile encoders
-    nuclei_model: Path | None = None  # TorchScript nucleus model; empty = classical pipeline
+    # HoVer-Net checkpoint (tiatoolbox's layout, e.g. hovernet_fast-pannuke.pth); empty = the
+    # classical segmenter. docs/features.md "Learned nucleus segmenter".
+    nuclei_model: Path | None = None
+    nuclei_model_mpp: float = 0.25  # µm/px the checkpoint was trained at (every HoVer-Net: 0.25)
     text_encoder: str = "minilm"  # a name in mrrp_pacs/data/text_encoders.toml
     # local Hugging Face folder per text encoder name, e.g. { bert-large = "/models/bert" }
     text_encoder_paths: dict[str, str] = field(default_factory=dict)
@@ -318,6 +321,9 @@ class Config:
             fail("features.target_mpp / us_default_mm_per_px",
                  (self.features.target_mpp, self.features.us_default_mm_per_px),
                  "sizes above 0")
+        if not self.features.nuclei_model_mpp > 0:
+            fail("features.nuclei_model_mpp", self.features.nuclei_model_mpp,
+                 "a resolution above 0 µm/px")
         return self
 
     def with_db(self, db: Path) -> Config:

@@ -13,6 +13,7 @@ The families, what each reads and stores: :mod:`mrrp_pacs.features.families`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from mrrp_pacs.features.wsi import (
     Tiles,
     TilingParameters,
     open_slide,
+    read_squares,
     region_from_annotation,
     region_from_sidecar,
     region_from_tissue,
@@ -155,11 +157,15 @@ class _Encoders:
 
     @cached_property
     def segmenter(self) -> NucleusSegmenter:
-        from mrrp_pacs.features.nuclei import ClassicalSegmenter, TorchScriptSegmenter
+        from mrrp_pacs.features.nuclei import ClassicalSegmenter
 
-        model = self.config.features.nuclei_model
+        features = self.config.features
+        if features.nuclei_model is None:
+            return ClassicalSegmenter()
+        from mrrp_pacs.features.hovernet import HoverNetSegmenter
+
         with _model("nucleus model"):
-            return TorchScriptSegmenter(model) if model is not None else ClassicalSegmenter()
+            return HoverNetSegmenter(features.nuclei_model, features.nuclei_model_mpp)
 
 
 @contextmanager
@@ -220,6 +226,26 @@ class _Patient:
         if sidecars:
             return [sidecars[0].kind, sidecars[0].sha256]
         return ["automatic"]
+
+    def nuclei_tiles(self, segmenter: NucleusSegmenter) -> Tiles:
+        """The tiles of :attr:`tiles` as the segmenter needs them: at its µm/px, with its
+        context on every side (``margin_px``). A segmenter that asks for neither gets
+        :attr:`tiles` themselves."""
+        tiles = self.tiles
+        mpp = segmenter.mpp if segmenter.mpp is not None else tiles.mpp
+        if mpp == tiles.mpp and segmenter.context_um <= 0:
+            return tiles
+        tile_px = round(tiles.rgb.shape[1] * tiles.mpp / mpp)
+        margin_px = max(0, math.ceil(segmenter.context_um / mpp))
+        name = f"series {self.slide_series}"
+        assert self.slide_series is not None
+        wsi = open_slide([self.store.objects.path_for(r.sha256)
+                          for r in self.inputs.slides[self.slide_series]], name)
+        try:
+            rgb, flags = read_squares(wsi, tiles.centres_um, tile_px + 2 * margin_px, mpp, name)
+        finally:
+            wsi.close()
+        return Tiles(rgb, tiles.centres_um, mpp, tiles.flags + flags, margin_px)
 
     @cached_property
     def tiles(self) -> Tiles:
@@ -439,12 +465,16 @@ def _wsi(patient: _Patient, encoder: TileEncoder) -> FeatureSet:
 def _nuclei(patient: _Patient, segmenter: NucleusSegmenter) -> FeatureSet:
     from mrrp_pacs.features import morphology, topology
 
-    tiles = patient.tiles
-    tile_um = tiles.rgb.shape[1] * tiles.mpp
+    tiles = patient.nuclei_tiles(segmenter)
+    side_px = tiles.rgb.shape[1]
+    tile_um = side_px * tiles.mpp  # with the context margins
+    inner = (tiles.margin_px, side_px - tiles.margin_px)
     morph_tokens, xy_um, kinds, patch = [], [], [], []
     morph_names: list[str] = []
     for index, rgb in enumerate(tiles.rgb):
         found = segmenter.segment(rgb, tiles.mpp)
+        # segmented with context: the tile owns the nuclei centred in it, measured whole
+        found = found.select(found.centred_in(inner[0], inner[0], inner[1], inner[1]))
         per_nucleus, _names = morphology.nucleus_features(rgb, found, tiles.mpp)
         # nuclei cut by the tile edge count, but stay out of the shape statistics
         token, morph_names = morphology.patch_token(per_nucleus, found.kinds,
@@ -466,7 +496,8 @@ def _nuclei(patient: _Patient, segmenter: NucleusSegmenter) -> FeatureSet:
         "counts": counts,
         "positions_um": tiles.centres_um.astype(np.float32),
     }, {"flags": tiles.flags, "morphology_names": morph_names, "topology_names": topo_names,
-        "count_names": ["tumour", "inflammatory", "stromal", "normal"]})
+        "count_names": ["tumour", "inflammatory", "stromal", "normal"], "mpp": tiles.mpp,
+        "context_px": tiles.margin_px})
 
 
 def _us(patient: _Patient, model: UsResNet) -> FeatureSet:
