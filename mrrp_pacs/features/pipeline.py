@@ -160,11 +160,11 @@ class _Encoders:
         from mrrp_pacs.features.nuclei import ClassicalSegmenter
 
         features = self.config.features
-        if features.nuclei_model is None:
-            return ClassicalSegmenter()
-        from mrrp_pacs.features.hovernet import HoverNetSegmenter
-
         with _model("nucleus model"):
+            if features.nuclei_model is None:
+                return ClassicalSegmenter()
+            from mrrp_pacs.features.hovernet import HoverNetSegmenter
+
             return HoverNetSegmenter(features.nuclei_model, features.nuclei_model_mpp)
 
 

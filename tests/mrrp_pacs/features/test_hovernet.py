@@ -287,3 +287,10 @@ def test_end_to_end_extract_with_a_random_weight_hovernet(tmp_path, fast_checkpo
     assert nuclei.arrays["counts"].shape == (1, 4)
     assert np.isfinite(nuclei.arrays["morphology"]).all()
     assert np.isfinite(nuclei.arrays["topology"]).all()
+
+    absent = tmp_path / "absent.pth"  # a checkpoint that is not there stops the run, named
+    refused = CliRunner().invoke(main, ["extract", "--families", "nuclei", "--db",
+                                        str(config.paths.db_file)],
+                                 env={**environ, "MRRP__FEATURES__NUCLEI_MODEL": str(absent)})
+    assert refused.exit_code == 1
+    assert "nucleus model" in refused.output and str(absent) in refused.output
