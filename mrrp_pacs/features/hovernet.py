@@ -375,7 +375,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float64) - lo) / (hi - lo)
 
 
-def _sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
+def sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV's Sobel kernels of odd size ``ksize``: (derivative, smoothing), 1-D.
 
     Smoothing: binomial coefficients of order ksize − 1; derivative: binomial of order
@@ -390,7 +390,7 @@ def _sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
 def _sobel(image: np.ndarray, axis: int, ksize: int) -> np.ndarray:
     """First derivative along ``axis`` (1: columns, x; 0: rows, y), border reflected as
     OpenCV's default (BORDER_REFLECT_101 = scipy's ``mirror``)."""
-    deriv, smooth = _sobel_kernels(ksize)
+    deriv, smooth = sobel_kernels(ksize)
     out = ndimage.correlate1d(image, deriv, axis=axis, mode="mirror")
     return ndimage.correlate1d(out, smooth, axis=1 - axis, mode="mirror")
 

@@ -29,6 +29,7 @@ from mrrp_pacs.features.hovernet import (
     instances_from_np_hv,
     load_hovernet,
     pannuke_to_nuclei,
+    sobel_kernels,
 )
 from mrrp_pacs.features.nuclei import INFLAMMATORY, NORMAL, STROMAL, TUMOUR
 from mrrp_pacs.intake import Intake
@@ -163,6 +164,14 @@ def _disc_maps(shape, discs):
         hv[mask, 0] = (cols[mask] - cx) / r
         hv[mask, 1] = (rows[mask] - cy) / r
     return nucleus, hv, owner
+
+
+def testsobel_kernels_are_opencvs():
+    # cv2.getDerivKernels(1, 0, k): the values OpenCV documents for k = 3 and 5
+    assert [list(v) for v in sobel_kernels(3)] == [[-1, 0, 1], [1, 2, 1]]
+    assert [list(v) for v in sobel_kernels(5)] == [[-1, -2, 0, 2, 1], [1, 4, 6, 4, 1]]
+    deriv, smooth = sobel_kernels(21)
+    assert deriv.sum() == 0 and smooth.sum() == 2**20 and np.array_equal(deriv, -deriv[::-1])
 
 
 def test_np_hv_decoding_separates_touching_nuclei():
