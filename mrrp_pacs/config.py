@@ -138,6 +138,7 @@ class FeaturesConfig:
     # classical segmenter. docs/features.md "Learned nucleus segmenter".
     nuclei_model: Path | None = None
     nuclei_model_mpp: float = 0.25  # µm/px the checkpoint was trained at (every HoVer-Net: 0.25)
+    nuclei_model_device: str = "cpu"  # torch device for it: "cpu", "cuda", "cuda:1"
     text_encoder: str = "minilm"  # a name in mrrp_pacs/data/text_encoders.toml
     # local Hugging Face folder per text encoder name, e.g. { bert-large = "/models/bert" }
     text_encoder_paths: dict[str, str] = field(default_factory=dict)

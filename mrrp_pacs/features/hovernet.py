@@ -536,6 +536,14 @@ class HoverNetSegmenter:
         if not (np.isfinite(model_mpp) and model_mpp > 0):
             raise FeatureError(f"nucleus model resolution must be a positive µm/px, got "
                                f"{model_mpp}")
+        try:
+            target = torch.device(device)
+        except RuntimeError as error:
+            raise FeatureError(f"nucleus model device {device!r} is not a torch device "
+                               f"(cpu, cuda, cuda:1, ...)") from error
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise FeatureError(f"nucleus model device {device!r}: no CUDA device here; set "
+                               f"[features] nuclei_model_device = \"cpu\"")
         self.path = Path(path)
         model = load_hovernet(self.path)
         self._model = model.to(device)

@@ -165,7 +165,8 @@ class _Encoders:
                 return ClassicalSegmenter()
             from mrrp_pacs.features.hovernet import HoverNetSegmenter
 
-            return HoverNetSegmenter(features.nuclei_model, features.nuclei_model_mpp)
+            return HoverNetSegmenter(features.nuclei_model, features.nuclei_model_mpp,
+                                     device=features.nuclei_model_device)
 
 
 @contextmanager

@@ -142,6 +142,14 @@ def test_wrong_checkpoints_are_refused_naming_the_file(tmp_path, fast_checkpoint
     assert "conv_bot.weight (1024, 2048, 3, 3) ≠ (1024, 2048, 1, 1)" in message
 
 
+def test_a_device_that_is_not_there_is_refused(fast_checkpoint):
+    with pytest.raises(FeatureError, match="'gpu0' is not a torch device"):
+        HoverNetSegmenter(fast_checkpoint, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(FeatureError, match="no CUDA device here"):
+            HoverNetSegmenter(fast_checkpoint, device="cuda")
+
+
 def test_a_typing_head_other_than_pannuke_is_refused(tmp_path):
     path = _save(HoVerNet(5, "fast"), tmp_path / "monusac.pth")  # 5 types: MoNuSAC, CoNSeP
     with pytest.raises(FeatureError, match=r"5 classes; only PanNuke's 6"):
