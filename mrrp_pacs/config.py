@@ -134,7 +134,11 @@ class FeaturesConfig:
     # local checkpoint per tile encoder name, e.g. { uni = "/models/uni/pytorch_model.bin" }
     encoder_checkpoints: dict[str, str] = field(default_factory=dict)
     bf16: bool = False  # bfloat16 autocast for transformer tile encoders
-    nuclei_model: Path | None = None  # TorchScript nucleus model; empty = classical pipeline
+    # HoVer-Net checkpoint (tiatoolbox's layout, e.g. hovernet_fast-pannuke.pth); empty = the
+    # classical segmenter. docs/features.md "Learned nucleus segmenter".
+    nuclei_model: Path | None = None
+    nuclei_model_mpp: float = 0.25  # µm/px the checkpoint was trained at (every HoVer-Net: 0.25)
+    nuclei_model_device: str = "cpu"  # torch device for it: "cpu", "cuda", "cuda:1"
     # nuclei and topology over the region (mrrp_pacs/features/region.py): blocks of this many
     # tiles a side, read with this context margin, at most this much block area per patient
     nuclei_block_tiles: int = 4
@@ -324,6 +328,9 @@ class Config:
             fail("features.target_mpp / us_default_mm_per_px",
                  (self.features.target_mpp, self.features.us_default_mm_per_px),
                  "sizes above 0")
+        if not self.features.nuclei_model_mpp > 0:
+            fail("features.nuclei_model_mpp", self.features.nuclei_model_mpp,
+                 "a resolution above 0 µm/px")
         if not (self.features.nuclei_region_mm2 > 0 and self.features.nuclei_margin_um >= 0):
             fail("features.nuclei_region_mm2 / nuclei_margin_um",
                  (self.features.nuclei_region_mm2, self.features.nuclei_margin_um),

@@ -168,7 +168,9 @@ def _encoders(config: Config, _: int) -> Iterator[Check]:
         yield Check("text encoder", True, f"{text.name} (ships with package {text.package})")
     if features.nuclei_model is not None:
         yield _file_check("nucleus model", str(features.nuclei_model),
-                          "set [features] nuclei_model to an existing TorchScript file")
+                          "set [features] nuclei_model to a local HoVer-Net checkpoint "
+                          "(tiatoolbox layout), or leave it empty for the classical "
+                          "segmenter")
 
 
 def _file_check(name: str, path: str | None, fix: str, folder: bool = False) -> Check:

@@ -7,8 +7,8 @@ image, one type per nucleus (:data:`NUCLEUS_TYPES`) and centroids in pixels. Two
   optical density, a fixed density threshold, distance-transform watershed to split touching
   nuclei, then typing by a small softmax model over per-nucleus measurements in µm, calibrated on
   phantom slides (``mrrp_pacs/data/nucleus_types.toml``; seeds and procedure are written there).
-- :class:`TorchScriptSegmenter`: a HoVer-Net-class model exported to TorchScript, loaded from a
-  local file (never downloaded).
+- :class:`~mrrp_pacs.features.hovernet.HoverNetSegmenter`: HoVer-Net as tiatoolbox defines it,
+  from a local checkpoint (never downloaded), at the model's own µm/px.
 
 Every size is in µm and converted with the tile's ``mpp`` (µm per pixel).
 
@@ -33,7 +33,6 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -130,6 +129,14 @@ class SegmentedNuclei:
         x, y = self.centroids_px[:, 0], self.centroids_px[:, 1]
         return (x >= col0) & (x < col1) & (y >= row0) & (y < row1)
 
+    def select(self, keep: np.ndarray) -> SegmentedNuclei:
+        """The nuclei where ``keep`` ((n,) bool) is true, relabelled 1..m in their order."""
+        keep = np.asarray(keep, bool)
+        lookup = np.zeros(len(self) + 1, np.int32)
+        lookup[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+        return SegmentedNuclei(lookup[self.labels], self.kinds[keep], self.centroids_px[keep],
+                               self.touches_border[keep])
+
 
 def centroids_px(labels: np.ndarray) -> np.ndarray:
     """(rows, cols) labels 1..n → (n, 2) float64 centroids in pixels, (x = column, y = row)."""
@@ -187,6 +194,16 @@ class NucleusSegmenter(Protocol):
     @property
     def version(self) -> str: ...
 
+    @property
+    def mpp(self) -> float | None:
+        """µm/px the tiles must come at (a learned model's own); None: any."""
+        ...
+
+    @property
+    def context_um(self) -> float:
+        """Context (µm) to read on each side of a tile; the tile keeps the nuclei centred in it."""
+        ...
+
     def segment(self, rgb: np.ndarray, mpp: float) -> SegmentedNuclei:
         """Segment and type the nuclei of ``rgb`` ((rows, cols, 3) uint8) at ``mpp`` µm/px."""
         ...
@@ -235,6 +252,8 @@ class ClassicalSegmenter:
     """
 
     name = "classical-hematoxylin-watershed"
+    mpp = None  # works at the tiling's µm/px
+    context_um = 0.0
 
     def __init__(self, type_model: NucleusTypeModel | None = None) -> None:
         """Use ``type_model`` for typing, by default the shipped calibration."""
@@ -534,106 +553,6 @@ def default_type_model() -> NucleusTypeModel:
     """The type model shipped in ``mrrp_pacs/data/nucleus_types.toml``."""
     resource = resources.files("mrrp_pacs") / "data" / TYPE_MODEL_RESOURCE
     return NucleusTypeModel.from_toml(resource.read_text(encoding="utf-8"), str(resource))
-
-
-# ---------------------------------------------------------------------------------------------
-# TorchScript backend
-
-
-class TorchScriptSegmenter:
-    """A nucleus model exported to TorchScript (HoVer-Net class), read from a local file.
-
-    Contract of the scripted module's ``forward``:
-
-    - input: (1, 3, H, W) float32 RGB in [0, 1] at the model's resolution ``model_mpp``;
-    - output: a tuple ``(foreground, type_logits)``: ``foreground`` (1, 1, H, W) or (1, H, W)
-      nucleus probability in [0, 1]; ``type_logits`` (1, 4, H, W) unnormalised scores in
-      :data:`NUCLEUS_TYPES` order (a PanNuke-trained model maps its classes in its wrapper).
-
-    Instances are cut from ``foreground > 0.5`` by the same distance-transform watershed as the
-    classical backend (a model's own instance head, e.g. HoVer-Net's horizontal/vertical maps,
-    is not part of the contract); each nucleus takes the type with the highest mean softmax
-    probability over its pixels. Nothing is ever downloaded.
-    """
-
-    def __init__(self, path: Path | str, model_mpp: float = 0.5, device: str = "cpu") -> None:
-        """Load the model.
-
-        Parameters
-        ----------
-        path
-            Local TorchScript file (``torch.jit.save`` output).
-        model_mpp
-            Resolution in µm/px the model was trained at; tiles must come at this resolution.
-        device
-            torch device to run on (``"cpu"``, ``"cuda"``).
-        """
-        # torch is imported on use: the classical backend should not pay its import time
-        import torch
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FeatureError(f"nucleus model {self.path} does not exist: export the model with "
-                               f"torch.jit.save and point the configuration at it (models are "
-                               f"never downloaded)")
-        try:
-            self._module = torch.jit.load(str(self.path), map_location=device).eval()
-        except RuntimeError as error:
-            raise FeatureError(f"nucleus model {self.path} is not a TorchScript file: "
-                               f"{error}") from error
-        self.model_mpp = model_mpp
-        self.device = device
-        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
-        self.name = f"torchscript-{self.path.stem}"
-        self.version = f"sha256-{digest}"
-        LOGGER.info("nucleus model %s loaded (%s) on %s", self.path, self.version, device)
-
-    def segment(self, rgb: np.ndarray, mpp: float) -> SegmentedNuclei:
-        """Run the model on one tile and cut its output into typed nuclei.
-
-        Parameters
-        ----------
-        rgb
-            (rows, cols, 3) uint8 H&E tile at ``model_mpp``.
-        mpp
-            Resolution of ``rgb`` in µm/px; more than 10 % away from ``model_mpp`` is refused.
-        """
-        import torch
-
-        check_tile(rgb, mpp)
-        if abs(mpp - self.model_mpp) > 0.1 * self.model_mpp:
-            raise FeatureError(f"nucleus model {self.path} works at {self.model_mpp} µm/px, the "
-                               f"tile is at {mpp} µm/px: read the tile at the model's resolution")
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
-        x = x.permute(2, 0, 1)[None].float() / 255.0
-        with torch.inference_mode():
-            output = self._module(x)
-        foreground, type_prob = self._check_output(output, rgb.shape[:2])
-        labels = split_instances(foreground > 0.5, None, mpp)
-        n = int(labels.max())
-        flat = labels.ravel()
-        summed_prob = np.stack([np.bincount(flat, type_prob[k].ravel(), n + 1)[1:]
-                                for k in range(len(NUCLEUS_TYPES))], axis=1)
-        return SegmentedNuclei.from_labels(labels, np.argmax(summed_prob, axis=1))
-
-    def _check_output(self, output: object, shape: tuple[int, int]
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        if not (isinstance(output, tuple) and len(output) == 2
-                and all(isinstance(t, torch.Tensor) for t in output)):
-            raise FeatureError(f"nucleus model {self.path} must return a tuple (foreground, "
-                               f"type_logits) of tensors, got {type(output).__name__}")
-        foreground, logits = (t.detach().float().cpu() for t in output)
-        rows, cols = shape
-        if foreground.shape not in ((1, 1, rows, cols), (1, rows, cols)) or \
-                logits.shape != (1, len(NUCLEUS_TYPES), rows, cols):
-            raise FeatureError(f"nucleus model {self.path} returned foreground "
-                               f"{tuple(foreground.shape)} and type logits "
-                               f"{tuple(logits.shape)}; expected (1, 1, {rows}, {cols}) and "
-                               f"(1, {len(NUCLEUS_TYPES)}, {rows}, {cols})")
-        return (foreground.reshape(rows, cols).numpy(),
-                torch.softmax(logits[0], dim=0).numpy())
 
 
 # ---------------------------------------------------------------------------------------------

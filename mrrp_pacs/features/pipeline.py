@@ -32,6 +32,7 @@ from mrrp_pacs.errors import FeatureError, ModelUnavailable
 from mrrp_pacs.features.cache import FeatureCache, FeatureSet, input_hash
 from mrrp_pacs.features.families import FAMILY_NAMES, FamilyInput, family_named
 from mrrp_pacs.features.wsi import (
+    UPSAMPLED,
     Region,
     Tiles,
     TilingParameters,
@@ -41,6 +42,7 @@ from mrrp_pacs.features.wsi import (
     region_from_sidecar,
     region_from_tissue,
     tile_region,
+    upsampled,
 )
 from mrrp_pacs.store import Store
 
@@ -157,11 +159,16 @@ class _Encoders:
 
     @cached_property
     def segmenter(self) -> NucleusSegmenter:
-        from mrrp_pacs.features.nuclei import ClassicalSegmenter, TorchScriptSegmenter
+        from mrrp_pacs.features.nuclei import ClassicalSegmenter
 
-        model = self.config.features.nuclei_model
+        features = self.config.features
         with _model("nucleus model"):
-            return TorchScriptSegmenter(model) if model is not None else ClassicalSegmenter()
+            if features.nuclei_model is None:
+                return ClassicalSegmenter()
+            from mrrp_pacs.features.hovernet import HoverNetSegmenter
+
+            return HoverNetSegmenter(features.nuclei_model, features.nuclei_model_mpp,
+                                     device=features.nuclei_model_device)
 
 
 @contextmanager
@@ -254,15 +261,16 @@ class _Patient:
         assert series is not None
         return [self.store.objects.path_for(r.sha256) for r in self.inputs.slides[series]]
 
-    def region_description(self, mpp: float) -> list[object]:
+    def region_description(self, mpp: float, margin_um: float) -> list[object]:
         """What the region's nuclei depend on beyond the slide: block plan and resolution."""
         features = self.config.features
-        return [features.nuclei_block_tiles, features.nuclei_margin_um,
-                features.nuclei_region_mm2, mpp]
+        return [features.nuclei_block_tiles, margin_um, features.nuclei_region_mm2, mpp]
 
-    def region_nuclei(self, segmenter: NucleusSegmenter, mpp: float) -> RegionNuclei:
+    def region_nuclei(self, segmenter: NucleusSegmenter, mpp: float, margin_um: float
+                      ) -> tuple[RegionNuclei, list[str]]:
         """Nuclei of the blocks around the sampled tiles, each once, read at ``mpp`` µm/px (the
-        segmenter's own resolution) with the configured context margin."""
+        segmenter's own resolution) with ``margin_um`` of context, and the flags of the read
+        (:data:`~mrrp_pacs.features.wsi.UPSAMPLED` when the scan is coarser than ``mpp``)."""
         from mrrp_pacs.features import region
 
         features = self.config.features
@@ -281,8 +289,9 @@ class _Patient:
             def in_a_tile(xy_um: np.ndarray) -> np.ndarray:
                 return region.patch_of(xy_um, tiles.centres_um, tile_um) >= 0
 
-            return region.segment_blocks(blocks, read, segmenter, mpp,
-                                         features.nuclei_margin_um, measure=in_a_tile)
+            flags = [UPSAMPLED] if upsampled(wsi, mpp) else []
+            return region.segment_blocks(blocks, read, segmenter, mpp, margin_um,
+                                         measure=in_a_tile), flags
         finally:
             wsi.close()
 
@@ -435,10 +444,14 @@ class Extractor:
         segmenter = self.encoders.segmenter
         version = (f"{segmenter.version}+m{morphology.MORPHOLOGY_VERSION}"
                    f"+t{topology.TOPOLOGY_VERSION}+r{region.REGION_VERSION}")
-        mpp = _segmenter_mpp(segmenter, self.config.features.target_mpp)
+        features = self.config.features
+        mpp = segmenter.mpp if segmenter.mpp is not None else features.target_mpp
+        # the configured context, or more where the segmenter needs more (a model's own)
+        margin_um = max(features.nuclei_margin_um, segmenter.context_um)
         return FamilyPlan(segmenter.name, version,
-                          [*patient.slide_description(), patient.region_description(mpp)],
-                          lambda: _nuclei(patient, segmenter, mpp))
+                          [*patient.slide_description(),
+                           patient.region_description(mpp, margin_um)],
+                          lambda: _nuclei(patient, segmenter, mpp, margin_um))
 
     def _plan_us(self, patient: _Patient) -> FamilyPlan:
         model, version = self.encoders.us
@@ -477,14 +490,8 @@ def _wsi(patient: _Patient, encoder: TileEncoder) -> FeatureSet:
                        "region": patient._region_description()[0]})
 
 
-def _segmenter_mpp(segmenter: NucleusSegmenter, default_mpp: float) -> float:
-    """The µm/px a segmenter reads its blocks at: its own ``model_mpp`` when it has one (a
-    learned model), else the tiles' ``target_mpp``."""
-    own = getattr(segmenter, "model_mpp", None)
-    return float(own) if isinstance(own, (int, float)) else default_mpp
-
-
-def _nuclei(patient: _Patient, segmenter: NucleusSegmenter, mpp: float) -> FeatureSet:
+def _nuclei(patient: _Patient, segmenter: NucleusSegmenter, mpp: float, margin_um: float
+            ) -> FeatureSet:
     """Nuclei over the region (blocks with margins, each nucleus once), one k-NN graph over all
     of them, then per sampled tile a morphology and a topology token (the wsi family's tiles,
     in its order)."""
@@ -492,7 +499,7 @@ def _nuclei(patient: _Patient, segmenter: NucleusSegmenter, mpp: float) -> Featu
 
     tiles = patient.tiles
     tile_um = tiles.rgb.shape[1] * tiles.mpp
-    found = patient.region_nuclei(segmenter, mpp)
+    found, read_flags = patient.region_nuclei(segmenter, mpp, margin_um)
     patch = region.patch_of(found.xy_um, tiles.centres_um, tile_um)
     node, _node_names = topology.node_features(found.xy_um, found.kinds.astype(np.int64))
     in_patch = patch >= 0
@@ -512,10 +519,11 @@ def _nuclei(patient: _Patient, segmenter: NucleusSegmenter, mpp: float) -> Featu
         "topology": topo.astype(np.float32),
         "counts": counts,
         "positions_um": tiles.centres_um.astype(np.float32),
-    }, {"flags": tiles.flags, "morphology_names": morph_names, "topology_names": topo_names,
+    }, {"flags": tiles.flags + read_flags, "morphology_names": morph_names,
+        "topology_names": topo_names,
         "count_names": ["tumour", "inflammatory", "stromal", "normal"],
         "graph_nuclei": len(found.kinds), "region_blocks": found.n_blocks,
-        "mpp": mpp})
+        "mpp": mpp, "context_um": margin_um})
 
 
 def _us(patient: _Patient, model: UsResNet) -> FeatureSet:

@@ -4,11 +4,9 @@ Evaluation seeds are 0-99; the type model was calibrated on seeds 1000-1059
 (benchmarks/bench_nuclei.py --calibrate), so nothing here was seen in fitting.
 """
 
-import re
 
 import numpy as np
 import pytest
-import torch
 
 from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.morphology import nucleus_features
@@ -20,7 +18,6 @@ from mrrp_pacs.features.nuclei import (
     ClassicalSegmenter,
     NucleusTypeModel,
     SegmentedNuclei,
-    TorchScriptSegmenter,
     default_type_model,
     match_detections,
 )
@@ -266,69 +263,17 @@ def test_shipped_type_model_is_readable():
         NucleusTypeModel.from_toml(model.to_toml("").replace("log_area_um2", "area"), "x.toml")
 
 
-class _TinyNucleusNet(torch.nn.Module):
-    """Foreground from darkness (fixed weights), types from a random 3×3 convolution."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.darkness = torch.nn.Conv2d(3, 1, 1)
-        self.types = torch.nn.Conv2d(3, 4, 3, padding=1)
-        with torch.no_grad():
-            self.darkness.weight.fill_(-10.0)
-            self.darkness.bias.fill_(21.6)  # nuclei (RGB mean < 0.72) → probability > 0.5
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.sigmoid(self.darkness(x)), self.types(x)
-
-
-class _OneOutput(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=1, keepdim=True)
-
-
-def test_torchscript_backend_loads_and_types_from_its_output(tmp_path):
-    torch.manual_seed(0)
-    net = _TinyNucleusNet().eval()
-    path = tmp_path / "tiny.pt"
-    torch.jit.save(torch.jit.script(net), str(path))
-    segmenter = TorchScriptSegmenter(path)
-    assert segmenter.name == "torchscript-tiny"
-    assert segmenter.version.startswith("sha256-")
-
-    slide = _slide(61)
-    truth = slide.nuclei
-    i = np.flatnonzero(truth.kind == TUMOUR)[5]
-    x0 = int(np.clip(truth.x_px[i] - TILE // 2, 0, SLIDE_PX - TILE))
-    y0 = int(np.clip(truth.y_px[i] - TILE // 2, 0, SLIDE_PX - TILE))
-    tile = slide.rgb[y0 : y0 + TILE, x0 : x0 + TILE]
-    found = segmenter.segment(tile, MPP)
-    inside = (truth.x_px >= x0) & (truth.x_px < x0 + TILE) & (truth.y_px >= y0) & \
-        (truth.y_px < y0 + TILE)
-    true_xy = np.stack([truth.x_px[inside] - x0, truth.y_px[inside] - y0], axis=1)
-    assert match_detections(found.centroids_px, true_xy, RADIUS_PX).f1 > 0.8
-    # each nucleus takes the type with the highest mean softmax over its pixels
-    with torch.no_grad():
-        x = torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255
-        prob = torch.softmax(net.types(x)[0], dim=0).numpy()
-    for label in range(1, len(found) + 1):
-        pixels = found.labels == label
-        assert found.kinds[label - 1] == np.argmax(prob[:, pixels].mean(axis=1))
-    with pytest.raises(FeatureError, match=r"0\.5 µm/px"):
-        segmenter.segment(tile, 0.25)
-
-
-def test_torchscript_backend_refuses_what_it_cannot_use(tmp_path):
-    missing = tmp_path / "absent.pt"
-    with pytest.raises(FeatureError, match=re.escape(str(missing))):
-        TorchScriptSegmenter(missing)
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a model")
-    with pytest.raises(FeatureError, match="not a TorchScript file"):
-        TorchScriptSegmenter(junk)
-    wrong = tmp_path / "one-output.pt"
-    torch.jit.save(torch.jit.script(_OneOutput()), str(wrong))
-    with pytest.raises(FeatureError, match="tuple"):
-        TorchScriptSegmenter(wrong).segment(np.zeros((32, 32, 3), np.uint8), MPP)
+def test_select_keeps_and_renumbers_the_chosen_nuclei():
+    labels = np.zeros((8, 12), np.int32)
+    labels[1:3, 1:3], labels[4:6, 4:7], labels[0:8, 10:12] = 1, 2, 3
+    found = SegmentedNuclei.from_labels(labels, np.array([TUMOUR, INFLAMMATORY, TUMOUR]))
+    kept = found.select(np.array([False, True, True]))
+    assert list(kept.kinds) == [INFLAMMATORY, TUMOUR]
+    assert set(np.unique(kept.labels)) == {0, 1, 2}
+    assert np.array_equal(kept.labels == 1, labels == 2)
+    assert np.array_equal(kept.labels == 2, labels == 3)
+    assert np.allclose(kept.centroids_px, found.centroids_px[1:])
+    assert list(kept.touches_border) == [False, True]
 
 
 def test_segmented_nuclei_are_checked():

@@ -12,10 +12,12 @@ from mrrp_pacs.features.wsi import (
     TilingParameters,
     detect_tissue,
     open_slide,
+    read_region_um,
     region_from_annotation,
     region_from_sidecar,
     region_from_tissue,
     tile_region,
+    upsampled,
 )
 from mrrp_pacs.phantom.dicom_objects import tumour_region_annotation
 from mrrp_pacs.phantom.histology import render_slide
@@ -207,3 +209,23 @@ def test_without_low_levels_the_base_is_read_in_bands(glass_slide, monkeypatch):
     assert mpp == pytest.approx(4 * GLASS_MPP) and mask.shape == (512, 512)
     true_um2 = truth.sum() * GLASS_MPP**2
     assert abs(mask.sum() * mpp**2 - true_um2) / true_um2 < 0.10
+
+
+def test_regions_at_another_resolution_with_context_beyond_the_edge(slide_files):
+    slide, levels, _ = slide_files
+    wsi = open_slide(levels, "W1")
+    same = read_region_um(wsi, 284.0, 384.0, 32.0, 32.0, 0.5, "W1")
+    assert same.shape == (64, 64, 3) and not upsampled(wsi, 0.5)
+    assert np.abs(same.astype(float) - slide.rgb[768:832, 568:632]).mean() < 6
+    # beyond the slide is white glass; inside, the slide's pixels
+    corner = read_region_um(wsi, -11.0, -6.0, 32.0, 32.0, 0.5, "W1")
+    assert (corner[:, :22] == 255).all() and (corner[:12] == 255).all()
+    assert np.abs(corner[12:, 22:].astype(float) - slide.rgb[:52, :42]).mean() < 6
+
+    fine = read_region_um(wsi, 284.0, 384.0, 32.0, 32.0, 0.25, "W1")  # finer than the scan
+    assert fine.shape == (128, 128, 3) and upsampled(wsi, 0.25)
+    back = fine.reshape(64, 2, 64, 2, 3).mean(axis=(1, 3))
+    assert np.abs(back - same).mean() < 6  # the same field, twice the pixels
+    coarse = read_region_um(wsi, 284.0, 384.0, 32.0, 32.0, 1.0, "W1")
+    assert coarse.shape == (32, 32, 3) and not upsampled(wsi, 1.0)
+    wsi.close()
