@@ -82,10 +82,27 @@ def open_slide(paths: list[Path], name: str) -> WsiDicom:
     try:
         wsi = WsiDicom.open(paths)
     except Exception as exc:  # wsidicom raises many types for unusable input
-        raise FeatureError(f"slide {name} cannot be opened: {exc}") from exc
+        raise FeatureError(f"slide {name} cannot be opened: {exc}{_untyped_levels(paths)}"
+                           ) from exc
     if not wsi.levels or min(wsi.size.width, wsi.size.height) < 1:
         raise FeatureError(f"slide {name} has no usable pyramid level")
     return wsi
+
+
+def _untyped_levels(paths: list[Path]) -> str:
+    """A hint when some files have no ImageType: readers find pyramid levels by its VOLUME
+    value (Orthanc's WSI Dicomizer writes none unless given a dataset that has it)."""
+    untyped = 0
+    for path in paths:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ImageType"])
+        except Exception:  # noqa: S112 - unreadable files are already in the error
+            continue
+        untyped += "ImageType" not in header
+    if not untyped:
+        return ""
+    return (f" ({untyped} of its {len(paths)} files have no ImageType, which names a pyramid "
+            "level VOLUME: the producer must write it)")
 
 
 def region_from_annotation(annotation: Path, level0: pydicom.Dataset) -> list[np.ndarray]:
@@ -212,6 +229,33 @@ def region_from_tissue(wsi: WsiDicom) -> list[np.ndarray]:
     return polygons
 
 
+MPP_TOLERANCE = 1e-3
+"""Relative difference between a level's µm/px and the one asked for that counts as equal.
+Producers round the pixel spacing they write (Orthanc's WSI Dicomizer writes 0.5 µm/px as
+``0.000500000024`` mm, a float32 printed), and wsidicom reads only from levels at least as fine as
+asked: asking such a slide for 0.5 µm/px finds no level at all."""
+
+
+def reading_mpp(base_mpp: float, target_mpp: float, name: str) -> float:
+    """The µm/px to ask wsidicom for so that tiles come at ``target_mpp``.
+
+    ``target_mpp`` itself, unless the base level is coarser than it only by a producer's
+    rounding (:data:`MPP_TOLERANCE`): then the base level's own.
+
+    Raises
+    ------
+    FeatureError
+        The base level is coarser than ``target_mpp``: the slide was scanned at a lower
+        resolution than the features need.
+    """
+    if base_mpp <= target_mpp:
+        return target_mpp
+    if base_mpp <= target_mpp * (1 + MPP_TOLERANCE):
+        return base_mpp
+    raise FeatureError(f"slide {name} was scanned at {base_mpp:.4g} µm/px, coarser than the "
+                       f"{target_mpp:.4g} µm/px its tiles are read at")
+
+
 def tile_region(wsi: WsiDicom, region: Region, params: TilingParameters, name: str) -> Tiles:
     """Cut the tiles of ``region`` at ``params.target_mpp``.
 
@@ -221,6 +265,7 @@ def tile_region(wsi: WsiDicom, region: Region, params: TilingParameters, name: s
         The region lies outside the slide or holds no tissue tile.
     """
     base_mpp = float(wsi.mpp.width)
+    read_mpp = reading_mpp(base_mpp, params.target_mpp, name)
     tile_um = params.tile_px * params.target_mpp
     paths = [PolygonPath(p) for p in region.polygons_px]
     all_points = np.concatenate(region.polygons_px)
@@ -248,9 +293,12 @@ def tile_region(wsi: WsiDicom, region: Region, params: TilingParameters, name: s
         raise FeatureError(f"slide {name}: no tissue tile inside the tumour region")
     if len(keep) > params.max_tiles:
         keep = keep[np.round(np.linspace(0, len(keep) - 1, params.max_tiles)).astype(int)]
-    size_mm = (tile_um / 1000, tile_um / 1000)
+    # a hair more than tile_px: wsidicom floors size / spacing, which float rounding can put
+    # one pixel short
+    side_mm = params.tile_px * read_mpp * (1 + 1e-9) / 1000
+    size_mm = (side_mm, side_mm)
     rgb = np.stack([
-        np.asarray(wsi.read_region_mpp((float(x) / 1000, float(y) / 1000), params.target_mpp,
+        np.asarray(wsi.read_region_mpp((float(x) / 1000, float(y) / 1000), read_mpp,
                                        size_mm, as_array=True))[: params.tile_px,
                                                                 : params.tile_px, :3]
         for x, y in corners[keep]
@@ -300,8 +348,11 @@ def read_region_um(wsi: WsiDicom, x_um: float, y_um: float, width_um: float, hei
     y1 = min(y_um + height_um, (wsi.size.height - 0.01) * base_mpp)
     if x1 > x0 and y1 > y0:
         try:
+            # a hair more: wsidicom floors size / spacing, which rounding can put a pixel short
+            hair = 1 + 1e-9
             part = np.asarray(wsi.read_region_mpp((x0 / 1000, y0 / 1000), read_mpp,
-                                                  ((x1 - x0) / 1000, (y1 - y0) / 1000),
+                                                  ((x1 - x0) * hair / 1000,
+                                                   (y1 - y0) * hair / 1000),
                                                   as_array=True))[..., :3]
         except Exception as exc:  # wsidicom raises its own types for a missing resolution
             raise FeatureError(f"{name}: cannot read {mpp} µm/px from this pyramid (base "

@@ -46,6 +46,7 @@ TOOLS: dict[str, Tool] = {
     # the path the product starts (PATH, else Debian's /usr/sbin, which is not on every PATH)
     "Orthanc": Tool("orthanc", Path(ORTHANC)),
     "libOrthancDicomWeb.so": Tool("orthanc-dicomweb", DICOMWEB_PLUGIN),
+    "OrthancWSIDicomizer": Tool("orthanc-wsi"),  # writes slides as another producer would
     "pdftoppm": Tool("poppler-utils"),
     "pdftotext": Tool("poppler-utils"),
     "chromium": Tool("chromium"),
