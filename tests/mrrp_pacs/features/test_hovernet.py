@@ -279,7 +279,7 @@ def test_a_tile_is_segmented_and_typed_through_the_decoder(fast_checkpoint):
 
 @pytest.mark.slow
 def test_end_to_end_extract_with_a_random_weight_hovernet(tmp_path, fast_checkpoint):
-    """`extract` with a HoVer-Net checkpoint (random weights): the nuclei family reads its tiles
+    """`extract` with a HoVer-Net checkpoint (random weights): the nuclei family reads its blocks
     at the model's µm/px (0.5 here, the wsi tiles at 1.0) with the model's context, and stores
     what the family promises. Tiny: one patient, one 16 µm tile, one 256-px patch."""
     generate(PhantomSpec(patients=1, seed=5, slide_px=512, missing_wsi=0.0, missing_us=1.0,
@@ -290,7 +290,7 @@ def test_end_to_end_extract_with_a_random_weight_hovernet(tmp_path, fast_checkpo
     environ = {"MRRP__FEATURES__NUCLEI_MODEL": str(fast_checkpoint),
                "MRRP__FEATURES__NUCLEI_MODEL_MPP": "0.5",
                "MRRP__FEATURES__TARGET_MPP": "1.0", "MRRP__FEATURES__TILE_PX": "16",
-               "MRRP__FEATURES__MAX_TILES": "1"}
+               "MRRP__FEATURES__MAX_TILES": "1", "MRRP__FEATURES__NUCLEI_BLOCK_TILES": "1"}
     result = CliRunner().invoke(main, ["extract", "--families", "nuclei", "--json",
                                        "--db", str(config.paths.db_file)], env=environ)
     assert result.exit_code == 0, result.output
@@ -302,8 +302,10 @@ def test_end_to_end_extract_with_a_random_weight_hovernet(tmp_path, fast_checkpo
     assert nuclei is not None
     assert nuclei.extractor == "hovernet-fast"
     assert "mpp0.5-sha256-" in nuclei.version
-    # 16 µm at 0.5 µm/px = 32 px, plus (46 px + 10 µm) of context each side = 164 px: one patch
-    assert nuclei.meta["mpp"] == 0.5 and nuclei.meta["context_px"] == 66
+    # a block of one 16 µm tile at 0.5 µm/px = 32 px, plus the model's context (46 px + 10 µm
+    # = 33 µm, more than the configured 16 µm) each side = 164 px: one patch
+    assert nuclei.meta["mpp"] == 0.5 and nuclei.meta["context_um"] == 33.0
+    assert nuclei.meta["region_blocks"] == 1
     assert nuclei.arrays["counts"].shape == (1, 4)
     assert np.isfinite(nuclei.arrays["morphology"]).all()
     assert np.isfinite(nuclei.arrays["topology"]).all()
