@@ -73,3 +73,37 @@ def test_each_bad_input_is_named_and_leaves_nothing(intake, store, encoder_store
     assert _families(store, "B5^^^HOSP") == {"clinical"}
     flags = pipeline.FeatureCache(store).summary()["B1^^^HOSP"]["flags"]
     assert "fallback_spacing" in flags
+
+
+def test_a_voc_box_is_used_but_flagged_as_a_box(intake, store, encoder_store, tmp_path):
+    """A Pascal-VOC box has no outline: the features are computed on the box, flagged as such
+    in the flags, the ``roi_is_outline`` array and the meta; an SR polygon is an outline."""
+    config = encoder_store
+    boxed = Patient("V1")
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "IMG_V1").write_bytes(encode(us_image(boxed)))
+    (drop / "box.xml").write_bytes(b"<annotation><filename>IMG_V1</filename><object>"
+                                   b"<bndbox><xmin>11</xmin><ymin>6</ymin><xmax>51</xmax>"
+                                   b"<ymax>41</ymax></bndbox></object></annotation>")
+    for path in sorted(drop.iterdir()):
+        intake.receive_path(path)
+    drawn = Patient("V2")
+    image = us_image(drawn)
+    intake.receive_dicom(encode(image), "t")
+    intake.receive_dicom(encode(us_roi_sr(drawn, image, (10, 10, 50, 40))), "t")
+    for patient in (boxed, drawn):
+        intake.receive_hl7(pathology_result(patient, f"PA-{patient.patient_id}"), "t")
+
+    summary = pipeline.extract(store, config)
+    assert summary.failures == []
+    cache = pipeline.FeatureCache(store)
+    for key, source, shape in (("V1^^^HOSP", "voc", "box"), ("V2^^^HOSP", "sr", "outline")):
+        for family in ("us", "radiomics"):
+            features = cache.current(key, family)
+            assert features is not None
+            assert (features.meta["roi_source"], features.meta["roi_shape"]) == (source, shape)
+            assert features.arrays["roi_is_outline"].tolist() == [shape == "outline"]
+            assert ("box_roi" in features.flags) == (shape == "box")
+    box = cache.current("V1^^^HOSP", "us")
+    assert box is not None and box.arrays["box_px"].tolist() == [10, 5, 50, 40]  # VOC 1-based
