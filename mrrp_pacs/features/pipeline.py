@@ -41,6 +41,7 @@ from mrrp_pacs.features.wsi import (
     region_from_tissue,
     tile_region,
 )
+from mrrp_pacs.intake.dicom import PRESENTATION_STATE_CLASSES, SEGMENTATION
 from mrrp_pacs.store import Store
 
 if TYPE_CHECKING:  # the encoders pull in torch: imported when first used
@@ -257,7 +258,10 @@ class _Patient:
 
     @cached_property
     def us_choice(self) -> tuple[InstanceRef, tuple[str, str] | None]:
-        """(image ref, ROI source (kind, sha256) or None): an image with an ROI if one exists."""
+        """(image ref, ROI source (kind, sha256) or None): an image with an ROI if one exists.
+
+        Kind ``sr`` is any object drawing on the image (SR, presentation state or SEG: read by
+        its SOP class), ``voc`` a Pascal-VOC sidecar."""
         images = {i.sop_instance_uid: i for i in self.inputs.us_images}
         for sr, target in self.inputs.us_rois:
             if target in images:
@@ -292,8 +296,15 @@ class _Patient:
         shape = (int(ds.Rows), int(ds.Columns))
         lesion: us_roi.Lesion | None = None
         if roi is not None and roi[0] == "sr":
-            lesion = us_roi.largest_lesion(us_roi.lesions_from_sr(
-                pydicom.dcmread(self.store.objects.path_for(roi[1])), ds))
+            drawn = pydicom.dcmread(self.store.objects.path_for(roi[1]))
+            sop_class = str(drawn.get("SOPClassUID", ""))
+            if sop_class == SEGMENTATION:
+                lesions = us_roi.lesions_from_seg(drawn, ds)
+            elif sop_class in PRESENTATION_STATE_CLASSES:
+                lesions = us_roi.lesions_from_gsps(drawn, ds)
+            else:
+                lesions = us_roi.lesions_from_sr(drawn, ds)
+            lesion = us_roi.largest_lesion(lesions)
         elif roi is not None:
             lesion = us_roi.box_lesion(us_roi.roi_from_voc(self.store.objects.read_bytes(roi[1])),
                                        shape, "voc")

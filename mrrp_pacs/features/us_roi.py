@@ -24,7 +24,7 @@ from scipy import ndimage
 from skimage.draw import polygon as draw_polygon
 
 from mrrp_pacs.errors import FeatureError, SidecarError
-from mrrp_pacs.intake.dicom import SR_CLASSES
+from mrrp_pacs.intake.dicom import PRESENTATION_STATE_CLASSES, SEGMENTATION, SR_CLASSES
 from mrrp_pacs.intake.sidecars import parse_xml
 
 LOGGER = logging.getLogger(__name__)
@@ -42,9 +42,7 @@ of the US families' cache key."""
 
 _MEASUREMENT_GROUP = "125007"  # (125007, DCM, "Measurement Group")
 _TRACKING_IDENTIFIER = "112039"  # (112039, DCM, "Tracking Identifier")
-_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 
-_PRESENTATION_STATE_PREFIX = "1.2.840.10008.5.1.4.1.1.11."
 _MAX_VOC_BYTES = 1 << 20  # a LabelImg file is ~1 kB; anything far larger is not one
 
 
@@ -337,7 +335,7 @@ def lesions_from_gsps(ds: Dataset, image: Dataset) -> list[Lesion]:
     """
     source = f"presentation state {ds.get('SOPInstanceUID', '(no SOP Instance UID)')}"
     image_uid = str(image.SOPInstanceUID)
-    if not str(ds.get("SOPClassUID", "")).startswith(_PRESENTATION_STATE_PREFIX):
+    if str(ds.get("SOPClassUID", "")) not in PRESENTATION_STATE_CLASSES:
         raise FeatureError(f"{source}: SOP class {ds.get('SOPClassUID', '(none)')} is not a "
                            "softcopy presentation state")
     image_shape, n_frames = _image_geometry(image)
@@ -390,7 +388,7 @@ def lesions_from_seg(ds: Dataset, image: Dataset) -> list[Lesion]:
 
     source = f"SEG {ds.get('SOPInstanceUID', '(no SOP Instance UID)')}"
     image_uid = str(image.SOPInstanceUID)
-    if str(ds.get("SOPClassUID", "")) != _SEGMENTATION:
+    if str(ds.get("SOPClassUID", "")) != SEGMENTATION:
         raise FeatureError(f"{source}: SOP class {ds.get('SOPClassUID', '(none)')} is not a "
                            "segmentation")
     image_shape, n_frames = _image_geometry(image)
