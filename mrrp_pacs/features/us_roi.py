@@ -40,8 +40,8 @@ LESION_ROI_VERSION = "2"
 """What a lesion ROI is (2: masks of drawn outlines on the referenced frame; 1: boxes); part
 of the US families' cache key."""
 
-_MEASUREMENT_GROUP = "125007"  # (125007, DCM, "Measurement Group")
-_TRACKING_IDENTIFIER = "112039"  # (112039, DCM, "Tracking Identifier")
+_MEASUREMENT_GROUP = ("125007", "DCM")  # (125007, DCM, "Measurement Group")
+_TRACKING_IDENTIFIER = ("112039", "DCM")  # (112039, DCM, "Tracking Identifier")
 
 _MAX_VOC_BYTES = 1 << 20  # a LabelImg file is ~1 kB; anything far larger is not one
 
@@ -277,8 +277,7 @@ def lesions_from_sr(ds: Dataset, image: Dataset) -> list[Lesion]:
         item, group = stack.pop()
         value_type = str(item.get("ValueType", ""))
         concept = item.get("ConceptNameCodeSequence")
-        if (value_type == "CONTAINER" and concept
-                and str(concept[0].get("CodeValue", "")) == _MEASUREMENT_GROUP):
+        if value_type == "CONTAINER" and _code(concept) == _MEASUREMENT_GROUP:
             group = id(item)
             groups[group] = (_tracking_identifier(item), [])
         if value_type == "SCOORD":
@@ -295,11 +294,18 @@ def lesions_from_sr(ds: Dataset, image: Dataset) -> list[Lesion]:
     return lesions
 
 
+def _code(concept: object) -> tuple[str, str] | None:
+    """(code value, coding scheme designator) of a Concept Name Code Sequence."""
+    if not isinstance(concept, Sequence) or not concept:
+        return None
+    item = concept[0]
+    return str(item.get("CodeValue", "")), str(item.get("CodingSchemeDesignator", ""))
+
+
 def _tracking_identifier(group: Dataset) -> str:
     for child in group.get("ContentSequence", []):
         concept = child.get("ConceptNameCodeSequence")
-        if (concept and str(concept[0].get("CodeValue", "")) == _TRACKING_IDENTIFIER
-                and str(child.get("ValueType", "")) == "TEXT"):
+        if _code(concept) == _TRACKING_IDENTIFIER and str(child.get("ValueType", "")) == "TEXT":
             return str(child.get("TextValue", ""))
     return ""
 
