@@ -71,6 +71,13 @@ RECURRENCE_ON_REGION = MappingProxyType({
 })
 """Risk group → concept name of the recurrence probability at 60 months drawn on the region."""
 REGION_HORIZON_MONTHS = 60
+US_ROI_SHAPE = _private("USROI", "Lesion region of the ultrasound features")
+"""Qualitative evaluation on the region: what the ultrasound features were computed on."""
+US_ROI_SHAPE_VALUE = MappingProxyType({
+    "outline": _private("USROIOUT", "Drawn lesion outline"),
+    "box": _private("USROIBOX", "Bounding box, no lesion outline drawn"),
+})
+""":attr:`mrrp_pacs.results.UsRegion.roi_shape` → its coded value."""
 
 # -- values ----------------------------------------------------------------------------------
 RISK_GROUP_VALUE = MappingProxyType({

@@ -320,7 +320,9 @@ def _rfs_percent(result: RiskResult, months: int) -> float:
 
 def _region_group(result: RiskResult, us_image: Dataset,
                   secret: str) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The TID 1410 group: the lesion box on the US image, labelled with the risk group and the
+    """The TID 1410 group: the lesion box on the US image (on the frame the lesion was drawn on),
+    with a qualitative evaluation saying whether the US features describe a drawn outline or a
+    box standing in for one, labelled with the risk group and the
     probability of recurrence within 5 years (100 % minus the recurrence-free probability at
     60 months, so the two drawn lines add up).
 
@@ -336,10 +338,19 @@ def _region_group(result: RiskResult, us_image: Dataset,
         raise ValueError(f"US region box {result.us_region.box_px} (x0, y0, x1, y1 in pixels) "
                          f"is not inside the {columns}×{rows} image "
                          f"{us_image.SOPInstanceUID}")
+    frames = int(us_image.get("NumberOfFrames", 1) or 1)
+    frame = result.us_region.frame
+    if frame is not None and not 1 <= frame <= frames:
+        raise ValueError(f"US region frame {frame} is not one of the {frames} frame(s) of "
+                         f"image {us_image.SOPInstanceUID}")
+    if result.us_region.roi_shape not in codes.US_ROI_SHAPE_VALUE:
+        raise ValueError(f"US region shape {result.us_region.roi_shape!r} has no code; expected "
+                         f"one of {sorted(codes.US_ROI_SHAPE_VALUE)}")
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(us_image),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(
+            us_image, referenced_frame_numbers=[frame] if frame and frames > 1 else None),
     )
     recurrence = significant(100.0 - _rfs_percent(result, codes.REGION_HORIZON_MONTHS))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -349,6 +360,9 @@ def _region_group(result: RiskResult, us_image: Dataset,
         algorithm_id=_algorithm(result),
         measurements=[hd.sr.Measurement(name=codes.RECURRENCE_ON_REGION[result.group],
                                         value=recurrence, unit=codes.UNIT_PERCENT)],
+        # says whether the US features saw a drawn outline or a box standing in for one
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            codes.US_ROI_SHAPE, codes.US_ROI_SHAPE_VALUE[result.us_region.roi_shape])],
     )
 
 

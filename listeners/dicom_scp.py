@@ -48,10 +48,13 @@ from mrrp_pacs.clock import Clock, system_clock
 from mrrp_pacs.config import Config
 from mrrp_pacs.intake import Intake, Outcome
 from mrrp_pacs.intake.dicom import (
+    COLOR_PRESENTATION_STATE,
     COMPREHENSIVE_3D_SR,
     COMPREHENSIVE_SR,
     ENHANCED_SR,
+    GRAYSCALE_PRESENTATION_STATE,
     MICROSCOPY_BULK_ANNOTATIONS,
+    SEGMENTATION,
     ULTRASOUND_IMAGE,
     ULTRASOUND_MULTIFRAME,
     VL_WHOLE_SLIDE_MICROSCOPY,
@@ -65,7 +68,9 @@ IntakeOpener = Callable[[], AbstractContextManager[Intake]]
 # Images may arrive compressed; SR and annotation objects have no pixel data to compress.
 IMAGE_SOP_CLASSES = (VL_WHOLE_SLIDE_MICROSCOPY, ULTRASOUND_IMAGE, ULTRASOUND_MULTIFRAME)
 DOCUMENT_SOP_CLASSES = (COMPREHENSIVE_SR, COMPREHENSIVE_3D_SR, ENHANCED_SR,
-                        MICROSCOPY_BULK_ANNOTATIONS)
+                        MICROSCOPY_BULK_ANNOTATIONS,
+                        # lesion outlines drawn on an ultrasound image (features/us_roi.py)
+                        GRAYSCALE_PRESENTATION_STATE, COLOR_PRESENTATION_STATE, SEGMENTATION)
 STORAGE_SOP_CLASSES = IMAGE_SOP_CLASSES + DOCUMENT_SOP_CLASSES
 
 UNCOMPRESSED_TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)

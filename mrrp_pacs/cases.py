@@ -18,8 +18,8 @@ from typing import Any
 from mrrp_pacs.config import Config
 from mrrp_pacs.identity import patient_key
 from mrrp_pacs.intake.dicom import (
+    LESION_ROI_CLASSES,
     MICROSCOPY_BULK_ANNOTATIONS,
-    SR_CLASSES,
     US_CLASSES,
     VL_WHOLE_SLIDE_MICROSCOPY,
 )
@@ -72,7 +72,7 @@ class CaseInputs:
     annotations: list[InstanceRef] = field(default_factory=list)
     us_images: list[InstanceRef] = field(default_factory=list)
     us_accessions: set[str] = field(default_factory=set)
-    us_rois: list[tuple[InstanceRef, str]] = field(default_factory=list)  # SR, image UID
+    us_rois: list[tuple[InstanceRef, str]] = field(default_factory=list)  # SR/GSPS/SEG, image UID
     slide_sidecars: list[SidecarRef] = field(default_factory=list)  # ASAP / GeoJSON
     us_sidecars: list[SidecarRef] = field(default_factory=list)  # Pascal VOC
     reports: list[ReportRef] = field(default_factory=list)
@@ -153,8 +153,10 @@ def case_inputs(store: Store, config: Config) -> dict[str, CaseInputs]:
         "SELECT i.id, i.patient_id, i.issuer_of_patient_id, i.sop_instance_uid, "
         "i.series_instance_uid, i.sha256, r.referenced_sop_instance_uid "
         "FROM rois r JOIN instances i ON i.id = r.instance_id "
-        f"WHERE i.superseded_by IS NULL AND i.sop_class_uid IN ({_marks(SR_CLASSES)}) "
-        "AND r.referenced_sop_instance_uid IS NOT NULL ORDER BY r.id", tuple(SR_CLASSES)
+        "WHERE i.superseded_by IS NULL "
+        f"AND i.sop_class_uid IN ({_marks(LESION_ROI_CLASSES)}) "
+        "AND r.referenced_sop_instance_uid IS NOT NULL ORDER BY r.id",
+        tuple(sorted(LESION_ROI_CLASSES))
     ):
         case = of(row[1], row[2])
         if case is not None:

@@ -46,13 +46,18 @@ class UsRegion:
     """The ultrasound lesion region the US features were computed from.
 
     ``box_px`` is the lesion box (x0, y0, x1, y1) in pixel columns/rows of the US image frame,
-    without the crop margin; ``source`` says where it came from (``sr``, ``voc`` sidecar or
-    ``automatic``).
+    without the crop margin; ``source`` says where it came from (``sr``, ``gsps``, ``seg``,
+    ``voc`` sidecar or ``automatic``). ``roi_shape`` says what the features describe: ``outline``
+    (a drawn outline's mask) or ``box`` (a box standing in for one: VOC, calipers, automatic;
+    also every region recorded before outlines were read). ``frame`` is the 1-based frame the
+    lesion was drawn on (None: a single-frame image, or not recorded).
     """
 
     sop_instance_uid: str
     box_px: tuple[float, float, float, float]
     source: str
+    roi_shape: str = "box"
+    frame: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ class RiskResult:
         raw["evidence"] = [EvidenceRef(**e) for e in raw["evidence"]]
         region = raw.get("us_region")
         raw["us_region"] = (UsRegion(region["sop_instance_uid"], tuple(region["box_px"]),
-                                     region["source"]) if region else None)
+                                     region["source"], region.get("roi_shape", "box"),
+                                     region.get("frame")) if region else None)
         raw["clinical_attention"] = [(str(v), float(w)) for v, w in raw["clinical_attention"]]
         return cls(**raw)
 

@@ -257,7 +257,8 @@ class Scorer:
             return None
         with np.load(io.BytesIO(self.store.objects.read_bytes(row[0]))) as archive:
             box = tuple(float(v) for v in archive["box_px"])
-        return UsRegion(meta["image_uid"], (box[0], box[1], box[2], box[3]), meta["roi_source"])
+        return UsRegion(meta["image_uid"], (box[0], box[1], box[2], box[3]), meta["roi_source"],
+                        meta.get("roi_shape", "box"), meta.get("frame"))
 
 
 def first_image_at(store: Store, case: CaseInputs) -> datetime | None:

@@ -44,6 +44,7 @@ from mrrp_pacs.features.wsi import (
     tile_region,
     upsampled,
 )
+from mrrp_pacs.intake.dicom import PRESENTATION_STATE_CLASSES, SEGMENTATION
 from mrrp_pacs.store import Store
 
 if TYPE_CHECKING:  # the encoders pull in torch: imported when first used
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # the encoders pull in torch: imported when first used
     from mrrp_pacs.features.text import TextEncoder
     from mrrp_pacs.features.us_encoder import UsResNet
     from mrrp_pacs.features.us_image import UltrasoundImage
+    from mrrp_pacs.features.us_roi import Lesion
 
 LOGGER = logging.getLogger(__name__)
 
@@ -304,7 +306,10 @@ class _Patient:
 
     @cached_property
     def us_choice(self) -> tuple[InstanceRef, tuple[str, str] | None]:
-        """(image ref, ROI source (kind, sha256) or None): an image with an ROI if one exists."""
+        """(image ref, ROI source (kind, sha256) or None): an image with an ROI if one exists.
+
+        Kind ``sr`` is any object drawing on the image (SR, presentation state or SEG: read by
+        its SOP class), ``voc`` a Pascal-VOC sidecar."""
         images = {i.sop_instance_uid: i for i in self.inputs.us_images}
         for sr, target in self.inputs.us_rois:
             if target in images:
@@ -315,14 +320,20 @@ class _Patient:
         return self.inputs.us_images[0], None
 
     def us_description(self) -> list[object]:
+        from mrrp_pacs.features.us_roi import LESION_ROI_VERSION
+
         image, roi = self.us_choice
         features = self.config.features
         return [image.sha256, list(roi) if roi else "automatic", features.us_roi_margin_px,
-                features.us_default_mm_per_px]
+                features.us_default_mm_per_px, f"lesion-roi-{LESION_ROI_VERSION}"]
 
     @cached_property
-    def us_lesion(self) -> tuple[UltrasoundImage, tuple[int, int, int, int], list[str]]:
-        """(UltrasoundImage, lesion box, flags)."""
+    def us_lesion(self) -> tuple[UltrasoundImage, Lesion, list[str]]:
+        """(UltrasoundImage of the frame drawn on, the lesion, flags).
+
+        A drawn outline gives a mask on its referenced frame (the middle frame when the SR names
+        none); a VOC box or the automatic candidate stands in as a box, flagged ``box_roi``.
+        """
         from mrrp_pacs.features import us_roi
         from mrrp_pacs.features.us_image import read_ultrasound
 
@@ -330,23 +341,36 @@ class _Patient:
         path = self.store.objects.path_for(image_ref.sha256)
         ds = pydicom.dcmread(path)
         name = f"image {image_ref.sop_instance_uid}"
-        box = None
+        shape = (int(ds.Rows), int(ds.Columns))
+        lesion: us_roi.Lesion | None = None
         if roi is not None and roi[0] == "sr":
-            box = us_roi.roi_from_sr(pydicom.dcmread(self.store.objects.path_for(roi[1])),
-                                     image_ref.sop_instance_uid)
+            drawn = pydicom.dcmread(self.store.objects.path_for(roi[1]))
+            sop_class = str(drawn.get("SOPClassUID", ""))
+            if sop_class == SEGMENTATION:
+                lesions = us_roi.lesions_from_seg(drawn, ds)
+            elif sop_class in PRESENTATION_STATE_CLASSES:
+                lesions = us_roi.lesions_from_gsps(drawn, ds)
+            else:
+                lesions = us_roi.lesions_from_sr(drawn, ds)
+            lesion = us_roi.largest_lesion(lesions)
         elif roi is not None:
-            box = us_roi.roi_from_voc(self.store.objects.read_bytes(roi[1]))
-        image = read_ultrasound(ds, source_name=name, roi=box,
+            lesion = us_roi.box_lesion(us_roi.roi_from_voc(self.store.objects.read_bytes(roi[1])),
+                                       shape, "voc")
+        image = read_ultrasound(ds, frame=None if lesion is None else lesion.frame,
+                                source_name=name, roi=None if lesion is None else lesion.box,
                                 default_pixel_mm=self.config.features.us_default_mm_per_px)
         flags = list(image.flags)
-        if box is None:
+        if lesion is None:
             assert image.pixel_mm is not None
             try:
                 box = us_roi.automatic_lesion_candidate(image.gray, image.pixel_mm)
             except FeatureError as exc:
                 raise FeatureError(f"ultrasound {name} has no lesion ROI and {exc}") from exc
+            lesion = us_roi.box_lesion(box, shape, "automatic", image.frame)
             flags.append(us_roi.AUTOMATIC_ROI)
-        return image, us_roi.clip_box(box, image.gray.shape, name), flags
+        if not lesion.outline:
+            flags.append(us_roi.BOX_ROI)
+        return image, lesion, flags
 
     # -- text ------------------------------------------------------------------------------
 
@@ -529,29 +553,41 @@ def _nuclei(patient: _Patient, segmenter: NucleusSegmenter, mpp: float, margin_u
 def _us(patient: _Patient, model: UsResNet) -> FeatureSet:
     from mrrp_pacs.features import us_encoder
 
-    image, box, flags = patient.us_lesion
-    crop = us_encoder.crop_roi(image.gray, box, patient.config.features.us_roi_margin_px)
+    image, lesion, flags = patient.us_lesion
+    # the paper's ROI: the lesion's bounding box (of the mask) + margin
+    crop = us_encoder.crop_roi(image.gray, lesion.box, patient.config.features.us_roi_margin_px)
     tokens = us_encoder.encode_crops(model, crop[None])[0]
     return FeatureSet("us", "usresnet", "", {
         "tokens": tokens.astype(np.float32),
         "positions": us_encoder.token_positions().astype(np.int16),
-        "box_px": np.asarray(box, dtype=np.float32),
-    }, {"flags": flags, "pixel_mm": list(image.pixel_mm or []),
-        "image_uid": patient.us_choice[0].sop_instance_uid,
-        "roi_source": patient.us_choice[1][0] if patient.us_choice[1] else "automatic"})
+        "box_px": np.asarray(lesion.box, dtype=np.float32),
+        "roi_is_outline": np.asarray([lesion.outline], dtype=bool),
+    }, _lesion_meta(patient, image, lesion, flags))
+
+
+def _lesion_meta(patient: _Patient, image: UltrasoundImage, lesion: Lesion, flags: list[str]
+                 ) -> dict[str, object]:
+    """What the US families record about their ROI: ``roi_shape`` says whether the features
+    describe a drawn outline (``outline``) or a box standing in for one (``box``)."""
+    return {"flags": flags, "pixel_mm": list(image.pixel_mm or []),
+            "image_uid": patient.us_choice[0].sop_instance_uid,
+            "roi_source": lesion.source, "roi_shape": lesion.roi_shape,
+            "frame": image.frame + 1, "lesion_label": lesion.label,
+            "lesion_pixels": int(lesion.mask.sum())}
 
 
 def _radiomics(patient: _Patient) -> FeatureSet:
     from mrrp_pacs.features import radiomics
 
-    image, box, flags = patient.us_lesion
+    image, lesion, flags = patient.us_lesion
     assert image.pixel_mm is not None
-    tokens, token_names, feature_names = radiomics.radiomics_tokens(image.gray, box,
+    tokens, token_names, feature_names = radiomics.radiomics_tokens(image.gray, lesion.mask,
                                                                     image.pixel_mm)
+    meta = _lesion_meta(patient, image, lesion, flags)
+    meta.update(token_names=token_names, feature_names=feature_names)
     return FeatureSet("radiomics", "pyradiomics", radiomics.RADIOMICS_VERSION,
-                      {"tokens": tokens.astype(np.float32)},
-                      {"flags": flags, "token_names": token_names,
-                       "feature_names": feature_names})
+                      {"tokens": tokens.astype(np.float32),
+                       "roi_is_outline": np.asarray([lesion.outline], dtype=bool)}, meta)
 
 
 def _text(patient: _Patient, encoder: TextEncoder, patterns: tuple[str, ...]) -> FeatureSet:
@@ -579,11 +615,11 @@ def lesion_crops(store: Store, config: Config) -> tuple[np.ndarray, list[str]]:
             skipped.append(f"{inputs.patient_key}: no annotated lesion")
             continue
         try:
-            image, box, _ = patient.us_lesion
+            image, lesion, _ = patient.us_lesion
         except FeatureError as exc:
             skipped.append(f"{inputs.patient_key}: {exc}")
             continue
-        crops.append(crop_roi(image.gray, box, config.features.us_roi_margin_px))
+        crops.append(crop_roi(image.gray, lesion.box, config.features.us_roi_margin_px))
     empty = np.zeros((0, CROP_SIZE_PX, CROP_SIZE_PX), np.float32)
     return (np.stack(crops) if crops else empty), skipped
 

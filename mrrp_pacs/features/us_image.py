@@ -3,14 +3,16 @@ ultrasound branch.
 
 The branch for one ultrasound instance, module by module::
 
-    box = us_roi.roi_from_sr(sr, uid)        # or roi_from_gsps(state, uid), roi_from_voc(xml)
-    image = us_image.read_ultrasound(path, roi=box)  # luma in [0, 255] + (row, column) mm/px
+    lesion = us_roi.largest_lesion(us_roi.lesions_from_sr(sr, header))  # or _gsps, _seg;
+    #   a VOC box: us_roi.box_lesion(us_roi.roi_from_voc(xml), shape, "voc") (flagged box_roi)
+    image = us_image.read_ultrasound(path, frame=lesion.frame, roi=lesion.box)  # the frame
+    #   drawn on; luma in [0, 255] + (row, column) mm/px
     # no ROI drawn: box = us_roi.automatic_lesion_candidate(image.gray, image.pixel_mm),
-    #               and the case is flagged AUTOMATIC_ROI
-    crop = us_encoder.crop_roi(image.gray, box)      # (256, 256) float32, box + 6 px margin
+    #               flagged AUTOMATIC_ROI and BOX_ROI
+    crop = us_encoder.crop_roi(image.gray, lesion.box)  # (256, 256) float32, box + 6 px margin
     tokens = us_encoder.encode_crops(model, crop[None])  # (1, 256, 64): 16 × 16 map, 64-d tokens
 
-Radiomics (:mod:`mrrp_pacs.features.radiomics`) reads the same image and box.
+Radiomics (:mod:`mrrp_pacs.features.radiomics`) reads the same image, on the lesion's mask.
 """
 
 from __future__ import annotations

@@ -37,6 +37,13 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 MICROSCOPY_BULK_ANNOTATIONS = "1.2.840.10008.5.1.4.1.1.91.1"
 SR_CLASSES = {ENHANCED_SR, COMPREHENSIVE_SR, COMPREHENSIVE_3D_SR}
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+GRAYSCALE_PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.1"
+COLOR_PRESENTATION_STATE = "1.2.840.10008.5.1.4.1.1.11.2"
+PRESENTATION_STATE_CLASSES = {GRAYSCALE_PRESENTATION_STATE, COLOR_PRESENTATION_STATE}
+"""Softcopy presentation states whose graphic annotations can outline a lesion."""
+LESION_ROI_CLASSES = SR_CLASSES | PRESENTATION_STATE_CLASSES | {SEGMENTATION}
+"""Objects that can draw a lesion on an image: SR SCOORDs, presentation-state graphics, SEG."""
 US_CLASSES = {ULTRASOUND_IMAGE, ULTRASOUND_MULTIFRAME}
 
 DEFLATED_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
@@ -279,6 +286,10 @@ def _meta_from_dataset(ds: Dataset) -> DicomMeta:
         rois = sr_rois(ds)
     elif sop_class == MICROSCOPY_BULK_ANNOTATIONS:
         rois = _annotation_rois(ds)
+    elif sop_class in PRESENTATION_STATE_CLASSES:
+        rois = _presentation_rois(ds)
+    elif sop_class == SEGMENTATION:
+        rois = _segmentation_rois(ds)
     else:
         rois = []
     return DicomMeta(
@@ -355,6 +366,51 @@ def sr_rois(ds: Dataset) -> list[Roi]:
             ))
         stack.extend(item.get("ContentSequence", []))
     return rois
+
+
+def _presentation_rois(ds: Dataset) -> list[Roi]:
+    """One ROI per (graphic annotation, referenced image) with PIXEL-unit graphics; an
+    annotation naming no image applies to every image of the presentation state."""
+    state_images = [str(ref.ReferencedSOPInstanceUID)
+                    for series in ds.get("ReferencedSeriesSequence", [])
+                    for ref in series.get("ReferencedImageSequence", [])]
+    rois = []
+    for annotation in ds.get("GraphicAnnotationSequence", []):
+        objects = [g for g in annotation.get("GraphicObjectSequence", [])
+                   if _text(g, "GraphicAnnotationUnits") == "PIXEL"]
+        if not objects:
+            continue
+        refs = annotation.get("ReferencedImageSequence")
+        images = ([str(r.ReferencedSOPInstanceUID) for r in refs] if refs else state_images)
+        for uid in images:
+            rois.append(Roi(
+                kind="gsps_graphic",
+                graphic_type=_text(objects[0], "GraphicType") or "",
+                coordinate_space="image_px",
+                shapes=[_pairs(g.get("GraphicData", []), 2) for g in objects],
+                shape_count=len(objects),
+                label=_text(annotation, "GraphicLayer"),
+                referenced_sop_instance_uid=uid,
+            ))
+    return rois
+
+
+def _segmentation_rois(ds: Dataset) -> list[Roi]:
+    """One ROI per image a segmentation was derived from (its segments are read later)."""
+    images: dict[str, None] = {}
+    groups = [*ds.get("SharedFunctionalGroupsSequence", []),
+              *ds.get("PerFrameFunctionalGroupsSequence", [])]
+    for group in groups:
+        for derivation in group.get("DerivationImageSequence", []):
+            for ref in derivation.get("SourceImageSequence", []):
+                images[str(ref.ReferencedSOPInstanceUID)] = None
+    for series in ds.get("ReferencedSeriesSequence", []):
+        for ref in series.get("ReferencedInstanceSequence", []):
+            images[str(ref.ReferencedSOPInstanceUID)] = None
+    labels = [_text(s, "SegmentLabel") or "" for s in ds.get("SegmentSequence", [])]
+    return [Roi(kind="seg_segments", graphic_type="", coordinate_space="image_px", shapes=None,
+                shape_count=len(labels), label=", ".join(labels)[:64] or None,
+                referenced_sop_instance_uid=uid) for uid in images]
 
 
 def _annotation_rois(ds: Dataset) -> list[Roi]:

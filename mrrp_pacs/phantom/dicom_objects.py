@@ -168,18 +168,31 @@ def _patient_and_study(ds: Dataset, who: Demographics, study: StudyInfo) -> None
     ds.ReferringPhysicianName = ""
 
 
-def lesion_roi_report(image: Dataset, box_px: tuple[int, int, int, int], uid_seed: str
-                      ) -> hd.sr.ComprehensiveSR:
-    """TID 1500 Measurement Report with the lesion bounding box as a TID 1410 planar ROI.
+def lesion_roi_report(image: Dataset, box_px: tuple[int, int, int, int], uid_seed: str,
+                      outline_px: np.ndarray | None = None) -> hd.sr.ComprehensiveSR:
+    """TID 1500 Measurement Report with the lesion as a TID 1410 planar ROI.
 
-    The box is a closed POLYLINE in the image's pixel space (column, row), referencing it; on a
-    cine loop it is drawn on the middle frame (``NumberOfFrames // 2 + 1``, 1-based).
+    With ``outline_px`` ((n, 2) (column, row) pixel indices, as the renderer fills them) the
+    sonographer's tracing of the outline is written: a closed POLYLINE of at most 120 vertices.
+    Without it, the lesion box (inclusive pixel indices) as a closed POLYLINE. Both are moved to
+    the SCOORD pixel space, where (0, 0) is the top left corner of the image (pixel centres at
+    +0.5). The ROI references the image; on a cine loop it is drawn on the middle frame
+    (``NumberOfFrames // 2 + 1``, 1-based).
     """
-    x0, y0, x1, y1 = (float(v) for v in box_px)
     frames = int(image.get("NumberOfFrames", 1) or 1)
+    if outline_px is not None:
+        step = max(1, -(-len(outline_px) // 120))
+        traced = np.asarray(outline_px, dtype=float)[::step] + 0.5
+        rows, columns = int(image.Rows), int(image.Columns)
+        traced = np.clip(traced, 0.0, [columns, rows])
+        graphic = np.concatenate([traced, traced[:1]])
+    else:
+        x0, y0, x1, y1 = (float(v) for v in box_px)
+        x1, y1 = x1 + 1, y1 + 1  # the far edge of the last pixel
+        graphic = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]),
+        graphic_data=graphic,
         source_image=hd.sr.SourceImageForRegion.from_source_image(
             image, referenced_frame_numbers=[frames // 2 + 1] if frames > 1 else None),
     )

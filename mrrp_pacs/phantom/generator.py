@@ -5,7 +5,7 @@ Layout of ``out``::
     dicom/<patient>/slide/level-<k>.dcm       VL WSI pyramid (TILED_FULL, JPEG baseline)
     dicom/<patient>/slide/tumour-region.dcm   Microscopy Bulk Simple Annotations
     dicom/<patient>/us/image.dcm              Ultrasound Image
-    dicom/<patient>/us/lesion-roi.dcm         Comprehensive SR (TID 1500, lesion box)
+    dicom/<patient>/us/lesion-roi.dcm         Comprehensive SR (TID 1500, lesion outline)
     hl7/<patient>-us-report.hl7               ORU^R01 breast ultrasound report
     hl7/<patient>-pathology.hl7               ORU^R01 pathology result
     truth/nuclei/<patient>.csv.gz             every nucleus drawn (x, y level-0 px, type, µm)
@@ -207,7 +207,8 @@ def _write_patient(job: _PatientJob) -> dict[str, int]:
             describe(site.us_series, laterality), machine.frame_rate_hz)
         (patient_dir / "us").mkdir(parents=True, exist_ok=True)
         image.save_as(patient_dir / "us" / "image.dcm", enforce_file_format=True)
-        roi = lesion_roi_report(image, frame.lesion_box_px, f"{seed_key}/us")
+        roi = lesion_roi_report(image, frame.lesion_box_px, f"{seed_key}/us",
+                                outline_px=frame.lesion_outline_px)
         roi.save_as(patient_dir / "us" / "lesion-roi.dcm", enforce_file_format=True)
         written["dicom"] += 2
 

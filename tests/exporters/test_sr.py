@@ -309,3 +309,57 @@ def test_sr_over_a_phantom_patient_is_valid(tmp_path):
     assert len(sr.get_evidence()) == 6
     assert sr.StudyInstanceUID == headers["level-0"].StudyInstanceUID
     assert sr.SpecificCharacterSet == "ISO_IR 192"
+
+
+@pytest.mark.needs_tool("dciodvfy")
+@pytest.mark.parametrize("shape", ["outline", "box"])
+def test_region_says_whether_features_saw_an_outline_or_a_box(instances, tmp_path, shape):
+    result = make_result(instances, us_region=UsRegion(instances["us"].SOPInstanceUID, BOX,
+                                                       "sr", shape))
+    path = write(build(instances, result), tmp_path / "sr.dcm")
+    errors, warnings = dciodvfy(path)
+    assert errors == [] and set(warnings) == {PRIVATE_SCHEME_WARNING}
+    sr = hd.sr.Comprehensive3DSR.from_dataset(hd.sr.srread(path))
+    (region_group,) = sr.content.get_planar_roi_measurement_groups()
+    evaluations = [(e.name, e.value) for e in region_group.get_qualitative_evaluations()]
+    assert evaluations == [(codes.US_ROI_SHAPE, codes.US_ROI_SHAPE_VALUE[shape])]
+    assert codes.US_ROI_SHAPE_VALUE[shape].meaning == {
+        "outline": "Drawn lesion outline", "box": "Bounding box, no lesion outline drawn"}[shape]
+
+
+def test_a_region_recorded_before_outlines_were_read_is_a_box():
+    region = UsRegion("1.2.3", BOX, "sr")
+    assert (region.roi_shape, region.frame) == ("box", None)
+    old = RiskResult.from_json(re.sub(r', "roi_shape": "box"', "", re.sub(
+        r', "frame": null', "", make_result_json(region))))
+    assert old.us_region == region
+
+
+def make_result_json(region: UsRegion) -> str:
+    result = RiskResult(
+        patient_key="P^^^H", model_name="m", model_version="1", inputs_hash="00", risk=0.0,
+        percentile=50.0, group="low", cutoff=0.0, rfs_probability={"36": 1.0, "60": 1.0,
+                                                                   "84": 1.0},
+        modalities_used=["us"], compensated=[], clinical_attention=[], evidence=[],
+        us_region=region)
+    text = result.to_json()
+    assert '"roi_shape": "box"' in text and '"frame": null' in text
+    return text
+
+
+def test_region_is_drawn_on_the_frame_the_lesion_was_drawn_on(instances):
+    cine = instances["us"].copy()
+    cine.NumberOfFrames = 4
+    cine.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image
+    result = make_result(instances, us_region=UsRegion(cine.SOPInstanceUID, BOX, "sr",
+                                                       "outline", 3))
+    sr = build(instances, result, us_image=cine)
+    (region_group,) = reread(sr).content.get_planar_roi_measurement_groups()
+    source = region_group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert list(np.atleast_1d(source.ReferencedFrameNumber)) == [3]
+    with pytest.raises(ValueError, match="frame 5 is not one of the 4 frame"):
+        build(instances, dataclasses.replace(result, us_region=dataclasses.replace(
+            result.us_region, frame=5)), us_image=cine)
+    with pytest.raises(ValueError, match="shape 'blob' has no code"):
+        build(instances, dataclasses.replace(result, us_region=dataclasses.replace(
+            result.us_region, roi_shape="blob")), us_image=cine)

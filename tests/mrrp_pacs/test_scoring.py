@@ -172,6 +172,10 @@ def test_scores_are_stored_once_per_model_and_inputs(phantom_model):
                 assert result.us_region is not None
                 x0, y0, x1, y1 = result.us_region.box_px
                 assert x1 > x0 and y1 > y0
+                # the phantom's ROI SR holds a traced outline: features describe the outline
+                assert (result.us_region.source, result.us_region.roi_shape) == ("sr",
+                                                                                 "outline")
+                assert result.us_region.frame is not None and result.us_region.frame >= 1
                 assert result.us_region.sop_instance_uid in {
                     e.sop_instance_uid for e in result.evidence if e.role == "us_image"}
         # same model, same inputs: nothing new, nothing due

@@ -87,6 +87,10 @@ def test_shapes_and_tokens(state):
         assert us is not None and us.arrays["tokens"].shape == (256, 64)
         radiomics = cache.current(us_key, "radiomics")
         assert radiomics is not None and radiomics.arrays["tokens"].ndim == 2
+        # the phantom's SR holds a traced outline: both families describe it, not its box
+        for features in (us, radiomics):
+            assert features.meta["roi_shape"] == "outline" and features.meta["frame"] >= 1
+            assert features.arrays["roi_is_outline"].tolist() == [True]
         text_key = store.conn.execute(
             "SELECT patient_key FROM features WHERE family = 'text' LIMIT 1").fetchone()[0]
         text = cache.current(text_key, "text")

@@ -1,8 +1,11 @@
 """Unusable inputs: a clear reason naming the instance, and nothing half-written."""
 
+import highdicom as hd
 import numpy as np
 import pytest
 from builders import Patient, encode, pathology_result, us_image, us_report, us_roi_sr, wsi_image
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from model_store import ModelStore
 from mrrp_pacs.features import pipeline
@@ -73,3 +76,87 @@ def test_each_bad_input_is_named_and_leaves_nothing(intake, store, encoder_store
     assert _families(store, "B5^^^HOSP") == {"clinical"}
     flags = pipeline.FeatureCache(store).summary()["B1^^^HOSP"]["flags"]
     assert "fallback_spacing" in flags
+
+
+def test_a_voc_box_is_used_but_flagged_as_a_box(intake, store, encoder_store, tmp_path):
+    """A Pascal-VOC box has no outline: the features are computed on the box, flagged as such
+    in the flags, the ``roi_is_outline`` array and the meta; an SR polygon is an outline."""
+    config = encoder_store
+    boxed = Patient("V1")
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "IMG_V1").write_bytes(encode(us_image(boxed)))
+    (drop / "box.xml").write_bytes(b"<annotation><filename>IMG_V1</filename><object>"
+                                   b"<bndbox><xmin>11</xmin><ymin>6</ymin><xmax>51</xmax>"
+                                   b"<ymax>41</ymax></bndbox></object></annotation>")
+    for path in sorted(drop.iterdir()):
+        intake.receive_path(path)
+    drawn = Patient("V2")
+    image = us_image(drawn)
+    intake.receive_dicom(encode(image), "t")
+    intake.receive_dicom(encode(us_roi_sr(drawn, image, (10, 10, 50, 40))), "t")
+    for patient in (boxed, drawn):
+        intake.receive_hl7(pathology_result(patient, f"PA-{patient.patient_id}"), "t")
+
+    summary = pipeline.extract(store, config)
+    assert summary.failures == []
+    cache = pipeline.FeatureCache(store)
+    for key, source, shape in (("V1^^^HOSP", "voc", "box"), ("V2^^^HOSP", "sr", "outline")):
+        for family in ("us", "radiomics"):
+            features = cache.current(key, family)
+            assert features is not None
+            assert (features.meta["roi_source"], features.meta["roi_shape"]) == (source, shape)
+            assert features.arrays["roi_is_outline"].tolist() == [shape == "outline"]
+            assert ("box_roi" in features.flags) == (shape == "box")
+    box = cache.current("V1^^^HOSP", "us")
+    assert box is not None and box.arrays["box_px"].tolist() == [10, 5, 50, 40]  # VOC 1-based
+
+
+def test_a_presentation_state_or_a_segmentation_draws_the_lesion(intake, store, encoder_store):
+    """GSPS graphics and SEG segments are linked to their image at intake and read as masks."""
+    config = encoder_store
+    triangle = np.array([[10.0, 8.0], [70.0, 8.0], [40.0, 56.0], [10.0, 8.0]])
+    by_gsps = Patient("G1")
+    image = us_image(by_gsps)
+    layer = hd.pr.GraphicLayer(layer_name="LESION", order=1)
+    state = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[image], series_instance_uid=generate_uid(), series_number=3,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test",
+        manufacturer_model_name="test", software_versions="1", device_serial_number="1",
+        content_label="LESION", graphic_layers=[layer], graphic_annotations=[
+            hd.pr.GraphicAnnotation(referenced_images=[image], graphic_layer=layer,
+                                    graphic_objects=[hd.pr.GraphicObject(
+                                        hd.pr.GraphicTypeValues.POLYLINE, triangle,
+                                        units="PIXEL")])])
+    intake.receive_dicom(encode(image), "t")
+    intake.receive_dicom(encode(state), "t")
+    by_seg = Patient("S1")
+    image2 = us_image(by_seg)
+    rows, columns = np.mgrid[:64, :80]
+    disc = ((rows - 32) ** 2 + (columns - 40) ** 2 <= 20**2).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=[image2], pixel_array=disc[None],
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="mass",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Mass,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        series_instance_uid=generate_uid(), series_number=4, sop_instance_uid=generate_uid(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="1", device_serial_number="1")
+    intake.receive_dicom(encode(image2), "t")
+    intake.receive_dicom(encode(seg), "t")
+    for patient in (by_gsps, by_seg):
+        intake.receive_hl7(pathology_result(patient, f"PA-{patient.patient_id}"), "t")
+
+    summary = pipeline.extract(store, config)
+    assert summary.failures == []
+    cache = pipeline.FeatureCache(store)
+    for key, source, pixels in (("G1^^^HOSP", "gsps", 0.5 * 60 * 48),
+                                ("S1^^^HOSP", "seg", float(disc.sum()))):
+        radiomics = cache.current(key, "radiomics")
+        assert radiomics is not None
+        assert (radiomics.meta["roi_source"], radiomics.meta["roi_shape"]) == (source,
+                                                                                "outline")
+        assert abs(radiomics.meta["lesion_pixels"] - pixels) < 0.05 * pixels

@@ -1,7 +1,11 @@
 import struct
 
+import highdicom as hd
+import numpy as np
 import pytest
 from builders import Patient, encode, tumour_annotation, us_image, us_roi_sr, wsi_image
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from mrrp_pacs.errors import DicomError
 from mrrp_pacs.intake.dicom import (
@@ -108,3 +112,44 @@ def test_magic_detection():
 def test_not_part10_is_refused():
     with pytest.raises(DicomError, match="not DICOM Part 10"):
         read_meta(b"\0" * 128 + b"DICX" + struct.pack("<HH", 2, 1) + b"\0" * 20)
+
+
+def test_presentation_state_graphics_in_pixels_reference_their_image():
+    patient = Patient()
+    image = us_image(patient)
+    layer = hd.pr.GraphicLayer(layer_name="LESION", order=1)
+    objects = [hd.pr.GraphicObject(hd.pr.GraphicTypeValues.POLYLINE,
+                                   np.array([[10.0, 8.0], [70.0, 8.0], [40.0, 56.0]]),
+                                   units="PIXEL"),
+               hd.pr.GraphicObject(hd.pr.GraphicTypeValues.POLYLINE,
+                                   np.array([[0.1, 0.1], [0.5, 0.5]]), units="DISPLAY")]
+    state = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[image], series_instance_uid=generate_uid(), series_number=3,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test",
+        manufacturer_model_name="test", software_versions="1", device_serial_number="1",
+        content_label="LESION", graphic_layers=[layer], graphic_annotations=[
+            hd.pr.GraphicAnnotation(referenced_images=[image], graphic_layer=layer,
+                                    graphic_objects=objects)])
+    (roi,) = read_meta(encode(state)).rois
+    assert (roi.kind, roi.graphic_type, roi.label) == ("gsps_graphic", "POLYLINE", "LESION")
+    assert roi.referenced_sop_instance_uid == image.SOPInstanceUID
+    assert roi.shapes == [[[10.0, 8.0], [70.0, 8.0], [40.0, 56.0]]]  # DISPLAY units left out
+
+
+def test_a_segmentation_references_the_image_it_was_derived_from():
+    patient = Patient()
+    image = us_image(patient)
+    seg = hd.seg.Segmentation(
+        source_images=[image], pixel_array=np.ones((1, 64, 80), np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="mass",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Mass,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        series_instance_uid=generate_uid(), series_number=4, sop_instance_uid=generate_uid(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="1", device_serial_number="1")
+    (roi,) = read_meta(encode(seg)).rois
+    assert (roi.kind, roi.label, roi.shape_count) == ("seg_segments", "mass", 1)
+    assert roi.referenced_sop_instance_uid == image.SOPInstanceUID
