@@ -438,14 +438,20 @@ def _wsi(patient: _Patient, encoder: TileEncoder) -> FeatureSet:
 
 def _nuclei(patient: _Patient, segmenter: NucleusSegmenter) -> FeatureSet:
     from mrrp_pacs.features import morphology, topology
+    from mrrp_pacs.features.nuclei import ClassicalSegmenter
 
     tiles = patient.tiles
     tile_um = tiles.rgb.shape[1] * tiles.mpp
     morph_tokens, xy_um, kinds, patch = [], [], [], []
     morph_names: list[str] = []
+    stain = None
+    if isinstance(segmenter, ClassicalSegmenter):
+        # one stain estimate per slide, from all its tiles: steadier than each tile's own
+        segmenter = segmenter.for_slide(tiles.rgb)
+        stain = segmenter.stain
     for index, rgb in enumerate(tiles.rgb):
         found = segmenter.segment(rgb, tiles.mpp)
-        per_nucleus, _names = morphology.nucleus_features(rgb, found, tiles.mpp)
+        per_nucleus, _names = morphology.nucleus_features(rgb, found, tiles.mpp, stain)
         # nuclei cut by the tile edge count, but stay out of the shape statistics
         token, morph_names = morphology.patch_token(per_nucleus, found.kinds,
                                                     whole=~found.touches_border)
