@@ -31,6 +31,7 @@ from mrrp_pacs.features.nuclei import (
     match_detections,
     measure_instances,
 )
+from mrrp_pacs.features.stain import estimate_stain
 from mrrp_pacs.phantom.cohort import TRAITS
 from mrrp_pacs.phantom.histology import TUMOUR, render_slide
 
@@ -115,8 +116,11 @@ def calibration_set() -> tuple[np.ndarray, np.ndarray]:
 
     Each slide draws its traits from N(0, 1.3²) so the extremes are covered; eight tiles per
     slide, four centred on tumour nuclei and four on any nucleus (stroma, ducts, lymphocyte
-    aggregates), every other one through JPEG. A segment takes the type of the true nucleus it
-    matches within 4 µm; unmatched segments are left out.
+    aggregates), every other one through JPEG; one stain estimate per slide from its eight
+    tiles (as the pipeline estimates it from a slide's tiles). Slides are drawn with the
+    phantom's default (Ruifrok–Johnston) stain only: the other sites' stains stay unseen. A
+    segment takes the type of the true nucleus it matches within 4 µm; unmatched segments are
+    left out.
     """
     rows, kinds = [], []
     for seed in CALIBRATION_SEEDS:
@@ -126,12 +130,15 @@ def calibration_set() -> tuple[np.ndarray, np.ndarray]:
         truth = slide.nuclei
         centres = np.concatenate([rng.choice(np.flatnonzero(truth.kind == TUMOUR), 4),
                                   rng.choice(len(truth), 4)])
+        tiles, origins = [], []
         for t, i in enumerate(centres):
             x0, y0 = tile_origin(truth.x_px[i], truth.y_px[i], CALIBRATION_SLIDE_PX)
             rgb = slide.rgb[y0 : y0 + TILE_PX, x0 : x0 + TILE_PX]
-            if t % 2:
-                rgb = jpeg_round_trip(rgb)
-            labels, x = measure_instances(rgb, MPP)
+            tiles.append(jpeg_round_trip(rgb) if t % 2 else rgb)
+            origins.append((x0, y0))
+        stain = estimate_stain(np.stack(tiles))  # per slide, from its tiles, as the pipeline
+        for rgb, (x0, y0) in zip(tiles, origins, strict=True):
+            labels, x = measure_instances(rgb, MPP, stain)
             found = SegmentedNuclei.from_labels(labels, np.zeros(len(x), np.int8))
             true_xy = np.stack([truth.x_px - x0, truth.y_px - y0], axis=1)
             match = match_detections(found.centroids_px, true_xy, MATCH_RADIUS_UM / MPP)
@@ -154,7 +161,8 @@ def calibrate() -> None:
         f"Fitted on phantom slides of seeds {CALIBRATION_SEEDS.start}-"
         f"{CALIBRATION_SEEDS.stop - 1} ({CALIBRATION_SLIDE_PX} px at {MPP} µm/px, traits drawn\n"
         f"from N(0, 1.3²)), 8 tiles of {TILE_PX} px per slide (4 on tumour nuclei, 4 on any "
-        "nucleus,\nevery other one through JPEG q90 4:2:2); segments matched to drawn nuclei "
+        "nucleus,\nevery other one through JPEG q90 4:2:2), stain estimated per slide from its 8 "
+        "tiles;\nsegments matched to drawn nuclei "
         f"within {MATCH_RADIUS_UM} µm:\n{counts}. Training accuracy {accuracy:.3f}.\n"
         "Tests evaluate on other seeds (0-99).")
     MODEL_PATH.write_text(model.to_toml(provenance), encoding="utf-8")

@@ -1,12 +1,13 @@
 """Does the nucleus extraction survive a change of site? (issue 15, done-when figures)
 
-Run: ``.venv/bin/python benchmarks/bench_phantom_sites.py [patients] [slide_px] [tiles]``
-(defaults 24, 1536, 8).
+Run: ``.venv/bin/python benchmarks/bench_phantom_sites.py [patients] [slide_px] [tiles]
+[slide|tile]`` (defaults 24, 1536, 8, slide: the stain is estimated once per slide from all its
+tiles, as the pipeline does; ``tile``: each tile alone).
 
 Writes a 3-site phantom (``phantom --sites 3``: patients take turns over sites A, B, C, every
 modality present), then per site reads ``tiles`` tiles per slide from the site's DICOM pyramid
 at the extractor's resolution (``features.target_mpp``, 0.5 µm/px: base level 0.25 µm/px at
-site B), each centred on a drawn tumour nucleus with 16 µm of context, and runs today's
+site B), each centred on a drawn tumour nucleus with 16 µm of context, and runs the
 :class:`~mrrp_pacs.features.nuclei.ClassicalSegmenter` on them. Scoring follows
 tests/mrrp_pacs/features/test_nuclei.py: each tile owns the detections centred in it; a drawn
 nucleus centred in the tile is found by a detection within 4 µm
@@ -61,8 +62,9 @@ def read_truth(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def score_slide(folder: Path, truth: Path, tiles: int, mpp: float, segmenter: ClassicalSegmenter,
-                rng: np.random.Generator) -> dict[str, object]:
-    """Detections, typing and areas on ``tiles`` tiles of one slide read at ``mpp``."""
+                rng: np.random.Generator, per_slide: bool = True) -> dict[str, object]:
+    """Detections, typing and areas on ``tiles`` tiles of one slide read at ``mpp``; with
+    ``per_slide`` the stain is estimated once over all the tiles, else on each tile alone."""
     xy_um, kind, drawn_area = read_truth(truth)
     tile_px = round(TILE_UM / mpp)
     margin_px = round(CONTEXT_UM / mpp)
@@ -70,6 +72,7 @@ def score_slide(folder: Path, truth: Path, tiles: int, mpp: float, segmenter: Cl
     called_tumour_area: list[float] = []
     drawn_tumour_area: list[float] = []
     matched_tumour_area: list[float] = []  # detections of drawn tumour nuclei, whatever called
+    crops, origins = [], []
     with WsiDicom.open(folder) as wsi:
         side_um = wsi.size.width * wsi.mpp.width
         for i in rng.choice(np.flatnonzero(kind == TUMOUR), tiles, replace=False):
@@ -82,23 +85,28 @@ def score_slide(folder: Path, truth: Path, tiles: int, mpp: float, segmenter: Cl
                 (float(origin_um[0]) / 1000, float(origin_um[1]) / 1000), mpp,
                 (read_mm, read_mm), as_array=True))[..., :3]
             side = tile_px + 2 * margin_px
-            crop = np.ascontiguousarray(crop[:side, :side])
-            found = segmenter.segment(crop, mpp)
-            own = found.centred_in(margin_px, margin_px, margin_px + tile_px, margin_px + tile_px)
-            true_xy = (xy_um - origin_um) / mpp
-            near = np.all((true_xy >= 0) & (true_xy < side), axis=1)
-            inside = np.all((true_xy >= margin_px) & (true_xy < margin_px + tile_px), axis=1)
-            match = match_detections(found.centroids_px[own], true_xy[near],
-                                     MATCH_RADIUS_UM / mpp)
-            hit = inside[near][match.pairs[:, 1]]
-            true_kind = kind[near][match.pairs[hit, 1]]
-            np.add.at(confusion, (true_kind, found.kinds[own][match.pairs[hit, 0]]), 1)
-            pixels = np.bincount(found.labels.ravel(), minlength=len(found) + 1)[1:]
-            called = own & (found.kinds == TUMOUR)
-            called_tumour_area.extend((pixels[called] * mpp**2).tolist())
-            found_tumour = match.pairs[hit][true_kind == TUMOUR, 0]
-            matched_tumour_area.extend((pixels[own][found_tumour] * mpp**2).tolist())
-            drawn_tumour_area.extend(drawn_area[inside & (kind == TUMOUR)].tolist())
+            crops.append(np.ascontiguousarray(crop[:side, :side]))
+            origins.append(origin_um)
+    if per_slide:  # as the pipeline does: one stain estimate from all the slide's tiles
+        segmenter = segmenter.for_slide(np.stack(crops))
+    for crop, origin_um in zip(crops, origins, strict=True):
+        side = crop.shape[0]
+        found = segmenter.segment(crop, mpp)
+        own = found.centred_in(margin_px, margin_px, margin_px + tile_px, margin_px + tile_px)
+        true_xy = (xy_um - origin_um) / mpp
+        near = np.all((true_xy >= 0) & (true_xy < side), axis=1)
+        inside = np.all((true_xy >= margin_px) & (true_xy < margin_px + tile_px), axis=1)
+        match = match_detections(found.centroids_px[own], true_xy[near],
+                                 MATCH_RADIUS_UM / mpp)
+        hit = inside[near][match.pairs[:, 1]]
+        true_kind = kind[near][match.pairs[hit, 1]]
+        np.add.at(confusion, (true_kind, found.kinds[own][match.pairs[hit, 0]]), 1)
+        pixels = np.bincount(found.labels.ravel(), minlength=len(found) + 1)[1:]
+        called = own & (found.kinds == TUMOUR)
+        called_tumour_area.extend((pixels[called] * mpp**2).tolist())
+        found_tumour = match.pairs[hit][true_kind == TUMOUR, 0]
+        matched_tumour_area.extend((pixels[own][found_tumour] * mpp**2).tolist())
+        drawn_tumour_area.extend(drawn_area[inside & (kind == TUMOUR)].tolist())
     return {"confusion": confusion, "called": called_tumour_area, "drawn": drawn_tumour_area,
             "matched": matched_tumour_area}
 
@@ -107,6 +115,7 @@ def main() -> None:
     patients = int(sys.argv[1]) if len(sys.argv) > 1 else 24
     slide_px = int(sys.argv[2]) if len(sys.argv) > 2 else 1536
     tiles = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    per_slide = (sys.argv[4] if len(sys.argv) > 4 else "slide") != "tile"
     mpp = load_config(None, environ={}).features.target_mpp
     spec = PhantomSpec(patients=patients, seed=SEED, slide_px=slide_px, missing_wsi=0.0,
                        missing_us=0.0, missing_report=0.0, sites=3)
@@ -118,7 +127,7 @@ def main() -> None:
         print(f"3-site phantom of {patients} patients, {slide_px} px at 0.5 µm/px of section, "
               f"written in {time.perf_counter() - started:.0f} s; {tiles} tiles of {TILE_UM:g} "
               f"µm per slide read at {mpp} µm/px, segmenter {segmenter.name} "
-              f"{segmenter.version}")
+              f"{segmenter.version}, stain estimated per {'slide' if per_slide else 'tile'}")
         with (out / "truth.csv").open() as handle:
             truth = list(csv.DictReader(handle))
         rows = []
@@ -130,7 +139,7 @@ def main() -> None:
                 pid = row["patient_id"]
                 scores = score_slide(out / "dicom" / pid / "slide",
                                      out / "truth" / "nuclei" / f"{pid}.csv.gz", tiles, mpp,
-                                     segmenter, np.random.default_rng(int(pid[-5:])))
+                                     segmenter, np.random.default_rng(int(pid[-5:])), per_slide)
                 confusion += scores["confusion"]  # type: ignore[operator]
                 called += scores["called"]  # type: ignore[operator]
                 drawn += scores["drawn"]  # type: ignore[operator]

@@ -10,7 +10,9 @@ enter the feature cache key, so ``version`` changes whenever the outputs would.
 Two backends:
 
 ``hed-texture`` (the embedded default)
-    A hand-crafted colour and texture descriptor in hematoxylin–eosin–DAB optical density,
+    A hand-crafted colour and texture descriptor in normalised hematoxylin, eosin and residual
+    stain concentration (:mod:`mrrp_pacs.features.stain`: glass and dye vectors estimated once
+    over all the tiles of one ``encode`` call, i.e. per slide),
     :data:`HED_TEXTURE_DIM` = 79 float32 values per tile, listed one by one in
     :data:`HED_TEXTURE_FEATURES`. Why it is the default: it needs no weights (nothing to
     license, download or keep on disk); it runs at about 150 tiles per second of one CPU core
@@ -19,9 +21,9 @@ Two backends:
     pathologist can check; and it measures what the phantom hospital plants in its slides:
     nuclear size and its spread, nuclear density, dark lymphocyte-like nuclei, staining. Its
     limits against a foundation model: it sees intensities, blob scales and local texture, not
-    tissue architecture (gland formation, invasion pattern, mitoses, necrosis); it depends on
-    stain vectors close to Ruifrok & Johnston's (no stain normalisation is applied, so scanner
-    and laboratory colour shifts move it); and it has not been validated on real slides. Use
+    tissue architecture (gland formation, invasion pattern, mitoses, necrosis); the stain
+    normalisation removes a laboratory's dye hue and glass tint but not its dye intensity
+    (a paler batch reads lower concentrations); and it has not been validated on real slides. Use
     ``uni`` wherever its weights can be had.
 
 ``timm``
@@ -56,10 +58,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from scipy import fft, ndimage
-from skimage.color import rgb2hed
 
 from mrrp_pacs.config import read_data_toml
 from mrrp_pacs.errors import ConfigError, FeatureError
+from mrrp_pacs.features.stain import STAIN_VERSION, StainEstimate, estimate_stain
 from mrrp_pacs.store import sha256_file
 
 if TYPE_CHECKING:
@@ -77,8 +79,7 @@ DEFAULT_BATCH = 16
 
 # -- the hed-texture descriptor ------------------------------------------------------------
 
-HED_TEXTURE_VERSION = "1"
-OD_SCALE = math.log(1e6)  # rgb2hed divides optical density by -ln(1e-6); undone here
+HED_TEXTURE_VERSION = "2"  # 2: normalised stain concentrations instead of rgb2hed
 HIST_BINS_PER_OD = 80  # fine histogram: 0.0125 OD bins, used for percentiles and fractions
 HIST_BINS = 320  # fine histogram covers [0, 4) OD; higher values fall in the last bin
 PERCENTILES = (10, 25, 50, 75, 90, 99)
@@ -92,7 +93,7 @@ BLOB_RADII_UM = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
 GRADIENT_SIGMA_UM = 1.0
 LBP_RADIUS_UM = 1.5
 MIN_HED_MPP, MAX_HED_MPP = 0.2, 1.0  # a 3 µm nucleus must span a few pixels
-CHUNK_TILES = 32  # bounds memory: rgb2hed of a chunk is 32 × 224² × 3 float64 (39 MB)
+CHUNK_TILES = 32  # bounds memory: concentrations of a chunk are 32 × 224² × 3 float32 (19 MB)
 
 
 def _hed_feature_names() -> tuple[str, ...]:
@@ -116,12 +117,14 @@ def _hed_feature_names() -> tuple[str, ...]:
 
 
 HED_TEXTURE_FEATURES = _hed_feature_names()
-"""Names of the hed-texture values, in order. Groups (OD = natural-log optical density, the
-stain concentration that :func:`skimage.color.rgb2hed` returns times ln 10⁶):
+"""Names of the hed-texture values, in order. Groups (OD = normalised stain concentration:
+natural-log optical density along the dye's own unit vector, estimated per ``encode`` call by
+:func:`mrrp_pacs.features.stain.estimate_stain`; all zero if no stain can be estimated, e.g.
+blank glass):
 
 - ``h_*``/``e_*`` mean, SD and percentiles 10–99 of hematoxylin / eosin OD over the tile
-  (percentiles at 0.0125 OD resolution); ``d_*`` the DAB residual (colour outside the H&E
-  plane: pen marks, pigment, stain drift); ``tissue_fraction``: share of pixels with
+  (percentiles at 0.0125 OD resolution); ``d_*`` the residual (colour outside the estimated
+  H&E plane: pen marks, pigment, DAB; signed); ``tissue_fraction``: share of pixels with
   H + E > 0.15 OD.
 - ``h_fraction_above_*``: share of pixels whose hematoxylin exceeds 0.3 … 1.3 OD (nuclear
   area at increasing darkness); ``h_hist_*``: the hematoxylin histogram in 0.2 OD bins
@@ -542,7 +545,7 @@ class HedTextureEncoder:
     def __init__(self, spec: EncoderSpec) -> None:
         self.spec = spec
         self.name = spec.name
-        self.version = f"hed-texture-{HED_TEXTURE_VERSION}"
+        self.version = f"hed-texture-{HED_TEXTURE_VERSION}-stain{STAIN_VERSION}"
         self.dim = HED_TEXTURE_DIM
         self.tile_px = spec.tile_px
 
@@ -568,11 +571,12 @@ class HedTextureEncoder:
                                f"{MAX_HED_MPP} µm/px, got {mpp}: nuclei must span a few pixels")
         if len(tiles) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        return np.concatenate([_hed_texture(tiles[start : start + CHUNK_TILES], mpp)
+        stain = estimate_stain(tiles)  # one estimate for the call: the slide's tiles together
+        return np.concatenate([_hed_texture(tiles[start : start + CHUNK_TILES], mpp, stain)
                                for start in range(0, len(tiles), CHUNK_TILES)])
 
 
-def _hed_texture(tiles: np.ndarray, mpp: float) -> np.ndarray:
+def _hed_texture(tiles: np.ndarray, mpp: float, stain: StainEstimate | None) -> np.ndarray:
     """The hed-texture descriptor of a batch of tiles, unchecked.
 
     Parameters
@@ -581,14 +585,17 @@ def _hed_texture(tiles: np.ndarray, mpp: float) -> np.ndarray:
         ``(n, h, w, 3)`` uint8 RGB H&E, n ≥ 1.
     mpp
         µm/px.
+    stain
+        The stain estimate of the tiles' slide; None (nothing stained) gives zero
+        concentrations.
 
     Returns
     -------
     np.ndarray
         ``(n, HED_TEXTURE_DIM)`` float32.
     """
-    hed = rgb2hed(tiles).astype(np.float32)
-    hed *= OD_SCALE
+    hed = (stain.concentrations(tiles) if stain is not None
+           else np.zeros(tiles.shape, np.float32))
     h, e, d = hed[..., 0], hed[..., 1], hed[..., 2]
     n = len(tiles)
     parts = [_stain_statistics(h, e, d), _nuclear_objects(h, mpp),

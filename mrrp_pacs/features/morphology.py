@@ -23,6 +23,10 @@ Definitions (``mpp`` converts pixels to µm):
   symmetric and normalised; ASM, contrast, homogeneity (``skimage.feature.graycoprops``
   definitions) and entropy −ΣP ln P, averaged over the four angles.
 - intensity: mean and standard deviation of hematoxylin optical density over the nucleus.
+
+Hematoxylin is the normalised concentration of :func:`~mrrp_pacs.features.nuclei.stain_density`
+(natural-log OD along the slide's own hematoxylin vector, :mod:`mrrp_pacs.features.stain`), so
+texture and intensity do not move with a laboratory's dye hue.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from mrrp_pacs.features.nuclei import (
     moment_axes_px,
     stain_density,
 )
+from mrrp_pacs.features.stain import StainEstimate
 
-MORPHOLOGY_VERSION = "1"
+MORPHOLOGY_VERSION = "2"  # 2: hematoxylin in the normalised stain space
 
 FEATURE_NAMES = (
     "area_um2",
@@ -72,8 +77,8 @@ GLCM_DISTANCE_UM = 1.0
 GLCM_ANGLES = (0.0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
 
 
-def nucleus_features(rgb: np.ndarray, segmented: SegmentedNuclei, mpp: float
-                     ) -> tuple[np.ndarray, list[str]]:
+def nucleus_features(rgb: np.ndarray, segmented: SegmentedNuclei, mpp: float,
+                     stain: StainEstimate | None = None) -> tuple[np.ndarray, list[str]]:
     """Morphology of every segmented nucleus.
 
     Parameters
@@ -84,6 +89,8 @@ def nucleus_features(rgb: np.ndarray, segmented: SegmentedNuclei, mpp: float
         Its nuclei, labels of the same (rows, cols).
     mpp
         Resolution in µm/px.
+    stain
+        The slide's stain estimate; None estimates it from ``rgb``.
 
     Returns
     -------
@@ -100,7 +107,7 @@ def nucleus_features(rgb: np.ndarray, segmented: SegmentedNuclei, mpp: float
     n = len(segmented)
     if n == 0:
         return np.zeros((0, len(FEATURE_NAMES)), np.float32), list(FEATURE_NAMES)
-    hema = stain_density(rgb)[..., 0].astype(np.float64)
+    hema = stain_density(rgb, stain)[..., 0].astype(np.float64)
     shape = _moment_shape(labels, n, mpp)
     contour = _contour_shape(labels, n, mpp, shape["area_um2"])
     texture = _glcm_texture(labels, hema, n, mpp)

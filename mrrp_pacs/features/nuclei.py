@@ -3,10 +3,12 @@
 A :class:`NucleusSegmenter` turns an RGB tile into a :class:`SegmentedNuclei`: an instance label
 image, one type per nucleus (:data:`NUCLEUS_TYPES`) and centroids in pixels. Two backends:
 
-- :class:`ClassicalSegmenter` (default, CPU, no weights): colour deconvolution to hematoxylin
-  optical density, a fixed density threshold, distance-transform watershed to split touching
-  nuclei, then typing by a small softmax model over per-nucleus measurements in µm, calibrated on
-  phantom slides (``mrrp_pacs/data/nucleus_types.toml``; seeds and procedure are written there).
+- :class:`ClassicalSegmenter` (default, CPU, no weights): stain concentrations with the image's
+  (or the slide's) own glass and dye vectors (:mod:`mrrp_pacs.features.stain`), an adaptive
+  hematoxylin threshold (Otsu within the tissue), distance-transform watershed to split touching
+  nuclei, then typing by a small softmax model over per-nucleus measurements in µm and
+  normalised concentration, calibrated on phantom slides (``mrrp_pacs/data/nucleus_types.toml``;
+  seeds and procedure are written there).
 - :class:`~mrrp_pacs.features.hovernet.HoverNetSegmenter`: HoVer-Net as tiatoolbox defines it,
   from a local checkpoint (never downloaded), at the model's own µm/px.
 
@@ -38,40 +40,40 @@ from typing import Protocol
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment, minimize
-from skimage.color import rgb2hed
 from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
 from skimage.segmentation import expand_labels, relabel_sequential, watershed
 
 from mrrp_pacs.errors import FeatureError
+from mrrp_pacs.features.stain import STAIN_VERSION, StainEstimate, estimate_stain
 
 LOGGER = logging.getLogger(__name__)
 
 NUCLEUS_TYPES = ("tumour", "inflammatory", "stromal", "normal")
 TUMOUR, INFLAMMATORY, STROMAL, NORMAL = range(4)
 
-# rgb2hed measures optical density in log base 1e-6 (skimage's log_adjust); this factor turns it
-# into natural-log OD, the Beer–Lambert concentration of the Ruifrok–Johnston hematoxylin vector.
-_NATURAL_OD = float(np.log(1e6))
-
-# Segmentation constants, all physical. A fixed density level (not Otsu) because Otsu splits
-# whatever two populations a tile holds: on a tile of pale tumour nuclei with a few dark
-# lymphocytes it would threshold between the two kinds of nuclei and lose the tumour. Tissue
-# background is ~0.06 OD and nuclei 0.45-1.6 OD, so 0.35 sits below the faintest nucleus and far
-# above stroma; the same level serves every tile, so densities stay comparable between tiles.
-FOREGROUND_OD = 0.35
-# Lymphocytes (>1.2 OD) are darker than tumour nuclei (~0.85 OD): a dark layer gives them their
-# own watershed seeds where they overlap a paler nucleus and the distance map alone has one peak.
-DARK_OD = 1.1
+# Segmentation constants. Densities are normalised stain concentrations
+# (:mod:`mrrp_pacs.features.stain`: natural-log optical density along each dye's own unit vector).
+# The nucleus threshold is adaptive: Otsu on the logarithm of the smoothed hematoxylin
+# concentration over the tile's tissue. In log space the step between tissue (cytoplasm, stroma)
+# and nuclei is far larger than the step between pale tumour nuclei and dark lymphocytes, so a
+# tile of both keeps the pale nuclei, and a change of stain intensity (a factor on every
+# concentration) moves the threshold with it.
+MIN_NUCLEAR_CONTRAST = 0.2  # the two Otsu classes' mean hematoxylin differ less: no nuclei
+# Lymphocytes stain darker than tumour nuclei: a dark layer (above DARK_RATIO times the median
+# hematoxylin of the foreground) gives them their own watershed seeds where they overlap a paler
+# nucleus and the distance map alone has one peak.
+DARK_RATIO = 1.3
 SMOOTHING_UM = 0.5  # Gaussian sigma: removes stain grain, keeps 1 µm detail
 SEED_SPACING_UM = 2.5  # watershed seeds at least this far apart: below a lymphocyte's radius
 DARK_SEED_MIN_DEPTH_UM = 1.0  # a dark seed needs a dark core this deep
 MIN_AREA_UM2 = 12.0  # fragments below a third of the smallest nucleus (lymphocyte ~25 µm²)
 CONTEXT_RING_UM = 6.0  # ring beyond each nucleus whose eosin tells nest from stroma
 CONTEXT_BOX_UM = 24.0  # window for glass (duct lumen) and surrounding eosin
-GLASS_OD = 0.15  # below this in both stains a pixel is lumen or glass
+GLASS_CONCENTRATION = 0.15  # below this in both dyes a pixel is lumen or glass
 
 TYPE_MODEL_RESOURCE = "nucleus_types.toml"
-CLASSICAL_VERSION = "1"
+CLASSICAL_VERSION = "2"  # 2: per-image/per-slide stain vectors, adaptive threshold
 
 
 @dataclass(frozen=True)
@@ -223,43 +225,82 @@ def check_tile(rgb: np.ndarray, mpp: float) -> None:
         raise FeatureError(f"tile resolution must be a positive number of µm/px, got {mpp}")
 
 
-def stain_density(rgb: np.ndarray) -> np.ndarray:
-    """Hematoxylin and eosin optical density by colour deconvolution (Ruifrok–Johnston).
+def stain_density(rgb: np.ndarray, stain: StainEstimate | None = None) -> np.ndarray:
+    """Hematoxylin and eosin concentration in the normalised space (:mod:`.stain`).
 
     Parameters
     ----------
     rgb
         (rows, cols, 3) uint8 H&E image.
+    stain
+        The slide's stain estimate; None estimates it from ``rgb`` itself.
 
     Returns
     -------
     np.ndarray
-        (rows, cols, 2) float32: natural-log optical density of hematoxylin (channel 0) and
-        eosin (channel 1), clipped at 0.
+        (rows, cols, 2) float32: hematoxylin (channel 0) and eosin (channel 1) concentration,
+        natural-log optical density along each dye's unit vector, clipped at 0. All zero when
+        no stain can be estimated (blank glass: nothing is stained).
     """
-    return (rgb2hed(rgb)[..., :2] * _NATURAL_OD).astype(np.float32)
+    return _densities(rgb, stain)[0]
+
+
+def _densities(rgb: np.ndarray, stain: StainEstimate | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols, 2) concentrations and (rows, cols) tissue mask (all False: no estimate)."""
+    if stain is None:
+        stain = estimate_stain(rgb)
+    if stain is None:
+        return np.zeros((*rgb.shape[:2], 2), np.float32), np.zeros(rgb.shape[:2], bool)
+    return stain.concentrations(rgb)[..., :2], stain.tissue(rgb)
 
 
 class ClassicalSegmenter:
-    """Hematoxylin threshold + distance-transform watershed + measurement-based typing.
+    """Adaptive hematoxylin threshold + distance-transform watershed + measurement-based typing.
 
-    Steps: colour deconvolution (:func:`stain_density`); Gaussian smoothing (0.5 µm); foreground
-    where hematoxylin exceeds :data:`FOREGROUND_OD`; seeds at maxima of the distance transform
-    (at least :data:`SEED_SPACING_UM` apart), plus maxima of the dark layer (above
-    :data:`DARK_OD`) that no seed already covers; watershed on the summed distance maps; removal
-    of fragments below :data:`MIN_AREA_UM2`; typing by :class:`NucleusTypeModel` over the
-    measurements of :func:`typing_measurements`.
+    Steps: stain concentrations with the slide's stain estimate, or the tile's own
+    (:func:`stain_density`); Gaussian smoothing (0.5 µm); foreground where hematoxylin exceeds
+    :func:`nucleus_level` (Otsu of log-hematoxylin over the tissue, then half-way between the
+    classes; none when they differ by less than :data:`MIN_NUCLEAR_CONTRAST`); seeds at maxima
+    of the distance transform (at least :data:`SEED_SPACING_UM` apart), plus maxima of the dark
+    layer (above :data:`DARK_RATIO` × the foreground's median hematoxylin) that no seed already
+    covers; watershed on the summed
+    distance maps; removal of fragments below :data:`MIN_AREA_UM2`; typing by
+    :class:`NucleusTypeModel` over the measurements of :func:`typing_measurements`.
     """
 
     name = "classical-hematoxylin-watershed"
     mpp = None  # works at the tiling's µm/px
     context_um = 0.0
 
-    def __init__(self, type_model: NucleusTypeModel | None = None) -> None:
-        """Use ``type_model`` for typing, by default the shipped calibration."""
+    def __init__(self, type_model: NucleusTypeModel | None = None,
+                 stain: StainEstimate | None = None) -> None:
+        """Use ``type_model`` for typing, by default the shipped calibration.
+
+        ``stain``: the slide's stain estimate (:meth:`for_slide`); None estimates it per tile.
+        """
         self.type_model = type_model if type_model is not None else default_type_model()
+        self.stain = stain
         # a refitted type model changes the output: it is part of the version
-        self.version = f"{CLASSICAL_VERSION}-types-{self.type_model.digest()}"
+        self.version = (f"{CLASSICAL_VERSION}-stain{STAIN_VERSION}-types-"
+                        f"{self.type_model.digest()}")
+
+    def for_slide(self, rgb: np.ndarray) -> ClassicalSegmenter:
+        """This segmenter bound to the stain estimated over one slide's pixels.
+
+        Parameters
+        ----------
+        rgb
+            (..., 3) uint8: the slide's tiles stacked (or any sample of its pixels). Pooling
+            the tiles gives steadier vectors than each tile alone, and a tile without glass
+            gets the slide's glass if any tile shows some.
+
+        Returns
+        -------
+        ClassicalSegmenter
+            Same type model and version; per-tile estimation if the slide gives no estimate.
+        """
+        return ClassicalSegmenter(self.type_model, estimate_stain(rgb))
 
     def segment(self, rgb: np.ndarray, mpp: float) -> SegmentedNuclei:
         """Segment and type nuclei.
@@ -276,11 +317,12 @@ class ClassicalSegmenter:
         SegmentedNuclei
             Empty (no error) when the tile holds no nucleus, e.g. blank glass.
         """
-        labels, measurements = measure_instances(rgb, mpp)
+        labels, measurements = measure_instances(rgb, mpp, self.stain)
         return SegmentedNuclei.from_labels(labels, self.type_model.predict(measurements))
 
 
-def measure_instances(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+def measure_instances(rgb: np.ndarray, mpp: float, stain: StainEstimate | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """The classical pipeline up to typing: instances and their typing measurements.
 
     Parameters
@@ -289,6 +331,8 @@ def measure_instances(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarr
         (rows, cols, 3) uint8 H&E tile.
     mpp
         Resolution in µm/px.
+    stain
+        The slide's stain estimate; None estimates it from ``rgb``.
 
     Returns
     -------
@@ -298,13 +342,47 @@ def measure_instances(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarr
         (n, len(TYPING_MEASUREMENTS)) float64, see :func:`typing_measurements`.
     """
     check_tile(rgb, mpp)
-    density = stain_density(rgb)
+    density, tissue = _densities(rgb, stain)
     hema = ndimage.gaussian_filter(density[..., 0], SMOOTHING_UM / mpp)
-    foreground = hema > FOREGROUND_OD
-    if not foreground.any():
-        return np.zeros(foreground.shape, np.int32), np.zeros((0, len(TYPING_MEASUREMENTS)))
-    labels = split_instances(foreground, hema > DARK_OD, mpp)
+    level = nucleus_level(hema[tissue])
+    if level is None:
+        return np.zeros(hema.shape, np.int32), np.zeros((0, len(TYPING_MEASUREMENTS)))
+    foreground = (hema > level) & tissue
+    dark = hema > DARK_RATIO * float(np.median(hema[foreground]))
+    labels = split_instances(foreground, dark, mpp)
     return labels, typing_measurements(labels, density, mpp)
+
+
+def nucleus_level(hema: np.ndarray) -> float | None:
+    """Hematoxylin level of the nuclear edge: Otsu on log concentration, then half-way.
+
+    Otsu on the log concentration separates tissue from nuclei; the edge is then placed
+    half-way between the two classes' medians (where a blurred step crosses its middle), or
+    at the Otsu level if that is higher. Half-way keeps the measured area unbiased whatever the
+    blur (JPEG, optics) and the nucleus's size; the Otsu level alone sits near the tissue's
+    level and adds a ring of blur to every nucleus.
+
+    Parameters
+    ----------
+    hema
+        (n,) smoothed hematoxylin concentration of the tissue pixels.
+
+    Returns
+    -------
+    float or None
+        None when there are too few pixels or the classes differ by less than
+        :data:`MIN_NUCLEAR_CONTRAST` (tissue without nuclei: Otsu would split its grain).
+    """
+    if hema.size < 64:
+        return None
+    log_hema = np.log(np.maximum(hema, 1e-3))
+    if float(log_hema.max()) - float(log_hema.min()) < 1e-6:
+        return None
+    level = float(np.exp(threshold_otsu(log_hema)))
+    upper, lower = hema[hema > level], hema[hema <= level]
+    if len(upper) == 0 or len(lower) == 0 or upper.mean() - lower.mean() < MIN_NUCLEAR_CONTRAST:
+        return None
+    return max(level, float(np.median(lower) + np.median(upper)) / 2)
 
 
 def split_instances(foreground: np.ndarray, dark: np.ndarray | None, mpp: float) -> np.ndarray:
@@ -376,7 +454,7 @@ def typing_measurements(labels: np.ndarray, density: np.ndarray, mpp: float) -> 
     labels
         (rows, cols) int32 instance labels 1..n.
     density
-        (rows, cols, 2) hematoxylin and eosin optical density (:func:`stain_density`).
+        (rows, cols, 2) hematoxylin and eosin concentration (:func:`stain_density`).
     mpp
         Resolution in µm/px.
 
@@ -400,7 +478,7 @@ def typing_measurements(labels: np.ndarray, density: np.ndarray, mpp: float) -> 
     hema_mean = mean(hema)
     hema_std = np.sqrt(np.maximum(mean(hema * hema) - hema_mean**2, 0.0))
 
-    glass = ((hema < GLASS_OD) & (eosin < GLASS_OD)).astype(np.float64)
+    glass = ((hema < GLASS_CONCENTRATION) & (eosin < GLASS_CONCENTRATION)).astype(np.float64)
     ring = expand_labels(labels, CONTEXT_RING_UM / mpp)
     ring[labels > 0] = 0
     ring_flat = ring.ravel()

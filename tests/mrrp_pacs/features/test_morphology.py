@@ -182,7 +182,7 @@ def test_patch_token_summarises_per_type_without_nan():
 
 
 def test_version_and_names_are_stable():
-    assert MORPHOLOGY_VERSION == "1"
+    assert MORPHOLOGY_VERSION == "2"  # 2: hematoxylin in the normalised stain space
     assert FEATURE_NAMES[:3] == ("area_um2", "perimeter_um", "bbox_area_um2")
     assert len(FEATURE_NAMES) == 16
     assert token_names()[:3] == ["tumour_count", "tumour_fraction", "tumour_area_um2_mean"]

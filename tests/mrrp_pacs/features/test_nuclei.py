@@ -38,7 +38,8 @@ def _slide(seed: int, **traits: float):
                         size_px=SLIDE_PX, mpp=MPP)
 
 
-def _score(traits: dict[str, float], seeds: tuple[int, ...], tiles: int = 6):
+def _score(traits: dict[str, float], seeds: tuple[int, ...], tiles: int = 6,
+           per_slide: bool = True):
     """Detection counts and type confusion over tiles centred on tumour nuclei.
 
     Each tile is segmented with MARGIN px of context and owns the nuclei centred in it (the
@@ -52,11 +53,17 @@ def _score(traits: dict[str, float], seeds: tuple[int, ...], tiles: int = 6):
         slide = _slide(seed, **traits)
         truth = slide.nuclei
         rng = np.random.default_rng(seed + 7)
+        corners = []
         for i in rng.choice(np.flatnonzero(truth.kind == TUMOUR), tiles, replace=False):
-            x0 = int(np.clip(truth.x_px[i] - TILE // 2, MARGIN, SLIDE_PX - TILE - MARGIN))
-            y0 = int(np.clip(truth.y_px[i] - TILE // 2, MARGIN, SLIDE_PX - TILE - MARGIN))
-            crop = slide.rgb[y0 - MARGIN : y0 + TILE + MARGIN, x0 - MARGIN : x0 + TILE + MARGIN]
-            found = SEGMENTER.segment(crop, MPP)
+            corners.append((
+                int(np.clip(truth.x_px[i] - TILE // 2, MARGIN, SLIDE_PX - TILE - MARGIN)),
+                int(np.clip(truth.y_px[i] - TILE // 2, MARGIN, SLIDE_PX - TILE - MARGIN))))
+        crops = [slide.rgb[y0 - MARGIN : y0 + TILE + MARGIN, x0 - MARGIN : x0 + TILE + MARGIN]
+                 for x0, y0 in corners]
+        # one stain estimate per slide from its tiles, as the pipeline does
+        segmenter = SEGMENTER.for_slide(np.stack(crops)) if per_slide else SEGMENTER
+        for (x0, y0), crop in zip(corners, crops, strict=True):
+            found = segmenter.segment(crop, MPP)
             own = found.centred_in(MARGIN, MARGIN, MARGIN + TILE, MARGIN + TILE)
             true_xy = np.stack([truth.x_px - x0 + MARGIN, truth.y_px - y0 + MARGIN], axis=1)
             near = np.all((true_xy >= 0) & (true_xy < TILE + 2 * MARGIN), axis=1)
@@ -82,25 +89,28 @@ def _report(name: str, scores) -> None:
         print(f"  {kind:>12} {row.tolist()}")
 
 
-# floors are the figures measured on these seeds (see the report) less a margin
-@pytest.mark.parametrize(("name", "traits", "min_f1", "min_accuracy"), [
-    ("default", {}, 0.95, 0.97),
-    ("nuclear_size +2", {"nuclear_size": 2.0}, 0.91, 0.96),
-    ("nuclear_size -2", {"nuclear_size": -2.0}, 0.95, 0.96),
-    ("lymphocytes +1.5", {"lymphocytes": 1.5}, 0.94, 0.95),
-    ("lymphocytes -1.5", {"lymphocytes": -1.5}, 0.95, 0.96),
-    ("tumour_density +2", {"tumour_density": 2.0}, 0.93, 0.95),
-    ("tumour_density -2", {"tumour_density": -2.0}, 0.94, 0.95),
-    ("pleomorphism +2", {"pleomorphism": 2.0}, 0.93, 0.93),
+# floors are the figures measured on these seeds (see the report) less a margin; the last
+# column is the floor on tumour recall among found tumour nuclei. Pleomorphism +2 draws small,
+# dark tumour nuclei that look like lymphocytes: with per-slide estimated vectors (not the
+# phantom's own Ruifrok–Johnston ones) 0.943 accuracy, 0.939 tumour recall (was 0.961 / 0.96)
+@pytest.mark.parametrize(("name", "traits", "min_f1", "min_accuracy", "min_tumour"), [
+    ("default", {}, 0.95, 0.97, 0.95),
+    ("nuclear_size +2", {"nuclear_size": 2.0}, 0.91, 0.96, 0.95),
+    ("nuclear_size -2", {"nuclear_size": -2.0}, 0.95, 0.96, 0.95),
+    ("lymphocytes +1.5", {"lymphocytes": 1.5}, 0.94, 0.95, 0.95),
+    ("lymphocytes -1.5", {"lymphocytes": -1.5}, 0.95, 0.96, 0.95),
+    ("tumour_density +2", {"tumour_density": 2.0}, 0.93, 0.95, 0.95),
+    ("tumour_density -2", {"tumour_density": -2.0}, 0.94, 0.95, 0.95),
+    ("pleomorphism +2", {"pleomorphism": 2.0}, 0.93, 0.92, 0.92),
 ])
-def test_detection_and_typing_on_the_phantom(name, traits, min_f1, min_accuracy):
+def test_detection_and_typing_on_the_phantom(name, traits, min_f1, min_accuracy, min_tumour):
     scores = _score(traits, seeds=(11, 12))
     _report(name, scores)
     _, _, f1, confusion = scores
     assert f1 >= min_f1
     assert np.trace(confusion) / confusion.sum() >= min_accuracy
     # the two types the model's signal lives in are rarely confused
-    assert confusion[TUMOUR, TUMOUR] / confusion[TUMOUR].sum() >= 0.95
+    assert confusion[TUMOUR, TUMOUR] / confusion[TUMOUR].sum() >= min_tumour
     assert confusion[INFLAMMATORY, INFLAMMATORY] / confusion[INFLAMMATORY].sum() >= 0.8
 
 
@@ -296,3 +306,98 @@ def test_version_follows_the_type_model():
     other = NucleusTypeModel(model.measurements, model.centre, model.scale, model.coef * 1.01,
                              model.intercept)
     assert ClassicalSegmenter(other).version != shipped.version
+
+
+# -- other laboratories' stains --------------------------------------------------------------
+# The fields below are rendered here, with this test's own dye vectors and glass (neither the
+# phantom's sites nor anything of the extractor): a purple and a blue hematoxylin on warm and
+# cool glass.
+
+OWN_STAINS = {
+    "purple-on-warm-glass": ((0.74, 0.60, 0.30), (0.10, 0.88, 0.46), (238.0, 229.0, 216.0)),
+    "blue-on-cool-glass": ((0.86, 0.44, 0.25), (0.30, 0.73, 0.62), (222.0, 228.0, 242.0)),
+}
+
+
+def own_stain_field(hematoxylin, eosin, glass_rgb, seed=0, spacing_um=14.0, eosin_od=0.35,
+                    size_px=288):
+    """Beer–Lambert field at MPP: eosin tissue (glass strip on the left), elliptical nuclei
+    on a jittered grid, eosin displaced inside them, 8-bit. Returns rgb, centres (x, y) px and
+    drawn areas µm²."""
+    rng = np.random.default_rng(seed)
+    h_vec = np.asarray(hematoxylin) / np.linalg.norm(hematoxylin)
+    e_vec = np.asarray(eosin) / np.linalg.norm(eosin)
+    yy, xx = np.mgrid[:size_px, :size_px].astype(float)
+    tissue = xx >= 24
+    h = np.where(tissue, 0.05, 0.0)
+    e = np.where(tissue, eosin_od + 0.05 * rng.standard_normal((size_px, size_px)), 0.0)
+    centres, areas = [], []
+    step = spacing_um / MPP
+    for cy in np.arange(24 + step / 2, size_px - 16, step):
+        for cx in np.arange(24 + step / 2, size_px - 16, step):
+            x, y = cx + rng.uniform(-2, 2), cy + rng.uniform(-2, 2)
+            a_um, b_um = rng.uniform(4.0, 5.5), rng.uniform(3.2, 4.5)
+            angle = rng.uniform(0, np.pi)
+            u = ((xx - x) * np.cos(angle) + (yy - y) * np.sin(angle)) / (a_um / MPP)
+            v = (-(xx - x) * np.sin(angle) + (yy - y) * np.cos(angle)) / (b_um / MPP)
+            alpha = np.clip((1 - np.hypot(u, v)) * b_um / MPP + 0.5, 0, 1)
+            load = rng.uniform(0.6, 1.1)
+            h = h + alpha * (load - h)
+            e = e * (1 - 0.7 * alpha)
+            centres.append((x, y))
+            areas.append(np.pi * a_um * b_um)
+    glass_od = -np.log(np.asarray(glass_rgb) / 255.0)
+    od = h[..., None] * h_vec + e[..., None] * e_vec + glass_od
+    rgb = np.clip(255 * np.exp(-od) + rng.normal(0, 1.0, od.shape), 0, 255)
+    return np.round(rgb).astype(np.uint8), np.array(centres), np.array(areas)
+
+
+@pytest.mark.parametrize("stain", sorted(OWN_STAINS))
+def test_segmenter_finds_nuclei_under_another_stain_and_tinted_glass(stain):
+    rgb, centres, areas = own_stain_field(*OWN_STAINS[stain])
+    found = SEGMENTER.segment(rgb, MPP)
+    whole = ~found.touches_border
+    match = match_detections(found.centroids_px, centres, RADIUS_PX)
+    pixels = np.bincount(found.labels.ravel(), minlength=len(found) + 1)[1:] * MPP**2
+    pairs = match.pairs[whole[match.pairs[:, 0]]]
+    ratio = pixels[pairs[:, 0]].mean() / areas[pairs[:, 1]].mean()
+    print(f"{stain}: F1 {match.f1:.3f}, area found/drawn {ratio:.3f}")
+    assert match.f1 >= 0.95
+    assert 0.85 <= ratio <= 1.15
+
+
+def test_same_nuclei_and_areas_whatever_the_stain():
+    """One field, two laboratories: the nuclei found and their areas agree within 5 %."""
+    results = []
+    for hematoxylin, eosin, glass in OWN_STAINS.values():
+        rgb, _, _ = own_stain_field(hematoxylin, eosin, glass, seed=3)
+        found = SEGMENTER.segment(rgb, MPP)
+        pixels = np.bincount(found.labels.ravel(), minlength=len(found) + 1)[1:]
+        results.append((len(found), pixels[~found.touches_border].mean()))
+    (n_a, area_a), (n_b, area_b) = results
+    assert abs(n_a - n_b) <= 0.03 * n_a
+    assert area_b == pytest.approx(area_a, rel=0.05)
+
+
+def test_dense_eosin_field_is_not_called_nucleus():
+    """A strongly eosin-stained field with sparse nuclei: only the nuclei are foreground (the
+    old fixed threshold on Ruifrok–Johnston hematoxylin called most such pixels nucleus)."""
+    hematoxylin, eosin, glass = OWN_STAINS["blue-on-cool-glass"]
+    rgb, centres, areas = own_stain_field(hematoxylin, eosin, glass, spacing_um=24.0,
+                                          eosin_od=0.9)
+    found = SEGMENTER.segment(rgb, MPP)
+    drawn_share = areas.sum() / (rgb.shape[0] * rgb.shape[1] * MPP**2)
+    called_share = float((found.labels > 0).mean())
+    print(f"drawn nuclear share {drawn_share:.3f}, called {called_share:.3f}")
+    assert called_share <= 1.3 * drawn_share
+    assert match_detections(found.centroids_px, centres, RADIUS_PX).f1 >= 0.9
+
+
+def test_slide_estimate_is_used_for_every_tile():
+    rgb, _, _ = own_stain_field(*OWN_STAINS["purple-on-warm-glass"], seed=5)
+    bound = SEGMENTER.for_slide(rgb)
+    assert bound.stain is not None and bound.version == SEGMENTER.version
+    # a tile cut from the tissue alone (no glass) still gets the slide's glass
+    tile = rgb[64:224, 64:224]
+    assert bound.segment(tile, MPP).labels.max() >= 1
+    assert SEGMENTER.for_slide(np.full((64, 64, 3), 240, np.uint8)).stain is None
