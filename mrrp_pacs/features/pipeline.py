@@ -51,7 +51,6 @@ if TYPE_CHECKING:  # the encoders pull in torch: imported when first used
     from mrrp_pacs.features.encoders import TileEncoder
     from mrrp_pacs.features.nuclei import NucleusSegmenter
     from mrrp_pacs.features.region import RegionNuclei
-    from mrrp_pacs.features.stain import StainEstimate
     from mrrp_pacs.features.text import TextEncoder
     from mrrp_pacs.features.us_encoder import UsResNet
     from mrrp_pacs.features.us_image import UltrasoundImage
@@ -269,8 +268,8 @@ class _Patient:
         features = self.config.features
         return [features.nuclei_block_tiles, margin_um, features.nuclei_region_mm2, mpp]
 
-    def region_nuclei(self, segmenter: NucleusSegmenter, mpp: float, margin_um: float,
-                      stain: StainEstimate | None = None) -> tuple[RegionNuclei, list[str]]:
+    def region_nuclei(self, segmenter: NucleusSegmenter, mpp: float, margin_um: float
+                      ) -> tuple[RegionNuclei, list[str]]:
         """Nuclei of the blocks around the sampled tiles, each once, read at ``mpp`` µm/px (the
         segmenter's own resolution) with ``margin_um`` of context, and the flags of the read
         (:data:`~mrrp_pacs.features.wsi.UPSAMPLED` when the scan is coarser than ``mpp``)."""
@@ -294,7 +293,7 @@ class _Patient:
 
             flags = [UPSAMPLED] if upsampled(wsi, mpp) else []
             return region.segment_blocks(blocks, read, segmenter, mpp, margin_um,
-                                         measure=in_a_tile, stain=stain), flags
+                                         measure=in_a_tile), flags
         finally:
             wsi.close()
 
@@ -521,16 +520,12 @@ def _nuclei(patient: _Patient, segmenter: NucleusSegmenter, mpp: float, margin_u
     of them, then per sampled tile a morphology and a topology token (the wsi family's tiles,
     in its order)."""
     from mrrp_pacs.features import morphology, region, topology
-    from mrrp_pacs.features.nuclei import ClassicalSegmenter
 
     tiles = patient.tiles
     tile_um = tiles.rgb.shape[1] * tiles.mpp
-    stain = None
-    if isinstance(segmenter, ClassicalSegmenter):
-        # one stain estimate per slide, from all its tiles: steadier than each block's own
-        segmenter = segmenter.for_slide(tiles.rgb)
-        stain = segmenter.stain
-    found, read_flags = patient.region_nuclei(segmenter, mpp, margin_um, stain)
+    # the classical segmenter estimates the stain per block (4 x 4 tiles and the margin): one
+    # estimate pooled over the slide's tiles followed the lymphocyte load less well (docs)
+    found, read_flags = patient.region_nuclei(segmenter, mpp, margin_um)
     patch = region.patch_of(found.xy_um, tiles.centres_um, tile_um)
     node, _node_names = topology.node_features(found.xy_um, found.kinds.astype(np.int64))
     in_patch = patch >= 0

@@ -28,7 +28,6 @@ import numpy as np
 
 from mrrp_pacs.errors import FeatureError
 from mrrp_pacs.features.nuclei import NucleusSegmenter, SegmentedNuclei
-from mrrp_pacs.features.stain import StainEstimate
 
 REGION_VERSION = "1"
 
@@ -140,8 +139,7 @@ def plan_blocks(tile_centres_um: np.ndarray, tile_um: float, *, block_tiles: int
 
 def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmenter, mpp: float,
                    margin_um: float = MARGIN_UM,
-                   measure: Callable[[np.ndarray], np.ndarray] | None = None,
-                   stain: StainEstimate | None = None) -> RegionNuclei:
+                   measure: Callable[[np.ndarray], np.ndarray] | None = None) -> RegionNuclei:
     """Segment every block with its margin and keep the nuclei centred in its core.
 
     Parameters
@@ -160,9 +158,6 @@ def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmente
         (n, 2) centroids in µm -> (n,) bool: the nuclei whose morphology is wanted (those in
         a patch token); None measures all. Morphology is most of the cost, and the graph needs
         only positions and types.
-    stain
-        The slide's stain estimate for the morphology's concentrations; None estimates it per
-        block.
     """
     from mrrp_pacs.features.morphology import FEATURE_NAMES, nucleus_features
 
@@ -180,7 +175,7 @@ def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmente
         keep = ((centre_um[:, 0] >= block.x0_um) & (centre_um[:, 0] < block.x1_um)
                 & (centre_um[:, 1] >= block.y0_um) & (centre_um[:, 1] < block.y1_um))
         wanted = keep if measure is None else keep & np.asarray(measure(centre_um), bool)
-        measured, _ = nucleus_features(rgb, _only(found, wanted), mpp, stain)
+        measured, _ = nucleus_features(rgb, _only(found, wanted), mpp)
         rows = np.full((int(keep.sum()), len(FEATURE_NAMES)), np.nan, np.float32)
         rows[wanted[keep]] = measured
         xy.append(centre_um[keep])
