@@ -112,6 +112,12 @@ def us_roi_sr(patient: Patient, image: Dataset, box: tuple[float, float, float, 
         referenced_region=region,
         finding_type=codes.SCT.Mass,
     )
+    return measurement_report_sr(image, [group])
+
+
+def measurement_report_sr(image: Dataset,
+                          groups: list[hd.sr.MeasurementsAndQualitativeEvaluations]) -> Dataset:
+    """A TID 1500 Comprehensive SR on ``image`` holding ``groups`` (TID 1410/1501 groups)."""
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
             observer_person_context=hd.sr.ObserverContext(
@@ -121,12 +127,27 @@ def us_roi_sr(patient: Patient, image: Dataset, box: tuple[float, float, float, 
             )),
         procedure_reported=codes.LN.USBreast if hasattr(codes.LN, "USBreast") else
         hd.sr.CodedConcept("24627-2", "LN", "US Breast"),
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
     return hd.sr.ComprehensiveSR(
         evidence=[image], content=report, series_instance_uid=generate_uid(), series_number=2,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="test",
     )
+
+
+def mass_segmentation(image: Dataset, mask: np.ndarray) -> Dataset:
+    """A binary DICOM SEG on ``image`` with one segment, a mass: ``mask`` (frames, rows, cols)."""
+    return hd.seg.Segmentation(
+        source_images=[image], pixel_array=np.asarray(mask, np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="mass",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Mass,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        series_instance_uid=generate_uid(), series_number=4, sop_instance_uid=generate_uid(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="1", device_serial_number="1")
 
 
 def tumour_annotation(patient: Patient, slide: Dataset,

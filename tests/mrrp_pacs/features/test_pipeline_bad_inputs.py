@@ -3,8 +3,16 @@
 import highdicom as hd
 import numpy as np
 import pytest
-from builders import Patient, encode, pathology_result, us_image, us_report, us_roi_sr, wsi_image
-from pydicom.sr.codedict import codes
+from builders import (
+    Patient,
+    encode,
+    mass_segmentation,
+    pathology_result,
+    us_image,
+    us_report,
+    us_roi_sr,
+    wsi_image,
+)
 from pydicom.uid import generate_uid
 
 from model_store import ModelStore
@@ -134,17 +142,7 @@ def test_a_presentation_state_or_a_segmentation_draws_the_lesion(intake, store, 
     image2 = us_image(by_seg)
     rows, columns = np.mgrid[:64, :80]
     disc = ((rows - 32) ** 2 + (columns - 40) ** 2 <= 20**2).astype(np.uint8)
-    seg = hd.seg.Segmentation(
-        source_images=[image2], pixel_array=disc[None],
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=1, segment_label="mass",
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Mass,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
-        series_instance_uid=generate_uid(), series_number=4, sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer="test", manufacturer_model_name="test",
-        software_versions="1", device_serial_number="1")
+    seg = mass_segmentation(image2, disc[None])
     intake.receive_dicom(encode(image2), "t")
     intake.receive_dicom(encode(seg), "t")
     for patient in (by_gsps, by_seg):

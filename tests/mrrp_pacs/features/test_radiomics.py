@@ -11,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from builders import measurement_report_sr
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from scipy.stats import spearmanr
@@ -163,17 +164,7 @@ def test_real_vendor_ultrasound_through_the_outline_path(name, frames, radius_px
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Mass"),
         referenced_region=region, finding_type=codes.SCT.Mass)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_person_context=hd.sr.ObserverContext(
-                observer_type=codes.DCM.Person,
-                observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
-                    name="TEST^READER"))),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=[group])
-    sr = hd.sr.ComprehensiveSR(evidence=[header], content=report,
-                               series_instance_uid=generate_uid(), series_number=2,
-                               sop_instance_uid=generate_uid(), instance_number=1,
-                               manufacturer="test")
+    sr = measurement_report_sr(header, [group])
     (lesion,) = lesions_from_sr(sr, header)
     assert lesion.outline and lesion.frame == (9 if frames > 1 else None)
     image = read_ultrasound(path, frame=lesion.frame, roi=lesion.box)

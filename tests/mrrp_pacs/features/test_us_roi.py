@@ -9,6 +9,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from builders import mass_segmentation, measurement_report_sr
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -45,18 +46,7 @@ def _sr_with(image: Dataset, groups: list[list[tuple[hd.sr.GraphicTypeValues, li
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(),
                                                              identifier=f"Lesion {number}"),
                 referenced_region=region, finding_type=codes.SCT.Mass))
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_person_context=hd.sr.ObserverContext(
-                observer_type=codes.DCM.Person,
-                observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
-                    name="TEST^READER"))),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=measurement_groups)
-    return hd.sr.ComprehensiveSR(evidence=[image], content=report,
-                                 series_instance_uid=generate_uid(), series_number=2,
-                                 sop_instance_uid=generate_uid(), instance_number=1,
-                                 manufacturer="test")
+    return measurement_report_sr(image, measurement_groups)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -151,17 +141,7 @@ def test_calipers_give_a_flagged_box_and_a_point_is_degenerate(image):
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="Mass"),
         measurements=lengths)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_person_context=hd.sr.ObserverContext(
-                observer_type=codes.DCM.Person,
-                observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
-                    name="TEST^READER"))),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion, imaging_measurements=[group])
-    sr = hd.sr.ComprehensiveSR(evidence=[image], content=report,
-                               series_instance_uid=generate_uid(), series_number=2,
-                               sop_instance_uid=generate_uid(), instance_number=1,
-                               manufacturer="test")
+    sr = measurement_report_sr(image, [group])
     (lesion,) = lesions_from_sr(sr, image)
     assert not lesion.outline and lesion.roi_shape == "box" and lesion.label == "Mass"
     assert lesion.box == (200, 170, 400, 280)
@@ -225,18 +205,7 @@ def test_seg_segments_become_lesion_masks(image, frame, tmp_path):
     rr, cc = draw_polygon(frame.lesion_outline_px[:, 1], frame.lesion_outline_px[:, 0],
                           truth.shape)
     truth[rr, cc] = True
-    description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="mass",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Mass,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
-    seg = hd.seg.Segmentation(
-        source_images=[image], pixel_array=truth[None].astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description], series_instance_uid=generate_uid(),
-        series_number=4, sop_instance_uid=generate_uid(), instance_number=1,
-        manufacturer="test", manufacturer_model_name="test", software_versions="1",
-        device_serial_number="1")
+    seg = mass_segmentation(image, truth[None])
     (lesion,) = lesions_from_seg(pydicom.dcmread(saved(seg, tmp_path, "seg.dcm")), image)
     assert lesion.outline and lesion.source == "seg" and lesion.label == "mass"
     assert np.array_equal(lesion.mask, truth)

@@ -3,8 +3,15 @@ import struct
 import highdicom as hd
 import numpy as np
 import pytest
-from builders import Patient, encode, tumour_annotation, us_image, us_roi_sr, wsi_image
-from pydicom.sr.codedict import codes
+from builders import (
+    Patient,
+    encode,
+    mass_segmentation,
+    tumour_annotation,
+    us_image,
+    us_roi_sr,
+    wsi_image,
+)
 from pydicom.uid import generate_uid
 
 from mrrp_pacs.errors import DicomError
@@ -139,17 +146,7 @@ def test_presentation_state_graphics_in_pixels_reference_their_image():
 def test_a_segmentation_references_the_image_it_was_derived_from():
     patient = Patient()
     image = us_image(patient)
-    seg = hd.seg.Segmentation(
-        source_images=[image], pixel_array=np.ones((1, 64, 80), np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=1, segment_label="mass",
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Mass,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
-        series_instance_uid=generate_uid(), series_number=4, sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer="test", manufacturer_model_name="test",
-        software_versions="1", device_serial_number="1")
+    seg = mass_segmentation(image, np.ones((1, 64, 80), np.uint8))
     (roi,) = read_meta(encode(seg)).rois
     assert (roi.kind, roi.label, roi.shape_count) == ("seg_segments", "mass", 1)
     assert roi.referenced_sop_instance_uid == image.SOPInstanceUID
