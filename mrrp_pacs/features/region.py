@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mrrp_pacs.errors import FeatureError
-from mrrp_pacs.features.nuclei import NucleusSegmenter, SegmentedNuclei
+from mrrp_pacs.features.nuclei import NucleusSegmenter
 
 REGION_VERSION = "1"
 
@@ -175,7 +175,7 @@ def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmente
         keep = ((centre_um[:, 0] >= block.x0_um) & (centre_um[:, 0] < block.x1_um)
                 & (centre_um[:, 1] >= block.y0_um) & (centre_um[:, 1] < block.y1_um))
         wanted = keep if measure is None else keep & np.asarray(measure(centre_um), bool)
-        measured, _ = nucleus_features(rgb, _only(found, wanted), mpp)
+        measured, _ = nucleus_features(rgb, found.select(wanted), mpp)
         rows = np.full((int(keep.sum()), len(FEATURE_NAMES)), np.nan, np.float32)
         rows[wanted[keep]] = measured
         xy.append(centre_um[keep])
@@ -189,15 +189,6 @@ def segment_blocks(blocks: list[Block], read: Reader, segmenter: NucleusSegmente
                             np.zeros(0, np.int64), 0)
     return RegionNuclei(np.concatenate(xy), np.concatenate(kinds), np.concatenate(features),
                         np.concatenate(whole), np.concatenate(owner), len(blocks))
-
-
-def _only(found: SegmentedNuclei, wanted: np.ndarray) -> SegmentedNuclei:
-    """The nuclei of ``found`` where ``wanted``, relabelled 1..m in their order."""
-    lookup = np.zeros(len(found) + 1, np.int32)
-    lookup[1:][wanted] = np.arange(1, int(wanted.sum()) + 1, dtype=np.int32)
-    return SegmentedNuclei(lookup[found.labels], np.asarray(found.kinds)[wanted],
-                           np.asarray(found.centroids_px, np.float64).reshape(-1, 2)[wanted],
-                           np.asarray(found.touches_border, bool)[wanted])
 
 
 def patch_of(xy_um: np.ndarray, tile_centres_um: np.ndarray, tile_um: float) -> np.ndarray:

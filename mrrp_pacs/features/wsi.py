@@ -68,7 +68,6 @@ class Tiles:
     centres_um: np.ndarray  # (n, 2) x, y from the image origin, µm
     mpp: float
     flags: list[str] = field(default_factory=list)
-    margin_px: int = 0  # context read around each tile, on every side (inside ``rgb``)
 
 
 def open_slide(paths: list[Path], name: str) -> WsiDicom:
