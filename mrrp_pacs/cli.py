@@ -235,18 +235,30 @@ def extract(state: _Context, db_path: Path | None, families: str | None, workers
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--promote/--no-promote", default=True, show_default=True,
               help="Make the new version the one extraction uses.")
+@click.option("--outcomes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Outcomes CSV with a split column: its test patients' images "
+              "are left out of the encoder's training (outcomes themselves are not used).")
 @click.pass_obj
 def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: int, seed: int,
-                  promote: bool) -> None:
-    """Train the ultrasound encoder (no outcome labels)."""
+                  promote: bool, outcomes: Path | None) -> None:
+    """Train the ultrasound encoder (no outcome labels).
+
+    With --outcomes, patients of its test split are left out, so a model evaluated on them
+    never rests on an encoder that has seen their images."""
     from model_store import ModelStore
     from mrrp_pacs.features.pipeline import lesion_crops
     from mrrp_pacs.features.us_encoder import US_ENCODER_KIND, save_us_encoder, train_us_encoder
 
     def work() -> None:
+        from mrrp_pacs.model.dataset import read_outcomes
+
         config = state.config(db_path)
+        held_out = ({pid for pid, row in read_outcomes(outcomes).items() if row.split == "test"}
+                    if outcomes is not None else set())
+        if outcomes is not None:
+            click.echo(f"leaving out the {len(held_out)} test patients of {outcomes.name}")
         with _open_store(config) as store:
-            crops, skipped = lesion_crops(store, config)
+            crops, skipped = lesion_crops(store, config, exclude=held_out)
         if len(crops) < 8:
             raise click.ClickException(
                 f"only {len(crops)} ultrasound lesion crops in the store; ingest more images "
@@ -257,7 +269,8 @@ def train_encoder(state: _Context, modality: str, db_path: Path | None, epochs: 
         model, history = train_us_encoder(crops, epochs=epochs, seed=seed)
         stored = save_us_encoder(models, model, history, {
             "source": "mrrp-pacs train-encoder us", "database": str(config.paths.db_file),
-            "n_crops": len(crops), "rois": "annotated lesions only (SR or VOC)"},
+            "n_crops": len(crops), "rois": "annotated lesions only (SR or VOC)",
+            "held_out_test_patients": len(held_out)},
             name=config.features.us_encoder)
         if promote:
             models.promote(US_ENCODER_KIND, config.features.us_encoder, stored.version)
@@ -929,6 +942,12 @@ def show_config(state: _Context, db_path: Path | None) -> None:
               help="Fraction without an ultrasound image and ROI.")
 @click.option("--missing-report", type=float, default=0.1, show_default=True,
               help="Fraction without an ultrasound report.")
+@click.option("--event-fraction", type=float, default=None,
+              help="Fraction of patients with a recurrence observed within follow-up (the "
+              "Weibull scale is calibrated to it; images do not change).  [default: 0.16]")
+@click.option("--test-fraction", type=float, default=None,
+              help="Fraction held out as the test split (stratified by event; images do not "
+              "change).  [default: 1/6]")
 @click.option("--signal", default="", help="Modality weights of the true hazard, e.g. "
               "wsi=1,us=0.6,text=0.5,clinical=0.6 (those are the defaults).")
 @click.option("--sites", type=click.IntRange(min=1), default=1, show_default=True,
@@ -938,8 +957,9 @@ def show_config(state: _Context, db_path: Path | None) -> None:
               help="Worker processes (default: one per CPU core).")
 @click.option("--json", "as_json", is_flag=True, help="Print phantom.json's content.")
 def phantom(patients: int, seed: int, out_dir: Path, slide_px: int, missing_wsi: float,
-            missing_us: float, missing_report: float, signal: str, sites: int,
-            workers: int | None, as_json: bool) -> None:
+            missing_us: float, missing_report: float, event_fraction: float | None,
+            test_fraction: float | None, signal: str, sites: int, workers: int | None,
+            as_json: bool) -> None:
     """Generate a synthetic hospital (DICOM, HL7, truth).
 
     Outcomes follow a known hazard whose signal is rendered into the slides, ultrasound
@@ -948,11 +968,14 @@ def phantom(patients: int, seed: int, out_dir: Path, slide_px: int, missing_wsi:
 
     from mrrp_pacs.phantom.generator import PhantomSpec, generate, parse_signal
 
+    outcomes = {name: value for name, value in (("event_fraction", event_fraction),
+                                                 ("test_fraction", test_fraction))
+                if value is not None}  # unset: the cohort model's defaults
     try:
         spec = PhantomSpec(patients=patients, seed=seed, slide_px=slide_px,
                            missing_wsi=missing_wsi, missing_us=missing_us,
                            missing_report=missing_report, signal=parse_signal(signal),
-                           sites=sites)
+                           sites=sites, **outcomes)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     started = time.perf_counter()

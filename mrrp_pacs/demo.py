@@ -281,7 +281,8 @@ def _train(config: Config, truth_csv: Path, seed: int,
 
     models = ModelStore(config.paths.model_store_dir)
     with Store(config.paths.db_file, config.paths.objects_dir) as store:
-        crops, _ = lesion_crops(store, config)
+        held_out = {pid for pid, row in read_outcomes(truth_csv).items() if row.split == "test"}
+        crops, _ = lesion_crops(store, config, exclude=held_out)  # never the test patients
         if len(crops) < 8:
             raise DemoError(f"only {len(crops)} ultrasound lesions: use more --patients")
         encoder, history = train_us_encoder(crops, epochs=6, seed=seed)

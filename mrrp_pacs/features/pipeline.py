@@ -603,14 +603,18 @@ def _text(patient: _Patient, encoder: TextEncoder, patterns: tuple[str, ...]) ->
                       {"flags": [], "n_tokens": int(tokens.shape[0])})
 
 
-def lesion_crops(store: Store, config: Config) -> tuple[np.ndarray, list[str]]:
+def lesion_crops(store: Store, config: Config, exclude: Collection[str] = ()
+                 ) -> tuple[np.ndarray, list[str]]:
     """(n, 256, 256) crops of every annotated ultrasound lesion (the encoder's training set),
-    and why other images were left out. Automatic lesion candidates are not trained on."""
+    and why other images were left out. Automatic lesion candidates are not trained on.
+
+    ``exclude`` holds patient keys or patient ids left out (a test split: an encoder that has
+    seen the test patients' images is not a fair test of the model built on it)."""
     from mrrp_pacs.features.us_encoder import CROP_SIZE_PX, crop_roi
 
     crops, skipped = [], []
     for inputs in case_inputs(store, config).values():
-        if not inputs.us_images:
+        if not inputs.us_images or inputs.patient_key in exclude or inputs.patient_id in exclude:
             continue
         patient = _Patient(inputs, store, config)
         if patient.us_choice[1] is None:

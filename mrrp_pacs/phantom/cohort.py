@@ -7,8 +7,11 @@ modality (each modality's block scaled by its signal weight) plus one cross-moda
 ``truth.csv`` keeps them only to measure how well features recover them.
 
 Event times are Weibull (shape :data:`WEIBULL_SHAPE`) with a scale chosen by bisection so the
-event fraction is :data:`TARGET_EVENT_FRACTION` under uniform administrative censoring over
-:data:`FOLLOW_UP_MONTHS`.
+event fraction is ``CohortParameters.event_fraction`` (default :data:`TARGET_EVENT_FRACTION`)
+under uniform administrative censoring over :data:`FOLLOW_UP_MONTHS`. The test split holds
+``CohortParameters.test_fraction`` of the patients (default :data:`TEST_FRACTION`), stratified by
+event. Neither changes a patient's traits, clinical values or images: only the outcome times and
+the split, so a benchmark can re-draw outcomes on an already extracted phantom.
 """
 
 from __future__ import annotations
@@ -61,6 +64,14 @@ class CohortParameters:
     missing_wsi: float = 0.1
     missing_us: float = 0.1
     missing_report: float = 0.1
+    event_fraction: float = TARGET_EVENT_FRACTION
+    test_fraction: float = TEST_FRACTION
+
+    def __post_init__(self) -> None:
+        if not 0.01 <= self.event_fraction <= 0.95:
+            raise ValueError(f"event fraction {self.event_fraction}: must be in [0.01, 0.95]")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"test fraction {self.test_fraction}: must be in [0, 1)")
 
 
 @dataclass
@@ -148,8 +159,9 @@ def _weibull_times(scale: float, eta: np.ndarray, u_event: np.ndarray) -> np.nda
     return scale * (-np.log(u_event) * np.exp(-eta)) ** (1.0 / WEIBULL_SHAPE)
 
 
-def calibrate_scale(rng: np.random.Generator, signal: dict[str, float]) -> float:
-    """Weibull scale (months) giving :data:`TARGET_EVENT_FRACTION` events in a large sample."""
+def calibrate_scale(rng: np.random.Generator, signal: dict[str, float],
+                    event_fraction: float = TARGET_EVENT_FRACTION) -> float:
+    """Weibull scale (months) giving ``event_fraction`` events in a large sample."""
     traits, clinical = _draw_population(rng, CALIBRATION_SAMPLE)
     eta = log_hazard(traits, clinical, signal)
     u_event = rng.random(CALIBRATION_SAMPLE)
@@ -157,20 +169,21 @@ def calibrate_scale(rng: np.random.Generator, signal: dict[str, float]) -> float
     low, high = 1.0, 1e7  # event fraction falls as the scale grows
     for _ in range(80):
         mid = np.sqrt(low * high)
-        if _event_fraction(mid, eta, u_event, follow_up) > TARGET_EVENT_FRACTION:
+        if _event_fraction(mid, eta, u_event, follow_up) > event_fraction:
             low = mid
         else:
             high = mid
     return float(np.sqrt(low * high))
 
 
-def stratified_split(rng: np.random.Generator, event: np.ndarray) -> np.ndarray:
-    """5:1 train/test split, stratified by event status."""
+def stratified_split(rng: np.random.Generator, event: np.ndarray,
+                     test_fraction: float = TEST_FRACTION) -> np.ndarray:
+    """Train/test split with ``test_fraction`` held out (5:1 by default), stratified by event."""
     split = np.full(len(event), "train", dtype=object)
     for value in (False, True):
         members = np.flatnonzero(event == value)
         rng.shuffle(members)
-        split[members[: round(len(members) * TEST_FRACTION)]] = "test"
+        split[members[: round(len(members) * test_fraction)]] = "test"
     return split
 
 
@@ -187,7 +200,8 @@ def make_cohort(params: CohortParameters) -> Cohort:
         raise ValueError("a phantom needs at least one patient")
     root = np.random.SeedSequence([params.seed, 0x4D525250])  # "MRRP"
     calibration_seq, population_seq, outcome_seq, split_seq, missing_seq = root.spawn(5)
-    scale = calibrate_scale(np.random.default_rng(calibration_seq), params.signal)
+    scale = calibrate_scale(np.random.default_rng(calibration_seq), params.signal,
+                            params.event_fraction)
     n = params.patients
     traits, clinical = _draw_population(np.random.default_rng(population_seq), n)
     eta = log_hazard(traits, clinical, params.signal)
@@ -197,7 +211,7 @@ def make_cohort(params: CohortParameters) -> Cohort:
     event = times <= follow_up
     observed = np.round(np.minimum(times, follow_up), 1)
     observed = np.maximum(observed, 0.1)
-    split = stratified_split(np.random.default_rng(split_seq), event)
+    split = stratified_split(np.random.default_rng(split_seq), event, params.test_fraction)
     missing_rng = np.random.default_rng(missing_seq)
     has_wsi = missing_rng.random(n) >= params.missing_wsi
     has_us = missing_rng.random(n) >= params.missing_us

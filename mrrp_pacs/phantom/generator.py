@@ -72,6 +72,8 @@ class PhantomSpec:
     missing_wsi: float = 0.1
     missing_us: float = 0.1
     missing_report: float = 0.1
+    event_fraction: float = cohort_model.TARGET_EVENT_FRACTION
+    test_fraction: float = cohort_model.TEST_FRACTION
     signal: tuple[tuple[str, float], ...] = tuple(cohort_model.DEFAULT_SIGNAL.items())
     sites: int = 1
 
@@ -83,6 +85,16 @@ class PhantomSpec:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1, "
                                  f"got {value}")
+        if not 0.01 <= self.event_fraction <= 0.95:
+            raise ValueError(f"--event-fraction must be between 0.01 and 0.95, got "
+                             f"{self.event_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"--test-fraction must be at least 0 and below 1, got "
+                             f"{self.test_fraction}")
+        unknown = {k for k, _ in self.signal} - set(cohort_model.DEFAULT_SIGNAL)
+        if unknown:
+            raise ValueError(f"--signal: unknown modality {sorted(unknown)}; known: "
+                             f"{', '.join(cohort_model.DEFAULT_SIGNAL)}")
         if self.slide_px < 512 or self.slide_px % 256:
             raise ValueError(f"--slide-px must be a multiple of 256, at least 512; got "
                              f"{self.slide_px}")
@@ -96,10 +108,6 @@ class PhantomSpec:
     def site_of(self, index: int) -> Site:
         """The site of the patient numbered ``index`` (from 0): the sites take turns."""
         return SITES[index % self.sites]
-        unknown = {k for k, _ in self.signal} - set(cohort_model.DEFAULT_SIGNAL)
-        if unknown:
-            raise ValueError(f"--signal: unknown modality {sorted(unknown)}; known: "
-                             f"{', '.join(cohort_model.DEFAULT_SIGNAL)}")
 
 
 def parse_signal(text: str) -> tuple[tuple[str, float], ...]:
@@ -263,7 +271,8 @@ def generate(spec: PhantomSpec, out: Path, workers: int | None = None,
     params = cohort_model.CohortParameters(
         patients=spec.patients, seed=spec.seed, signal=dict(spec.signal),
         missing_wsi=spec.missing_wsi, missing_us=spec.missing_us,
-        missing_report=spec.missing_report)
+        missing_report=spec.missing_report, event_fraction=spec.event_fraction,
+        test_fraction=spec.test_fraction)
     cohort = cohort_model.make_cohort(params)
     jobs = [
         _PatientJob(

@@ -129,3 +129,25 @@ def test_an_unusable_input_is_reported_and_writes_nothing(state, tmp_path):
         with pytest.raises(ModelUnavailable, match=r"tile encoder.*uni"):
             pipeline.extract(store, broken, families=("wsi",))
         assert store.conn.execute("SELECT count(*) FROM features").fetchone()[0] == before
+
+
+def test_encoder_leaves_the_test_split_out(state):
+    """With --outcomes, the US encoder trains on the crops of non-test patients only."""
+    root, config = state
+    rows = [line.split(",") for line in (root / "phantom" / "truth.csv").read_text().splitlines()]
+    header, rows = rows[0], rows[1:]
+    split, has_us = header.index("split"), header.index("has_us")
+    test = {row[0] for row in rows if row[split] == "test"}
+    assert test and any(row[has_us] == "1" for row in rows if row[0] in test)
+    with Store(config.paths.db_file, config.paths.objects_dir) as store:
+        every, _ = pipeline.lesion_crops(store, config)
+        without, _ = pipeline.lesion_crops(store, config, exclude=test)
+    with_us_in_test = sum(row[has_us] == "1" for row in rows if row[0] in test)
+    assert len(every) == sum(row[has_us] == "1" for row in rows)
+    assert len(without) == len(every) - with_us_in_test
+
+    trained = _cli(config, "train-encoder", "us", "--epochs", "1", "--no-promote",
+                   "--outcomes", str(root / "phantom" / "truth.csv"))
+    assert trained.exit_code == 0, trained.output
+    assert f"leaving out the {len(test)} test patients" in trained.output
+    assert f"on {len(without)} crops" in trained.output

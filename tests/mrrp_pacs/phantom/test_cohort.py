@@ -67,3 +67,30 @@ def test_harrell_c_sign_convention():
     event = np.array([True, True, True, False])
     assert harrell_c(time, event, np.array([4.0, 3.0, 2.0, 1.0])) == 1.0  # risk: higher = worse
     assert harrell_c(time, event, np.array([1.0, 2.0, 3.0, 4.0])) == 0.0
+
+
+def test_event_and_test_fractions_are_parameters():
+    """A benchmark cohort asks for more events and a larger test split; the images' inputs
+    (traits, clinical values, missingness) stay those of the default cohort."""
+    default = make_cohort(CohortParameters(patients=4000, seed=13))
+    powered = make_cohort(CohortParameters(patients=4000, seed=13, event_fraction=0.4,
+                                           test_fraction=1 / 3))
+    assert powered.event.mean() == pytest.approx(0.4, abs=0.03)
+    assert default.event.mean() == pytest.approx(0.16, abs=0.02)
+    test = powered.split == "test"
+    assert test.mean() == pytest.approx(1 / 3, abs=0.01)
+    assert powered.event[test].mean() == pytest.approx(powered.event[~test].mean(), abs=0.01)
+    for name in default.traits:
+        assert np.array_equal(default.traits[name], powered.traits[name])
+    for name in default.clinical:
+        assert np.array_equal(default.clinical[name], powered.clinical[name])
+    assert np.array_equal(default.has_wsi, powered.has_wsi)
+    assert np.array_equal(default.log_hazard, powered.log_hazard)
+    assert powered.weibull_scale < default.weibull_scale  # more events: earlier recurrences
+
+
+@pytest.mark.parametrize("fields", [{"event_fraction": 0.0}, {"event_fraction": 1.0},
+                                    {"test_fraction": 1.0}, {"test_fraction": -0.1}])
+def test_impossible_fractions_are_refused(fields):
+    with pytest.raises(ValueError, match="fraction"):
+        CohortParameters(patients=10, seed=1, **fields)

@@ -168,3 +168,16 @@ def test_tumour_region_is_read_back_in_slide_coordinates(small_phantom):
     assert points.shape == (96, 3) and np.all(points[:, 2] == 0)
     side_mm = SMALL.slide_px * SMALL.mpp / 1000
     assert np.all((points[:, :2] > 0) & (points[:, :2] < side_mm))
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--event-fraction", "1.5", "--event-fraction must be between"),
+    ("--test-fraction", "1", "--test-fraction must be at least 0 and below 1"),
+    ("--signal", "wsi=1,pet=2", "--signal: unknown modality ['pet']"),
+])
+def test_cli_refuses_impossible_cohorts_before_writing(tmp_path, option, value, message):
+    result = CliRunner().invoke(main, ["phantom", "--patients", "2", "--seed", "1", "--out",
+                                       str(tmp_path / "p"), option, value])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "p").exists()
