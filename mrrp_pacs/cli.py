@@ -321,10 +321,18 @@ def _cohort_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-epochs", type=click.IntRange(min=1), default=150, show_default=True)
 @click.option("--fusion", type=click.Choice(["cross-attention", "concat", "add", "multiply"]),
               default="cross-attention", show_default=True)
-@click.option("--modality-dropout", type=click.FloatRange(0, 0.95), default=0.0,
-              show_default=True, help="Training-time probability of hiding a modality.")
+@click.option("--modality-dropout", type=click.FloatRange(0, 0.95), default=None,
+              help="Training-time probability of hiding a modality.  [default: 0.2]")
 @click.option("--stop-on", type=click.Choice(["loss", "c_index"]), default="loss",
-              show_default=True, help="What the inner validation split watches.")
+              show_default=True, help="What the inner validation watches.")
+@click.option("--tune/--no-tune", default=True, show_default=True,
+              help="Choose the learning rate and epochs by inner cross-validation, then refit "
+              "on every training patient (--no-tune: one inner validation split early-stops "
+              "one fit at the first learning rate).")
+@click.option("--learning-rates", default="3e-4,1e-3,3e-3", show_default=True,
+              help="Comma-separated learning rates tried by --tune.")
+@click.option("--batch-size", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Patients per step, stratified by event (0 = full batch).")
 @click.option("--components", type=click.IntRange(min=0), default=0, show_default=True,
               help="Reduce each family to this many principal components first (0 = no).")
 @click.option("--promote/--no-promote", default=True, show_default=True)
@@ -332,8 +340,9 @@ def _cohort_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_obj
 def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
                 table: Path | None, schema: Path | None, out_dir: Path | None, name: str,
-                seed: int, max_epochs: int, fusion: str, modality_dropout: float,
-                stop_on: str, components: int, promote: bool, as_json: bool) -> None:
+                seed: int, max_epochs: int, fusion: str, modality_dropout: float | None,
+                stop_on: str, tune: bool, learning_rates: str, batch_size: int,
+                components: int, promote: bool, as_json: bool) -> None:
     """Train the MRRP model (Cox) and store a new version.
 
     With a split column the model is fitted on "train" rows and its metrics on "test" rows go
@@ -350,9 +359,17 @@ def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
         train_idx = np.flatnonzero(split != "test")
         test_idx = np.flatnonzero(split == "test")
         fit_part = cohort.subset(train_idx)
-        settings = TrainSettings(max_epochs=max_epochs, seed=seed, stop_on=stop_on)
-        architecture = config_for(fit_part, fusion=fusion, modality_dropout=modality_dropout,
-                                  input_components=components)
+        try:
+            rates = tuple(float(r) for r in learning_rates.split(",") if r.strip())
+            settings = TrainSettings(max_epochs=max_epochs, seed=seed, stop_on=stop_on,
+                                     tune=tune, learning_rates=rates, learning_rate=rates[0],
+                                     batch_size=batch_size)
+        except (ValueError, IndexError):
+            raise click.BadParameter(f"{learning_rates!r}: give one or more numbers, e.g. "
+                                     "3e-4,1e-3", param_hint="--learning-rates") from None
+        dropout = {} if modality_dropout is None else {"modality_dropout": modality_dropout}
+        architecture = config_for(fit_part, fusion=fusion, input_components=components,
+                                  **dropout)
         click.echo(f"training on {len(fit_part.records)} patients "
                    f"({int(fit_part.event.sum())} events)", err=True)
         trained = train(fit_part, architecture, settings)
@@ -371,9 +388,12 @@ def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
                                    **metrics}, indent=2))
             return
         history = trained.history
+        chosen = (f"learning rate {history.learning_rate:g} and {history.stopped_epoch} epochs "
+                  f"chosen by {settings.inner_folds}-fold inner cross-validation, refitted on "
+                  "every training patient" if history.tuning else
+                  f"best epoch {history.best_epoch} of {history.stopped_epoch}")
         click.echo(f"stored {stored.label} at {stored.path} "
-                   f"({'promoted' if promote else 'not promoted'}); best epoch "
-                   f"{history.best_epoch} of {history.stopped_epoch}")
+                   f"({'promoted' if promote else 'not promoted'}); {chosen}")
         if "test" in metrics:
             test = metrics["test"]
             ci = test.get("c_index_ci95") or [None, None]

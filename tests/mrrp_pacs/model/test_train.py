@@ -11,9 +11,18 @@ from mrrp_pacs.cli import main
 from mrrp_pacs.errors import ModelStoreError
 from mrrp_pacs.model import gbsg2
 from mrrp_pacs.model.dataset import Cohort, Outcome, PatientRecord, cohort_from_table
-from mrrp_pacs.model.train import TrainSettings, config_for, load, predict, save, train
+from mrrp_pacs.model.train import (
+    TrainSettings,
+    config_for,
+    fit_once,
+    load,
+    predict,
+    save,
+    stratified_batches,
+    train,
+)
 
-SETTINGS = TrainSettings(max_epochs=40, patience=10)
+SETTINGS = TrainSettings(max_epochs=40, patience=10, tune=False)
 
 
 def toy_cohort(n=300, seed=0) -> Cohort:
@@ -53,6 +62,65 @@ def test_training_is_seeded_and_learns_the_signal():
     c = harrell_c(test_part.time, test_part.event, predict(first.model, test_part))
     print(f"\ntoy test C-index {c:.3f}")
     assert c > 0.7
+
+
+def test_inner_cross_validation_chooses_rate_and_epochs_then_refits():
+    cohort = toy_cohort()
+    train_part = cohort.subset(np.flatnonzero(cohort.split == "train"))
+    test_part = cohort.subset(np.flatnonzero(cohort.split == "test"))
+    config = config_for(train_part, d_model=16, clinical_dim=32)
+    settings = TrainSettings(max_epochs=25, patience=8, learning_rates=(1e-4, 3e-3))
+    first = train(train_part, config, settings)
+    assert np.array_equal(first.train_risk, train(train_part, config, settings).train_risk)
+    history = first.history
+    assert set(history.tuning) == {"0.0001", "0.003"}
+    chosen = history.tuning[f"{history.learning_rate:g}"]
+    # the chosen rate has the lowest mean inner-validation loss, at the chosen epoch count
+    assert chosen["loss"] == min(t["loss"] for t in history.tuning.values())
+    assert history.stopped_epoch == chosen["epochs"] == len(history.train_loss)
+    assert history.validation_loss[-1] == pytest.approx(chosen["loss"])
+    assert min(history.validation_loss) == pytest.approx(chosen["loss"])
+    from mrrp_pacs.model.evaluate import harrell_c
+
+    c = harrell_c(test_part.time, test_part.event, predict(first.model, test_part))
+    print(f"\ntuned: rate {history.learning_rate:g}, {history.stopped_epoch} epochs, "
+          f"test C-index {c:.3f}; inner {history.tuning}")
+    assert c > 0.7
+
+
+def test_mini_batches_spread_the_events():
+    rng = np.random.default_rng(3)
+    event = np.zeros(200, bool)
+    event[rng.choice(200, 12, replace=False)] = True
+    batches = stratified_batches(event, 32, rng)
+    assert len(batches) == 6
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(200))  # each once
+    assert all(event[b].sum() == 2 for b in batches)  # 12 events over 6 batches
+    assert all(33 <= len(b) <= 34 for b in batches)
+    (whole,) = stratified_batches(event, 0, rng)
+    assert np.array_equal(whole, np.arange(200))
+    # fewer events than batches: batches without an event are left out (no risk set)
+    rare = np.zeros(200, bool)
+    rare[:2] = True
+    assert sum(len(b) for b in stratified_batches(rare, 32, rng)) < 200
+
+
+def test_missing_vectors_start_at_the_pooled_mean_and_are_trained():
+    cohort = toy_cohort(120)
+    records = list(cohort.records)
+    for i in range(0, 120, 5):  # every fifth patient has no slide
+        r = records[i]
+        records[i] = PatientRecord(r.patient_id, {}, {}, r.clinical_values, r.clinical_missing,
+                                   r.outcome)
+    cohort = Cohort(records, cohort.clinical_spec, cohort.extractors, "toy")
+    config = config_for(cohort, d_model=16, clinical_dim=32)
+    assert config.modality_dropout > 0  # on by default, so the vector learns from everyone
+    start = train(cohort, config, TrainSettings(max_epochs=1, tune=False, learning_rate=1e-9))
+    vector = start.model.branches["wsi"].missing.detach()
+    assert float(vector.norm()) > 1.0  # the pooled vectors' scale (LayerNorm'd), not zero
+    model, _ = fit_once(cohort, None, config, TrainSettings(), rate=1e-3, epochs=15)
+    moved = model.branches["wsi"].missing.detach() - vector
+    assert float(moved.norm()) > 0.05 * float(vector.norm())
 
 
 def test_store_round_trip_and_extractor_check(tmp_path):
