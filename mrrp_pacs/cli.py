@@ -565,12 +565,12 @@ def models_promote(path: Path) -> None:
 def ablate(state: _Context, db_path: Path | None, outcomes: Path, out_dir: Path, seeds: int,
            max_epochs: int) -> None:
     """Rerun the paper's ablations on a train/test split."""
-    from mrrp_pacs.model.ablation import ARMS, run_ablation, write_ablation
+    from mrrp_pacs.model.ablation import run_ablation, trainings, write_ablation
     from mrrp_pacs.model.train import TrainSettings
 
     def work() -> None:
         _, cohort = _cohort(state, db_path, outcomes, None, None)
-        with _progress(len(ARMS) * seeds, "model") as bar:
+        with _progress(trainings() * seeds, "model") as bar:
             result = run_ablation(cohort, TrainSettings(max_epochs=max_epochs), seeds=seeds,
                                   progress=bar.update)
         write_ablation(result, out_dir)
