@@ -127,24 +127,67 @@ def _draw_population(rng: np.random.Generator, n: int) -> tuple[dict[str, np.nda
     return traits, clinical
 
 
-def log_hazard(traits: dict[str, np.ndarray], clinical: dict[str, np.ndarray],
-               signal: dict[str, float]) -> np.ndarray:
-    """The true log hazard (arbitrary origin). Higher = worse."""
-    eta = np.zeros_like(traits["nuclear_size"])
-    for name, modality in TRAITS.items():
-        eta += signal[modality] * COEFFICIENTS[name] * traits[name]
-    # clinical transforms centred and scaled on fixed population values, not on the sample
-    clin = {
+def clinical_terms(clinical: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The true hazard's five clinical terms (the keys of :data:`COEFFICIENTS` named ``clin_*``).
+
+    Each transform is centred and scaled on fixed population values, not on the sample, so a
+    patient's terms do not depend on who else was drawn. Reads the :data:`HAZARD_CLINICAL`
+    variables (raw units: counts, mm, grade 1–3, %, years).
+    """
+    return {
         "clin_nodes": (np.log1p(clinical["positive_nodes"]) - 0.75) / 0.75,
         "clin_size": (np.log(clinical["tumour_size_mm"]) - np.log(20.0)) / 0.45,
         "clin_grade": (clinical["grade"] - 2.1) / 0.64,
         "clin_ki67": (np.log(clinical["ki67_percent"]) - np.log(15.0)) / 0.55,
         "clin_age": (clinical["age_years"] - 47.0) / 10.0,
     }
-    for name, values in clin.items():
-        eta += signal["clinical"] * COEFFICIENTS[name] * values
+
+
+HAZARD_CLINICAL = ("positive_nodes", "tumour_size_mm", "grade", "ki67_percent", "age_years")
+"""The clinical variables the true hazard reads (through :func:`clinical_terms`)."""
+CLINICAL_TERM_NAMES = tuple(name for name in COEFFICIENTS if name.startswith("clin_"))
+"""The names of :func:`clinical_terms`, in its order."""
+
+
+def hazard_design(traits: dict[str, np.ndarray], clinical: dict[str, np.ndarray]
+                  ) -> tuple[np.ndarray, list[str]]:
+    """The true hazard's own terms, one column each: the log hazard is linear in them.
+
+    Columns: every trait of :data:`TRAITS` (standard normal), the five :func:`clinical_terms`,
+    and the :data:`INTERACTION` product (named ``"<a>*<b>"``). :func:`log_hazard` is this matrix
+    times :func:`hazard_coefficients`, so a Cox model on it is the correctly specified model.
+
+    Returns
+    -------
+    (matrix, names)
+        (n, 16) float64 and the 16 column names.
+    """
+    columns = {name: np.asarray(traits[name], dtype=float) for name in TRAITS}
+    columns.update(clinical_terms(clinical))
+    a, b, _ = INTERACTION
+    columns[f"{a}*{b}"] = np.asarray(traits[a], dtype=float) * np.asarray(traits[b], dtype=float)
+    return np.column_stack(list(columns.values())).astype(float), list(columns)
+
+
+def hazard_coefficients(signal: dict[str, float]) -> np.ndarray:
+    """Log-hazard coefficient of each :func:`hazard_design` column under the signal weights."""
     a, b, weight = INTERACTION
-    eta += np.sqrt(signal[TRAITS[a]] * signal[TRAITS[b]]) * weight * traits[a] * traits[b]
+    return np.array(
+        [signal[modality] * COEFFICIENTS[name] for name, modality in TRAITS.items()]
+        + [signal["clinical"] * COEFFICIENTS[name] for name in CLINICAL_TERM_NAMES]
+        + [np.sqrt(signal[TRAITS[a]] * signal[TRAITS[b]]) * weight])
+
+
+def log_hazard(traits: dict[str, np.ndarray], clinical: dict[str, np.ndarray],
+               signal: dict[str, float]) -> np.ndarray:
+    """The true log hazard (arbitrary origin): :func:`hazard_design` × :func:`hazard_coefficients`.
+
+    Higher = worse.
+    """
+    design, _ = hazard_design(traits, clinical)
+    eta = np.zeros(len(design))
+    for column, weight in zip(design.T, hazard_coefficients(signal), strict=True):
+        eta += weight * column
     return eta
 
 

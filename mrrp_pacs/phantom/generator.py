@@ -9,7 +9,8 @@ Layout of ``out``::
     hl7/<patient>-us-report.hl7               ORU^R01 breast ultrasound report
     hl7/<patient>-pathology.hl7               ORU^R01 pathology result
     truth/nuclei/<patient>.csv.gz             every nucleus drawn (x, y level-0 px, type, µm)
-    truth.csv                                 outcomes, true log hazard, split, site, traits
+    truth.csv                                 outcomes, true log hazard, split, site, traits,
+                                              clinical values
     phantom.json                              parameters, sites, oracle C-index
 
 Each patient draws from its own random stream, so the output is byte-identical for a seed
@@ -54,12 +55,15 @@ from mrrp_pacs.phantom.messages import (
     pathology_result,
     report_text,
     ultrasound_report,
+    value_text,
 )
 from mrrp_pacs.phantom.sites import SITES, Site, describe
 from mrrp_pacs.phantom.ultrasound import render_frame
 from mrrp_pacs.phantom.wsi_dicom import SlideIdentity, write_wsi_pyramid
 
 ISSUER = "PHANTOM"
+TRUTH_CLINICAL_PREFIX = "clinical_"
+"""``truth.csv`` names the column of clinical variable ``v`` ``clinical_<v>``."""
 DEFAULT_MPP = 0.5
 
 
@@ -347,16 +351,22 @@ def _site_summary(site: Site) -> dict[str, object]:
 
 
 def _write_truth(path: Path, cohort: cohort_model.Cohort, sites: list[str]) -> None:
+    """``truth.csv``: the columns before ``latent_*`` describe each patient's draw; the
+    ``clinical_*`` columns (last, added for issue 16) repeat the pathology result's values as
+    its OBX-5 writes them, so the true hazard can be rebuilt from this file alone."""
     traits = list(cohort_model.TRAITS)
+    clinical = list(cohort.clinical)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["patient_id", "time_months", "event", "true_log_hazard", "split",
                          "has_wsi", "has_us", "has_report", "site",
-                         *[f"latent_{t}" for t in traits]])
+                         *[f"latent_{t}" for t in traits],
+                         *[f"{TRUTH_CLINICAL_PREFIX}{name}" for name in clinical]])
         for i, pid in enumerate(cohort.ids):
             writer.writerow([
                 pid, f"{cohort.time_months[i]:.1f}", int(cohort.event[i]),
                 f"{cohort.log_hazard[i]:.6f}", cohort.split[i], int(cohort.has_wsi[i]),
                 int(cohort.has_us[i]), int(cohort.has_report[i]), sites[i],
                 *[f"{cohort.traits[t][i]:.6f}" for t in traits],
+                *[value_text(cohort.clinical[name][i]) for name in clinical],
             ])

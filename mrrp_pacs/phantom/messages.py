@@ -127,14 +127,19 @@ PATHOLOGY_OBSERVATIONS: tuple[tuple[str, str, str, str], ...] = (
 _CODED_TEXT = {"grade": "Grade {}", "her2_ihc": "HER2 {}", "subtype": "{}"}
 
 
+def value_text(value: object) -> str:
+    """A clinical value as the pathology result writes it (OBX-5): numbers as whole numbers
+    (the phantom draws them rounded), codes as they are."""
+    return str(int(value)) if isinstance(value, (int, float, np.integer, np.floating)) \
+        else str(value)
+
+
 def pathology_result(ctx: MessageContext, control_id: str, accession: str, when: str,
                      clinical: dict[str, object]) -> bytes:
     """ORU^R01 with one OBX per clinical variable and a short diagnosis line."""
     observations = []
     for i, (name, value_type, code, unit) in enumerate(PATHOLOGY_OBSERVATIONS, start=1):
-        value = clinical[name]
-        text = str(int(value)) if isinstance(value, (int, float, np.integer, np.floating)) \
-            else str(value)
+        text = value_text(clinical[name])
         if value_type == "CWE":
             text = f"{escape(text)}^{escape(_CODED_TEXT[name].format(text))}^L"
         observations.append(f"OBX|{i}|{value_type}|{code}||{text}|{unit}|||||F|||{when}")

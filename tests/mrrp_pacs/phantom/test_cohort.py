@@ -3,9 +3,14 @@ import pytest
 from scipy.stats import spearmanr
 
 from mrrp_pacs.phantom.cohort import (
+    CLINICAL_TERM_NAMES,
     DEFAULT_SIGNAL,
+    TRAITS,
     CohortParameters,
+    clinical_terms,
     harrell_c,
+    hazard_coefficients,
+    hazard_design,
     log_hazard,
     make_cohort,
 )
@@ -94,3 +99,29 @@ def test_event_and_test_fractions_are_parameters():
 def test_impossible_fractions_are_refused(fields):
     with pytest.raises(ValueError, match="fraction"):
         CohortParameters(patients=10, seed=1, **fields)
+
+
+def test_the_log_hazard_is_its_design_times_its_coefficients(big):
+    design, names = hazard_design(big.traits, big.clinical)
+    assert names == [*TRAITS, *CLINICAL_TERM_NAMES, "nuclear_size*us_margin"]
+    assert list(clinical_terms(big.clinical)) == list(CLINICAL_TERM_NAMES)
+    signal = {"wsi": 0.8, "us": 0.5, "text": 0.3, "clinical": 0.7}
+    assert np.allclose(log_hazard(big.traits, big.clinical, signal),
+                       design @ hazard_coefficients(signal), rtol=0, atol=1e-12)
+    # one patient written out by hand, as the hazard is documented (docs/phantom.md)
+    i = 17
+    t = {k: v[i] for k, v in big.traits.items()}
+    c = {k: v[i] for k, v in big.clinical.items()}
+    by_hand = (0.8 * (0.55 * t["nuclear_size"] + 0.45 * t["pleomorphism"]
+                      + 0.35 * t["tumour_density"] - 0.55 * t["lymphocytes"]
+                      - 0.20 * t["lymph_clustering"])
+               + 0.5 * (0.55 * t["us_margin"] + 0.25 * t["us_orientation"]
+                        + 0.30 * t["us_shadowing"] + 0.25 * t["us_heterogeneity"])
+               + 0.3 * 0.45 * t["vascularity"]
+               + 0.7 * (0.45 * (np.log1p(c["positive_nodes"]) - 0.75) / 0.75
+                        + 0.30 * (np.log(c["tumour_size_mm"]) - np.log(20)) / 0.45
+                        + 0.20 * (c["grade"] - 2.1) / 0.64
+                        + 0.25 * (np.log(c["ki67_percent"]) - np.log(15)) / 0.55
+                        - 0.15 * (c["age_years"] - 47) / 10)
+               + np.sqrt(0.8 * 0.5) * 0.30 * t["nuclear_size"] * t["us_margin"])
+    assert log_hazard(big.traits, big.clinical, signal)[i] == pytest.approx(by_hand, abs=1e-12)

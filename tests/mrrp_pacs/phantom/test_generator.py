@@ -17,10 +17,13 @@ from wsidicom import WsiDicom
 from listeners.file_drop import ingest_paths
 from mrrp_pacs.cases import list_cases
 from mrrp_pacs.cli import main
+from mrrp_pacs.clinical_schema import load_schema
 from mrrp_pacs.config import load_config
 from mrrp_pacs.hl7.message import parse_message
 from mrrp_pacs.intake import Intake
+from mrrp_pacs.phantom.cohort import HAZARD_CLINICAL, TRAITS, hazard_coefficients, hazard_design
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
+from mrrp_pacs.phantom.messages import PATHOLOGY_OBSERVATIONS
 from mrrp_pacs.store import Store
 
 
@@ -37,9 +40,11 @@ def _truth(root: Path) -> list[dict[str, str]]:
 def test_layout_and_truth(small_phantom):
     truth = _truth(small_phantom)
     assert len(truth) == SMALL.patients
-    assert [k for k in truth[0] if not k.startswith("latent_")] == [
+    assert [k for k in truth[0] if not k.startswith(("latent_", "clinical_"))] == [
         "patient_id", "time_months", "event", "true_log_hazard", "split", "has_wsi", "has_us",
         "has_report", "site"]
+    # the clinical columns come last (appended for issue 16), one per variable of the schema
+    assert list(truth[0])[-9:] == [f"clinical_{name}" for name in load_schema().names]
     assert {row["site"] for row in truth} == {"A"}  # one site unless --sites says more
     assert {"latent_nuclear_size", "latent_lymphocytes", "latent_us_margin"} <= set(truth[0])
     for row in truth:
@@ -54,6 +59,30 @@ def test_layout_and_truth(small_phantom):
     summary = json.loads((small_phantom / "phantom.json").read_text())
     assert summary["spec"]["seed"] == SMALL.seed
     assert "oracle_c_index" in summary and summary["n_test"] == 1
+
+
+def test_truth_holds_the_pathology_values_and_rebuilds_the_true_hazard(small_phantom):
+    """truth.csv alone rebuilds the log hazard: its clinical_* columns are the pathology
+    result's OBX-5 values, and hazard_design × hazard_coefficients gives true_log_hazard."""
+    truth = _truth(small_phantom)
+    variable_of = {code.split("^")[0]: name for name, _, code, _ in PATHOLOGY_OBSERVATIONS}
+    for row in truth:
+        message = parse_message(
+            (small_phantom / "hl7" / f"{row['patient_id']}-pathology.hl7").read_bytes())
+        seen = {}
+        for segment in message.segments:
+            if segment.name == "OBX" and message.component(segment, 3, 1) in variable_of:
+                seen[variable_of[message.component(segment, 3, 1)]] = message.unescape(
+                    message.component(segment, 5, 1))
+        assert seen == {name: row[f"clinical_{name}"] for name in variable_of.values()}
+    traits = {t: np.array([float(r[f"latent_{t}"]) for r in truth]) for t in TRAITS}
+    clinical = {v: np.array([float(r[f"clinical_{v}"]) for r in truth]) for v in HAZARD_CLINICAL}
+    design, names = hazard_design(traits, clinical)
+    assert design.shape == (len(truth), 16) and names[-1] == "nuclear_size*us_margin"
+    signal = json.loads((small_phantom / "phantom.json").read_text())["spec"]["signal"]
+    eta = design @ hazard_coefficients(signal)
+    # latents are written with 6 decimals: the rebuilt hazard agrees to that precision
+    assert np.abs(eta - [float(r["true_log_hazard"]) for r in truth]).max() < 2e-5
 
 
 def test_same_seed_same_bytes_whatever_the_workers(small_phantom, tmp_path):
