@@ -560,19 +560,37 @@ def models_promote(path: Path) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Folder for ablation.md and ablation.json.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--max-epochs", type=click.IntRange(min=1), default=150, show_default=True)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option("--arms", default="", help="Comma-separated arm names to run (default: every "
+              "arm; see docs/model.md), e.g. 'full,clinical only'.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Also fit the Cox, elastic-net and random-forest baselines on the same split.")
 @click.pass_obj
 def ablate(state: _Context, db_path: Path | None, outcomes: Path, out_dir: Path, seeds: int,
-           max_epochs: int) -> None:
-    """Rerun the paper's ablations on a train/test split."""
-    from mrrp_pacs.model.ablation import run_ablation, trainings, write_ablation
+           max_epochs: int, arms: str, baselines: bool) -> None:
+    """Rerun the paper's ablations on a train/test split, with paired intervals."""
+    from mrrp_pacs.model.ablation import ARMS, run_ablation, trainings, write_ablation
+    from mrrp_pacs.model.baselines import fit_baselines
     from mrrp_pacs.model.train import TrainSettings
+
+    wanted = [name.strip() for name in arms.split(",") if name.strip()]
+    known = {arm.name: arm for arm in ARMS}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise click.BadParameter(f"unknown arm(s) {unknown}; known: {', '.join(known)}",
+                                 param_hint="--arms")
+    chosen = tuple(known[name] for name in wanted) if wanted else ARMS
 
     def work() -> None:
         _, cohort = _cohort(state, db_path, outcomes, None, None)
-        with _progress(trainings() * seeds, "model") as bar:
-            result = run_ablation(cohort, TrainSettings(max_epochs=max_epochs), seeds=seeds,
-                                  progress=bar.update)
+        with _progress(trainings(chosen) * seeds, "model") as bar:
+            try:
+                result = run_ablation(cohort, TrainSettings(max_epochs=max_epochs),
+                                      seeds=seeds, arms=chosen,
+                                      baselines=fit_baselines if baselines else None,
+                                      progress=bar.update)
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
         write_ablation(result, out_dir)
         click.echo((out_dir / "ablation.md").read_text())
 
@@ -615,6 +633,10 @@ def benchmark_gbsg2(folds: int, repeats: int, seed: int, export_dir: Path | None
                    f"events, {repeats}x{folds}-fold CV (seed {seed}), Harrell C on held-out folds")
         for name, values in result["models"].items():
             click.echo(f"  {name:<6} {values['c_index_mean']:.4f} ± {values['c_index_sd']:.4f}")
+        for name, values in result["paired"].items():
+            click.echo(f"  {name}: {values['mean']:+.4f} ± {values['sd']:.4f} per split, MRRP "
+                       f"at least as high on {values['mrrp_at_least_as_high']} of "
+                       f"{values['splits']} splits")
 
     _guarded(work)
 

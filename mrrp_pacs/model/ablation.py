@@ -53,8 +53,9 @@ NO_CLINICAL = (("no clinical variable 1", "categorical", 1),
                ("no clinical variable 2", "categorical", 1))
 BOOTSTRAP_RESAMPLES = 1000
 
-Baselines = Callable[[Cohort, Cohort, int], Mapping[str, np.ndarray]]
-"""(training cohort, test cohort, seed) → test risks per baseline name (higher = worse)."""
+Baselines = Callable[[Cohort, np.ndarray, np.ndarray, int], Mapping[str, np.ndarray]]
+"""(cohort, training indices, test indices, seed) → test risks per baseline name (higher =
+worse), as :func:`mrrp_pacs.model.baselines.fit_baselines` takes and returns them."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ def run_ablation(cohort: Cohort, settings: TrainSettings, seeds: int = 1,
     extra: list[tuple[str, str]] = []  # (group, name) of baselines and references
     if baselines is not None:
         for seed in range(seeds):
-            fitted = baselines(cohort.subset(train_idx), test, settings.seed + seed)
+            fitted = baselines(cohort, train_idx, test_idx, settings.seed + seed)
             for name, values in fitted.items():
                 if name in by_name:
                     raise ValueError(f"baseline {name!r} has an arm's name")

@@ -109,10 +109,10 @@ def test_ablation_on_a_cohort_whose_hazard_is_in_the_images(tmp_path):
         "full", "clinical only", "imaging only (WSI + US)", "WSI: learned vector", "WSI: zeros",
         "WSI: drop the patients", "without report text"})
 
-    def baselines(train, test, seed):
+    def baselines(cohort, train_idx, test_idx, seed):
         return {"first token mean": np.array([r.families["wsi_deep"][:, 0].mean()
                                               + r.families["us_deep"][:, 0].mean()
-                                              for r in test.records])}
+                                              for r in cohort.subset(test_idx).records])}
 
     truth = np.array([0.0] * 80)
     result = run_ablation(cohort, FAST, seeds=2, arms=arms, baselines=baselines,

@@ -177,8 +177,13 @@ def test_gbsg2_benchmark_small(tmp_path):
     result = CliRunner().invoke(main, ["benchmark", "gbsg2", "--folds", "3", "--repeats", "1",
                                        "--json"])
     assert result.exit_code == 0, result.output
-    models = json.loads(result.stdout)["models"]
+    body = json.loads(result.stdout)
+    models = body["models"]
     assert set(models) == {"coxph", "rsf", "mrrp"}
+    versus = body["paired"]["mrrp - rsf"]
+    assert versus["per_split"] == pytest.approx(
+        np.subtract(models["mrrp"]["c_index"], models["rsf"]["c_index"]), abs=2e-4)
+    assert versus["splits"] == 3 and 0 <= versus["mrrp_at_least_as_high"] <= 3
     print(f"\nGBSG2 1x3 CV: { {k: v['c_index_mean'] for k, v in models.items()} }")
     assert 0.62 < models["coxph"]["c_index_mean"] < 0.72
     assert models["mrrp"]["c_index_mean"] >= models["coxph"]["c_index_mean"] - 0.03
