@@ -606,17 +606,20 @@ def benchmark() -> None:
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Most epochs MRRP's inner cross-validation tries.")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Also write gbsg2.csv + gbsg2_schema.toml (for train --table).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result.")
-def benchmark_gbsg2(folds: int, repeats: int, seed: int, export_dir: Path | None,
-                    as_json: bool) -> None:
+def benchmark_gbsg2(folds: int, repeats: int, seed: int, max_epochs: int,
+                    export_dir: Path | None, as_json: bool) -> None:
     """GBSG2: clinical-only MRRP vs Cox PH vs random survival forest, same CV splits."""
     from mrrp_pacs.model import gbsg2
     from mrrp_pacs.model.train import TrainSettings, config_for, predict, train
 
     def fit(train_part: Any, test_part: Any) -> Any:
-        trained = train(train_part, config_for(train_part), TrainSettings(seed=seed))
+        trained = train(train_part, config_for(train_part),
+                        TrainSettings(seed=seed, max_epochs=max_epochs))
         return predict(trained.model, test_part)
 
     def work() -> None:

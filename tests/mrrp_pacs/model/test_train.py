@@ -157,7 +157,7 @@ def test_clinical_table_through_the_same_model(tmp_path):
     assert config.compensated == ("wsi", "us")  # slide and ultrasound by their learned vectors
     result = CliRunner().invoke(main, ["train", "--table", str(table), "--schema", str(schema),
                                        "--out", str(tmp_path / "models"), "--max-epochs", "15",
-                                       "--json"])
+                                       "--no-tune", "--json"])
     assert result.exit_code == 0, result.output
     stored = json.loads(result.stdout)
     report = tmp_path / "report"
@@ -175,7 +175,7 @@ def test_clinical_table_through_the_same_model(tmp_path):
 
 def test_gbsg2_benchmark_small(tmp_path):
     result = CliRunner().invoke(main, ["benchmark", "gbsg2", "--folds", "3", "--repeats", "1",
-                                       "--json"])
+                                       "--max-epochs", "20", "--json"])
     assert result.exit_code == 0, result.output
     body = json.loads(result.stdout)
     models = body["models"]
