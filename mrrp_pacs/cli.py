@@ -403,7 +403,8 @@ def evaluate_model(state: _Context, db_path: Path | None, outcomes: Path | None,
     """Evaluate a model: metrics, predictions and plots.
 
     Without --cv the stored model scores the cohort (its "test" rows when there is a split
-    column). With --cv K the model's architecture is retrained per fold."""
+    column). With --cv K the model's architecture is retrained per fold on the other rows
+    (those of split "test" are left out)."""
     import numpy as np
 
     from mrrp_pacs.model.assessment import assess_stored, cross_validate
@@ -422,11 +423,16 @@ def evaluate_model(state: _Context, db_path: Path | None, outcomes: Path | None,
             manifest = version.manifest
             settings = TrainSettings(**manifest["training"]["settings"])
             architecture = FusionConfig.from_dict(manifest["architecture"])
+            left_out = int((cohort.split == "test").sum())
+            click.echo(f"cross-validating on {len(cohort.records) - left_out} patients; "
+                       f"{left_out} of split=test left out", err=True)
             with _progress(folds * repeats, "fold") as bar:
                 metrics = cross_validate(cohort, architecture, settings, out_dir, folds=folds,
                                          repeats=repeats, seed=seed, progress=bar.update)
+        left = (f", {metrics['left_out_test']} split=test rows left out"
+                if "left_out_test" in metrics else "")
         click.echo(f"{out_dir / 'metrics.json'}: n {metrics['n']}, events {metrics['events']}, "
-                   f"C-index {metrics['c_index']}")
+                   f"C-index {metrics['c_index']}{left}")
 
     _guarded(work)
 
