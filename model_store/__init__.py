@@ -3,6 +3,6 @@
 Its errors are :class:`mrrp_pacs.errors.ModelStoreError`.
 """
 
-from model_store.registry import ModelStore, ModelVersion
+from model_store.registry import Located, ModelStore, ModelVersion, locate
 
-__all__ = ["ModelStore", "ModelVersion"]
+__all__ = ["Located", "ModelStore", "ModelVersion", "locate"]

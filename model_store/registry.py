@@ -169,3 +169,92 @@ class ModelStore:
                 raise ModelStoreError(
                     f"{model.label}: {filename} does not match its manifest sha256 (altered or "
                     "corrupt); restore it or train again", key=model.label, source=str(path))
+
+
+@dataclass(frozen=True)
+class Located:
+    """A model version found from a folder (:func:`locate`).
+
+    Attributes
+    ----------
+    how
+        ``"given"`` (a version folder), ``"promoted"`` or ``"newest"`` (no version promoted).
+    """
+
+    store: ModelStore
+    kind: str
+    name: str
+    version: str
+    how: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}/{self.name}@{self.version}"
+
+    def load(self) -> ModelVersion:
+        """The version, verified (:meth:`ModelStore.load`)."""
+        return self.store.load(self.kind, self.name, self.version)
+
+
+def locate(path: Path, kind: str | None = None) -> Located:
+    """The model version a folder stands for.
+
+    ``path`` may be a version folder (``<root>/<kind>/<name>/<version>``, the one version), a
+    name folder (``<root>/<kind>/<name>``), a kind folder (``<root>/<kind>``) or the store
+    root (the folder given to ``train --out``); the last three stand for the promoted version
+    of the one model they hold, or its newest version when none is promoted.
+
+    Parameters
+    ----------
+    kind
+        Only models of this kind (e.g. ``"mrrp"``: a store also holds the encoders).
+
+    Raises
+    ------
+    ModelStoreError
+        No model (of ``kind``) under ``path``, several (the message lists them), or a version
+        folder of another kind.
+    """
+    path = path.absolute()
+    if (path / MANIFEST).is_file():
+        if len(path.parents) < 3:
+            raise ModelStoreError(f"{path} is not inside a model store (<root>/<kind>/<name>/"
+                                  "<version>)")
+        found = path.parent.parent.name
+        if kind is not None and found != kind:
+            raise ModelStoreError(f"{path} holds a {found!r} model, not a {kind!r} one")
+        return Located(ModelStore(path.parents[2]), found, path.parent.name, path.name, "given")
+    candidates: list[tuple[ModelStore, str, str]] = []
+    if len(path.parents) >= 2 and ModelStore(path.parents[1]).versions(path.parent.name,
+                                                                        path.name):
+        candidates = [(ModelStore(path.parents[1]), path.parent.name, path.name)]
+    elif len(path.parents) >= 1 and any(ModelStore(path.parent).versions(path.name, name)
+                                        for name in ModelStore(path.parent).names(path.name)):
+        store = ModelStore(path.parent)
+        candidates = [(store, path.name, name) for name in store.names(path.name)
+                      if store.versions(path.name, name)]
+    elif path.is_dir():
+        store = ModelStore(path)
+        kinds = sorted(p.name for p in path.iterdir()
+                       if p.is_dir() and not p.name.startswith("."))
+        candidates = [(store, k, name) for k in kinds for name in store.names(k)
+                      if store.versions(k, name)]
+    if kind is not None:
+        candidates = [c for c in candidates if c[1] == kind]
+    what = f"{kind!r} model" if kind is not None else "model"
+    if not candidates:
+        raise ModelStoreError(
+            f"no {what} in {path}: give a model store (the folder `train --out` wrote), a "
+            "model's folder in it (<store>/<kind>/<name>) or a version folder",
+            source=str(path))
+    if len(candidates) > 1:
+        names = ", ".join(f"{k}/{name}" for _, k, name in candidates)
+        store, k, name = candidates[0]
+        raise ModelStoreError(
+            f"{path} holds several {what}s ({names}): give one of their folders, e.g. "
+            f"{store.root / k / name}", source=str(path))
+    store, k, name = candidates[0]
+    promoted = store.promoted(k, name)
+    if promoted is not None:
+        return Located(store, k, name, promoted, "promoted")
+    return Located(store, k, name, store.versions(k, name)[-1], "newest")

@@ -370,26 +370,27 @@ def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
     _guarded(work)
 
 
-def _version_at(path: Path) -> Any:
-    """A model version from its folder (<store>/<kind>/<name>/<version>) or a name folder."""
-    from model_store import ModelStore
-    from mrrp_pacs.errors import ModelStoreError
+def _version_at(path: Path, kind: str | None = None) -> Any:
+    """The verified model version ``path`` stands for (:func:`model_store.locate`: a version
+    folder, a model's folder, or a model store such as ``train --out`` wrote); says on stderr
+    which version a folder above a version folder was resolved to."""
+    from model_store import locate
 
-    path = path.absolute()
-    if (path / "manifest.json").exists():
-        return ModelStore(path.parents[2]).load(path.parent.parent.name, path.parent.name,
-                                                path.name)
-    if path.is_dir() and path.parent.is_dir():
-        return ModelStore(path.parents[1]).load(path.parent.name, path.name)
-    raise ModelStoreError(f"{path} is neither a model version folder (with manifest.json) nor "
-                          "a model name folder of a model store")
+    located = locate(path, kind)
+    version = located.load()
+    if located.how != "given":
+        why = ("promoted" if located.how == "promoted"
+               else "the newest: none is promoted")
+        click.echo(f"{path}: using {version.label} ({why})", err=True)
+    return version
 
 
 @main.command("evaluate")
 @_cohort_options
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,
                                                       path_type=Path), required=True,
-              help="Model version folder (or a model name folder: its promoted version).")
+              help="Model store folder (as given to `train --out`: its promoted MRRP "
+              "model), a model's folder in it, or a version folder.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Report folder (metrics.json, predictions.csv, plots).")
 @click.option("--cv", "folds", type=click.IntRange(min=2), default=None,
@@ -409,11 +410,11 @@ def evaluate_model(state: _Context, db_path: Path | None, outcomes: Path | None,
 
     from mrrp_pacs.model.assessment import assess_stored, cross_validate
     from mrrp_pacs.model.fusion import FusionConfig
-    from mrrp_pacs.model.train import TrainSettings
+    from mrrp_pacs.model.train import MODEL_KIND, TrainSettings
 
     def work() -> None:
         _, cohort = _cohort(state, db_path, outcomes, table, schema)
-        version = _version_at(model_dir)
+        version = _version_at(model_dir, MODEL_KIND)
         if folds is None:
             split = cohort.split
             if (split == "test").any():
@@ -475,7 +476,8 @@ def models_list(state: _Context, store_dir: Path | None) -> None:
 @models.command("show")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def models_show(path: Path) -> None:
-    """Print a version's manifest (PATH: its folder, or a name folder)."""
+    """Print a version's manifest (PATH: its folder, a model's folder or a store holding one
+    model: the promoted version, else the newest)."""
 
     def work() -> None:
         version = _version_at(path)
@@ -515,7 +517,8 @@ def models_verify(state: _Context, store_dir: Path | None) -> None:
 @models.command("promote")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def models_promote(path: Path) -> None:
-    """Make the version in PATH the one scoring uses."""
+    """Make the version in PATH the one scoring uses (a model's folder: its newest version
+    unless one is promoted)."""
     from model_store import ModelStore
 
     def work() -> None:

@@ -1,8 +1,9 @@
 import json
+from datetime import UTC, datetime
 
 import pytest
 
-from model_store import ModelStore
+from model_store import ModelStore, locate
 from mrrp_pacs.errors import ModelStoreError
 
 
@@ -50,3 +51,35 @@ def test_unknown_model_and_bad_names(tmp_path):
     with pytest.raises(ModelStoreError, match="has no version 'nope'"):
         store.load("m", "x", "nope")
     assert not any(p.name.startswith(".staging") for p in (tmp_path / "m" / "x").iterdir())
+
+
+def test_locate_resolves_a_store_a_model_folder_or_a_version(tmp_path):
+    clock = iter([datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 2, 1, tzinfo=UTC)])
+    store = ModelStore(tmp_path / "models", clock=lambda: next(clock))
+    first = store.save("mrrp", "mrrp", {"w": b"1"}, {})
+    second = store.save("mrrp", "mrrp", {"w": b"2"}, {})
+    store.clock = lambda: datetime(2024, 3, 1, tzinfo=UTC)
+    encoder = store.save("us-encoder", "small", {"w": b"3"}, {})
+
+    newest = locate(tmp_path / "models", "mrrp")  # the folder `train --out` was given
+    assert (newest.version, newest.how) == (second.version, "newest")
+    assert newest.load().path == second.path
+    store.promote("mrrp", "mrrp", first.version)
+    for folder in (tmp_path / "models", tmp_path / "models" / "mrrp",
+                   tmp_path / "models" / "mrrp" / "mrrp"):
+        found = locate(folder, "mrrp")
+        assert (found.label, found.how) == (f"mrrp/mrrp@{first.version}", "promoted"), folder
+    given = locate(second.path, "mrrp")
+    assert (given.version, given.how) == (second.version, "given")
+
+    # without a kind the store holds two models: ambiguous, and the message lists them
+    with pytest.raises(ModelStoreError, match=r"several models \(mrrp/mrrp, us-encoder/small\)"):
+        locate(tmp_path / "models")
+    with pytest.raises(ModelStoreError, match="holds a 'us-encoder' model, not a 'mrrp' one"):
+        locate(encoder.path, "mrrp")
+    store.save("mrrp", "other", {"w": b"4"}, {})
+    with pytest.raises(ModelStoreError, match=r"several 'mrrp' models \(mrrp/mrrp, mrrp/other\)"):
+        locate(tmp_path / "models", "mrrp")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelStoreError, match="no 'mrrp' model in"):
+        locate(tmp_path / "empty", "mrrp")

@@ -1,5 +1,5 @@
-"""Cross-validation reports: each fold's own cutoff and baseline hazard, the test split left
-out."""
+"""Cross-validation reports (each fold's own cutoff and baseline hazard, the test split left
+out) and `evaluate --model` given the model store `train --out` wrote."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from mrrp_pacs.cli import main
 from mrrp_pacs.model.assessment import Predictions, cross_validate
 from mrrp_pacs.model.dataset import Cohort, Outcome, PatientRecord
 from mrrp_pacs.model.evaluate import (
@@ -127,3 +129,71 @@ def test_joined_predictions_return_to_cohort_order():
     assert risk_groups(np.array([1.0]), 1.0).tolist() == [0]  # the pooled 1.0 would say low
     with pytest.raises(ValueError, match="cover each of 3 patients once"):
         Predictions.joined([(np.array([0, 0]), first), (np.array([1]), second)], 3)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """A clinical-only cohort table with a split column (30 of 150 in the test split)."""
+    folder = tmp_path_factory.mktemp("table")
+    rng = np.random.default_rng(1)
+    path, schema = folder / "cohort.csv", folder / "schema.toml"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", "time_months", "event", "split", "age", "grade"])
+        for i in range(150):
+            grade = int(rng.integers(0, 3))
+            time = rng.exponential(80 * np.exp(-0.8 * grade))
+            follow = rng.uniform(30, 150)
+            writer.writerow([f"P{i:03d}", f"{min(time, follow):.2f}", int(time <= follow),
+                             "test" if i % 5 == 0 else "train", f"{rng.normal(55, 9):.1f}",
+                             str(grade)])
+    schema.write_text('[columns.age]\nkind = "continuous"\n\n'
+                      '[columns.grade]\nkind = "categorical"\nlevels = ["0", "1", "2"]\n')
+    return ["--table", str(path), "--schema", str(schema)]
+
+
+def test_evaluate_accepts_the_train_out_folder_and_cv_leaves_test_rows_out(table, tmp_path):
+    store = tmp_path / "models"
+    runner = CliRunner()
+    trained = runner.invoke(main, ["train", *table, "--out", str(store), "--max-epochs", "4",
+                                   "--json"])
+    assert trained.exit_code == 0, trained.output
+    label = json.loads(trained.stdout)["model"]
+
+    scored = runner.invoke(main, ["evaluate", *table, "--model", str(store), "--out",
+                                  str(tmp_path / "report")])
+    assert scored.exit_code == 0, scored.output
+    assert f"using {label} (promoted)" in scored.stderr
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["model"] == label
+
+    crossed = runner.invoke(main, ["evaluate", *table, "--model", str(store), "--cv", "3",
+                                   "--out", str(tmp_path / "cv")])
+    assert crossed.exit_code == 0, crossed.output
+    assert "cross-validating on 120 patients; 30 of split=test left out" in crossed.stderr
+    assert "30 split=test rows left out" in crossed.stdout
+    metrics = json.loads((tmp_path / "cv" / "metrics.json").read_text())
+    assert metrics["n"] == 120 and metrics["left_out_test"] == 30
+    rows = list(csv.DictReader((tmp_path / "cv" / "predictions.csv").open()))
+    assert len(rows) == 120 and all(int(row["patient_id"][1:]) % 5 for row in rows)
+
+
+def test_evaluate_refuses_an_ambiguous_or_empty_store_clearly(table, tmp_path):
+    runner = CliRunner()
+    store = tmp_path / "models"
+    for name in ("first", "second"):
+        done = runner.invoke(main, ["train", *table, "--out", str(store), "--name", name,
+                                    "--max-epochs", "2", "--no-promote", "--json"])
+        assert done.exit_code == 0, done.output
+    ambiguous = runner.invoke(main, ["evaluate", *table, "--model", str(store), "--out",
+                                     str(tmp_path / "r")])
+    assert ambiguous.exit_code == 1
+    assert "several 'mrrp' models (mrrp/first, mrrp/second)" in ambiguous.output
+    assert "Traceback" not in ambiguous.output
+    one = runner.invoke(main, ["evaluate", *table, "--model", str(store / "mrrp" / "first"),
+                               "--out", str(tmp_path / "r")])
+    assert one.exit_code == 0, one.output
+    assert "(the newest: none is promoted)" in one.stderr
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(main, ["evaluate", *table, "--model", str(tmp_path / "empty"),
+                                 "--out", str(tmp_path / "r")])
+    assert empty.exit_code == 1 and "no 'mrrp' model in" in empty.output
