@@ -1,4 +1,5 @@
-"""Versioned model registry: weights + manifest with provenance and SHA-256 of every file.
+"""Versioned model registry: weights + manifest with provenance and SHA-256 of every file; the
+manifest's own SHA-256 beside it.
 
 Its errors are :class:`mrrp_pacs.errors.ModelStoreError`.
 """

@@ -1,9 +1,16 @@
 """A versioned model registry on disk: weights + manifest with provenance and hashes.
 
-Layout: ``<root>/<kind>/<name>/<version>/`` holds the model's files and ``manifest.json``;
-``<root>/<kind>/<name>/PROMOTED`` names the version in use. A version is written to a staging
-folder and renamed into place, so it appears whole or not at all; it is never modified after.
-Loading verifies the SHA-256 of every file listed in the manifest.
+Layout: ``<root>/<kind>/<name>/<version>/`` holds the model's files, ``manifest.json`` and
+``manifest.sha256``; ``<root>/<kind>/<name>/PROMOTED`` names the version in use. A version is
+written to a staging folder and renamed into place, so it appears whole or not at all; it is
+never modified after.
+
+Loading verifies the manifest against ``manifest.sha256`` (the SHA-256 of its bytes, in
+``sha256sum`` format, so ``sha256sum -c manifest.sha256`` checks it too), then the SHA-256 of
+every file the manifest lists. The sidecar catches a manifest edited or corrupted after the
+save (an architecture, a cutoff, a baseline hazard or a file hash changed by hand); it is not a
+signature: whoever can write the folder can rewrite both. A version saved before the sidecar
+existed is refused with the way to add it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 from mrrp_pacs.errors import ModelStoreError
 
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest.sha256"
 PROMOTED = "PROMOTED"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -79,8 +87,8 @@ class ModelStore:
         folder = self.root / _check_name("kind", kind) / _check_name("name", name)
         for filename in files:
             _check_name("file name", filename)
-            if filename == MANIFEST:
-                raise ModelStoreError(f"{MANIFEST} is written by the store, not passed as a file")
+            if filename in (MANIFEST, MANIFEST_HASH):
+                raise ModelStoreError(f"{filename} is written by the store, not passed as a file")
         content = hashlib.sha256()
         for filename in sorted(files):
             content.update(filename.encode() + b"\0" + hashlib.sha256(files[filename]).digest())
@@ -98,8 +106,10 @@ class ModelStore:
         try:
             for filename, data in files.items():
                 (staging / filename).write_bytes(data)
-            (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=True)
-                                            + "\n")
+            manifest_bytes = (json.dumps(full_manifest, indent=2, sort_keys=True)
+                              + "\n").encode()
+            (staging / MANIFEST).write_bytes(manifest_bytes)
+            (staging / MANIFEST_HASH).write_text(_hash_line(manifest_bytes))
             for entry in staging.iterdir():
                 with entry.open("rb") as handle:
                     os.fsync(handle.fileno())
@@ -153,13 +163,14 @@ class ModelStore:
             raise ModelStoreError(f"{kind}/{name} has no version {chosen!r}; available: "
                                   f"{', '.join(available)}", key=f"{kind}/{name}")
         path = self.root / kind / name / chosen
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = _verified_manifest(f"{kind}/{name}@{chosen}", path)
         loaded = ModelVersion(kind, name, chosen, path, manifest)
         self.verify(loaded)
         return loaded
 
     @staticmethod
     def verify(model: ModelVersion) -> None:
+        """Check the SHA-256 of every file the (already verified) manifest lists."""
         for filename, entry in model.manifest.get("files", {}).items():
             path = model.path / filename
             if not path.is_file():
@@ -169,6 +180,48 @@ class ModelStore:
                 raise ModelStoreError(
                     f"{model.label}: {filename} does not match its manifest sha256 (altered or "
                     "corrupt); restore it or train again", key=model.label, source=str(path))
+
+
+def _hash_line(manifest_bytes: bytes) -> str:
+    """The content of ``manifest.sha256``: one ``sha256sum`` line."""
+    return f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n"
+
+
+def _verified_manifest(label: str, path: Path) -> dict[str, Any]:
+    """The manifest of the version folder ``path``, once its bytes match ``manifest.sha256``.
+
+    Raises
+    ------
+    ModelStoreError
+        The sidecar is missing (a version saved before it existed), unreadable, or names
+        another hash; or the manifest is not JSON.
+    """
+    manifest_bytes = (path / MANIFEST).read_bytes()
+    sidecar = path / MANIFEST_HASH
+    if not sidecar.is_file():
+        raise ModelStoreError(
+            f"{label}: {MANIFEST} has no {MANIFEST_HASH} beside it (saved before manifests were "
+            f"hashed, or the file was removed), so an edit to it could not be detected: train "
+            f"the model again, or, once you have checked that {MANIFEST} is as saved, run "
+            f"`sha256sum {MANIFEST} > {MANIFEST_HASH}` in {path}", key=label, source=str(path))
+    fields = sidecar.read_text(encoding="utf-8", errors="replace").split()
+    if len(fields) != 2 or fields[1].lstrip("*") != MANIFEST \
+            or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+        raise ModelStoreError(f"{label}: {MANIFEST_HASH} is not one sha256sum line for "
+                              f"{MANIFEST}", key=label, source=str(sidecar))
+    if hashlib.sha256(manifest_bytes).hexdigest() != fields[0]:
+        raise ModelStoreError(
+            f"{label}: {MANIFEST} does not match {MANIFEST_HASH} (edited or corrupt after it "
+            "was saved); restore it or train again", key=label, source=str(path / MANIFEST))
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as exc:
+        raise ModelStoreError(f"{label}: {MANIFEST} is not JSON ({exc})", key=label,
+                              source=str(path / MANIFEST)) from None
+    if not isinstance(manifest, dict):
+        raise ModelStoreError(f"{label}: {MANIFEST} is not a JSON object", key=label,
+                              source=str(path / MANIFEST))
+    return manifest
 
 
 @dataclass(frozen=True)

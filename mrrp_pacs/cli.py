@@ -493,7 +493,8 @@ def models_show(path: Path) -> None:
 @_store_option
 @click.pass_obj
 def models_verify(state: _Context, store_dir: Path | None) -> None:
-    """Check the SHA-256 of every file of every stored version."""
+    """Check every stored version: its manifest against manifest.sha256, then the SHA-256 of
+    every file it lists."""
     from model_store import ModelStore
     from mrrp_pacs.errors import ModelStoreError
 
