@@ -1001,7 +1001,7 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
          as_json: bool) -> None:
     """Run the main job end to end on a synthetic hospital: a private Orthanc, the daemon
     pulling studies and receiving HL7, training, scoring, SR + PDF back into Orthanc."""
-    from mrrp_pacs.demo import DemoSettings, run_demo
+    from mrrp_pacs.demo import DemoSettings, c_index_text, run_demo
 
     bars: dict[str, tqdm] = {}
 
@@ -1032,7 +1032,7 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    oracle = summary["oracle_c_index"]
+    events = summary["test_events"]
     rows = [("mode", summary["mode"]),
             ("patients received", summary["received"]),
             ("patients scored", summary["scored"]),
@@ -1041,8 +1041,9 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
              f"{summary['srs_stored']} of {summary['srs_queued']} written (one per study "
              "reported on)"),
             (f"test C-index ({summary['test_patients']} held-out patients)",
-             summary["test_c_index"]),
-            ("phantom oracle C-index (true hazard, same split)", oracle),
+             c_index_text(summary["test_c_index"], summary["test_c_index_ci95"], events)),
+            ("phantom oracle C-index (true hazard, same patients)",
+             c_index_text(summary["oracle_c_index"], summary["oracle_c_index_ci95"], events)),
             ("model", summary["model"])]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
