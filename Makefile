@@ -99,9 +99,10 @@ test-tools:
 		&& command -v OrthancWSIDicomizer >/dev/null && command -v ip >/dev/null \
 		&& command -v pdftoppm >/dev/null && command -v chromium >/dev/null \
 		&& test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
-		&& Rscript -e 'suppressMessages(library(survival))' >/dev/null 2>&1; then :; \
+		&& Rscript -e 'suppressMessages({library(survival); library(riskRegression); library(pec)})' \
+			>/dev/null 2>&1; then :; \
 	else deploy/apt-install.sh orthanc orthanc-dicomweb orthanc-wsi dcmtk dicom3tools \
-		r-cran-survival poppler-utils chromium iproute2; fi
+		r-cran-survival r-cran-riskregression r-cran-pec poppler-utils chromium iproute2; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

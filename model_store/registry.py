@@ -1,9 +1,16 @@
 """A versioned model registry on disk: weights + manifest with provenance and hashes.
 
-Layout: ``<root>/<kind>/<name>/<version>/`` holds the model's files and ``manifest.json``;
-``<root>/<kind>/<name>/PROMOTED`` names the version in use. A version is written to a staging
-folder and renamed into place, so it appears whole or not at all; it is never modified after.
-Loading verifies the SHA-256 of every file listed in the manifest.
+Layout: ``<root>/<kind>/<name>/<version>/`` holds the model's files, ``manifest.json`` and
+``manifest.sha256``; ``<root>/<kind>/<name>/PROMOTED`` names the version in use. A version is
+written to a staging folder and renamed into place, so it appears whole or not at all; it is
+never modified after.
+
+Loading verifies the manifest against ``manifest.sha256`` (the SHA-256 of its bytes, in
+``sha256sum`` format, so ``sha256sum -c manifest.sha256`` checks it too), then the SHA-256 of
+every file the manifest lists. The sidecar catches a manifest edited or corrupted after the
+save (an architecture, a cutoff, a baseline hazard or a file hash changed by hand); it is not a
+signature: whoever can write the folder can rewrite both. A version saved before the sidecar
+existed is refused with the way to add it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 from mrrp_pacs.errors import ModelStoreError
 
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest.sha256"
 PROMOTED = "PROMOTED"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -79,8 +87,8 @@ class ModelStore:
         folder = self.root / _check_name("kind", kind) / _check_name("name", name)
         for filename in files:
             _check_name("file name", filename)
-            if filename == MANIFEST:
-                raise ModelStoreError(f"{MANIFEST} is written by the store, not passed as a file")
+            if filename in (MANIFEST, MANIFEST_HASH):
+                raise ModelStoreError(f"{filename} is written by the store, not passed as a file")
         content = hashlib.sha256()
         for filename in sorted(files):
             content.update(filename.encode() + b"\0" + hashlib.sha256(files[filename]).digest())
@@ -98,8 +106,10 @@ class ModelStore:
         try:
             for filename, data in files.items():
                 (staging / filename).write_bytes(data)
-            (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=True)
-                                            + "\n")
+            manifest_bytes = (json.dumps(full_manifest, indent=2, sort_keys=True)
+                              + "\n").encode()
+            (staging / MANIFEST).write_bytes(manifest_bytes)
+            (staging / MANIFEST_HASH).write_text(_hash_line(manifest_bytes))
             for entry in staging.iterdir():
                 with entry.open("rb") as handle:
                     os.fsync(handle.fileno())
@@ -153,13 +163,14 @@ class ModelStore:
             raise ModelStoreError(f"{kind}/{name} has no version {chosen!r}; available: "
                                   f"{', '.join(available)}", key=f"{kind}/{name}")
         path = self.root / kind / name / chosen
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = _verified_manifest(f"{kind}/{name}@{chosen}", path)
         loaded = ModelVersion(kind, name, chosen, path, manifest)
         self.verify(loaded)
         return loaded
 
     @staticmethod
     def verify(model: ModelVersion) -> None:
+        """Check the SHA-256 of every file the (already verified) manifest lists."""
         for filename, entry in model.manifest.get("files", {}).items():
             path = model.path / filename
             if not path.is_file():
@@ -169,3 +180,134 @@ class ModelStore:
                 raise ModelStoreError(
                     f"{model.label}: {filename} does not match its manifest sha256 (altered or "
                     "corrupt); restore it or train again", key=model.label, source=str(path))
+
+
+def _hash_line(manifest_bytes: bytes) -> str:
+    """The content of ``manifest.sha256``: one ``sha256sum`` line."""
+    return f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n"
+
+
+def _verified_manifest(label: str, path: Path) -> dict[str, Any]:
+    """The manifest of the version folder ``path``, once its bytes match ``manifest.sha256``.
+
+    Raises
+    ------
+    ModelStoreError
+        The sidecar is missing (a version saved before it existed), unreadable, or names
+        another hash; or the manifest is not JSON.
+    """
+    manifest_bytes = (path / MANIFEST).read_bytes()
+    sidecar = path / MANIFEST_HASH
+    if not sidecar.is_file():
+        raise ModelStoreError(
+            f"{label}: {MANIFEST} has no {MANIFEST_HASH} beside it (saved before manifests were "
+            f"hashed, or the file was removed), so an edit to it could not be detected: train "
+            f"the model again, or, once you have checked that {MANIFEST} is as saved, run "
+            f"`sha256sum {MANIFEST} > {MANIFEST_HASH}` in {path}", key=label, source=str(path))
+    fields = sidecar.read_text(encoding="utf-8", errors="replace").split()
+    if len(fields) != 2 or fields[1].lstrip("*") != MANIFEST \
+            or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+        raise ModelStoreError(f"{label}: {MANIFEST_HASH} is not one sha256sum line for "
+                              f"{MANIFEST}", key=label, source=str(sidecar))
+    if hashlib.sha256(manifest_bytes).hexdigest() != fields[0]:
+        raise ModelStoreError(
+            f"{label}: {MANIFEST} does not match {MANIFEST_HASH} (edited or corrupt after it "
+            "was saved); restore it or train again", key=label, source=str(path / MANIFEST))
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as exc:
+        raise ModelStoreError(f"{label}: {MANIFEST} is not JSON ({exc})", key=label,
+                              source=str(path / MANIFEST)) from None
+    if not isinstance(manifest, dict):
+        raise ModelStoreError(f"{label}: {MANIFEST} is not a JSON object", key=label,
+                              source=str(path / MANIFEST))
+    return manifest
+
+
+@dataclass(frozen=True)
+class Located:
+    """A model version found from a folder (:func:`locate`).
+
+    Attributes
+    ----------
+    how
+        ``"given"`` (a version folder), ``"promoted"`` or ``"newest"`` (no version promoted).
+    """
+
+    store: ModelStore
+    kind: str
+    name: str
+    version: str
+    how: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}/{self.name}@{self.version}"
+
+    def load(self) -> ModelVersion:
+        """The version, verified (:meth:`ModelStore.load`)."""
+        return self.store.load(self.kind, self.name, self.version)
+
+
+def locate(path: Path, kind: str | None = None) -> Located:
+    """The model version a folder stands for.
+
+    ``path`` may be a version folder (``<root>/<kind>/<name>/<version>``, the one version), a
+    name folder (``<root>/<kind>/<name>``), a kind folder (``<root>/<kind>``) or the store
+    root (the folder given to ``train --out``); the last three stand for the promoted version
+    of the one model they hold, or its newest version when none is promoted.
+
+    Parameters
+    ----------
+    kind
+        Only models of this kind (e.g. ``"mrrp"``: a store also holds the encoders).
+
+    Raises
+    ------
+    ModelStoreError
+        No model (of ``kind``) under ``path``, several (the message lists them), or a version
+        folder of another kind.
+    """
+    path = path.absolute()
+    if (path / MANIFEST).is_file():
+        if len(path.parents) < 3:
+            raise ModelStoreError(f"{path} is not inside a model store (<root>/<kind>/<name>/"
+                                  "<version>)")
+        found = path.parent.parent.name
+        if kind is not None and found != kind:
+            raise ModelStoreError(f"{path} holds a {found!r} model, not a {kind!r} one")
+        return Located(ModelStore(path.parents[2]), found, path.parent.name, path.name, "given")
+    candidates: list[tuple[ModelStore, str, str]] = []
+    if len(path.parents) >= 2 and ModelStore(path.parents[1]).versions(path.parent.name,
+                                                                        path.name):
+        candidates = [(ModelStore(path.parents[1]), path.parent.name, path.name)]
+    elif len(path.parents) >= 1 and any(ModelStore(path.parent).versions(path.name, name)
+                                        for name in ModelStore(path.parent).names(path.name)):
+        store = ModelStore(path.parent)
+        candidates = [(store, path.name, name) for name in store.names(path.name)
+                      if store.versions(path.name, name)]
+    elif path.is_dir():
+        store = ModelStore(path)
+        kinds = sorted(p.name for p in path.iterdir()
+                       if p.is_dir() and not p.name.startswith("."))
+        candidates = [(store, k, name) for k in kinds for name in store.names(k)
+                      if store.versions(k, name)]
+    if kind is not None:
+        candidates = [c for c in candidates if c[1] == kind]
+    what = f"{kind!r} model" if kind is not None else "model"
+    if not candidates:
+        raise ModelStoreError(
+            f"no {what} in {path}: give a model store (the folder `train --out` wrote), a "
+            "model's folder in it (<store>/<kind>/<name>) or a version folder",
+            source=str(path))
+    if len(candidates) > 1:
+        names = ", ".join(f"{k}/{name}" for _, k, name in candidates)
+        store, k, name = candidates[0]
+        raise ModelStoreError(
+            f"{path} holds several {what}s ({names}): give one of their folders, e.g. "
+            f"{store.root / k / name}", source=str(path))
+    store, k, name = candidates[0]
+    promoted = store.promoted(k, name)
+    if promoted is not None:
+        return Located(store, k, name, promoted, "promoted")
+    return Located(store, k, name, store.versions(k, name)[-1], "newest")

@@ -403,26 +403,27 @@ def train_model(state: _Context, db_path: Path | None, outcomes: Path | None,
     _guarded(work)
 
 
-def _version_at(path: Path) -> Any:
-    """A model version from its folder (<store>/<kind>/<name>/<version>) or a name folder."""
-    from model_store import ModelStore
-    from mrrp_pacs.errors import ModelStoreError
+def _version_at(path: Path, kind: str | None = None) -> Any:
+    """The verified model version ``path`` stands for (:func:`model_store.locate`: a version
+    folder, a model's folder, or a model store such as ``train --out`` wrote); says on stderr
+    which version a folder above a version folder was resolved to."""
+    from model_store import locate
 
-    path = path.absolute()
-    if (path / "manifest.json").exists():
-        return ModelStore(path.parents[2]).load(path.parent.parent.name, path.parent.name,
-                                                path.name)
-    if path.is_dir() and path.parent.is_dir():
-        return ModelStore(path.parents[1]).load(path.parent.name, path.name)
-    raise ModelStoreError(f"{path} is neither a model version folder (with manifest.json) nor "
-                          "a model name folder of a model store")
+    located = locate(path, kind)
+    version = located.load()
+    if located.how != "given":
+        why = ("promoted" if located.how == "promoted"
+               else "the newest: none is promoted")
+        click.echo(f"{path}: using {version.label} ({why})", err=True)
+    return version
 
 
 @main.command("evaluate")
 @_cohort_options
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,
                                                       path_type=Path), required=True,
-              help="Model version folder (or a model name folder: its promoted version).")
+              help="Model store folder (as given to `train --out`: its promoted MRRP "
+              "model), a model's folder in it, or a version folder.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Report folder (metrics.json, predictions.csv, plots).")
 @click.option("--cv", "folds", type=click.IntRange(min=2), default=None,
@@ -436,16 +437,17 @@ def evaluate_model(state: _Context, db_path: Path | None, outcomes: Path | None,
     """Evaluate a model: metrics, predictions and plots.
 
     Without --cv the stored model scores the cohort (its "test" rows when there is a split
-    column). With --cv K the model's architecture is retrained per fold."""
+    column). With --cv K the model's architecture is retrained per fold on the other rows
+    (those of split "test" are left out)."""
     import numpy as np
 
     from mrrp_pacs.model.assessment import assess_stored, cross_validate
     from mrrp_pacs.model.fusion import FusionConfig
-    from mrrp_pacs.model.train import TrainSettings
+    from mrrp_pacs.model.train import MODEL_KIND, TrainSettings
 
     def work() -> None:
         _, cohort = _cohort(state, db_path, outcomes, table, schema)
-        version = _version_at(model_dir)
+        version = _version_at(model_dir, MODEL_KIND)
         if folds is None:
             split = cohort.split
             if (split == "test").any():
@@ -455,11 +457,16 @@ def evaluate_model(state: _Context, db_path: Path | None, outcomes: Path | None,
             manifest = version.manifest
             settings = TrainSettings(**manifest["training"]["settings"])
             architecture = FusionConfig.from_dict(manifest["architecture"])
+            left_out = int((cohort.split == "test").sum())
+            click.echo(f"cross-validating on {len(cohort.records) - left_out} patients; "
+                       f"{left_out} of split=test left out", err=True)
             with _progress(folds * repeats, "fold") as bar:
                 metrics = cross_validate(cohort, architecture, settings, out_dir, folds=folds,
                                          repeats=repeats, seed=seed, progress=bar.update)
+        left = (f", {metrics['left_out_test']} split=test rows left out"
+                if "left_out_test" in metrics else "")
         click.echo(f"{out_dir / 'metrics.json'}: n {metrics['n']}, events {metrics['events']}, "
-                   f"C-index {metrics['c_index']}")
+                   f"C-index {metrics['c_index']}{left}")
 
     _guarded(work)
 
@@ -502,7 +509,8 @@ def models_list(state: _Context, store_dir: Path | None) -> None:
 @models.command("show")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def models_show(path: Path) -> None:
-    """Print a version's manifest (PATH: its folder, or a name folder)."""
+    """Print a version's manifest (PATH: its folder, a model's folder or a store holding one
+    model: the promoted version, else the newest)."""
 
     def work() -> None:
         version = _version_at(path)
@@ -518,7 +526,8 @@ def models_show(path: Path) -> None:
 @_store_option
 @click.pass_obj
 def models_verify(state: _Context, store_dir: Path | None) -> None:
-    """Check the SHA-256 of every file of every stored version."""
+    """Check every stored version: its manifest against manifest.sha256, then the SHA-256 of
+    every file it lists."""
     from model_store import ModelStore
     from mrrp_pacs.errors import ModelStoreError
 
@@ -542,7 +551,8 @@ def models_verify(state: _Context, store_dir: Path | None) -> None:
 @models.command("promote")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def models_promote(path: Path) -> None:
-    """Make the version in PATH the one scoring uses."""
+    """Make the version in PATH the one scoring uses (a model's folder: its newest version
+    unless one is promoted)."""
     from model_store import ModelStore
 
     def work() -> None:
@@ -1059,7 +1069,7 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
          as_json: bool) -> None:
     """Run the main job end to end on a synthetic hospital: a private Orthanc, the daemon
     pulling studies and receiving HL7, training, scoring, SR + PDF back into Orthanc."""
-    from mrrp_pacs.demo import DemoSettings, run_demo
+    from mrrp_pacs.demo import DemoSettings, c_index_text, run_demo
 
     bars: dict[str, tqdm] = {}
 
@@ -1090,7 +1100,7 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    oracle = summary["oracle_c_index"]
+    events = summary["test_events"]
     rows = [("mode", summary["mode"]),
             ("patients received", summary["received"]),
             ("patients scored", summary["scored"]),
@@ -1099,8 +1109,9 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
              f"{summary['srs_stored']} of {summary['srs_queued']} written (one per study "
              "reported on)"),
             (f"test C-index ({summary['test_patients']} held-out patients)",
-             summary["test_c_index"]),
-            ("phantom oracle C-index (true hazard, same split)", oracle),
+             c_index_text(summary["test_c_index"], summary["test_c_index_ci95"], events)),
+            ("phantom oracle C-index (true hazard, same patients)",
+             c_index_text(summary["oracle_c_index"], summary["oracle_c_index_ci95"], events)),
             ("model", summary["model"])]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

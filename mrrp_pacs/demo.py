@@ -8,8 +8,10 @@
    hospital would train on its own history) and the model is promoted;
 5. the daemon scores every ready patient (compensating missing modalities) and stores an SR and
    a PDF per patient back in Orthanc;
-6. the test split's C-index is compared with the phantom's oracle; SRs, PDFs, plots and
-   ``summary.json`` are copied into the output folder; everything started is stopped.
+6. the test split's C-index is compared with the phantom's oracle (each with its 95 %
+   bootstrap interval, and only when the test split holds at least
+   :data:`MIN_TEST_EVENTS` events); SRs, PDFs, plots and ``summary.json`` are copied into
+   the output folder; everything started is stopped.
 
 Without Orthanc the same pipeline runs in file-drop mode (files ingested directly, results kept
 in the output folder only).
@@ -43,6 +45,8 @@ DEMO_AE = "MRRP"
 PACS_AE = "ORTHANC"
 WAIT_TIMEOUT_S = 1200
 LOAD_ATTEMPTS = 3
+MIN_TEST_EVENTS = 10  # fewer: a C-index too unstable to show (its CI spans most of [0, 1])
+C_INDEX_RESAMPLES = 2000
 # scores whose objects are all queued and sent
 SENT_SCORES_SQL = ("SELECT COUNT(*) FROM scores s WHERE s.superseded_by IS NULL AND EXISTS "
                    "(SELECT 1 FROM exports e WHERE e.score_id = s.id) AND NOT EXISTS "
@@ -82,9 +86,9 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None],
 
     with step("phantom hospital", f"{settings.patients} patients, seed {settings.seed}"):
         phantom_dir = out / "phantom"
-        phantom = generate(PhantomSpec(patients=settings.patients, seed=settings.seed,
-                                       slide_px=settings.slide_px), phantom_dir,
-                           progress=lambda n: tick("phantom", n, settings.patients))
+        generate(PhantomSpec(patients=settings.patients, seed=settings.seed,
+                             slide_px=settings.slide_px), phantom_dir,
+                 progress=lambda n: tick("phantom", n, settings.patients))
     dicom_files = sorted(p for p in (phantom_dir / "dicom").rglob("*") if p.is_file())
     hl7_files = sorted((phantom_dir / "hl7").glob("*.hl7"))
     use_orthanc = settings.use_orthanc and private_orthanc.installed()
@@ -100,7 +104,6 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None],
                 _load_pacs(orthanc, dicom_files, lambda n: tick("pacs", n, len(dicom_files)))
         summary.update(_run_hospital(config, orthanc, dicom_files, hl7_files, phantom_dir,
                                      settings, step, tick))
-    summary["oracle_c_index"] = phantom["oracle_c_index"]
     summary["timings"] = {k: round(v, 1) for k, v in timings.items()}
     summary["database"] = str(config.paths.db_file)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -317,8 +320,6 @@ def _collect(config: Config, truth_csv: Path, out: Path, orthanc: Any,
              model_label: str) -> dict[str, Any]:
     from exporters.sr import SERIES_DESCRIPTION
     from mrrp_pacs.cases import case_inputs
-    from mrrp_pacs.errors import MetricUndefined
-    from mrrp_pacs.model.evaluate import harrell_c
     from mrrp_pacs.results import RiskResult
 
     with truth_csv.open() as handle:
@@ -336,14 +337,12 @@ def _collect(config: Config, truth_csv: Path, out: Path, orthanc: Any,
         (srs_queued,) = store.conn.execute(
             "SELECT COUNT(*) FROM exports WHERE kind = 'sr'").fetchone()
     test = [r for r in results if truth[inputs[r.patient_key].patient_id]["split"] == "test"]
-    try:
-        test_c = round(harrell_c(
-            np.array([float(truth[inputs[r.patient_key].patient_id]["time_months"])
-                      for r in test]),
-            np.array([truth[inputs[r.patient_key].patient_id]["event"] == "1" for r in test]),
-            np.array([r.risk for r in test])), 4)
-    except MetricUndefined:
-        test_c = None
+    rows = [truth[inputs[r.patient_key].patient_id] for r in test]
+    months = np.array([float(row["time_months"]) for row in rows])
+    recurred = np.array([row["event"] == "1" for row in rows], dtype=bool)
+    test_c = held_out_c_index(months, recurred, np.array([r.risk for r in test]))
+    oracle = held_out_c_index(months, recurred,
+                              np.array([float(row["true_log_hazard"]) for row in rows]))
     _evaluation_plots(config, truth_csv, out / "evaluation", model_label)
     srs_stored = 0
     if orthanc is not None:
@@ -356,11 +355,64 @@ def _collect(config: Config, truth_csv: Path, out: Path, orthanc: Any,
         "srs_stored": srs_stored,
         "srs_queued": srs_queued,
         "test_patients": len(test),
-        "test_c_index": test_c,
+        "test_events": int(recurred.sum()),
+        "test_c_index": test_c.value,
+        "test_c_index_ci95": test_c.ci95,
+        "oracle_c_index": oracle.value,
+        "oracle_c_index_ci95": oracle.ci95,
         "model": model_label,
         "reports": str(reports),
         "example_pdf": str(example) if example else None,
     }
+
+
+@dataclass(frozen=True)
+class CIndex:
+    """A test-split C-index as the demo reports it.
+
+    Attributes
+    ----------
+    value, ci95
+        Harrell's C (4 decimals) and its 95 % percentile bootstrap interval; None when there
+        are fewer than :data:`MIN_TEST_EVENTS` events or the C-index is undefined.
+    events
+        Events in the test split.
+    """
+
+    value: float | None
+    ci95: list[float] | None
+    events: int
+
+
+def held_out_c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *,
+                 n_resamples: int = C_INDEX_RESAMPLES, seed: int = 0) -> CIndex:
+    """Harrell's C of ``risk`` (higher = worse) with its 95 % bootstrap interval, computed only
+    when the patients hold at least :data:`MIN_TEST_EVENTS` events."""
+    from mrrp_pacs.errors import MetricUndefined
+    from mrrp_pacs.model.evaluate import bootstrap_ci, harrell_c
+
+    events = int(np.asarray(event, dtype=bool).sum())
+    if events < MIN_TEST_EVENTS:
+        return CIndex(None, None, events)
+    try:
+        value = harrell_c(time, event, risk)
+        low, high = bootstrap_ci(harrell_c, time, event, risk, n_resamples=n_resamples,
+                                 seed=seed)
+    except MetricUndefined:
+        return CIndex(None, None, events)
+    return CIndex(round(value, 4), [round(low, 4), round(high, 4)], events)
+
+
+def c_index_text(value: float | None, ci95: list[float] | None, events: int) -> str:
+    """The demo's line for a test-split C-index: the value with its 95 % CI when it rests on at
+    least :data:`MIN_TEST_EVENTS` events, otherwise why none is shown."""
+    if events < MIN_TEST_EVENTS:
+        return f"C-index not shown: {events} test events (< {MIN_TEST_EVENTS})"
+    if value is None:
+        return f"C-index undefined on the {events} test events (no comparable pair)"
+    if ci95 is None:
+        return f"{value:.3f} (95% CI not available; {events} test events)"
+    return f"{value:.3f} (95% CI {ci95[0]:.3f}-{ci95[1]:.3f}; {events} test events)"
 
 
 def _evaluation_plots(config: Config, truth_csv: Path, folder: Path, model_label: str) -> None:

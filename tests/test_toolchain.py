@@ -42,3 +42,16 @@ def test_r_survival_package_loads():
          "packageVersion('survival')))"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()[0].isdigit()
+
+
+@pytest.mark.needs_tool("Rscript", "riskRegression", "pec")
+def test_r_risk_score_packages_load():
+    """The packages of tests/reference/ipcw_scores.R (found where Debian installs them by
+    tools.py, and loadable by Rscript)."""
+    assert tool("riskRegression") and tool("pec")
+    result = subprocess.run(
+        [tool("Rscript"), "-e", "suppressMessages({library(riskRegression); library(pec)}); "
+         "cat(format(packageVersion('riskRegression')), format(packageVersion('pec')))"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(version[0].isdigit() for version in result.stdout.split())

@@ -1,4 +1,4 @@
-"""Survival metrics of a risk model on a test set: one module, one sign convention.
+r"""Survival metrics of a risk model on a test set: one module, one sign convention.
 
 Inputs are NumPy arrays of one patient per element: ``time`` (n,) follow-up in months, ``event``
 (n,) bool (True = recurrence observed at ``time``, False = censored), ``risk`` (n,) the model's log
@@ -6,12 +6,16 @@ hazard, **higher = worse**. Predicted survival probabilities are P(event-free at
 better; each function says which of the two it takes.
 
 Censoring weights (Uno's C, time-dependent AUC, Brier scores) come from the Kaplan–Meier
-estimate of the *training* set's censoring distribution, which ends at the last training
-follow-up. Test follow-up beyond that time is administratively censored there: it changes no
-pair or case/control status at a horizon before that time and keeps the weights defined. A
-horizon at or past the end of follow-up (of either set) has no value: the metric is None with
-the reason (:class:`MetricUndefined` from the functions, ``null_reasons`` in
-:func:`evaluate_predictions`).
+estimate :math:`\hat G` of the *training* set's censoring distribution, which ends at the last
+training follow-up. An event at :math:`T_i` is weighted by :math:`1/\hat G(T_i-)`, the
+probability of remaining uncensored *just before* it (a censoring at the same time comes after
+the event), a patient still event-free at t by :math:`1/\hat G(t)`: the definitions of
+Gerds & Schumacher (2006) and R ``riskRegression::Score`` (td-AUC, Brier), checked against it
+to 1e-12 (tests/reference/ipcw_scores.R). Test follow-up beyond the end of training follow-up
+is administratively censored there: it changes no pair or case/control status at a horizon
+before that time and keeps the weights defined. A horizon at or past the end of follow-up (of
+either set) has no value: the metric is None with the reason (:class:`MetricUndefined` from the
+functions, ``null_reasons`` in :func:`evaluate_predictions`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,7 @@ import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter
 from lifelines.statistics import multivariate_logrank_test
-from sksurv.metrics import (
-    brier_score,
-    concordance_index_ipcw,
-    cumulative_dynamic_auc,
-    integrated_brier_score,
-)
+from sksurv.metrics import concordance_index_ipcw
 from sksurv.nonparametric import SurvivalFunctionEstimator
 from sksurv.util import Surv
 
@@ -176,25 +175,36 @@ def td_auc(
     train_event: np.ndarray,
     times_months: Sequence[float] = HORIZONS_MONTHS,
 ) -> HorizonMetric:
-    """Cumulative/dynamic time-dependent AUC at each horizon; ``risk`` higher = worse.
+    r"""Cumulative/dynamic time-dependent AUC at each horizon; ``risk`` higher = worse.
 
-    scikit-survival's ``cumulative_dynamic_auc`` (Uno 2007 / Hung & Chiang 2010): cases are the
-    events by t, weighted by the inverse probability of remaining uncensored, controls the
-    patients still event-free after t. Each horizon is computed on its own, so one horizon
-    past follow-up leaves the others.
+    Uno (2007) / Hung & Chiang (2010): cases are the patients with an event by t, each
+    weighted by :math:`1/\hat G(T_i-)`; controls the patients still event-free after t (one
+    common weight :math:`1/\hat G(t)`, which cancels). AUC = the weighted share of
+    case-control pairs where the case has the higher risk, tied risks counting one half.
+    Same value as R ``riskRegression::Score(..., metrics = "auc", cens.model = "km")``
+    (checked to 1e-12, ties included) and, on data where no event shares its time with a
+    censoring, as scikit-survival's ``cumulative_dynamic_auc`` (which weights by
+    :math:`\hat G(T_i)`, after the censorings at that time). Each horizon is computed on its
+    own, so one horizon past follow-up leaves the others.
     """
     time, event = _survival(time, event)
     risk = _scores(risk, len(time), "risk")
     train_time, train_event = _survival(train_time, train_event, "train_")
+    censoring = CensoringKM(train_time, train_event)
 
     def one(t: float, time: np.ndarray, event: np.ndarray) -> float:
-        if not (event & (time <= t)).any():
+        cases = event & (time <= t)
+        if not cases.any():
             raise MetricUndefined(f"no event by {t:g} months")
-        if not (time > t).any():
+        controls = time > t
+        if not controls.any():
             raise MetricUndefined(f"nobody followed past {t:g} months")
-        return float(_sksurv(lambda: cumulative_dynamic_auc(
-            Surv.from_arrays(train_event, train_time), Surv.from_arrays(event, time), risk,
-            [t])[0][0]))
+        weights = censoring.inverse_before(time[cases])
+        control_risk = np.sort(risk[controls])
+        below = np.searchsorted(control_risk, risk[cases], side="left")
+        tied = np.searchsorted(control_risk, risk[cases], side="right") - below
+        return float(np.sum(weights * (below + 0.5 * tied))
+                     / (np.sum(weights) * len(control_risk)))
 
     return _per_horizon(one, time, event, train_time, times_months)
 
@@ -385,7 +395,14 @@ def brier(
     train_event: np.ndarray,
     times_months: Sequence[float] = HORIZONS_MONTHS,
 ) -> HorizonMetric:
-    """IPCW Brier score at each horizon (Graf 1999; scikit-survival ``brier_score``).
+    r"""IPCW Brier score at each horizon (Graf 1999, Gerds & Schumacher 2006).
+
+    :math:`\frac1n \sum_i \Big[\frac{\mathbb 1(T_i \le t, \delta_i)\,\hat S_i(t)^2}
+    {\hat G(T_i-)} + \frac{\mathbb 1(T_i > t)\,(1 - \hat S_i(t))^2}{\hat G(t)}\Big]`;
+    patients censored by t count 0. Same value as R ``riskRegression::Score(...,
+    metrics = "brier", cens.model = "km")`` and ``pec::pec(..., cens.model = "marginal")``
+    (checked to 1e-12, ties included) and, where no event shares its time with a censoring,
+    as scikit-survival's ``brier_score`` (which weights an event by :math:`1/\hat G(T_i)`).
 
     Parameters
     ----------
@@ -393,6 +410,11 @@ def brier(
         (n, len(times_months)) predicted P(event-free at t), higher = better.
 
     Lower is better; 0.25 is a coin flip at 50 % risk.
+
+    Raises
+    ------
+    MetricUndefined
+        No event in the test set (per horizon: its value is None with the reason).
     """
     time, event = _survival(time, event)
     train_time, train_event = _survival(train_time, train_event, "train_")
@@ -401,13 +423,80 @@ def brier(
         raise ValueError(f"predicted_survival must have shape ({len(time)}, "
                          f"{len(times_months)}), got {predicted.shape}")
     column = {horizon_key(t): predicted[:, i] for i, t in enumerate(times_months)}
+    censoring = CensoringKM(train_time, train_event)
 
     def one(t: float, time: np.ndarray, event: np.ndarray) -> float:
-        return float(_sksurv(lambda: brier_score(
-            Surv.from_arrays(train_event, train_time), Surv.from_arrays(event, time),
-            column[horizon_key(t)], [t])[1][0]))
+        return _brier_at(t, time, event, column[horizon_key(t)], censoring)
 
     return _per_horizon(one, time, event, train_time, times_months)
+
+
+class CensoringKM:
+    r"""Kaplan–Meier estimate :math:`\hat G(t) = P(C > t)` of the censoring distribution.
+
+    Events come before censorings at the same time: a patient with an event at u is not at
+    risk of being censored at u (R ``prodlim(..., reverse = TRUE)``, scikit-survival's
+    ``CensoringDistributionEstimator``).
+
+    Parameters
+    ----------
+    time, event
+        (n,) the outcomes it is fitted on (the training set's).
+    """
+
+    def __init__(self, time: np.ndarray, event: np.ndarray) -> None:
+        time, event = _survival(time, event)
+        order = np.argsort(time, kind="stable")
+        time, event = time[order], event[order]
+        unique, first = np.unique(time, return_index=True)
+        at_risk = len(time) - first
+        events = np.add.reduceat(event.astype(float), first)
+        censored = np.add.reduceat((~event).astype(float), first)
+        uncensored_at_risk = at_risk - events
+        factor = np.ones(len(unique))
+        np.divide(uncensored_at_risk - censored, uncensored_at_risk, out=factor,
+                  where=uncensored_at_risk > 0)
+        self.times_months = unique
+        self.survival = np.cumprod(factor)
+
+    def at(self, times_months: np.ndarray | Sequence[float]) -> np.ndarray:
+        r""":math:`\hat G(t)`, right-continuous (the censorings at t included)."""
+        index = np.searchsorted(self.times_months, np.asarray(times_months, float), "right")
+        return np.concatenate(([1.0], self.survival))[index]
+
+    def before(self, times_months: np.ndarray | Sequence[float]) -> np.ndarray:
+        r""":math:`\hat G(t-)`, the left limit (the censorings at t not yet counted)."""
+        index = np.searchsorted(self.times_months, np.asarray(times_months, float), "left")
+        return np.concatenate(([1.0], self.survival))[index]
+
+    def inverse_before(self, times_months: np.ndarray) -> np.ndarray:
+        r""":math:`1/\hat G(t-)`.
+
+        Raises
+        ------
+        MetricUndefined
+            :math:`\hat G(t-) = 0` at one of the times (everyone left was censored before).
+        """
+        g = self.before(times_months)
+        if (g <= 0).any():
+            raise MetricUndefined("censoring survival is 0 before an event time: IPCW "
+                                  "weight undefined")
+        return 1.0 / g
+
+
+def _brier_at(t: float, time: np.ndarray, event: np.ndarray, survival: np.ndarray,
+              censoring: CensoringKM) -> float:
+    """The IPCW Brier score at one horizon ``t`` (see :func:`brier`)."""
+    if not event.any():
+        raise MetricUndefined("no event in the test set")
+    cases = event & (time <= t)
+    controls = time > t
+    g_t = float(censoring.at([t])[0])
+    if g_t <= 0:
+        raise MetricUndefined(f"censoring survival is 0 at {t:g} months: IPCW weight undefined")
+    total = (np.sum(survival[cases] ** 2 * censoring.inverse_before(time[cases]))
+             + np.sum((1.0 - survival[controls]) ** 2) / g_t)
+    return float(total / len(time))
 
 
 def brier_null(
@@ -440,7 +529,14 @@ def integrated_brier(
     train_event: np.ndarray,
     grid_months: np.ndarray,
 ) -> float:
-    """Integrated Brier score over ``grid_months`` (trapezoid, divided by its span).
+    """Integrated Brier score over ``grid_months``: the trapezoid rule over the :func:`brier`
+    values at the grid times, divided by the span (as scikit-survival's
+    ``integrated_brier_score``).
+
+    R integrates the same Brier values with the left-point rule instead (``pec::ibs`` from
+    the first grid time; ``riskRegression::Score(..., summary = "ibs")`` from 0 with a
+    Brier score of 0 there): on a uniform grid of step h the two differ by exactly
+    (B(last) − B(first))·h / (2 · span) (tests/reference/ipcw_scores.R checks both).
 
     Parameters
     ----------
@@ -458,10 +554,15 @@ def integrated_brier(
     if grid[0] < time.min() or grid[-1] >= end:
         raise MetricUndefined(f"grid [{grid[0]:g}, {grid[-1]:g}] months is not inside "
                               f"follow-up [{time.min():g}, {end:g}[")
+    predicted = np.asarray(predicted_survival, dtype=float)
+    if predicted.shape != (len(time), len(grid)):
+        raise ValueError(f"predicted_survival must have shape ({len(time)}, {len(grid)}), "
+                         f"got {predicted.shape}")
     time, event = _censor_at(time, event, train_time.max())
-    return float(_sksurv(lambda: integrated_brier_score(
-        Surv.from_arrays(train_event, train_time), Surv.from_arrays(event, time),
-        np.asarray(predicted_survival, dtype=float), grid)))
+    censoring = CensoringKM(train_time, train_event)
+    scores = np.array([_brier_at(float(t), time, event, predicted[:, i], censoring)
+                       for i, t in enumerate(grid)])
+    return float(np.trapezoid(scores, grid) / (grid[-1] - grid[0]))
 
 
 # --- everything metrics.json holds ----------------------------------------------------------

@@ -1,8 +1,11 @@
+import hashlib
 import json
+import subprocess
+from datetime import UTC, datetime
 
 import pytest
 
-from model_store import ModelStore
+from model_store import ModelStore, locate
 from mrrp_pacs.errors import ModelStoreError
 
 
@@ -50,3 +53,82 @@ def test_unknown_model_and_bad_names(tmp_path):
     with pytest.raises(ModelStoreError, match="has no version 'nope'"):
         store.load("m", "x", "nope")
     assert not any(p.name.startswith(".staging") for p in (tmp_path / "m" / "x").iterdir())
+
+
+def test_the_manifest_is_hashed_beside_it_and_checked_at_every_load(tmp_path):
+    store = ModelStore(tmp_path)
+    saved = store.save("m", "x", {"w": b"weights"}, {"risk_cutoff": 0.25})
+    manifest, sidecar = saved.path / "manifest.json", saved.path / "manifest.sha256"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert sidecar.read_text() == f"{digest}  manifest.json\n"  # `sha256sum -c` reads it
+    assert store.load("m", "x").manifest["risk_cutoff"] == 0.25
+
+    # an edit that leaves every listed file's hash intact: caught by the sidecar
+    original = manifest.read_bytes()
+    manifest.write_bytes(original.replace(b'"risk_cutoff": 0.25', b'"risk_cutoff": 9.0'))
+    with pytest.raises(ModelStoreError, match=r"manifest\.json does not match manifest\.sha256"):
+        store.load("m", "x")
+    # so is a manifest whose file hashes were rewritten to match altered weights
+    (saved.path / "w").write_bytes(b"tampered")
+    edited = json.loads(original)
+    edited["files"]["w"]["sha256"] = hashlib.sha256(b"tampered").hexdigest()
+    manifest.write_text(json.dumps(edited, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(ModelStoreError, match=r"does not match manifest\.sha256"):
+        store.load("m", "x")
+    with pytest.raises(ModelStoreError, match=r"does not match manifest\.sha256"):
+        store.promote("m", "x", saved.version)
+
+    manifest.write_bytes(original)
+    (saved.path / "w").write_bytes(b"weights")
+    sidecar.write_text("not a hash\n")
+    with pytest.raises(ModelStoreError, match="not one sha256sum line"):
+        store.load("m", "x")
+
+
+def test_a_version_without_the_manifest_hash_is_refused_with_the_fix(tmp_path):
+    """A version saved before manifests were hashed: refused, and the message says how to add
+    the hash (after checking the manifest) or to train again; the fix it names works."""
+    store = ModelStore(tmp_path)
+    saved = store.save("m", "x", {"w": b"weights"}, {})
+    (saved.path / "manifest.sha256").unlink()
+    with pytest.raises(ModelStoreError) as refused:
+        store.load("m", "x")
+    message = str(refused.value)
+    assert "has no manifest.sha256" in message and "train the model again" in message
+    assert "sha256sum manifest.json > manifest.sha256" in message and str(saved.path) in message
+    done = subprocess.run("sha256sum manifest.json > manifest.sha256", shell=True,
+                          cwd=saved.path, capture_output=True)
+    assert done.returncode == 0
+    assert store.load("m", "x").version == saved.version
+
+
+def test_locate_resolves_a_store_a_model_folder_or_a_version(tmp_path):
+    clock = iter([datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 2, 1, tzinfo=UTC)])
+    store = ModelStore(tmp_path / "models", clock=lambda: next(clock))
+    first = store.save("mrrp", "mrrp", {"w": b"1"}, {})
+    second = store.save("mrrp", "mrrp", {"w": b"2"}, {})
+    store.clock = lambda: datetime(2024, 3, 1, tzinfo=UTC)
+    encoder = store.save("us-encoder", "small", {"w": b"3"}, {})
+
+    newest = locate(tmp_path / "models", "mrrp")  # the folder `train --out` was given
+    assert (newest.version, newest.how) == (second.version, "newest")
+    assert newest.load().path == second.path
+    store.promote("mrrp", "mrrp", first.version)
+    for folder in (tmp_path / "models", tmp_path / "models" / "mrrp",
+                   tmp_path / "models" / "mrrp" / "mrrp"):
+        found = locate(folder, "mrrp")
+        assert (found.label, found.how) == (f"mrrp/mrrp@{first.version}", "promoted"), folder
+    given = locate(second.path, "mrrp")
+    assert (given.version, given.how) == (second.version, "given")
+
+    # without a kind the store holds two models: ambiguous, and the message lists them
+    with pytest.raises(ModelStoreError, match=r"several models \(mrrp/mrrp, us-encoder/small\)"):
+        locate(tmp_path / "models")
+    with pytest.raises(ModelStoreError, match="holds a 'us-encoder' model, not a 'mrrp' one"):
+        locate(encoder.path, "mrrp")
+    store.save("mrrp", "other", {"w": b"4"}, {})
+    with pytest.raises(ModelStoreError, match=r"several 'mrrp' models \(mrrp/mrrp, mrrp/other\)"):
+        locate(tmp_path / "models", "mrrp")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelStoreError, match="no 'mrrp' model in"):
+        locate(tmp_path / "empty", "mrrp")

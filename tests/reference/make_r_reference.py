@@ -1,10 +1,11 @@
 """Rewrite tests/reference/<script>.json: every case's inputs (tests/support/r_reference.py) and
-what R survival gives for them. Run it after changing an R script, a case or R, and read the
+what R gives for them. Run it after changing an R script, a case or R, and read the
 diff before committing it:
 
     .venv/bin/python tests/reference/make_r_reference.py [SCRIPT ...]
 
-Needs Rscript with the survival package (apt-get install r-cran-survival).
+Needs Rscript with the packages each script loads (r_reference.PACKAGES; apt-get install
+r-cran-survival r-cran-riskregression r-cran-pec).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Reference values from R ``survival``, committed beside the R scripts that compute them.
+"""Reference values from R (``survival``, ``riskRegression``, ``pec``), committed beside the R
+scripts that compute them.
 
 Each reference script ``tests/reference/<script>.R`` has a ``tests/reference/<script>.json``:
 per case, the exact input the script reads (built here, the one definition the tests use too)
@@ -6,7 +7,7 @@ and the output R gave. Tests compare our values with the committed output, with 
 (after checking their input is still the committed one), and the e2e tier runs R on the
 committed inputs and compares its output too: a failure says which side moved, ours, R's or
 the data. ``python tests/reference/make_r_reference.py`` rewrites the JSON (needs Rscript and
-the survival package); read its diff before committing it.
+the packages of :data:`PACKAGES`); read its diff before committing it.
 """
 
 from __future__ import annotations
@@ -82,6 +83,29 @@ def metrics_tied() -> pd.DataFrame:
                          "group": (risk > np.median(risk)).astype(int)})
 
 
+HORIZONS = (36.0, 60.0, 84.0)
+
+
+def ipcw_cohort(tied: bool) -> dict[str, Any]:
+    """300 patients: exponential times with log hazard = risk (two covariates and noise the
+    risk does not see), uniform censoring from 12 to 150 months; ``tied``: times rounded up to
+    whole months, so events share their times with censorings. With the horizons and the
+    1-month grid of the integrated Brier score (from the first whole month of follow-up to the
+    last horizon), as ``evaluate._ibs`` builds it."""
+    rng = np.random.default_rng(4)
+    n = 300
+    x = np.column_stack([rng.normal(size=n), rng.integers(0, 2, n)])
+    risk = x @ np.array([0.8, 0.6]) + rng.normal(0.0, 0.3, n)
+    latent = rng.exponential(80.0 * np.exp(-risk))
+    censor = rng.uniform(12.0, 150.0, n)
+    time = np.minimum(latent, censor)
+    if tied:
+        time = np.ceil(time)
+    grid = np.arange(np.ceil(time.min()), HORIZONS[-1] + 1.0)
+    return {"data": {"time": time, "status": (latent <= censor).astype(int), "risk": risk},
+            "horizons": np.array(HORIZONS), "grid": grid}
+
+
 def cox_inputs(time: Any, status: Any, x: np.ndarray, beta: Any,
                weight: Any = None) -> dict[str, Any]:
     """What cox_loglik.R reads: data (time, status, weight, x1..xk) and beta."""
@@ -122,7 +146,17 @@ CASES: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {
         "gbsg2": _gbsg2,
     },
     "survival_metrics": {"tied": lambda: metrics_inputs(metrics_tied())},
+    "ipcw_scores": {"continuous": lambda: ipcw_cohort(tied=False),
+                    "tied": lambda: ipcw_cohort(tied=True)},
 }
+
+PACKAGES: dict[str, tuple[str, ...]] = {
+    "cox_loglik": ("survival",),
+    "survival_metrics": ("survival",),
+    "ipcw_scores": ("survival", "riskRegression", "pec"),
+}
+"""The R packages each script loads (each a test tool besides Rscript, but survival, which
+Rscript's Debian package brings: tests/support/tools.py)."""
 
 
 # --- running a script --------------------------------------------------------------------------
@@ -158,9 +192,25 @@ def _run_survival_metrics(inputs: dict[str, Any], folder: Path) -> dict[str, Any
                         "hazard": basehaz["hazard"].to_numpy(float)}}
 
 
+def _run_ipcw_scores(inputs: dict[str, Any], folder: Path) -> dict[str, Any]:
+    for package in PACKAGES["ipcw_scores"][1:]:
+        tool(package)  # installed, and declared by the test that runs this
+    data = _write_data(inputs, folder)
+    pd.DataFrame({"kind": ["horizon"] * len(inputs["horizons"]) + ["grid"] * len(inputs["grid"]),
+                  "time": np.concatenate([inputs["horizons"], inputs["grid"]])}).to_csv(
+        folder / "times.csv", index=False, float_format="%.17g")
+    outputs = [folder / f"{name}.csv" for name in ("score", "grid", "scalars")]
+    _rscript("ipcw_scores", data, folder / "times.csv", *outputs)
+    score, grid, scalars = (pd.read_csv(path) for path in outputs)
+    return {"horizons": {column: score[column].to_numpy(float) for column in score.columns},
+            "grid": {column: grid[column].to_numpy(float) for column in grid.columns},
+            "scalars": dict(zip(scalars["name"], scalars["value"].astype(float), strict=True))}
+
+
 RUNNERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "cox_loglik": _run_cox_loglik,
     "survival_metrics": _run_survival_metrics,
+    "ipcw_scores": _run_ipcw_scores,
 }
 
 
@@ -169,9 +219,9 @@ def run_r(script: str, inputs: dict[str, Any], folder: Path) -> dict[str, Any]:
     return RUNNERS[script](inputs, folder)
 
 
-def r_versions() -> str:
-    done = subprocess.run([tool("Rscript"), "--vanilla", str(REFERENCE / "versions.R")],
-                          capture_output=True, text=True, timeout=120)
+def r_versions(packages: tuple[str, ...] = ("survival",)) -> str:
+    done = subprocess.run([tool("Rscript"), "--vanilla", str(REFERENCE / "versions.R"),
+                           *packages], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -249,7 +299,8 @@ def write(script: str, folder: Path) -> Path:
         work = folder / script / name
         work.mkdir(parents=True)
         cases[name] = {"inputs": inputs, "outputs": run_r(script, inputs, work)}
-    document = {"script": f"{script}.R", "made_by": MAKE, "r": r_versions(), "cases": cases}
+    document = {"script": f"{script}.R", "made_by": MAKE, "r": r_versions(PACKAGES[script]),
+                "cases": cases}
     path = REFERENCE / f"{script}.json"
     path.write_text(_json(document) + "\n")
     return path

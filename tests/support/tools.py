@@ -20,6 +20,7 @@ import pytest
 from mrrp_pacs.private_orthanc import DICOMWEB_PLUGIN, ORTHANC
 
 APT = "apt-get install -y --no-install-recommends"
+R_SITE_LIBRARY = Path("/usr/lib/R/site-library")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Tool:
 
 TOOLS: dict[str, Tool] = {
     "Rscript": Tool("r-cran-survival"),  # the reference scripts load R's survival package
+    # R packages (tests/reference/ipcw_scores.R): where Debian's packages install them
+    "riskRegression": Tool("r-cran-riskregression", R_SITE_LIBRARY / "riskRegression"),
+    "pec": Tool("r-cran-pec", R_SITE_LIBRARY / "pec"),
     "dciodvfy": Tool("dicom3tools"),
     "dsrdump": Tool("dcmtk"),
     "echoscu": Tool("dcmtk"),

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from stored_models import rewrite_manifest
 from us_phantom import random_traits
 
 from model_store import ModelStore
@@ -112,10 +113,13 @@ def test_store_round_trip_gives_identical_tokens_and_refuses_changes(crops, tmp_
     edited = json.loads(manifest_file.read_text())
     edited["code_version"] = "0"
     manifest_file.write_text(json.dumps(edited))
+    with pytest.raises(ModelStoreError, match=r"does not match manifest\.sha256"):
+        load_us_encoder(store)
+    rewrite_manifest(saved.path, edited)  # as an older encoder code would have saved it
     with pytest.raises(ModelStoreError, match=r"code version '0'.*train a new encoder"):
         load_us_encoder(store)
     edited["code_version"], edited["architecture"]["stem"]["width"] = "1", 8
-    manifest_file.write_text(json.dumps(edited))
+    rewrite_manifest(saved.path, edited)
     with pytest.raises(ModelStoreError, match="another architecture"):
         load_us_encoder(store)
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from stored_models import rewrite_manifest
 
 from model_store import ModelStore
 from mrrp_pacs.cli import main
@@ -140,11 +141,16 @@ def test_store_round_trip_and_extractor_check(tmp_path):
     other = Cohort(cohort.records, cohort.clinical_spec, {"wsi": ["toy", "2"]}, "other")
     with pytest.raises(ModelStoreError, match=r"trained on wsi features from extractor"):
         load(store.load("mrrp", "toy"), other)
-    # a manifest whose architecture no longer matches its weights is refused, not crashed on
+    # a manifest edited after the save is refused by the store
     manifest_path = stored.path / "manifest.json"
     edited = json.loads(manifest_path.read_text())
-    edited["architecture"]["d_model"] = 24
+    edited["risk_cutoff"] = 0.0
     manifest_path.write_text(json.dumps(edited))
+    with pytest.raises(ModelStoreError, match=r"does not match manifest\.sha256"):
+        store.load("mrrp", "toy")
+    # a manifest whose architecture no longer matches its weights is refused, not crashed on
+    edited["architecture"]["d_model"] = 24
+    rewrite_manifest(stored.path, edited)
     with pytest.raises(ModelStoreError, match="weights do not fit"):
         load(store.load("mrrp", "toy"))
 
