@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--no-tune", action="store_true",
                         help="one early-stopped fit per arm instead of inner CV + refit")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--extracted-only", action="store_true",
+                        help="use only the patients whose every expected family is extracted "
+                        "(a run while extraction is still going)")
     parser.add_argument("--outcomes-only", action="store_true",
                         help="write OUT/outcomes.csv and stop (before training the encoder)")
     args = parser.parse_args()
@@ -91,8 +94,13 @@ def main() -> None:
         return
 
     config = load_config(None, environ={}).with_db(args.db)
+    rows = read_outcomes(outcomes)
     with Store(config.paths.db_file, config.paths.objects_dir) as store:
-        cohort = cohort_from_store(store, config, read_outcomes(outcomes))
+        if args.extracted_only:
+            done = _extracted(store, drawn)
+            rows = {pid: row for pid, row in rows.items() if pid in done}
+            print(f"{len(rows)} of {drawn.n} patients have every expected family extracted")
+        cohort = cohort_from_store(store, config, rows)
     _check_encoder(config, int(test.sum()))
     split = cohort.split
     train_ids = [r.patient_id for r, s in zip(cohort.records, split, strict=True) if s != "test"]
@@ -129,6 +137,26 @@ def _check_same_patients(drawn: object, truth_csv: Path) -> None:
         if not np.allclose(written, values, atol=1e-5):
             raise SystemExit(f"{truth_csv}: trait {name} differs from the re-drawn cohort: "
                              "the phantom was written by other code")
+
+
+def _extracted(store: Store, drawn: object) -> set[str]:
+    """Patient ids whose every family their phantom inputs allow is in the store."""
+    found: dict[str, set[str]] = {}
+    for key, family in store.conn.execute(
+            "SELECT patient_key, family FROM features WHERE superseded_by IS NULL"):
+        found.setdefault(key.split("^")[0], set()).add(family)
+    done = set()
+    for i, pid in enumerate(drawn.ids):  # type: ignore[attr-defined]
+        expected = {"clinical"}
+        if drawn.has_wsi[i]:  # type: ignore[attr-defined]
+            expected |= {"wsi", "nuclei"}
+        if drawn.has_us[i]:  # type: ignore[attr-defined]
+            expected |= {"us", "radiomics"}
+        if drawn.has_report[i]:  # type: ignore[attr-defined]
+            expected.add("text")
+        if expected <= found.get(pid, set()):
+            done.add(pid)
+    return done
 
 
 def _check_encoder(config: object, test_patients: int) -> None:

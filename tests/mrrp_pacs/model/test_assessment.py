@@ -10,10 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from cohorts import tile_cohort
 
 from mrrp_pacs.cli import main
 from mrrp_pacs.model.assessment import Predictions, cross_validate
-from mrrp_pacs.model.dataset import Cohort, Outcome, PatientRecord
+from mrrp_pacs.model.dataset import Cohort
 from mrrp_pacs.model.evaluate import (
     HORIZONS_MONTHS,
     BaselineHazard,
@@ -23,29 +24,14 @@ from mrrp_pacs.model.evaluate import (
 )
 from mrrp_pacs.model.train import TrainSettings, config_for, train
 
-SETTINGS = TrainSettings(max_epochs=6, patience=5)
+SETTINGS = TrainSettings(max_epochs=6, patience=5, tune=False)
 FOLDS = 3
 
 
 def toy_cohort(n: int = 150, seed: int = 0) -> Cohort:
     """Tiles whose first feature carries the hazard, two clinical variables; every fifth
     patient in the test split."""
-    rng = np.random.default_rng(seed)
-    latent = rng.standard_normal(n)
-    records = []
-    for i in range(n):
-        tiles = rng.standard_normal((4, 3)).astype(np.float32)
-        tiles[:, 0] = latent[i] + 0.5 * tiles[:, 0]
-        time = rng.exponential(60 * np.exp(-1.2 * latent[i]))
-        follow = rng.uniform(40, 150)
-        records.append(PatientRecord(
-            f"T{i:03d}", {"wsi_deep": tiles},
-            {"wsi": rng.uniform(0, 500, (4, 2)).astype(np.float32)},
-            np.array([rng.normal(50, 10), rng.integers(0, 3)], np.float32), np.zeros(2, bool),
-            Outcome(float(min(time, follow)), bool(time <= follow),
-                    "test" if i % 5 == 0 else "train")))
-    return Cohort(records, [("age", "continuous", 0), ("grade", "categorical", 3)],
-                  {"wsi": ["toy", "1"]}, "toy")
+    return tile_cohort(n, seed, tiles=4, dim=3, hazard=1.2, follow_up=(40, 150), test_every=5)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from cohorts import tile_cohort
 from stored_models import rewrite_manifest
 
 from model_store import ModelStore
 from mrrp_pacs.cli import main
 from mrrp_pacs.errors import ModelStoreError
 from mrrp_pacs.model import gbsg2
-from mrrp_pacs.model.dataset import Cohort, Outcome, PatientRecord, cohort_from_table
+from mrrp_pacs.model.dataset import Cohort, PatientRecord, cohort_from_table
 from mrrp_pacs.model.train import (
     TrainSettings,
     config_for,
@@ -28,22 +29,7 @@ SETTINGS = TrainSettings(max_epochs=40, patience=10, tune=False)
 
 def toy_cohort(n=300, seed=0) -> Cohort:
     """Tiles whose first feature carries the hazard, plus two clinical variables."""
-    rng = np.random.default_rng(seed)
-    latent = rng.standard_normal(n)
-    records = []
-    for i in range(n):
-        tiles = rng.standard_normal((6, 5)).astype(np.float32)
-        tiles[:, 0] = latent[i] + 0.5 * tiles[:, 0]
-        time = rng.exponential(60 * np.exp(-1.5 * latent[i]))
-        follow = rng.uniform(20, 150)
-        records.append(PatientRecord(
-            f"T{i:03d}", {"wsi_deep": tiles}, {"wsi": rng.uniform(0, 500, (6, 2)).astype(
-                np.float32)},
-            np.array([rng.normal(50, 10), rng.integers(0, 3)], np.float32), np.zeros(2, bool),
-            Outcome(float(min(time, follow)), bool(time <= follow),
-                    "test" if i % 4 == 0 else "train")))
-    spec = [("age", "continuous", 0), ("grade", "categorical", 3)]
-    return Cohort(records, spec, {"wsi": ["toy", "1"]}, "toy")
+    return tile_cohort(n, seed)
 
 
 def test_training_is_seeded_and_learns_the_signal():
