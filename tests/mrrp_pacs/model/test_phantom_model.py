@@ -3,8 +3,9 @@ full model beats its clinical-only arm where the images carry most of the hazard
 
 200 patients (1024-px slides, 8 tiles, every family), 40 % events, half held out (stratified
 by event) so the test half holds ~40 events; the hazard's modality weights put most of its
-variance in the slide and the ultrasound (clinical weight 0.3 instead of 0.6). The phantom's
-oracle (true log hazard) on the same test patients shows how far above 0.5 a model can get.
+variance in the slide and the ultrasound (wsi 1.5, us 1.0, clinical 0.2; the defaults are 1,
+0.6, 0.6). The phantom's oracle (true log hazard) on the same test patients shows how far above
+0.5 a model can get.
 """
 
 import csv
@@ -21,7 +22,7 @@ from mrrp_pacs.phantom.generator import PhantomSpec, parse_signal
 
 SPEC = PhantomSpec(patients=200, seed=8, slide_px=1024, missing_wsi=0.1, missing_us=0.1,
                    missing_report=0.1, event_fraction=0.4, test_fraction=0.5,
-                   signal=parse_signal("wsi=1.2,us=0.8,text=0.5,clinical=0.3"))
+                   signal=parse_signal("wsi=1.5,us=1.0,text=0.5,clinical=0.2"))
 MARGIN = 0.1  # the model must reach 0.5 + MARGIN; the oracle here is ~0.8
 
 pytestmark = pytest.mark.slow
