@@ -46,7 +46,7 @@ from mrrp_pacs.model.ablation import ARMS, run_ablation, write_ablation
 from mrrp_pacs.model.baselines import PhantomTruth, fit_baselines, truth_baselines
 from mrrp_pacs.model.dataset import cohort_from_store, read_outcomes
 from mrrp_pacs.model.train import TrainSettings
-from mrrp_pacs.phantom.cohort import CohortParameters, make_cohort
+from mrrp_pacs.phantom.generator import written_cohort
 from mrrp_pacs.store import Store
 
 
@@ -70,13 +70,8 @@ def main() -> None:
                         help="write OUT/outcomes.csv and stop (before training the encoder)")
     args = parser.parse_args()
 
-    summary = json.loads((args.phantom / "phantom.json").read_text())
-    spec = summary["spec"]
-    drawn = make_cohort(CohortParameters(
-        patients=spec["patients"], seed=spec["seed"], signal=dict(spec["signal"]),
-        missing_wsi=spec["missing_wsi"], missing_us=spec["missing_us"],
-        missing_report=spec["missing_report"], event_fraction=args.event_fraction,
-        test_fraction=args.test_fraction))
+    drawn = written_cohort(args.phantom, event_fraction=args.event_fraction,
+                           test_fraction=args.test_fraction)
     _check_same_patients(drawn, args.phantom / "truth.csv")
     args.out.mkdir(parents=True, exist_ok=True)
     outcomes = args.out / "outcomes.csv"
@@ -116,6 +111,7 @@ def main() -> None:
                           n_resamples=args.resamples,
                           progress=lambda n: print(".", end="", flush=True))
     result["wall_seconds"] = round(time.perf_counter() - started)
+    spec = json.loads((args.phantom / "phantom.json").read_text())["spec"]
     result["phantom"] = {"patients": drawn.n, "seed": spec["seed"], "signal": spec["signal"],
                          "event_fraction": args.event_fraction,
                          "test_fraction": args.test_fraction,

@@ -26,7 +26,6 @@ patients who have the modality.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +39,10 @@ from mrrp_pacs.model.dataset import cohort_from_store, read_outcomes
 from mrrp_pacs.model.evaluate import harrell_c
 from mrrp_pacs.phantom.cohort import (
     TRAITS,
-    CohortParameters,
     clinical_terms,
     hazard_design,
-    make_cohort,
 )
+from mrrp_pacs.phantom.generator import written_cohort
 from mrrp_pacs.store import Store
 
 FAMILY_PREFIX = {"wsi": "wsi_", "us": ("us_deep", "us_radiomics"), "text": "us_text"}
@@ -58,12 +56,8 @@ def main() -> None:
     parser.add_argument("--event-fraction", type=float, default=0.4)
     parser.add_argument("--test-fraction", type=float, default=1 / 3)
     args = parser.parse_args()
-    spec = json.loads((args.phantom / "phantom.json").read_text())["spec"]
-    drawn = make_cohort(CohortParameters(
-        patients=spec["patients"], seed=spec["seed"], signal=dict(spec["signal"]),
-        missing_wsi=spec["missing_wsi"], missing_us=spec["missing_us"],
-        missing_report=spec["missing_report"], event_fraction=args.event_fraction,
-        test_fraction=args.test_fraction))
+    drawn = written_cohort(args.phantom, event_fraction=args.event_fraction,
+                           test_fraction=args.test_fraction)
     config = load_config(None, environ={}).with_db(args.db)
     with Store(config.paths.db_file, config.paths.objects_dir) as store:
         cohort = cohort_from_store(store, config, read_outcomes(args.outcomes))

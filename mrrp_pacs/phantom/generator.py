@@ -263,6 +263,24 @@ def _scalar(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def cohort_parameters(spec: PhantomSpec) -> cohort_model.CohortParameters:
+    """The cohort model's parameters of a phantom specification."""
+    return cohort_model.CohortParameters(
+        patients=spec.patients, seed=spec.seed, signal=dict(spec.signal),
+        missing_wsi=spec.missing_wsi, missing_us=spec.missing_us,
+        missing_report=spec.missing_report, event_fraction=spec.event_fraction,
+        test_fraction=spec.test_fraction)
+
+
+def written_cohort(out: Path, **outcomes: float) -> cohort_model.Cohort:
+    """The cohort a written phantom was drawn from (its ``phantom.json``), with the outcomes
+    re-drawn when ``event_fraction`` or ``test_fraction`` is given: neither changes a trait,
+    a clinical value or a pixel, so the images on disk still belong to these patients."""
+    spec = json.loads((out / "phantom.json").read_text())["spec"]
+    spec["signal"] = tuple(spec["signal"].items())
+    return cohort_model.make_cohort(cohort_parameters(PhantomSpec(**{**spec, **outcomes})))
+
+
 def generate(spec: PhantomSpec, out: Path, workers: int | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, object]:
     """Write the whole phantom into ``out`` (which must not exist or be empty).
@@ -272,12 +290,7 @@ def generate(spec: PhantomSpec, out: Path, workers: int | None = None,
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: choose a new folder for the phantom")
     out.mkdir(parents=True, exist_ok=True)
-    params = cohort_model.CohortParameters(
-        patients=spec.patients, seed=spec.seed, signal=dict(spec.signal),
-        missing_wsi=spec.missing_wsi, missing_us=spec.missing_us,
-        missing_report=spec.missing_report, event_fraction=spec.event_fraction,
-        test_fraction=spec.test_fraction)
-    cohort = cohort_model.make_cohort(params)
+    cohort = cohort_model.make_cohort(cohort_parameters(spec))
     jobs = [
         _PatientJob(
             index=i, patient_id=pid, seed=spec.seed, slide_px=spec.slide_px, mpp=spec.mpp,

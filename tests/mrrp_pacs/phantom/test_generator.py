@@ -210,3 +210,17 @@ def test_cli_refuses_impossible_cohorts_before_writing(tmp_path, option, value, 
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "p").exists()
+
+
+def test_written_cohort_is_the_one_on_disk_and_redraws_only_outcomes(small_phantom):
+    from mrrp_pacs.phantom.generator import written_cohort
+
+    truth = _truth(small_phantom)
+    drawn = written_cohort(small_phantom)
+    assert drawn.ids == [row["patient_id"] for row in truth]
+    assert [f"{t:.1f}" for t in drawn.time_months] == [row["time_months"] for row in truth]
+    assert list(drawn.split) == [row["split"] for row in truth]
+    powered = written_cohort(small_phantom, event_fraction=0.6, test_fraction=0.5)
+    assert np.array_equal(powered.traits["nuclear_size"], drawn.traits["nuclear_size"])
+    assert np.array_equal(powered.has_us, drawn.has_us)
+    assert powered.weibull_scale < drawn.weibull_scale
