@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +237,6 @@ def _order(rows: list[dict[str, Any]], arms: tuple[Arm, ...]) -> list[dict[str, 
 
 
 def _settings(settings: TrainSettings) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
 
 
