@@ -193,6 +193,10 @@ def train(cohort: Cohort, config: FusionConfig, settings: TrainSettings = TrainS
         history.best_epoch = history.stopped_epoch = epochs
         history.tuning = tuning
     else:
+        if settings.tune:
+            LOGGER.warning("%d events cannot fill %d inner folds: one fit early-stopped on a "
+                           "validation split instead of tuning", int(event.sum()),
+                           settings.inner_folds)
         fit_idx, val_idx = inner_split(event, settings.validation_fraction, settings.seed)
         model, history = fit_once(cohort.subset(fit_idx), cohort.subset(val_idx), config, settings,
                               settings.learning_rate, settings.max_epochs)

@@ -75,6 +75,16 @@ def test_inner_cross_validation_chooses_rate_and_epochs_then_refits():
     assert c > 0.7
 
 
+def test_too_few_events_to_tune_is_said_not_hidden(caplog):
+    cohort = toy_cohort(8, seed=2)
+    assert 2 <= cohort.event.sum() < 6  # fewer events than 2 × 3 inner folds
+    config = config_for(cohort, d_model=8, clinical_dim=8)
+    with caplog.at_level("WARNING", logger="mrrp_pacs.model.train"):
+        trained = train(cohort, config, TrainSettings(max_epochs=2))
+    assert trained.history.tuning == {}
+    assert "cannot fill 3 inner folds" in caplog.text
+
+
 def test_mini_batches_spread_the_events():
     rng = np.random.default_rng(3)
     event = np.zeros(200, bool)
