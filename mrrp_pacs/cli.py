@@ -129,29 +129,56 @@ def ingest(state: _Context, paths: tuple[Path, ...], db_path: Path | None, as_js
 @main.command()
 @DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option("--release", "release", multiple=True, metavar="KEY",
+              help="Release a failing or quarantined patient (by the key this command lists) "
+                   "so that the next scoring run tries it again; repeatable.")
 @click.pass_obj
-def cases(state: _Context, db_path: Path | None, as_json: bool) -> None:
+def cases(state: _Context, db_path: Path | None, as_json: bool, release: tuple[str, ...]
+          ) -> None:
     """List patients, their modalities and readiness: ready, waiting (for a second imaging
-    modality, within [scoring] wait_hours) or incomplete (no image or no final clinical
-    values), as scoring decides it."""
+    modality, within [scoring] wait_hours), incomplete (no image or no final clinical
+    values), as scoring decides it, or quarantined (its extraction or scoring failed
+    [scoring] max_failures times; --release KEY tries it again)."""
     from datetime import timedelta
 
+    from mrrp_pacs import quarantine
     from mrrp_pacs.cases import MODALITIES, CaseInputs, list_cases
     from mrrp_pacs.clinical_schema import load_schema
     from mrrp_pacs.features.cache import FeatureCache
-    from mrrp_pacs.scoring import INCOMPLETE, READY, WAITING, readiness, wait_started
+    from mrrp_pacs.scoring import (
+        INCOMPLETE,
+        READY,
+        WAITING,
+        arrivals_digest,
+        readiness,
+        wait_started,
+    )
 
     def work() -> None:
         config = state.config(db_path)
         n_variables = len(load_schema(config.clinical.schema_file).variables)
         wait = timedelta(hours=config.scoring.wait_hours)
         with _open_store(config) as store:
+            for key in release:
+                if not quarantine.clear(store, key):
+                    raise click.UsageError(f"no failing or quarantined patient {key!r}: "
+                                           "`mrrp-pacs cases` lists them")
+                click.echo(f"released {key}: the next scoring run tries it again")
+            if release:
+                return
             now = store.clock()
+            failed = quarantine.failures(store)
 
             def judge(case: CaseInputs) -> tuple[str, str]:
                 found = readiness(case, wait_started(store, case, now, record=False), now,
                                   wait)
-                return found.state, found.reason
+                failure = failed.get(case.patient_key)
+                if failure is None:
+                    return found.state, found.reason
+                held = failure.holds(arrivals_digest(case), now)
+                if held == quarantine.QUARANTINED:
+                    return quarantine.QUARANTINED, failure.describe()
+                return found.state, f"{found.reason}; {failure.describe()}"
 
             found = list_cases(store, config, judge)
             extracted = FeatureCache(store).summary()
@@ -173,7 +200,9 @@ def cases(state: _Context, db_path: Path | None, as_json: bool) -> None:
         for row in [header, *rows]:
             click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True))
                        .rstrip())
-        counts = {s: sum(c.readiness == s for c in found) for s in (READY, WAITING, INCOMPLETE)}
+        counts = {s: sum(c.readiness == s for c in found)
+                  for s in (READY, WAITING, INCOMPLETE, quarantine.QUARANTINED)
+                  if s != quarantine.QUARANTINED or any(c.readiness == s for c in found)}
         click.echo(f"{len(found)} patients: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
 
     _guarded(work)

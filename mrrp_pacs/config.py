@@ -204,6 +204,18 @@ class ScoringConfig:
     # IANA time zone of rescore_time, e.g. "Europe/Berlin" (follows daylight saving time);
     # empty = this machine's zone (/etc/localtime or $TZ)
     timezone: str = ""
+    # extraction runs in a worker process (mrrp_pacs/workers.py) so that a patient that crashes
+    # it, or goes over its memory or time limit, costs that patient only; "inline" runs it in
+    # the daemon's process (debugging only)
+    isolation: Literal["process", "inline"] = "process"
+    worker_memory_mb: int = 8192  # resident memory of the worker; 0 = no limit
+    worker_threads: int = 0  # torch/BLAS threads of the worker; 0 = cores less one (≥ 1)
+    worker_timeout_s: int = 3600  # one patient's extraction; 0 = no limit
+    # a patient whose extraction or scoring fails is retried after retry_backoff_s, doubling
+    # per failure up to 24 h, and quarantined after max_failures failures (until something new
+    # arrives for it, or `mrrp-pacs cases --release KEY`)
+    max_failures: int = 3
+    retry_backoff_s: int = 900
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The always-on daemon: listeners in, scheduled jobs through the pipeline, results out.
 
-Jobs (APScheduler, persistent job store, one worker so jobs never overlap):
+Jobs (APScheduler, persistent job store). Two executors of one thread each, each with its own
+:class:`Pipeline` and store connection: scoring jobs (process, rescore) never overlap each
+other, nor do pull and export, and an hours-long rescoring holds up neither pull nor export:
 
 ========  ==========================  =====================================================
 pull      every ``pacs.interval_s``   C-FIND new studies, C-MOVE/C-GET them to us
@@ -14,7 +16,12 @@ rescore   daily at ``rescore_time``   every ready case again (coalesced: a night
 Every job is idempotent and records a ``jobs`` row; a job found ``running`` at start was cut
 short and is marked ``interrupted`` (its work is redone, never twice: scores are unique per
 model and inputs, the outbox per object and destination). SIGTERM stops the listeners
-accepting, lets the current job stop at its next patient, and exits.
+accepting, kills the extraction worker (its patient is redone at the next start), lets the
+current job stop at its next patient, and exits.
+
+Extraction runs in a worker process (:mod:`mrrp_pacs.workers`) with a memory and time limit:
+a patient that makes it raise, die or run over costs that patient only; it is retried with
+backoff and quarantined after ``[scoring] max_failures`` (:mod:`mrrp_pacs.quarantine`).
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from model_store import ModelStore
+from mrrp_pacs import quarantine
 from mrrp_pacs.cases import CaseInputs
 from mrrp_pacs.clock import Clock, system_clock
 from mrrp_pacs.config import Config
+from mrrp_pacs.errors import ModelUnavailable
 from mrrp_pacs.features.families import FAMILY_NAMES
-from mrrp_pacs.features.pipeline import Extractor, FamilyStatus
+from mrrp_pacs.features.pipeline import FamilyStatus
 from mrrp_pacs.model.train import MODEL_KIND
 from mrrp_pacs.results import RiskResult
 from mrrp_pacs.scoring import (
@@ -52,6 +61,7 @@ from mrrp_pacs.scoring import (
     judge_cases,
 )
 from mrrp_pacs.store import Store
+from mrrp_pacs.workers import ExtractionWorker, InlineWorker, Worker, WorkerFailed, WorkerLimits
 
 if TYPE_CHECKING:  # the wiring imports listeners and exporters when it builds them
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -101,6 +111,11 @@ class ProcessSummary:
     waiting: int = 0  # for a second imaging modality, within the wait window
     incomplete: int = 0
     failed_families: int = 0  # feature families that failed for a patient
+    # patients whose extraction or scoring raised, crashed its worker or ran over a limit
+    # (retried later, quarantined after [scoring] max_failures: mrrp_pacs/quarantine.py)
+    errors: int = 0
+    deferred: int = 0  # skipped: failed before, next attempt later
+    quarantined: int = 0  # skipped: quarantined
     queued: dict[str, int] = field(default_factory=dict)  # objects queued, by kind
     stopped: bool = False  # the daemon stopped the job between patients
     no_model: bool = False
@@ -127,7 +142,7 @@ class Pipeline:
         self.stopping = stopping or threading.Event()
         self.store = Store(config.paths.db_file, config.paths.objects_dir, clock=clock)
         self.models = ModelStore(config.paths.model_store_dir, clock=clock)
-        self._extractor: Extractor | None = None
+        self._worker: Worker | None = None
         self._scorer: Scorer | None = None
         self._exporter = exporter
         self._drain = drain
@@ -135,7 +150,27 @@ class Pipeline:
         self._warned_no_model = False
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
         self.store.close()
+
+    def abort_extraction(self) -> None:
+        """Kill the extraction worker now (from another thread, when stopping): the patient
+        it was on is redone at the next run, not counted as failed."""
+        if isinstance(self._worker, ExtractionWorker):
+            self._worker.abort()
+
+    def worker(self) -> Worker:
+        """The extraction worker of ``[scoring] isolation`` (started at first use)."""
+        if self._worker is None:
+            if self.config.scoring.isolation == "inline":
+                self._worker = InlineWorker(self.config, lambda: self.store)
+            else:
+                self._worker = ExtractionWorker(self.config, self.config.paths.db_file,
+                                                self.config.paths.objects_dir,
+                                                WorkerLimits.from_config(self.config))
+        return self._worker
 
     # -- job bookkeeping ---------------------------------------------------------------------
     def mark_interrupted(self) -> int:
@@ -227,21 +262,27 @@ class Pipeline:
     def _score_each(self, scorer: Scorer, due: dict[str, CaseInputs], digests: dict[str, str],
                     run: ScoringRun, progress: Callable[[int, int], None] | None
                     ) -> ProcessSummary:
-        if self._extractor is None:
-            self._extractor = Extractor(self.store, self.config)
-        families = tuple(f for f in FAMILY_NAMES if f in self.config.features.families)
-        failed_families = 0
+        held = quarantine.failures(self.store)
+        skipped = {quarantine.DEFERRED: 0, quarantine.QUARANTINED: 0}
+        failed_families = errors = 0
         exported: dict[str, int] = {}
         stopped = False
         for done, (key, inputs) in enumerate(due.items()):
             if self.stopping.is_set():
                 stopped = True
                 break
-            outcomes = self._extractor.run(inputs, families, force=False)
-            failed_families += sum(o.status == FamilyStatus.FAILED for o in outcomes)
-            scored = scorer.score({key: inputs}, {key: digests[key]})
-            run.outcomes.extend(scored)
-            self._publish([o for o in scored if o.state == "scored"], exported)
+            failure = held.get(key)
+            why = failure.holds(digests[key], self.store.clock()) if failure else None
+            if why is not None:
+                skipped[why] += 1
+            else:
+                failed, error = self._score_one(scorer, key, inputs, digests[key], run,
+                                                exported, failure is not None)
+                failed_families += failed
+                if error is not None and self.stopping.is_set():  # stopped under the patient
+                    stopped = True
+                    break
+                errors += error is not None
             if progress is not None:
                 progress(done + 1, len(due))
         if not stopped:
@@ -249,8 +290,39 @@ class Pipeline:
         return ProcessSummary(
             model=scorer.version.label, due=len(due), scored=run.count("scored"),
             unchanged=run.count("unchanged"), failed=run.count("failed"), waiting=run.waiting,
-            incomplete=run.incomplete, failed_families=failed_families, queued=exported,
-            stopped=stopped)
+            incomplete=run.incomplete, failed_families=failed_families, errors=errors,
+            deferred=skipped[quarantine.DEFERRED], quarantined=skipped[quarantine.QUARANTINED],
+            queued=exported, stopped=stopped)
+
+    def _score_one(self, scorer: Scorer, key: str, inputs: CaseInputs, digest: str,
+                   run: ScoringRun, exported: dict[str, int], failed_before: bool
+                   ) -> tuple[int, str | None]:
+        """Extract, score and publish one patient: (feature families that failed, None), or
+        (0, why the patient failed), then recorded in ``patient_failures`` unless the daemon
+        is stopping."""
+        try:
+            outcomes = self.worker().extract(inputs, families_of(self.config))
+            scored = scorer.score({key: inputs}, {key: digest})
+        except ModelUnavailable:
+            raise  # every patient would fail alike: the job fails and says why
+        except Exception as exc:
+            if self.stopping.is_set():
+                return 0, "stopped"
+            error = str(exc) if isinstance(exc, WorkerFailed) else f"{type(exc).__name__}: {exc}"
+            record = quarantine.record_failure(
+                self.store, key, digest, error, self.store.clock(),
+                backoff_s=self.config.scoring.retry_backoff_s,
+                max_failures=self.config.scoring.max_failures)
+            # the error may quote a patient id: it is kept for `cases`, the log gets its type
+            LOGGER.error("a patient failed (%s, failure %d): %s", type(exc).__name__,
+                         record.failures, "quarantined" if record.quarantined_at is not None
+                         else f"retried after {record.next_attempt_at:%Y-%m-%d %H:%M} UTC")
+            return 0, error
+        if failed_before:
+            quarantine.clear(self.store, key)
+        run.outcomes.extend(scored)
+        self._publish([o for o in scored if o.state == "scored"], exported)
+        return sum(o.status == FamilyStatus.FAILED for o in outcomes), None
 
     def _publish(self, outcomes: list[ScoreOutcome], counts: dict[str, int]) -> None:
         """Queue the objects of new scores; a failure leaves the score to the next run."""
@@ -296,14 +368,20 @@ class Pipeline:
             return summary
 
 
+def families_of(config: Config) -> tuple[str, ...]:
+    """The feature families scoring extracts (``[features] families``, in pipeline order)."""
+    return tuple(f for f in FAMILY_NAMES if f in config.features.families)
+
+
 # -- scheduler -------------------------------------------------------------------------------
 
 _ACTIVE: dict[str, Pipeline] = {}
+IO_JOBS = {"pull": "io", "export": "io"}  # jobs on the io executor and pipeline
 
 
 def run_job(kind: str) -> None:
     """Entry point the persistent job store names (``mrrp_pacs.daemon:run_job``)."""
-    pipeline = _ACTIVE.get("pipeline")
+    pipeline = _ACTIVE.get(IO_JOBS.get(kind, "pipeline"))
     if pipeline is None or pipeline.stopping.is_set():
         return
     try:
@@ -350,7 +428,9 @@ def build_scheduler(config: Config, clock: Clock = system_clock) -> BackgroundSc
 
     scheduler = Scheduler(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{scheduler_db(config)}")},
-        executors={"default": ThreadPoolExecutor(max_workers=1)},
+        # scoring (process, rescore) on one thread, pull and export on another
+        executors={"default": ThreadPoolExecutor(max_workers=1),
+                   "io": ThreadPoolExecutor(max_workers=1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600},
         timezone="UTC")
     hour, minute = (int(part) for part in config.scoring.rescore_time.split(":"))
@@ -368,10 +448,12 @@ def build_scheduler(config: Config, clock: Clock = system_clock) -> BackgroundSc
             job.remove()
     for kind, trigger in wanted.items():
         existing = scheduler.get_job(kind)
-        if existing is not None and str(existing.trigger) == str(trigger):
+        executor = "io" if kind in IO_JOBS else "default"
+        if existing is not None and str(existing.trigger) == str(trigger) \
+                and existing.executor == executor:
             continue  # keep its next run time: a missed nightly rescoring then runs at start
         scheduler.add_job("mrrp_pacs.daemon:run_job", trigger, args=[kind], id=kind,
-                          name=kind, replace_existing=True)
+                          name=kind, executor=executor, replace_existing=True)
     # resume interrupted work at once rather than one interval later
     soon = clock()
     for kind in ("pull", "process", "export"):
@@ -403,9 +485,12 @@ class Daemon:
         self.stopping = threading.Event()
         self.components = components
         components.stopping = self.stopping
+        # two pipelines, each with its own store connection and scheduler thread: a rescoring
+        # that runs for hours must not hold up pulling studies or sending results
         self.pipeline = Pipeline(config, self.stopping, exporter=components.exporter,
-                                 drain=components.drain, pull=components.pull,
                                  clock=components.clock)
+        self.io_pipeline = Pipeline(config, self.stopping, drain=components.drain,
+                                    pull=components.pull, clock=components.clock)
         self.scheduler: BackgroundScheduler | None = None
 
     def start(self) -> None:
@@ -416,6 +501,7 @@ class Daemon:
         for listener in self.components.listeners:
             listener.start()
         _ACTIVE["pipeline"] = self.pipeline
+        _ACTIVE["io"] = self.io_pipeline
         self.scheduler = build_scheduler(self.config, self.components.clock)
         self.scheduler.resume()
         LOGGER.info("daemon started: %d listener(s), jobs %s", len(self.components.listeners),
@@ -428,13 +514,16 @@ class Daemon:
         moves (it ends after the current study), and scoring stops after its current patient.
         """
         self.stopping.set()
+        self.pipeline.abort_extraction()  # its patient is redone at the next start
         if self.scheduler is not None:
             self.scheduler.pause()  # nothing new is submitted while the running job ends
             self.scheduler.shutdown(wait=True)
         for listener in self.components.listeners:
             listener.stop()
         _ACTIVE.pop("pipeline", None)
+        _ACTIVE.pop("io", None)
         self.pipeline.close()
+        self.io_pipeline.close()
         LOGGER.info("daemon stopped")
 
     def run_until_signalled(self) -> None:

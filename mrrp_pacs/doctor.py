@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrrp_pacs import quarantine
 from mrrp_pacs.config import Config, ExportConfig, local_address
 
 MIN_FREE_BYTES = 2 * 1024**3  # one day of slides on a small site
@@ -106,6 +107,16 @@ def _database(config: Config, _: int) -> Iterator[Check]:
                     fix)
         return
     yield Check("database", True, f"{db} writable, schema {version}")
+    with Store(db, config.paths.objects_dir, migrate=False) as store:
+        held = quarantine.counts(store)
+    if held[quarantine.QUARANTINED] or held["failing"]:
+        yield Check("failed patients", True,
+                    f"{held[quarantine.QUARANTINED]} quarantined, {held['failing']} failing "
+                    "(extraction or scoring failed; retried with backoff, then quarantined)",
+                    "see `mrrp-pacs cases` for why; after fixing the cause, "
+                    "`mrrp-pacs cases --release KEY`", warning=True)
+    else:
+        yield Check("failed patients", True, "none")
     objects = config.paths.objects_dir
     probe = objects / ".doctor-probe"
     try:

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from mrrp_pacs import quarantine
 from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ def metrics_text(store: Store) -> str:
           [('{state="due"}', float(detail.get("due", 0))),
            ('{state="waiting"}', float(detail.get("waiting", 0))),
            ('{state="incomplete"}', float(detail.get("incomplete", 0)))])
+    failing = quarantine.counts(store)
+    gauge("mrrp_patients_failing", "Patients whose extraction or scoring failed: retried "
+          "later (failing) or held until an operator or new data releases them (quarantined)",
+          [(f'{{state="{state}"}}', float(n)) for state, n in failing.items()])
     durations: list[tuple[str, float]] = []
     runs: list[tuple[str, float]] = []
     for kind, state, count in conn.execute(

@@ -82,3 +82,21 @@ def test_the_pacs_we_pull_from_stays_allowed_when_other_senders_are_listed(confi
         assert c_echo("127.0.0.1", scp.port, "MRRP", "STRANGER", timeout_s=10) is not None
     finally:
         scp.stop()
+
+
+def test_scoring_and_io_jobs_run_on_their_own_threads_also_after_an_upgrade(config):
+    """A rescoring that takes hours must not hold up pull and export: they have their own
+    executor; a job store written before the split (export on the scoring thread) is moved."""
+    config.paths.db_file.parent.mkdir(parents=True)
+    config = config.replace("pacs", host="127.0.0.1")
+    old = build_scheduler(config)
+    old.modify_job("export", executor="default")  # as the single-thread scheduler stored it
+    old.shutdown(wait=False)
+    scheduler = build_scheduler(config)
+    try:
+        executors = {job.id: job.executor for job in scheduler.get_jobs()}
+        assert executors == {"process": "default", "rescore": "default", "pull": "io",
+                             "export": "io"}
+        assert scheduler._executors["io"]._pool._max_workers == 1
+    finally:
+        scheduler.shutdown(wait=False)

@@ -262,3 +262,107 @@ def test_rescore_with_db_finds_the_model_beside_the_database_and_writes_nothing_
     assert second["failed"] == second["waiting"] == second["incomplete"] == 0
     assert not any(second["queued"].values())  # no new SR or PDF
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_patient_that_breaks_or_overfills_its_worker_costs_that_patient_only(
+        phantom_model, monkeypatch):
+    """Extraction raising for one patient, going over the worker's memory limit for another
+    and killing its worker for a third (fault points, mrrp_pacs/faults.py; the allocation is real and the limit is
+    enforced by reading the worker's resident memory): everyone else is scored in the same
+    run; the two are retried after the backoff, then quarantined, shown by `cases`,
+    /metrics and `doctor`, and scored once released."""
+    from mrrp_pacs.doctor import run_checks
+    from mrrp_pacs.health import metrics_text
+    from mrrp_pacs.quarantine import failures
+
+    config, _, _, env, db, _ = phantom_model
+    config = config.replace("scoring", wait_hours=0.0, worker_memory_mb=1500,
+                            max_failures=2, retry_backoff_s=600)
+    clock = SteppingClock(NOW)
+    pipeline = Pipeline(config, clock=clock)
+    try:
+        with pipeline.store.transaction() as conn:
+            conn.execute("DELETE FROM scores")
+            conn.execute("DELETE FROM case_waits")
+        ready = [key for key, case in case_inputs(pipeline.store, config).items()
+                 if case.clinical and (case.slides or case.us_images)]
+        raising, hog, killed = ready[0], ready[1], ready[2]
+        monkeypatch.setenv("MRRP_FAULTS", f"extract@{raising}=raise,extract@{hog}=alloc:2500,"
+                                          f"extract@{killed}=kill")
+        first = pipeline.process()
+        assert (first.scored, first.errors) == (len(ready) - 3, 3)
+        held = failures(pipeline.store)
+        assert set(held) == {raising, hog, killed}
+        assert "InjectedFault" in held[raising].last_error
+        assert "memory limit of 1500 MiB" in held[hog].last_error
+        assert "killed by SIGKILL" in held[killed].last_error
+        with pipeline.store.transaction() as conn:  # the crash is tested; go on with two
+            conn.execute("DELETE FROM patient_failures WHERE patient_key = ?", (killed,))
+        monkeypatch.setenv("MRRP_FAULTS", f"extract@{raising}=raise,extract@{hog}=alloc:2500")
+        pipeline.close()
+        pipeline = Pipeline(config, clock=clock)
+        assert pipeline.process().scored == 1  # the killed one, now without its fault
+        assert pipeline.store.conn.execute(
+            "SELECT COUNT(*) FROM scores WHERE patient_key IN (?, ?)", (raising, hog)
+        ).fetchone()[0] == 0
+        # not tried again before the backoff, tried after it, then quarantined
+        early = pipeline.process()
+        assert (early.deferred, early.errors, early.scored) == (2, 0, 0)
+        clock.advance(seconds=601)
+        again = pipeline.process()
+        assert (again.errors, again.scored) == (2, 0)
+        assert all(f.quarantined_at is not None for f in failures(pipeline.store).values())
+        clock.advance(hours=48)
+        assert pipeline.process().quarantined == 2
+        metrics = metrics_text(pipeline.store)
+        assert 'mrrp_patients_failing{state="quarantined"} 2' in metrics
+    finally:
+        pipeline.close()
+    doctor = {c.name: c for c in run_checks(config, check_ports=False)}
+    assert doctor["failed patients"].warning and "2 quarantined" in doctor["failed patients"].detail
+    listed = CliRunner().invoke(main, ["cases", *db], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert sum("quarantined after 2 failures" in line for line in listed.output.splitlines()) == 2
+    monkeypatch.delenv("MRRP_FAULTS")
+    released = CliRunner().invoke(main, ["cases", *db, "--release", raising, "--release", hog],
+                                  env=env)
+    assert released.exit_code == 0, released.output
+    pipeline = Pipeline(config, clock=clock)
+    try:
+        assert pipeline.process().scored == 2
+        assert not failures(pipeline.store)
+    finally:
+        pipeline.close()
+
+
+def test_stopping_kills_the_worker_and_counts_no_failure(phantom_model, monkeypatch):
+    """The daemon's stop kills a worker stuck in a patient (every extraction hangs 10 min
+    here): the run ends as stopped within seconds, and nobody is recorded as failed."""
+    import threading
+    import time
+
+    from mrrp_pacs.quarantine import failures
+
+    config, *_ = phantom_model
+    monkeypatch.setenv("MRRP_FAULTS", "extract=sleep:600")
+    pipeline = Pipeline(config.replace("scoring", wait_hours=0.0), clock=SteppingClock(NOW))
+    found = {}
+    runner = threading.Thread(target=lambda: found.update(run=pipeline.process(everyone=True)))
+    try:
+        runner.start()
+        deadline = time.monotonic() + 120
+        while pipeline._worker is None or not pipeline._worker.started:
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        pipeline.stopping.set()
+        pipeline.abort_extraction()
+        runner.join(60)
+        assert not runner.is_alive(), "the run did not stop"
+        assert found["run"].stopped and found["run"].errors == 0
+        assert not failures(pipeline.store)
+    finally:
+        pipeline.stopping.set()
+        pipeline.abort_extraction()
+        runner.join(60)
+        pipeline.close()
