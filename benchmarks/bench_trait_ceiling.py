@@ -20,7 +20,8 @@ test split:
 - the clinical terms alone.
 
 It also prints, per trait, the correlation of the predicted with the true trait on the test
-patients who have the modality.
+patients who have the modality. The same ceilings over many cohorts (no images), with the exact
+ceiling given the observed data: ``bench_observed_ceiling.py``.
 """
 
 from __future__ import annotations

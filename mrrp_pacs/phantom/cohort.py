@@ -16,6 +16,7 @@ the split, so a benchmark can re-draw outcomes on an already extracted phantom.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,6 +95,12 @@ class Cohort:
     @property
     def n(self) -> int:
         return len(self.ids)
+
+    @property
+    def present(self) -> dict[str, np.ndarray]:
+        """Trait modality (the values of :data:`TRAITS`) → whether each patient has it; the
+        ``text`` traits are rendered into the ultrasound report, so they need the report."""
+        return {"wsi": self.has_wsi, "us": self.has_us, "text": self.has_report}
 
 
 def _draw_population(rng: np.random.Generator, n: int) -> tuple[dict[str, np.ndarray],
@@ -189,6 +196,48 @@ def log_hazard(traits: dict[str, np.ndarray], clinical: dict[str, np.ndarray],
     for column, weight in zip(design.T, hazard_coefficients(signal), strict=True):
         eta += weight * column
     return eta
+
+
+def observed_traits(traits: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray],
+                    fill: Mapping[str, np.ndarray | float] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """The traits as a reader of the patient's data can know them.
+
+    A trait of a modality the patient lacks (``present[TRAITS[trait]]`` false; a cohort's
+    :attr:`Cohort.present`) is replaced by ``fill[trait]`` (per patient or a scalar); by default
+    by 0, its population mean (the traits are standard normal). Traits of a modality the patient
+    has are kept.
+
+    With ``fill`` the conditional expectation of each missing trait given what is observed,
+    :func:`log_hazard` of the result is E[true log hazard | observed]: the hazard is linear in
+    each trait, and its one product (:data:`INTERACTION`) joins traits of two modalities that are
+    independent given the observed data, so the expectation of the product is the product of the
+    expectations. Zero is that expectation for the ultrasound and report traits (independent of
+    everything observed); the slide's nuclear size, pleomorphism and tumour density also drive
+    grade, nodes and Ki-67, so given the clinical values their expectation is not 0.
+
+    Parameters
+    ----------
+    traits
+        Trait name → values, as :attr:`Cohort.traits`.
+    present
+        Modality (``"wsi"``, ``"us"``, ``"text"``) → boolean per patient.
+    fill
+        Trait name → the value to use where its modality is missing; absent names use 0.
+
+    Returns
+    -------
+    dict
+        Trait name → float64 values, one per patient, in the order of ``traits``.
+    """
+    fill = fill or {}
+    seen = {}
+    for name, values in traits.items():
+        values = np.asarray(values, dtype=float)
+        seen[name] = np.where(np.asarray(present[TRAITS[name]], dtype=bool), values,
+                              np.broadcast_to(np.asarray(fill.get(name, 0.0), dtype=float),
+                                              values.shape))
+    return seen
 
 
 def _event_fraction(scale: float, eta: np.ndarray, u_event: np.ndarray,

@@ -13,6 +13,7 @@ from mrrp_pacs.phantom.cohort import (
     hazard_design,
     log_hazard,
     make_cohort,
+    observed_traits,
 )
 
 
@@ -125,3 +126,48 @@ def test_the_log_hazard_is_its_design_times_its_coefficients(big):
                         - 0.15 * (c["age_years"] - 47) / 10)
                + np.sqrt(0.8 * 0.5) * 0.30 * t["nuclear_size"] * t["us_margin"])
     assert log_hazard(big.traits, big.clinical, signal)[i] == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_observed_traits_with_nothing_missing_are_the_traits(big):
+    everyone = {m: np.ones(big.n, dtype=bool) for m in ("wsi", "us", "text")}
+    seen = observed_traits(big.traits, everyone, {k: np.full(big.n, 9.0) for k in TRAITS})
+    for name in TRAITS:
+        assert np.array_equal(seen[name], big.traits[name])
+    assert np.array_equal(log_hazard(seen, big.clinical, DEFAULT_SIGNAL), big.log_hazard)
+
+
+def test_observed_traits_fill_only_the_missing_modality(big):
+    present = big.present
+    assert present["text"] is big.has_report  # vascularity lives in the report's words
+    fill = {k: np.full(big.n, 9.0) for k in TRAITS}
+    seen = observed_traits(big.traits, present, fill)
+    for name, modality in TRAITS.items():
+        has = present[modality]
+        assert (~has).any() and has.any()
+        assert np.array_equal(seen[name][has], big.traits[name][has])
+        assert np.all(seen[name][~has] == 9.0)
+    zero = observed_traits(big.traits, present)  # default: the population mean, 0
+    assert np.all(zero["us_margin"][~big.has_us] == 0.0)
+
+
+def test_observed_log_hazard_is_the_expected_log_hazard_over_the_missing_traits():
+    """Ultrasound and report traits depend on nothing observed, so E[log hazard | observed]
+    averages them out: the interaction of a present slide with a missing ultrasound included."""
+    cohort = make_cohort(CohortParameters(patients=300, seed=21, missing_us=0.5,
+                                          missing_report=0.5, missing_wsi=0.0))
+    present = cohort.present
+    expected = log_hazard(observed_traits(cohort.traits, present), cohort.clinical,
+                          DEFAULT_SIGNAL)
+    rng = np.random.default_rng(0)
+    draws = 4000
+    total = np.zeros(cohort.n)
+    for _ in range(draws):
+        redrawn = {name: np.where(present[modality], cohort.traits[name],
+                                  rng.standard_normal(cohort.n))
+                   for name, modality in TRAITS.items()}
+        total += log_hazard(redrawn, cohort.clinical, DEFAULT_SIGNAL)
+    missing = ~(present["us"] & present["text"])
+    assert missing.sum() > 100
+    assert np.allclose(total / draws, expected, atol=0.05, rtol=0)
+    # the missing traits' contribution is not negligible: the true hazard differs from it
+    assert np.abs(cohort.log_hazard - expected)[missing].mean() > 0.2
