@@ -175,13 +175,19 @@ class Pipeline:
 
     # -- the jobs ----------------------------------------------------------------------------
     def scorer(self) -> Scorer:
-        """The scorer of the promoted model, reloaded when another version is promoted."""
+        """The scorer of the promoted model, reloaded when another version is promoted.
+
+        The promoted version is read once here, at the start of a run, and loaded by that id: a
+        promotion during the run takes effect at the next run, never between two patients.
+        """
         name = self.config.scoring.model
         # the version ModelStore.load gives: the promoted one, else the latest
         wanted = (self.models.promoted(MODEL_KIND, name)
                   or self.models.versions(MODEL_KIND, name)[-1])
         if self._scorer is None or wanted != self._scorer.model_version:
-            self._scorer = Scorer(self.store, self.config, self.models, name)
+            # by version, not "the promoted one": a promotion since the read above must not
+            # give a scorer of another version than the one compared
+            self._scorer = Scorer(self.store, self.config, self.models, name, version=wanted)
             LOGGER.info("scoring with model %s", self._scorer.version.label)
         return self._scorer
 
