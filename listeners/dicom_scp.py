@@ -42,6 +42,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.clock import Clock, system_clock
@@ -225,6 +226,7 @@ class StorageScp:
             self.ae.add_supported_context(sop_class, list(transfer_syntaxes_for(sop_class)))
         self.ae.add_supported_context(Verification)  # so an operator can check with echoscu
         self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._counts: weakref.WeakKeyDictionary[Association, dict[str, int]] = (
             weakref.WeakKeyDictionary())
@@ -235,7 +237,9 @@ class StorageScp:
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        """Started, and the thread accepting associations is alive (``/healthz``)."""
+        return self._server is not None and self._thread is not None \
+            and self._thread.is_alive()
 
     def start(self) -> None:
         """Listen in background threads; returns once the port is bound."""
@@ -248,10 +252,16 @@ class StorageScp:
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
         ]
-        server = self.ae.start_server((self.host, self.port), block=False,
-                                      evt_handlers=handlers)
-        assert server is not None  # non-blocking start returns the server
+        # AE.start_server(block=False) without hiding the acceptor thread, so that `running`
+        # can tell a thread that died from one that serves (pynetdicom 3.0's own steps)
+        server = self.ae.make_server((self.host, self.port), evt_handlers=handlers,
+                                     server_class=ThreadedAssociationServer)
+        thread = threading.Thread(target=make_target(server.serve_forever),
+                                  name=f"dicom-scp-{self.ae_title}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # what AE.shutdown() and server.shutdown() expect
         self._server = server
+        self._thread = thread
         self.port = int(server.server_address[1])
         LOGGER.info("DICOM storage SCP %s listening on %s:%d (%s)", self.ae_title, self.host,
                     self.port, "any calling AE" if self.allowed_aes is None else
@@ -267,6 +277,9 @@ class StorageScp:
             return
         self._server.shutdown()
         self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
         deadline = time.monotonic() + grace_s
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)

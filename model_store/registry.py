@@ -117,6 +117,7 @@ class ModelStore:
             if target.exists():
                 raise ModelStoreError(f"{kind}/{name}@{version} already exists")
             os.replace(staging, target)
+            _fsync_dir(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return ModelVersion(kind, name, version, target, full_manifest)
@@ -133,16 +134,35 @@ class ModelStore:
                       if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists())
 
     def promoted(self, kind: str, name: str) -> str | None:
+        """The promoted version id, or None. Read once per use: a caller that needs one version
+        for a whole run (a scoring run) reads it once and loads that id."""
         marker = self.root / kind / name / PROMOTED
-        return marker.read_text().strip() if marker.exists() else None
+        try:
+            return marker.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def promote(self, kind: str, name: str, version: str) -> None:
-        """Make ``version`` the one :meth:`load` returns by default (after verifying it)."""
+        """Make ``version`` the one :meth:`load` returns by default (after verifying it).
+
+        Atomic: the pointer is written whole to a temporary file of its own (two promotions at
+        once never share one), flushed to disk, and renamed over ``PROMOTED``; the folder is
+        then flushed too. A reader sees the old version or the new one, never an empty or
+        half-written pointer, and after a power cut the pointer is one of the two as well.
+        """
         self.load(kind, name, version)
-        marker = self.root / kind / name / PROMOTED
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(version + "\n")
-        os.replace(tmp, marker)
+        folder = self.root / kind / name
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{PROMOTED}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(version + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, folder / PROMOTED)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(folder)
 
     def load(self, kind: str, name: str, version: str | None = None) -> ModelVersion:
         """The given version, else the promoted one, else the latest; hashes verified.
@@ -180,6 +200,15 @@ class ModelStore:
                 raise ModelStoreError(
                     f"{model.label}: {filename} does not match its manifest sha256 (altered or "
                     "corrupt); restore it or train again", key=model.label, source=str(path))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _hash_line(manifest_bytes: bytes) -> str:

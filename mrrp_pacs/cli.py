@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from mrrp_pacs import __version__
 from mrrp_pacs.config import Config, config_toml, load_config, local_address
-from mrrp_pacs.errors import ConfigError, MrrpError
+from mrrp_pacs.errors import ConfigError, MrrpError, StateLocked
 from mrrp_pacs.features.families import FAMILY_NAMES
 from mrrp_pacs.logs import configure_logging
+from mrrp_pacs.statelock import StateLock
 from mrrp_pacs.store import Store
 
 DB_OPTION = click.option(
@@ -73,15 +74,28 @@ def main(ctx: click.Context, config_path: Path | None, log_level: str | None) ->
     configure_logging(log_level or logging_config.level, logging_config.json)
 
 
+STATE_LOCKED_EXIT = 75
+"""Exit status when another process holds the state folder (``EX_TEMPFAIL``: try later)."""
+
+
+class _StateInUse(click.ClickException):
+    """Another process holds the state folder: its message, exit status 75."""
+
+    exit_code = STATE_LOCKED_EXIT
+
+
 def _guarded(work: Callable[[], Any]) -> Any:
     """Run ``work``, turning the failures a user can act on into one clear message.
 
     Those are every :class:`~mrrp_pacs.errors.MrrpError` (its message says what and what to
-    do), a database that cannot be used, and operating-system errors. Anything else (a bug, a
+    do; exit status 1, or :data:`STATE_LOCKED_EXIT` when the state folder is in use), a
+    database that cannot be used, and operating-system errors. Anything else (a bug, a
     ``ValueError`` out of torch or numpy) keeps its traceback.
     """
     try:
         return work()
+    except StateLocked as exc:
+        raise _StateInUse(str(exc)) from None
     except MrrpError as exc:
         raise click.ClickException(str(exc)) from None
     except sqlite3.Error as exc:
@@ -689,18 +703,19 @@ def _scoring_run(state: _Context, db_path: Path | None, everyone: bool, as_json:
     def work() -> None:
         config = state.config(db_path)
         components = components_from_config(config)
-        pipeline = Pipeline(config, exporter=components.exporter)
-        try:
-            bar = _progress(0, "patient")
+        with StateLock(config.paths.lock_file, "rescore" if everyone else "score"):
+            pipeline = Pipeline(config, exporter=components.exporter)
+            try:
+                bar = _progress(0, "patient")
 
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
 
-            with bar:
-                summary = pipeline.process(everyone=everyone, progress=progress)
-        finally:
-            pipeline.close()
+                with bar:
+                    summary = pipeline.process(everyone=everyone, progress=progress)
+            finally:
+                pipeline.close()
         if summary.no_model:  # recorded as a failed job, so it fails here too
             message = (f"no model {config.scoring.model} in the model store "
                        f"{config.paths.model_store_dir} yet: nothing was scored ({summary.due} "
@@ -781,11 +796,14 @@ def serve(state: _Context, db_path: Path | None, dicom_port: int | None,
                 config = config.replace(section, **given)
         config.check()
         daemon = Daemon(config, components_from_config(config))
-        click.echo(f"mrrp-pacs serving: DICOM {config.dicom.ae_title}@{config.dicom.bind}:"
-                   f"{config.dicom.port}, MLLP {config.hl7.bind}:{config.hl7.port}"
-                   + (f", http {config.http.bind}:{config.http.port}" if config.http.port
-                      else "") + f"; database {config.paths.db_file}", err=True)
-        daemon.run_until_signalled()
+
+        def announce() -> None:
+            click.echo(f"mrrp-pacs serving: DICOM {config.dicom.ae_title}@{config.dicom.bind}:"
+                       f"{config.dicom.port}, MLLP {config.hl7.bind}:{config.hl7.port}"
+                       + (f", http {config.http.bind}:{config.http.port}" if config.http.port
+                          else "") + f"; database {config.paths.db_file}", err=True)
+
+        daemon.run_until_signalled(announce)
 
     _guarded(work)
 
@@ -804,6 +822,8 @@ def export_results(state: _Context, db_path: Path | None, as_json: bool) -> None
         if components.drain is None:
             raise click.ClickException("no export destination: set [export] host or [pacs] "
                                        "host (and export.enabled = true)")
+        # no state lock: the outbox claims each row before sending it, so a drain beside the
+        # daemon's sends nothing twice (mrrp_pacs/statelock.py)
         pipeline = Pipeline(config, drain=components.drain)
         try:
             summary = pipeline.export()

@@ -70,6 +70,11 @@ class PathsConfig:
         """The scheduler's persistent job store (not configurable: it follows the database)."""
         return self.state_dir / "scheduler.sqlite3"
 
+    @property
+    def lock_file(self) -> Path:
+        """Held by the one process that runs jobs on this database (:mod:`mrrp_pacs.statelock`)."""
+        return self.state_dir / "mrrp.lock"
+
     def absolute(self, base_dir: Path) -> PathsConfig:
         """Every path made absolute, relative ones taken against ``base_dir``."""
         base = base_dir.expanduser().absolute()

@@ -60,10 +60,12 @@ from mrrp_pacs.scoring import (
     due_cases,
     judge_cases,
 )
+from mrrp_pacs.statelock import StateLock
 from mrrp_pacs.store import Store
 from mrrp_pacs.workers import ExtractionWorker, InlineWorker, Worker, WorkerFailed, WorkerLimits
 
 if TYPE_CHECKING:  # the wiring imports listeners and exporters when it builds them
+    from apscheduler.job import Job
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.base import BaseTrigger
 
@@ -210,13 +212,19 @@ class Pipeline:
 
     # -- the jobs ----------------------------------------------------------------------------
     def scorer(self) -> Scorer:
-        """The scorer of the promoted model, reloaded when another version is promoted."""
+        """The scorer of the promoted model, reloaded when another version is promoted.
+
+        The promoted version is read once here, at the start of a run, and loaded by that id: a
+        promotion during the run takes effect at the next run, never between two patients.
+        """
         name = self.config.scoring.model
         # the version ModelStore.load gives: the promoted one, else the latest
         wanted = (self.models.promoted(MODEL_KIND, name)
                   or self.models.versions(MODEL_KIND, name)[-1])
         if self._scorer is None or wanted != self._scorer.model_version:
-            self._scorer = Scorer(self.store, self.config, self.models, name)
+            # by version, not "the promoted one": a promotion since the read above must not
+            # give a scorer of another version than the one compared
+            self._scorer = Scorer(self.store, self.config, self.models, name, version=wanted)
             LOGGER.info("scoring with model %s", self._scorer.version.label)
         return self._scorer
 
@@ -402,20 +410,58 @@ def scheduler_db(config: Config) -> Path:
     return config.paths.scheduler_db
 
 
-def build_scheduler(config: Config, clock: Clock = system_clock) -> BackgroundScheduler:
+HEARTBEAT_S = 10.0
+"""How often the scheduler stamps its heartbeat (a job of its own, on an executor of its own,
+so that a rescoring running for hours does not delay it)."""
+
+HEARTBEAT_LIMIT_S = 60.0
+"""A scheduler whose heartbeat is older than this is dead for ``/healthz``."""
+
+
+class Heartbeat:
+    """When the scheduler last ran its heartbeat job, on a monotonic clock.
+
+    ``monotonic`` is the clock (seconds, never going back; :func:`time.monotonic` by default):
+    liveness is an age, which the wall clock, set back or forward by NTP, would falsify.
+    """
+
+    def __init__(self, interval_s: float = HEARTBEAT_S, limit_s: float = HEARTBEAT_LIMIT_S,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.limit_s = limit_s
+        self.monotonic = monotonic
+        self.last: float | None = None
+
+    def beat(self) -> None:
+        self.last = self.monotonic()
+
+    def fresh(self) -> bool:
+        """Beaten at least once, and not longer than ``limit_s`` ago."""
+        return self.last is not None and self.monotonic() - self.last <= self.limit_s
+
+
+def build_scheduler(config: Config, clock: Clock = system_clock,
+                    heartbeat: Heartbeat | None = None) -> BackgroundScheduler:
     """A BackgroundScheduler with a persistent SQLite job store and the daemon's jobs.
 
     The scheduler fires jobs by the wall clock (APScheduler reads it itself); ``clock`` sets
     when the interrupted work resumes (at once). The nightly rescoring is a cron trigger in
     ``[scoring] timezone`` (a named zone, so it stays at the same local time across daylight
-    saving changes).
+    saving changes, and fires once on the night whose hour repeats:
+    :class:`mrrp_pacs.schedule.LocalCronTrigger`). A job stored by an earlier start in
+    another zone (e.g. a fixed UTC offset) is replaced, keeping a missed run due.
+
+    ``heartbeat`` is stamped every ``heartbeat.interval_s`` (:data:`HEARTBEAT_S`) by a job kept
+    in memory and run by an executor of its own.
     """
     from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.memory import MemoryJobStore
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.schedulers.base import STATE_STOPPED
-    from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
+
+    from mrrp_pacs.schedule import LocalCronTrigger, same_trigger
 
     class Scheduler(BackgroundScheduler):  # type: ignore[misc]
         def _process_jobs(self) -> float | None:
@@ -427,16 +473,19 @@ def build_scheduler(config: Config, clock: Clock = system_clock) -> BackgroundSc
             return super()._process_jobs()  # type: ignore[no-any-return]
 
     scheduler = Scheduler(
-        jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{scheduler_db(config)}")},
-        # scoring (process, rescore) on one thread, pull and export on another
+        jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{scheduler_db(config)}"),
+                   "memory": MemoryJobStore()},
+        # scoring (process, rescore) on one thread, pull and export on another, the
+        # liveness heartbeat on a third
         executors={"default": ThreadPoolExecutor(max_workers=1),
-                   "io": ThreadPoolExecutor(max_workers=1)},
+                   "io": ThreadPoolExecutor(max_workers=1),
+                   "heartbeat": ThreadPoolExecutor(max_workers=1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 6 * 3600},
         timezone="UTC")
     hour, minute = (int(part) for part in config.scoring.rescore_time.split(":"))
     wanted: dict[str, BaseTrigger] = {
         "process": IntervalTrigger(seconds=config.scoring.interval_s),
-        "rescore": CronTrigger(hour=hour, minute=minute, timezone=rescore_zone(config)),
+        "rescore": LocalCronTrigger(hour=hour, minute=minute, timezone=rescore_zone(config)),
     }
     if config.pacs.host:
         wanted["pull"] = IntervalTrigger(seconds=config.pacs.interval_s)
@@ -446,19 +495,33 @@ def build_scheduler(config: Config, clock: Clock = system_clock) -> BackgroundSc
     for job in scheduler.get_jobs():
         if job.id not in wanted:
             job.remove()
+    soon = clock()
     for kind, trigger in wanted.items():
-        existing = scheduler.get_job(kind)
+        existing: Job | None = scheduler.get_job(kind)
         executor = "io" if kind in IO_JOBS else "default"
-        if existing is not None and str(existing.trigger) == str(trigger) \
+        if existing is not None and same_trigger(existing.trigger, trigger) \
                 and existing.executor == executor:
             continue  # keep its next run time: a missed nightly rescoring then runs at start
+        # the same times in another zone or class (a trigger stored by an older version):
+        # a run it missed stays due; a time the operator changed starts afresh
+        missed = (existing.next_run_time if existing is not None
+                  and str(existing.trigger) == str(trigger)
+                  and existing.next_run_time is not None and existing.next_run_time <= soon
+                  else None)
         scheduler.add_job("mrrp_pacs.daemon:run_job", trigger, args=[kind], id=kind,
                           name=kind, executor=executor, replace_existing=True)
+        if missed is not None:
+            scheduler.modify_job(kind, next_run_time=missed)
     # resume interrupted work at once rather than one interval later
-    soon = clock()
     for kind in ("pull", "process", "export"):
         if kind in wanted:
             scheduler.modify_job(kind, next_run_time=soon)
+    if heartbeat is not None:
+        # never too late to beat (no misfire limit): a scheduler paused, then resumed, beats
+        # at once; the first beat is one interval after the start (Daemon.start beats itself)
+        scheduler.add_job(heartbeat.beat, IntervalTrigger(seconds=heartbeat.interval_s),
+                          id="heartbeat", name="heartbeat", jobstore="memory",
+                          executor="heartbeat", misfire_grace_time=None)
     return scheduler
 
 
@@ -478,9 +541,16 @@ def rescore_zone(config: Config) -> tzinfo:
 # -- the daemon ------------------------------------------------------------------------------
 
 class Daemon:
-    """Listeners + scheduler + health endpoint, started and stopped together."""
+    """Listeners + scheduler + health endpoint, started and stopped together.
 
-    def __init__(self, config: Config, components: Components) -> None:
+    One daemon per state folder: :meth:`start` takes the folder's lock
+    (:class:`mrrp_pacs.statelock.StateLock`) before anything else, so a second daemon on the
+    same database is refused (:class:`~mrrp_pacs.errors.StateLocked`) before it could mark the
+    first one's running jobs interrupted; :meth:`stop` gives it back.
+    """
+
+    def __init__(self, config: Config, components: Components,
+                 heartbeat: Heartbeat | None = None) -> None:
         self.config = config
         self.stopping = threading.Event()
         self.components = components
@@ -492,18 +562,46 @@ class Daemon:
         self.io_pipeline = Pipeline(config, self.stopping, drain=components.drain,
                                     pull=components.pull, clock=components.clock)
         self.scheduler: BackgroundScheduler | None = None
+        self.heartbeat = heartbeat or Heartbeat()
+        self.lock = StateLock(config.paths.lock_file, "serve")
+        self._started: list[Listener] = []
+        components.checks.setdefault("scheduler", self.scheduler_alive)
+
+    def scheduler_alive(self) -> bool:
+        """The scheduler runs, its thread is alive and its heartbeat is fresh (a scheduler
+        paused or stuck stops beating)."""
+        scheduler = self.scheduler
+        if scheduler is None or not scheduler.running:
+            return False
+        thread = getattr(scheduler, "_thread", None)  # BackgroundScheduler's main loop
+        return thread is not None and thread.is_alive() and self.heartbeat.fresh()
 
     def start(self) -> None:
-        interrupted = self.pipeline.mark_interrupted()
-        if interrupted:
-            LOGGER.warning("%d job(s) were interrupted by the last stop; their work is redone",
-                           interrupted)
-        for listener in self.components.listeners:
-            listener.start()
-        _ACTIVE["pipeline"] = self.pipeline
-        _ACTIVE["io"] = self.io_pipeline
-        self.scheduler = build_scheduler(self.config, self.components.clock)
-        self.scheduler.resume()
+        """Take the state folder's lock, then start the listeners and the scheduler.
+
+        Raises
+        ------
+        StateLocked
+            Another process runs on this state folder; nothing was started or changed.
+        """
+        try:
+            self.lock.acquire()
+            interrupted = self.pipeline.mark_interrupted()
+            if interrupted:
+                LOGGER.warning("%d job(s) were interrupted by the last stop; their work is "
+                               "redone", interrupted)
+            for listener in self.components.listeners:
+                listener.start()
+                self._started.append(listener)
+            _ACTIVE["pipeline"] = self.pipeline
+            _ACTIVE["io"] = self.io_pipeline
+            self.scheduler = build_scheduler(self.config, self.components.clock,
+                                             self.heartbeat)
+            self.heartbeat.beat()  # the scheduler's job takes over one interval later
+            self.scheduler.resume()
+        except BaseException:
+            self._shut(started=False)
+            raise
         LOGGER.info("daemon started: %d listener(s), jobs %s", len(self.components.listeners),
                     ", ".join(job.id for job in self.scheduler.get_jobs()))
 
@@ -513,29 +611,47 @@ class Daemon:
         The scheduler stops first: a pull in progress needs our SCP to receive the studies it
         moves (it ends after the current study), and scoring stops after its current patient.
         """
-        self.stopping.set()
-        self.pipeline.abort_extraction()  # its patient is redone at the next start
-        if self.scheduler is not None:
-            self.scheduler.pause()  # nothing new is submitted while the running job ends
-            self.scheduler.shutdown(wait=True)
-        for listener in self.components.listeners:
-            listener.stop()
-        _ACTIVE.pop("pipeline", None)
-        _ACTIVE.pop("io", None)
-        self.pipeline.close()
-        self.io_pipeline.close()
+        self._shut(started=True)
         LOGGER.info("daemon stopped")
 
-    def run_until_signalled(self) -> None:
-        """Start, wait for SIGTERM or SIGINT, stop."""
+    def _shut(self, started: bool) -> None:
+        """Stop what :meth:`start` started (all of it, or as far as it got), give the lock
+        back last: until then, this process may still write."""
+        self.stopping.set()
+        self.pipeline.abort_extraction()  # its patient is redone at the next start
+        try:
+            if self.scheduler is not None and self.scheduler.running:
+                self.scheduler.pause()  # nothing new is submitted while the job ends
+                self.scheduler.shutdown(wait=True)
+            for listener in (self.components.listeners if started else self._started):
+                listener.stop()
+            self._started.clear()
+            if _ACTIVE.get("pipeline") is self.pipeline:
+                _ACTIVE.pop("pipeline", None)
+            if _ACTIVE.get("io") is self.io_pipeline:
+                _ACTIVE.pop("io", None)
+            self.pipeline.close()
+            self.io_pipeline.close()
+        finally:
+            self.lock.release()
+
+    def run_until_signalled(self, announce: Callable[[], None] | None = None) -> None:
+        """Start, call ``announce`` (once started), wait for SIGTERM or SIGINT, stop."""
         def handle(signum: int, _frame: object) -> None:
             LOGGER.info("signal %d received: stopping", signum)
             self.stopping.set()
 
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
-        self.start()
+        previous = {signum: signal.signal(signum, handle)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
+            self.start()
+        except BaseException:  # e.g. refused: the state folder is in use
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            raise
+        try:
+            if announce is not None:
+                announce()
             while not self.stopping.wait(1.0):
                 pass
         finally:
@@ -552,6 +668,9 @@ class Components:
     pull: Callable[[Store], PullSummary] | None = None
     stopping: threading.Event = field(default_factory=threading.Event)  # the daemon's
     clock: Clock = system_clock  # what every component stamps and decides by
+    # what /healthz asks, by component: each listener's thread, and (added by the Daemon)
+    # the scheduler's thread and heartbeat; the health server holds this same dict
+    checks: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
 
 class _MllpListener:
@@ -564,6 +683,11 @@ class _MllpListener:
     @property
     def port(self) -> int:
         return int(self.handle.port if self.handle is not None else self.server.port)
+
+    @property
+    def running(self) -> bool:
+        """Started, and its thread (the asyncio loop serving MLLP) is alive."""
+        return self.handle is not None and self.handle.thread.is_alive()
 
     def start(self) -> None:
         self.handle = self.server.run_in_thread()
@@ -612,11 +736,12 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
         new_intake, host=config.hl7.bind, port=config.hl7.port,
         max_message_bytes=config.ingest.max_hl7_bytes, idle_timeout_s=config.hl7.idle_timeout_s,
         max_connections=config.hl7.max_connections))
-    components = Components(listeners=[scp, mllp], clock=clock)
+    components = Components(listeners=[scp, mllp], clock=clock,
+                            checks={"dicom": lambda: scp.running, "hl7": lambda: mllp.running})
     if config.http.port:
         components.listeners.append(HealthServer(
             config.paths.db_file, config.paths.objects_dir, config.http.bind, config.http.port,
-            {"dicom": lambda: scp.running, "hl7": lambda: mllp.handle is not None}))
+            components.checks))
     pacs = config.pacs
     if pacs.host:
         remote = RemotePacs(pacs.host, pacs.port, pacs.ae_title)

@@ -48,6 +48,11 @@ class SchemaError(MrrpError, RuntimeError):
     """The database schema cannot be used by this version of mrrp-pacs (``source``: the file)."""
 
 
+class StateLocked(MrrpError, RuntimeError):
+    """Another process holds the state folder's lock (``source``: the lock file); the message
+    names its pid. The command line exits with status 75 (``EX_TEMPFAIL``)."""
+
+
 class ModelStoreError(MrrpError, RuntimeError):
     """A model that is missing, incomplete or altered (``key``: its label, when known)."""
 

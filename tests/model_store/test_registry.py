@@ -132,3 +132,44 @@ def test_locate_resolves_a_store_a_model_folder_or_a_version(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelStoreError, match="no 'mrrp' model in"):
         locate(tmp_path / "empty", "mrrp")
+
+
+PROMOTER = """\
+import sys
+from pathlib import Path
+from model_store import ModelStore
+store = ModelStore(Path(sys.argv[1]))
+versions = sys.argv[2:]
+for i in range(400):
+    store.promote("m", "x", versions[i % 2])
+"""
+
+
+def test_a_reader_never_sees_a_half_written_promotion(tmp_path):
+    """Two promoters at once (two `models promote`, or one beside `train --promote`) and a
+    scoring run reading the pointer: every read names one of the versions (a shared
+    temporary file used to let a reader see an empty pointer, hence "the newest")."""
+    import os
+    import sys
+    from pathlib import Path
+
+    store = ModelStore(tmp_path)
+    first = store.save("m", "x", {"w": b"1"}, {}).version
+    second = store.save("m", "x", {"w": b"2"}, {}).version
+    store.promote("m", "x", first)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    promoters = [subprocess.Popen([sys.executable, "-c", PROMOTER, str(tmp_path), *order],
+                                  env=env, stderr=subprocess.PIPE)
+                 for order in ((first, second), (second, first))]
+    seen: dict[str | None, int] = {}
+    while any(p.poll() is None for p in promoters):
+        version = store.promoted("m", "x")
+        seen[version] = seen.get(version, 0) + 1
+    errors = [p.stderr.read().decode() for p in promoters]
+    for p in promoters:
+        p.stderr.close()
+    assert [p.returncode for p in promoters] == [0, 0], errors
+    assert set(seen) <= {first, second} and sum(seen.values()) > 100, seen
+    assert store.promoted("m", "x") in (first, second)
+    assert not [p.name for p in (tmp_path / "m" / "x").iterdir() if p.name.endswith(".tmp")]

@@ -1,6 +1,13 @@
 """The scheduler's persistent job store: jobs survive a restart, a missed night is kept."""
 
-from datetime import UTC, datetime, timedelta
+import json
+import socket
+import socketserver
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -100,3 +107,131 @@ def test_scoring_and_io_jobs_run_on_their_own_threads_also_after_an_upgrade(conf
         assert scheduler._executors["io"]._pool._max_workers == 1
     finally:
         scheduler.shutdown(wait=False)
+
+
+def _runs(trigger, start, count):
+    """The first ``count`` fire times from ``start``, as the scheduler asks for them (each
+    after the previous run, with "now" just past it)."""
+    fired, now = [], start
+    for _ in range(count):
+        fire = trigger.get_next_fire_time(fired[-1] if fired else None, now)
+        fired.append(fire)
+        now = fire.astimezone(UTC) + timedelta(seconds=1)
+    return fired
+
+
+@pytest.mark.parametrize(("rescore_time", "start", "local", "utc"), [
+    # autumn: 02:00-02:59 happens twice on 2027-10-31; the run is once, at the first
+    ("02:30", datetime(2027, 10, 29, 12, tzinfo=UTC), [(2, 30)] * 4,
+     ["30 00:30", "31 00:30", "01 01:30", "02 01:30"]),
+    ("01:30", datetime(2027, 10, 29, 12, tzinfo=UTC), [(1, 30)] * 4,
+     ["29 23:30", "30 23:30", "01 00:30", "02 00:30"]),
+    # spring: 02:00-02:59 does not exist on 2027-03-28; that night runs at 03:30, once
+    ("02:30", datetime(2027, 3, 26, 12, tzinfo=UTC), [(2, 30), (3, 30), (2, 30), (2, 30)],
+     ["27 01:30", "28 01:30", "29 00:30", "30 00:30"]),
+])
+def test_the_nightly_rescore_runs_once_a_night_at_its_local_time_across_both_changes(
+        config, rescore_time, start, local, utc):
+    config.paths.db_file.parent.mkdir(parents=True)
+    berlin = config.replace("scoring", timezone="Europe/Berlin", rescore_time=rescore_time)
+    scheduler = build_scheduler(berlin)
+    try:
+        trigger = scheduler.get_job("rescore").trigger
+    finally:
+        scheduler.shutdown(wait=False)
+    fired = [f.astimezone(UTC).astimezone(ZoneInfo("Europe/Berlin"))
+             for f in _runs(trigger, start, 4)]
+    assert [(f.hour, f.minute) for f in fired] == local  # the wall clock in Berlin
+    assert [f.astimezone(UTC).strftime("%d %H:%M") for f in fired] == utc
+
+
+def test_a_nightly_job_stored_with_a_fixed_utc_offset_is_replaced_by_the_named_zone(config):
+    """An earlier version stored the trigger with the offset of the day it started (+01:00):
+    kept, it would run an hour off all summer. It is replaced; a missed night stays due."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    config.paths.db_file.parent.mkdir(parents=True)
+    berlin = config.replace("scoring", timezone="Europe/Berlin", rescore_time="01:30")
+    old = build_scheduler(berlin)
+    missed = datetime.now(UTC) - timedelta(hours=1)
+    old.add_job("mrrp_pacs.daemon:run_job", CronTrigger(
+        hour=1, minute=30, timezone=timezone(timedelta(hours=1))), args=["rescore"],
+        id="rescore", name="rescore", replace_existing=True, next_run_time=missed)
+    old.shutdown(wait=False)
+
+    again = build_scheduler(berlin)
+    try:
+        job = again.get_job("rescore")
+        assert str(job.trigger.timezone) == "Europe/Berlin"
+        assert job.next_run_time == missed  # the night it missed still runs at start
+        summer = job.trigger.get_next_fire_time(None, datetime(2027, 7, 1, 12, tzinfo=UTC))
+        assert (summer.hour, summer.minute) == (1, 30)
+        assert summer.astimezone(UTC).strftime("%H:%M") == "23:30"
+    finally:
+        again.shutdown(wait=False)
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _health(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+            status, body = answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read()
+    components = json.loads(body)["components"]
+    return status, sorted(name for name, alive in components.items() if not alive)
+
+
+def _eventually(condition, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.05)
+
+
+# the MLLP thread is killed by stopping its loop under it: asyncio.run raises in that thread
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_healthz_names_the_listener_or_scheduler_whose_thread_died(config):
+    from mrrp_pacs.daemon import Daemon, Heartbeat, components_from_config
+
+    site = (config.replace("dicom", port=0).replace("hl7", port=0)
+            .replace("http", port=_free_port()))
+    port = site.http.port
+    now = [1000.0]  # the heartbeat's monotonic clock, moved by the test
+    components = components_from_config(site)
+    daemon = Daemon(site, components,
+                    heartbeat=Heartbeat(interval_s=0.2, limit_s=60, monotonic=lambda: now[0]))
+    daemon.start()
+    try:
+        assert _health(port) == (200, [])
+        # the scheduler stops firing jobs (paused: its thread lives on, the heartbeat ages)
+        daemon.scheduler.pause()
+        time.sleep(0.5)  # a beat already handed to the executor is done
+        now[0] += 60
+        assert _health(port) == (200, [])  # not older than the limit yet
+        now[0] += 1
+        assert _health(port) == (503, ["scheduler"])
+        daemon.scheduler.resume()  # the overdue heartbeat runs at once
+        _eventually(lambda: _health(port) == (200, []))
+
+        mllp = components.listeners[1]
+        loop, thread = mllp.handle.loop, mllp.handle.thread
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        assert not thread.is_alive()
+        assert _health(port) == (503, ["hl7"])
+
+        scp = components.listeners[0]
+        socketserver.BaseServer.shutdown(scp._server)  # its acceptor loop ends
+        _eventually(lambda: not scp._thread.is_alive())
+        assert _health(port) == (503, ["dicom", "hl7"])
+
+        daemon.scheduler.shutdown(wait=False)
+        assert _health(port) == (503, ["dicom", "hl7", "scheduler"])
+    finally:
+        daemon.stop()

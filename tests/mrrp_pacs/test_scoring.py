@@ -267,9 +267,9 @@ def test_rescore_with_db_finds_the_model_beside_the_database_and_writes_nothing_
 def test_a_patient_that_breaks_or_overfills_its_worker_costs_that_patient_only(
         phantom_model, monkeypatch):
     """Extraction raising for one patient, going over the worker's memory limit for another
-    and killing its worker for a third (fault points, mrrp_pacs/faults.py; the allocation is real and the limit is
-    enforced by reading the worker's resident memory): everyone else is scored in the same
-    run; the two are retried after the backoff, then quarantined, shown by `cases`,
+    and killing its worker for a third (fault points, mrrp_pacs/faults.py; the allocation is
+    real and the limit is enforced by reading the worker's resident memory): everyone else is
+    scored in the same run; two are retried after the backoff, then quarantined, shown by `cases`,
     /metrics and `doctor`, and scored once released."""
     from mrrp_pacs.doctor import run_checks
     from mrrp_pacs.health import metrics_text
@@ -281,7 +281,8 @@ def test_a_patient_that_breaks_or_overfills_its_worker_costs_that_patient_only(
     clock = SteppingClock(NOW)
     pipeline = Pipeline(config, clock=clock)
     try:
-        with pipeline.store.transaction() as conn:
+        with pipeline.store.transaction() as conn:  # forget the other tests' scores
+            conn.execute("DELETE FROM exports")
             conn.execute("DELETE FROM scores")
             conn.execute("DELETE FROM case_waits")
         ready = [key for key, case in case_inputs(pipeline.store, config).items()
@@ -366,3 +367,41 @@ def test_stopping_kills_the_worker_and_counts_no_failure(phantom_model, monkeypa
         pipeline.abort_extraction()
         runner.join(60)
         pipeline.close()
+
+
+def test_a_promotion_during_a_run_takes_effect_at_the_next_run_never_between_patients(
+        phantom_model):
+    """The run reads the promoted version once, at its start: a model promoted while it
+    scores (here, right after its first patient) scores nobody in that run."""
+    config, truth, _, env, db, outcomes = phantom_model
+    models = ModelStore(config.paths.model_store_dir)
+    before = models.promoted("mrrp", "mrrp")
+    trained = CliRunner().invoke(main, ["train", *db, "--outcomes", str(outcomes),
+                                        "--max-epochs", "2", "--seed", "7", "--no-promote"],
+                                 env=env)
+    assert trained.exit_code == 0, trained.output
+    newer = next(v for v in reversed(models.versions("mrrp", "mrrp")) if v != before)
+    models.promote("mrrp", "mrrp", newer)  # every patient is due: no score of this one yet
+    # every case ready (the wait for a missing modality is over)
+    pipeline = Pipeline(config, clock=SteppingClock(
+        START + timedelta(hours=config.scoring.wait_hours)))
+    promoted_after: list[int] = []
+
+    def promote_back_after_the_first(done: int, total: int) -> None:
+        if done == 1:
+            models.promote("mrrp", "mrrp", before)
+            promoted_after.append(total)
+
+    try:
+        last = pipeline.store.conn.execute("SELECT COALESCE(MAX(id), 0) FROM scores").fetchone()
+        during = pipeline.process(progress=promote_back_after_the_first)
+        assert promoted_after == [len(truth)] and during.due == during.scored == len(truth)
+        assert during.model.endswith(newer)
+        versions = [tuple(row) for row in pipeline.store.conn.execute(
+            "SELECT model_version, COUNT(*) FROM scores WHERE id > ? GROUP BY model_version",
+            last)]
+        assert versions == [(newer, len(truth))]
+        assert pipeline.process().model.endswith(before)  # the next run: the promoted one
+    finally:
+        pipeline.close()
+        models.promote("mrrp", "mrrp", before)
