@@ -12,18 +12,23 @@ environment variable ``MRRP_FAULTS`` names it, as a comma-separated list of
 ``sleep:S``        sleep S seconds (a hang)
 =================  ==============================================================
 
-``@KEY`` limits the fault to calls with that key (e.g. one patient key). The variable is read
-at every call, so a test sets it before it starts the process under test; a process started
-without it (the product) pays one dictionary lookup per call.
+``@KEY`` limits the fault to calls with that key (e.g. one patient key); an action ending in
+``#N`` acts only on the N-th matching call in this process (``intake.hl7.committed=kill#3``:
+the third message stored kills the daemon). The variable is read at every call, so a test sets
+it before it starts the process under test; a process started without it (the product) pays one
+dictionary lookup per call.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 VARIABLE = "MRRP_FAULTS"
+_calls: dict[str, int] = {}  # matching calls so far, per fault item (for ``#N``)
+_lock = threading.Lock()
 
 
 class InjectedFault(RuntimeError):
@@ -40,6 +45,12 @@ def fault_point(name: str, key: str | None = None) -> None:
         point, _, wanted = where.partition("@")
         if point != name or (wanted and wanted != key):
             continue
+        action, _, nth = action.partition("#")
+        if nth:
+            with _lock:
+                _calls[item] = count = _calls.get(item, 0) + 1
+            if count != int(nth):
+                continue
         verb, _, argument = action.partition(":")
         if verb == "raise":
             raise InjectedFault(f"fault injected at {name}")

@@ -238,6 +238,7 @@ def _serve(conn: Connection, config: Config, db_path: Path, objects_dir: Path,
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops us, not the terminal
+    _die_with_parent()
     import torch
 
     from mrrp_pacs.faults import fault_point
@@ -266,3 +267,18 @@ def _serve(conn: Connection, config: Config, db_path: Path, objects_dir: Path,
             conn.send(("unavailable", str(exc)))
         except Exception as exc:  # one patient's failure; the message may quote a patient id
             conn.send(("failed", f"extraction raised {type(exc).__name__}: {exc}"))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the daemon dies (a SIGKILLed daemon cannot stop
+    its worker; without this the worker would finish its patient as an orphan)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF ends it after its patient
+        LOGGER.debug("no parent-death signal on this system")
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
