@@ -5,15 +5,29 @@ Modelled on pynetdicom's ``findscu``/``movescu``/``getscu`` apps. One poll:
 1. C-FIND at STUDY level (Study Root) for studies whose StudyDate lies in the rolling window
    and whose ModalitiesInStudy include one we read (Orthanc matches any of a multi-valued
    ModalitiesInStudy; a PACS that ignores the key returns more studies, filtered in step 2);
+1b. the look-back: StudyDate is when the study began, not when the PACS received its
+   objects, so a slide scanned a week after its study (or stored in the older ultrasound
+   study) falls outside the window. DICOM query/retrieve has no standard "received" key
+   (Orthanc keeps its ``LastUpdate`` in REST metadata only, not as a C-FIND key), so instead
+   every patient we hold with a wanted imaging modality missing (ultrasound but no slide, a
+   slide but no ultrasound, or a result but no image) is looked up by PatientID with no date
+   limit: at most ``lookback_patients`` per poll, the longest unasked first, each at most once
+   per ``lookback_interval_s``, and only for ``lookback_days`` after the patient's first
+   arrival here (table ``pull_lookbacks``);
 2. a study already retrieved completely is skipped, unless the PACS now counts more instances
    in it (NumberOfStudyRelatedInstances grew: it is retrieved again, intake deduplicates);
+   a study whose last attempt failed waits for its next attempt time (backoff below);
 3. C-FIND at SERIES level, keeping the series of the wanted modalities, so that a study mixing
    in CT or other objects we do not accept does not fail forever;
 4. each wanted series is retrieved: C-MOVE to our storage SCP (the PACS must know our AE title
    as a destination: Orthanc's ``DicomModalities``), or C-GET on the same association, whose
    C-STORE sub-operations are persisted through ``Intake`` before they are acknowledged;
-5. the study's outcome goes to the ``retrievals`` table; a study that failed is tried again at
-   the next poll.
+5. the study's outcome goes to the ``retrievals`` table. A study that failed is tried again
+   after ``retry_backoff_s``, doubling at each consecutive failure up to
+   ``retry_max_backoff_s``; studies never tried come first in a poll, so a failing study
+   cannot starve the others. Once a study has been failing for ``retry_budget_s`` it is given
+   up (state ``gave_up``, counted in the summary and logged) and retried only when the PACS
+   counts more instances in it. The backoff reads the store's clock.
 
 Nothing raises out of :meth:`PacsPuller.poll`: errors are returned in the summary. Logs carry
 counts, AE titles and status codes, never UIDs or patient data.
@@ -56,6 +70,7 @@ from listeners.dicom_scp import (
     IntakeOpener,
     persist_c_store,
 )
+from mrrp_pacs.clock import iso_utc
 from mrrp_pacs.errors import PullError
 from mrrp_pacs.store import Store
 
@@ -69,6 +84,13 @@ DEFAULT_QUERY_TIMEOUT_S = 60.0  # seconds to wait for each C-FIND response
 # seconds to wait for each C-MOVE/C-GET response: the PACS answers after every sub-operation,
 # and one sub-operation may carry a slide level of a gigabyte
 DEFAULT_RETRIEVE_TIMEOUT_S = 600.0
+DEFAULT_LOOKBACK_DAYS = 90  # days after a patient's first arrival that it is looked back for
+DEFAULT_LOOKBACK_PATIENTS = 20  # patients looked back per poll
+DEFAULT_LOOKBACK_INTERVAL_S = 6 * 3600.0  # a patient is looked back at most this often
+DEFAULT_RETRY_BACKOFF_S = 300.0  # first wait after a failed study; doubles per failure
+DEFAULT_RETRY_MAX_BACKOFF_S = 6 * 3600.0
+DEFAULT_RETRY_BUDGET_S = 72 * 3600.0  # a study failing this long is given up
+IMAGING_MODALITIES = ("US", "SM")  # a case wants both; the look-back asks for the missing one
 MAX_FIND_MATCHES = 100_000  # a PACS answering more than this is misconfigured or hostile
 
 PENDING = (0xFF00, 0xFF01)
@@ -76,6 +98,7 @@ SUCCESS = 0x0000
 WARNING_SOME_FAILED = 0xB000
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CS = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+_WILDCARDS = ("*", "?", "\\")  # C-FIND wildcards, and the value separator, in a PatientID
 
 
 @dataclass(frozen=True)
@@ -131,9 +154,14 @@ class StudyOutcome:
 class PullSummary:
     """What one poll did. ``errors`` holds failures of the poll itself (no study was tried)."""
 
-    found: int = 0  # studies matching the window and modalities
+    found: int = 0  # studies matching the window and modalities, or found by the look-back
     up_to_date: int = 0  # already retrieved completely
     deferred: int = 0  # left for the next poll (more than max_studies_per_poll to do)
+    looked_back: int = 0  # patients looked up by PatientID (a wanted modality missing)
+    found_by_lookback: int = 0  # of ``found``, studies outside the StudyDate window
+    backing_off: int = 0  # failed before, skipped until their next attempt time
+    gave_up: int = 0  # failing for longer than the retry budget at this poll: given up
+    abandoned: int = 0  # given up at an earlier poll and unchanged on the PACS: skipped
     studies: list[StudyOutcome] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -151,7 +179,10 @@ class PullSummary:
 
     def as_dict(self) -> dict[str, object]:
         return {"found": self.found, "up_to_date": self.up_to_date, "deferred": self.deferred,
-                "retrieved": self.retrieved, "failed": self.failed, "errors": list(self.errors),
+                "retrieved": self.retrieved, "failed": self.failed,
+                "looked_back": self.looked_back, "found_by_lookback": self.found_by_lookback,
+                "backing_off": self.backing_off, "gave_up": self.gave_up,
+                "abandoned": self.abandoned, "errors": list(self.errors),
                 "studies": [vars(s) for s in self.studies]}
 
 
@@ -184,6 +215,18 @@ class PacsPuller:
     connect_timeout_s, query_timeout_s, retrieve_timeout_s
         Seconds to wait for the TCP connection, for each C-FIND response, and for each
         C-MOVE/C-GET response.
+    lookback_days
+        Days after a patient's first arrival here during which a missing imaging modality is
+        looked up by PatientID whatever the study date; ``None`` or 0: no look-back.
+    lookback_patients
+        Patients looked up at most per poll (the longest unasked first).
+    lookback_interval_s
+        Seconds before the same patient is looked up again.
+    retry_backoff_s, retry_max_backoff_s
+        Wait after a study's first failed attempt, doubled after each further failure up to
+        the maximum (seconds, by the store's clock).
+    retry_budget_s
+        A study failing for this long (since its first failure in a row) is given up.
     stop_requested
         Set when the daemon stops: the poll ends after the study being retrieved.
     """
@@ -197,6 +240,12 @@ class PacsPuller:
                  connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
                  query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
                  retrieve_timeout_s: float = DEFAULT_RETRIEVE_TIMEOUT_S,
+                 lookback_days: int | None = DEFAULT_LOOKBACK_DAYS,
+                 lookback_patients: int = DEFAULT_LOOKBACK_PATIENTS,
+                 lookback_interval_s: float = DEFAULT_LOOKBACK_INTERVAL_S,
+                 retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S,
+                 retry_max_backoff_s: float = DEFAULT_RETRY_MAX_BACKOFF_S,
+                 retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
                  stop_requested: threading.Event | None = None) -> None:
         if method not in ("move", "get"):
             raise ValueError(f"method must be 'move' or 'get', got {method!r}")
@@ -212,6 +261,15 @@ class PacsPuller:
         if max_studies_per_poll < 1:
             raise ValueError(f"max_studies_per_poll must be at least 1, got "
                              f"{max_studies_per_poll}")
+        if lookback_days is not None and lookback_days < 0:
+            raise ValueError(f"lookback_days must be 0 (off) or more, got {lookback_days}")
+        if lookback_patients < 1 or lookback_interval_s < 0:
+            raise ValueError(f"lookback_patients must be at least 1 and lookback_interval_s "
+                             f"not negative, got {lookback_patients}, {lookback_interval_s}")
+        if not 0 < retry_backoff_s <= retry_max_backoff_s or retry_budget_s <= 0:
+            raise ValueError(f"retry_backoff_s must be above 0 and at most retry_max_backoff_s,"
+                             f" and retry_budget_s above 0; got {retry_backoff_s}, "
+                             f"{retry_max_backoff_s}, {retry_budget_s}")
         AE(ae_title=remote.ae_title)  # raises ValueError naming a bad title
         self.store = store
         self.remote = remote
@@ -225,6 +283,12 @@ class PacsPuller:
         self.connect_timeout_s = connect_timeout_s
         self.query_timeout_s = query_timeout_s
         self.retrieve_timeout_s = retrieve_timeout_s
+        self.lookback_days = lookback_days or None
+        self.lookback_patients = lookback_patients
+        self.lookback_interval_s = lookback_interval_s
+        self.retry_backoff_s = retry_backoff_s
+        self.retry_max_backoff_s = retry_max_backoff_s
+        self.retry_budget_s = retry_budget_s
         self.stop_requested = stop_requested
 
     # -- the poll ---------------------------------------------------------------------------
@@ -232,40 +296,124 @@ class PacsPuller:
     def poll(self, now: datetime) -> PullSummary:
         """Query the PACS and retrieve what is new or incomplete; never raises.
 
-        ``now`` is the local date and time at the PACS (StudyDate is a local date).
+        ``now`` is the local date and time at the PACS (StudyDate is a local date). The
+        look-back and the retry schedule read the store's clock instead (UTC stamps).
         """
         summary = PullSummary()
         try:
-            studies = self.find_studies(now)
+            studies = {s.study_instance_uid: s for s in self.find_studies(now)}
         except Exception as exc:
             summary.errors.append(_describe(exc))
             LOGGER.warning("PACS poll of %s failed before any study: %s", self.remote.ae_title,
                            summary.errors[-1])
             return summary
-        summary.found = len(studies)
+        looked_back: dict[str, str] = {}  # study UID -> PatientID, studies outside the window
         try:
-            todo = [s for s in studies if self._needs_retrieval(s)]
+            by_patient = self.look_back()
+        except Exception as exc:
+            summary.errors.append(f"look-back by patient failed: {_describe(exc)}")
+            LOGGER.warning("PACS poll of %s: %s", self.remote.ae_title, summary.errors[-1])
+        else:
+            summary.looked_back = len(by_patient)
+            for patient_id, older in by_patient.items():
+                for study in older:
+                    if study.study_instance_uid not in studies:
+                        studies[study.study_instance_uid] = study
+                        looked_back[study.study_instance_uid] = patient_id
+            summary.found_by_lookback = len(looked_back)
+        found = sorted(studies.values(),
+                       key=lambda s: (s.study_date or "", s.study_instance_uid), reverse=True)
+        summary.found = len(found)
+        try:
+            todo = self._plan(found, summary)
         except Exception as exc:
             summary.errors.append(f"cannot read the retrievals table: {_describe(exc)}")
             LOGGER.error("PACS poll stopped: %s", summary.errors[-1])
             return summary
-        summary.up_to_date = len(studies) - len(todo)
-        summary.deferred = max(0, len(todo) - self.max_studies_per_poll)
+        deferred = todo[self.max_studies_per_poll:]
         for study in todo[: self.max_studies_per_poll]:
             if self.stop_requested is not None and self.stop_requested.is_set():
-                summary.deferred += 1  # the next poll, after a restart, takes it
+                deferred.append(study)  # the next poll, after a restart, takes it
                 continue
             outcome = self._retrieve(study)
             summary.studies.append(outcome)
             try:
-                self._record(study, outcome)
+                if self._record(study, outcome) == "gave_up":
+                    summary.gave_up += 1
             except Exception as exc:
                 summary.errors.append(f"cannot record a retrieval: {_describe(exc)}")
                 LOGGER.error("PACS poll: %s", summary.errors[-1])
-        LOGGER.info("PACS poll of %s: %d studies found, %d up to date, %d retrieved, %d failed,"
-                    " %d deferred", self.remote.ae_title, summary.found, summary.up_to_date,
-                    summary.retrieved, summary.failed, summary.deferred)
+        summary.deferred = len(deferred)
+        self._ask_again({looked_back[s.study_instance_uid] for s in deferred
+                         if s.study_instance_uid in looked_back}, summary)
+        LOGGER.info("PACS poll of %s: %d studies found (%d by looking back at %d patients), "
+                    "%d up to date, %d retrieved, %d failed, %d deferred, %d backing off, "
+                    "%d given up", self.remote.ae_title, summary.found,
+                    summary.found_by_lookback, summary.looked_back, summary.up_to_date,
+                    summary.retrieved, summary.failed, summary.deferred, summary.backing_off,
+                    summary.abandoned + summary.gave_up)
+        if summary.gave_up:
+            LOGGER.warning("PACS poll of %s: %d studies given up after failing for %g hours; "
+                           "each is tried again only when the PACS holds more instances in it "
+                           "(table retrievals, state gave_up)", self.remote.ae_title,
+                           summary.gave_up, self.retry_budget_s / 3600)
         return summary
+
+    def _ask_again(self, patients: set[str], summary: PullSummary) -> None:
+        """Forget that ``patients`` were looked back: a study found only that way and left for
+        a later poll would otherwise wait ``lookback_interval_s`` to be found again."""
+        if not patients:
+            return
+        try:
+            with self.store.transaction() as conn:
+                conn.executemany("DELETE FROM pull_lookbacks WHERE remote_ae = ? AND "
+                                 "patient_id = ?",
+                                 [(self.remote.ae_title, p) for p in sorted(patients)])
+        except Exception as exc:
+            summary.errors.append(f"cannot record a look-back: {_describe(exc)}")
+            LOGGER.error("PACS poll: %s", summary.errors[-1])
+
+    def _plan(self, studies: list[StudyMatch], summary: PullSummary) -> list[StudyMatch]:
+        """The studies to retrieve now, in order: never tried or grown first, then failed ones
+        whose next attempt time has come (the earliest first), including failed studies the
+        PACS did not list this time (dated out of the window, found by an earlier look-back).
+        Counts the others."""
+        now = self.store.stamp()
+        listed = {study.study_instance_uid for study in studies}
+        fresh: list[StudyMatch] = []
+        due: list[tuple[str, StudyMatch]] = []
+        for study in studies:
+            row = self.store.conn.execute(
+                "SELECT state, remote_instances, next_attempt_at FROM retrievals "
+                "WHERE remote_ae = ? AND study_instance_uid = ?",
+                (self.remote.ae_title, study.study_instance_uid)).fetchone()
+            grown = (row is not None and study.instances is not None
+                     and row["remote_instances"] is not None
+                     and study.instances > row["remote_instances"])
+            if row is None or (row["state"] == "complete" and grown):
+                fresh.append(study)
+            elif row["state"] == "complete":
+                summary.up_to_date += 1
+            elif row["state"] == "gave_up":
+                if grown:
+                    due.append(("", study))
+                else:
+                    summary.abandoned += 1
+            elif grown or row["next_attempt_at"] is None or row["next_attempt_at"] <= now:
+                due.append((row["next_attempt_at"] or "", study))
+            else:
+                summary.backing_off += 1
+        for row in self.store.conn.execute(
+                "SELECT study_instance_uid, study_date, modalities, remote_instances, "
+                "next_attempt_at FROM retrievals WHERE remote_ae = ? AND state = 'failed' AND "
+                "(next_attempt_at IS NULL OR next_attempt_at <= ?)", (self.remote.ae_title, now)):
+            if row["study_instance_uid"] not in listed:
+                modalities = tuple(m for m in (row["modalities"] or "").split("\\") if m)
+                due.append((row["next_attempt_at"] or "", StudyMatch(
+                    row["study_instance_uid"], row["study_date"], modalities,
+                    row["remote_instances"])))
+        due.sort(key=lambda item: item[0])
+        return fresh + [study for _, study in due]
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -287,14 +435,9 @@ class PacsPuller:
             answers = self._c_find(assoc, query)
         studies: dict[str, StudyMatch] = {}
         for answer in answers:
-            uid = _uid(answer.get("StudyInstanceUID"))
-            if uid is None:
-                continue
-            modalities = tuple(m for m in _strings(answer.get("ModalitiesInStudy")) if m)
-            if modalities and not set(modalities) & set(self.modalities):
-                continue  # the PACS did not apply ModalitiesInStudy matching
-            studies[uid] = StudyMatch(uid, _text(answer.get("StudyDate")), modalities,
-                                      _count(answer.get("NumberOfStudyRelatedInstances")))
+            study = self._study_match(answer)
+            if study is not None:
+                studies[study.study_instance_uid] = study
         return sorted(studies.values(), key=lambda s: (s.study_date or "", s.study_instance_uid),
                       reverse=True)
 
@@ -313,6 +456,91 @@ class PacsPuller:
                 series[uid] = SeriesMatch(uid, _text(answer.get("Modality")),
                                           _count(answer.get("NumberOfSeriesRelatedInstances")))
         return sorted(series.values(), key=lambda s: s.series_instance_uid)
+
+    def look_back(self) -> dict[str, list[StudyMatch]]:
+        """Ask the PACS for every study of the patients due a look-back, whatever its date.
+
+        Returns the studies found (of the wanted modalities) by PatientID asked. Each patient
+        asked is stamped in ``pull_lookbacks`` with the store's clock.
+
+        Raises
+        ------
+        PullError
+            The PACS could not be reached or a query did not end with success.
+        """
+        patients = self.lookback_candidates()
+        found: dict[str, list[StudyMatch]] = {}
+        if not patients:
+            return found
+        with self._association([(StudyRootQueryRetrieveInformationModelFind, [])]) as assoc:
+            for patient_id in patients:
+                query = Dataset()
+                query.QueryRetrieveLevel = "STUDY"
+                query.PatientID = patient_id
+                query.StudyInstanceUID = ""
+                query.StudyDate = ""
+                query.ModalitiesInStudy = list(self.modalities)
+                query.NumberOfStudyRelatedInstances = ""
+                answers = self._c_find(assoc, query)
+                studies = [s for a in answers
+                           if _text(a.get("PatientID")) in (None, patient_id)
+                           and (s := self._study_match(a)) is not None]
+                found[patient_id] = studies
+                with self.store.transaction() as conn:
+                    conn.execute(
+                        "INSERT INTO pull_lookbacks (remote_ae, patient_id, checked_at, studies) "
+                        "VALUES (?, ?, ?, ?) ON CONFLICT (remote_ae, patient_id) DO UPDATE SET "
+                        "checked_at = excluded.checked_at, studies = excluded.studies",
+                        (self.remote.ae_title, patient_id, self.store.stamp(), len(studies)))
+        return found
+
+    def lookback_candidates(self) -> list[str]:
+        """PatientIDs due a look-back: a wanted imaging modality missing, first arrival here
+        within ``lookback_days``, not asked within ``lookback_interval_s``; the longest unasked
+        (never asked first), then the earliest arrived; at most ``lookback_patients``.
+
+        A patient is known by the PatientID of its images or the PID-3 of its HL7 results
+        (the PACS is asked by that value, whatever the issuer). An ID holding a C-FIND
+        wildcard (``*``, ``?``) or a backslash is never asked: it would match other patients.
+        """
+        wanted = [m for m in IMAGING_MODALITIES if m in self.modalities]
+        if self.lookback_days is None or not wanted:
+            return []
+        now = self.store.clock()
+        horizon = iso_utc(now - timedelta(days=self.lookback_days))
+        asked_before = iso_utc(now - timedelta(seconds=self.lookback_interval_s))
+        has = ", ".join(f"COALESCE(MAX(a.modality = ?), 0) AS has_{i}"
+                        for i in range(len(wanted)))
+        lacks = " OR ".join(f"has_{i} = 0" for i in range(len(wanted)))
+        plain = " AND ".join(f"instr(a.patient_id, '{c}') = 0" for c in _WILDCARDS)
+        rows = self.store.conn.execute(
+            "WITH arrivals (patient_id, modality, received_at) AS ("
+            " SELECT patient_id, modality, received_at FROM instances"
+            " WHERE superseded_by IS NULL AND patient_id IS NOT NULL"
+            " UNION ALL SELECT patient_id, NULL, received_at FROM hl7_messages"
+            " WHERE state = 'parsed' AND patient_id IS NOT NULL) "
+            f"SELECT a.patient_id, MIN(a.received_at) AS first_at, "
+            f"MAX(l.checked_at) AS checked_at, {has} "
+            "FROM arrivals a LEFT JOIN pull_lookbacks l "
+            "ON l.remote_ae = ? AND l.patient_id = a.patient_id "
+            f"WHERE trim(a.patient_id) != '' AND length(a.patient_id) <= 64 AND {plain} "
+            "GROUP BY a.patient_id "
+            f"HAVING first_at >= ? AND (checked_at IS NULL OR checked_at <= ?) AND ({lacks}) "
+            "ORDER BY checked_at IS NOT NULL, checked_at, first_at, a.patient_id LIMIT ?",
+            (*wanted, self.remote.ae_title, horizon, asked_before, self.lookback_patients),
+        ).fetchall()
+        return [str(row["patient_id"]) for row in rows]
+
+    def _study_match(self, answer: Dataset) -> StudyMatch | None:
+        """A study-level C-FIND answer as a match, or None (no valid UID, no wanted modality)."""
+        uid = _uid(answer.get("StudyInstanceUID"))
+        if uid is None:
+            return None
+        modalities = tuple(m for m in _strings(answer.get("ModalitiesInStudy")) if m)
+        if modalities and not set(modalities) & set(self.modalities):
+            return None  # the PACS did not apply ModalitiesInStudy matching
+        return StudyMatch(uid, _text(answer.get("StudyDate")), modalities,
+                          _count(answer.get("NumberOfStudyRelatedInstances")))
 
     def _date_range(self, now: datetime) -> str:
         if self.window_days is None:
@@ -346,17 +574,6 @@ class PacsPuller:
         return answers
 
     # -- retrieval --------------------------------------------------------------------------
-
-    def _needs_retrieval(self, study: StudyMatch) -> bool:
-        row = self.store.conn.execute(
-            "SELECT state, remote_instances FROM retrievals WHERE remote_ae = ? AND "
-            "study_instance_uid = ?", (self.remote.ae_title, study.study_instance_uid),
-        ).fetchone()
-        if row is None or row["state"] != "complete":
-            return True
-        grown = (study.instances is not None and row["remote_instances"] is not None
-                 and study.instances > row["remote_instances"])
-        return bool(grown)
 
     def _held(self, series: SeriesMatch) -> bool:
         """Whether we already store every instance the PACS has in ``series``.
@@ -488,14 +705,36 @@ class PacsPuller:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _record(self, study: StudyMatch, outcome: StudyOutcome) -> None:
-        now = self.store.stamp()
+    def _record(self, study: StudyMatch, outcome: StudyOutcome) -> str:
+        """Write the attempt's outcome and, for a failure, when to try again; returns the
+        study's state now: ``complete``, ``failed`` (backing off) or ``gave_up``."""
+        moment = self.store.clock()
+        now = iso_utc(moment)
         with self.store.transaction() as conn:
+            previous = conn.execute(
+                "SELECT state, failures, failing_since FROM retrievals "
+                "WHERE remote_ae = ? AND study_instance_uid = ?",
+                (self.remote.ae_title, study.study_instance_uid)).fetchone()
+            state: str = outcome.state
+            failures, failing_since, next_attempt = 0, None, None
+            if outcome.state == "failed":
+                # a run of failures; a study given up and retried (it grew) starts a new run
+                going_on = previous is not None and previous["state"] == "failed"
+                failures = previous["failures"] + 1 if going_on else 1
+                failing_since = (previous["failing_since"] if going_on else None) or now
+                failing_for = (moment - datetime.fromisoformat(failing_since)).total_seconds()
+                if failing_for >= self.retry_budget_s:
+                    state = "gave_up"
+                else:
+                    wait = min(self.retry_backoff_s * 2 ** min(failures - 1, 62),
+                               self.retry_max_backoff_s)
+                    next_attempt = iso_utc(moment + timedelta(seconds=wait))
             conn.execute(
                 "INSERT INTO retrievals (remote_ae, study_instance_uid, study_date, modalities, "
                 "method, state, remote_instances, wanted_instances, completed, failed, "
-                "attempts, first_attempt_at, last_attempt_at, completed_at, error) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?) "
+                "attempts, first_attempt_at, last_attempt_at, completed_at, error, failures, "
+                "failing_since, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (remote_ae, study_instance_uid) DO UPDATE SET "
                 "study_date = excluded.study_date, modalities = excluded.modalities, "
                 "method = excluded.method, state = excluded.state, "
@@ -505,11 +744,15 @@ class PacsPuller:
                 "attempts = retrievals.attempts + 1, "
                 "last_attempt_at = excluded.last_attempt_at, "
                 "completed_at = COALESCE(excluded.completed_at, retrievals.completed_at), "
-                "error = excluded.error",
+                "error = excluded.error, failures = excluded.failures, "
+                "failing_since = excluded.failing_since, "
+                "next_attempt_at = excluded.next_attempt_at",
                 (self.remote.ae_title, study.study_instance_uid, study.study_date,
-                 "\\".join(study.modalities) or None, self.method, outcome.state,
+                 "\\".join(study.modalities) or None, self.method, state,
                  study.instances, outcome.wanted_instances, outcome.completed, outcome.failed,
-                 now, now, now if outcome.state == "complete" else None, outcome.error))
+                 now, now, now if outcome.state == "complete" else None, outcome.error,
+                 failures, failing_since, next_attempt))
+        return state
 
     def _remote_text(self) -> str:
         return f"the PACS (AE {self.remote.ae_title}, {self.remote.host}:{self.remote.port})"

@@ -184,6 +184,16 @@ class PacsConfig:
     modalities: list[str] = field(default_factory=lambda: ["US", "SM", "SR", "ANN"])
     timeout_s: int = 60  # seconds for a C-FIND answer
     retrieve_timeout_s: int = 600  # seconds for one C-MOVE/C-GET answer (a slide level is big)
+    # look-back: a patient we hold without a slide or without an ultrasound image is asked for
+    # by PatientID, any study date, for this many days after its first arrival (0 = never)
+    lookback_days: int = 90
+    lookback_patients: int = 20  # patients looked back per poll, the longest unasked first
+    lookback_interval_h: float = 6.0  # hours before the same patient is asked again
+    # a study whose retrieval failed waits retry_backoff_s, doubling per failure up to
+    # retry_max_backoff_s; failing for retry_budget_h it is given up (until the PACS holds more)
+    retry_backoff_s: int = 300
+    retry_max_backoff_s: int = 21600
+    retry_budget_h: float = 72.0
 
 
 @dataclass(frozen=True)
@@ -332,6 +342,8 @@ class Config:
                             ("export.max_attempts", self.export.max_attempts),
                             ("pacs.window_days", self.pacs.window_days),
                             ("pacs.timeout_s", self.pacs.timeout_s),
+                            ("pacs.lookback_patients", self.pacs.lookback_patients),
+                            ("pacs.retry_backoff_s", self.pacs.retry_backoff_s),
                             ("hl7.max_connections", self.hl7.max_connections),
                             ("hl7.idle_timeout_s", self.hl7.idle_timeout_s),
                             ("ingest.max_hl7_bytes", self.ingest.max_hl7_bytes),
@@ -341,6 +353,11 @@ class Config:
                             ("features.workers", self.features.workers)):
             if number < 1:
                 fail(key, number, "a number of at least 1")
+        if (self.pacs.retry_max_backoff_s < self.pacs.retry_backoff_s
+                or not self.pacs.retry_budget_h > 0):
+            fail("pacs.retry_max_backoff_s / pacs.retry_budget_h",
+                 (self.pacs.retry_max_backoff_s, self.pacs.retry_budget_h),
+                 "a maximum backoff of at least retry_backoff_s and a budget above 0 hours")
         if self.features.target_mpp <= 0 or self.features.us_default_mm_per_px <= 0:
             fail("features.target_mpp / us_default_mm_per_px",
                  (self.features.target_mpp, self.features.us_default_mm_per_px),

@@ -752,6 +752,12 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
                                 window_days=pacs.window_days, method=pacs.method,
                                 query_timeout_s=pacs.timeout_s,
                                 retrieve_timeout_s=pacs.retrieve_timeout_s,
+                                lookback_days=pacs.lookback_days,
+                                lookback_patients=pacs.lookback_patients,
+                                lookback_interval_s=pacs.lookback_interval_h * 3600,
+                                retry_backoff_s=pacs.retry_backoff_s,
+                                retry_max_backoff_s=pacs.retry_max_backoff_s,
+                                retry_budget_s=pacs.retry_budget_h * 3600,
                                 stop_requested=components.stopping)
             # StudyDate is a local date: the PACS's day, taken as this machine's zone
             return puller.poll(store.clock().astimezone())

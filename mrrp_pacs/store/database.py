@@ -67,15 +67,35 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All statements inside commit together or not at all."""
+        """All statements inside commit together or not at all.
+
+        A failed ``COMMIT`` (a deferred constraint, an I/O error, a full disk) is rolled back
+        before its error is raised, so the connection is never left inside a transaction: the
+        next ``transaction()`` starts afresh once the fault is gone. When SQLite already
+        rolled back by itself (it does on ``SQLITE_FULL``), the error raised is still the
+        statement's own, not the ``ROLLBACK``'s "no transaction is active".
+        """
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
-        else:
+        try:
             self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already; never raises."""
+        if not self.conn.in_transaction:
+            return
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            # the caller's error is the one to report; this one only goes to the log
+            LOGGER.error("ROLLBACK failed after an error in a transaction: %s", exc)
 
     def insert(self, conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> int:
         """Insert one row inside a transaction; returns its id."""

@@ -4,6 +4,12 @@ Writes are atomic: bytes go to a temporary file in the same file system while be
 are flushed to disk, then renamed to ``<root>/ab/cd/<sha256>``; a reader never sees a partial
 object and a crash leaves at most a stray file under ``<root>/tmp``. Objects are never
 rewritten or deleted by the application.
+
+Durability: after the rename the object's folder is fsynced (its new entry), and so is the
+parent of every fan-out folder this write created (``ab/`` in the root, ``cd/`` in ``ab/``,
+the root in its parent), so an object whose row is committed is still found after a power
+cut. The folder sync is :func:`fsync_dir`, replaceable through ``ObjectStore(sync_dir=...)``
+(tests wrap it to see which folders are synced).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -27,8 +33,11 @@ class StoredObject:
 
 
 class ObjectStore:
-    def __init__(self, root: Path) -> None:
+    """Objects under ``root``; ``sync_dir`` makes a folder's entries durable (fsync)."""
+
+    def __init__(self, root: Path, *, sync_dir: Callable[[Path], None] | None = None) -> None:
         self.root = root
+        self.sync_dir = fsync_dir if sync_dir is None else sync_dir
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
@@ -63,7 +72,8 @@ class ObjectStore:
 
     def _put(self, chunks: Iterable[bytes], expected_sha256: str | None) -> StoredObject:
         staging = self.root / "tmp"
-        staging.mkdir(parents=True, exist_ok=True)
+        for folder in reversed(_make_folders(staging)):  # the root too, on the first write
+            self.sync_dir(folder.parent)
         fd, tmp_name = tempfile.mkstemp(dir=staging, prefix="in-")
         tmp = Path(tmp_name)
         digest, size = hashlib.sha256(), 0
@@ -80,9 +90,12 @@ class ObjectStore:
                 raise ValueError("the file changed while being stored (its sha256 differs)")
             target = self.path_for(sha)
             if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
+                created = _make_folders(target.parent)
                 os.replace(tmp, target)
-                _fsync_dir(target.parent)
+                self.sync_dir(target.parent)  # the object's new name
+                # each new folder's name in its parent, innermost first
+                for folder in reversed(created):
+                    self.sync_dir(folder.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return StoredObject(sha, size, target)
@@ -99,9 +112,29 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (names created or renamed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones found missing, outermost first.
+
+    A folder another thread creates at the same moment counts as missing here too, so its
+    parent is synced by both writers rather than by neither before this object is known.
+    """
+    missing: list[Path] = []
+    probe = folder
+    while not probe.is_dir():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    missing.reverse()
+    for path in missing:
+        path.mkdir(exist_ok=True)
+    return missing

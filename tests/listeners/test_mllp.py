@@ -279,6 +279,63 @@ def test_locked_database_answers_ar_and_the_resend_is_stored(serve, store, confi
     assert _rows(store, "hl7_messages", "state = 'parsed'") == 1
 
 
+def test_a_failed_commit_answers_ar_and_the_next_message_is_stored(serve, store, config):
+    """A COMMIT that fails (here a deferred foreign key planted by a trigger: SQLite checks it
+    at COMMIT and keeps the transaction open) is rolled back in the worker: once the fault is
+    gone the same worker stores the next message instead of answering AR until restart."""
+    _, handle = serve(workers=1)
+    store.conn.executescript(
+        "CREATE TABLE fault_targets (id INTEGER PRIMARY KEY);"
+        "CREATE TABLE fault_rows (target INTEGER REFERENCES fault_targets(id) "
+        "DEFERRABLE INITIALLY DEFERRED);"
+        "CREATE TRIGGER commit_fault AFTER INSERT ON hl7_messages BEGIN "
+        "INSERT INTO fault_rows (target) VALUES (404); END;")
+    peer = Peer(handle.port)
+    peer.send(mllp(pathology_result(Patient(), "COMMIT-1")))
+    ack = peer.ack()
+    assert _msa(ack) == ("AR", "COMMIT-1") and "send again" in ack.get("ERR-8")
+    assert _rows(store, "hl7_messages") == 0
+    store.conn.execute("DROP TRIGGER commit_fault")  # the fault clears
+    peer.send(mllp(pathology_result(Patient(), "COMMIT-1")))
+    assert _msa(peer.ack()) == ("AA", "COMMIT-1")
+    peer.send(mllp(us_report(Patient("MRN002"), "COMMIT-2")))
+    assert _msa(peer.ack()) == ("AA", "COMMIT-2")
+    assert _rows(store, "hl7_messages", "state = 'parsed'") == 2
+
+
+def test_a_full_database_answers_ar_and_recovers_when_there_is_room(config, store, caplog):
+    """SQLite's own disk-full error (a tiny max_page_count on the worker's connection) is
+    answered AR, the log names the full disk (not a failed ROLLBACK), and the next message is
+    stored once there is room."""
+    caplog.set_level(logging.INFO, logger="listeners.mllp")
+    opened = []
+
+    def make():
+        opened.append(Store(config.paths.db_file, config.paths.objects_dir, migrate=False))
+        return Intake(opened[-1], config)
+
+    handle = MllpServer(make, port=0, idle_timeout_s=10.0, workers=1).run_in_thread()
+    try:
+        (worker,) = opened
+        pages = worker.conn.execute("PRAGMA page_count").fetchone()[0]
+        worker.conn.execute(f"PRAGMA max_page_count = {pages}")
+        peer = Peer(handle.port)
+        # a report of ~40 kB needs new (overflow) pages where the first rows fitted
+        message = us_report(Patient(), "FULL-1", text=("Findings. " * 400,) * 10)
+        peer.send(mllp(message))
+        ack = peer.ack()
+        assert _msa(ack) == ("AR", "FULL-1") and ack.get("ERR-8") == (
+            "database unavailable, send again")
+        assert _rows(store, "hl7_messages") == 0
+        assert "AR sent, database unavailable (database or disk is full)" in caplog.text
+        worker.conn.execute("PRAGMA max_page_count = 1073741823")
+        peer.send(mllp(message))
+        assert _msa(peer.ack()) == ("AA", "FULL-1")
+    finally:
+        handle.stop()
+    assert _rows(store, "hl7_messages", "state = 'parsed'") == 1
+
+
 def test_unwritable_object_store_answers_ar(serve, store, config):
     _, handle = serve()
     staging = config.paths.objects_dir / "tmp"
