@@ -214,9 +214,10 @@ def test_pacs_down_backs_off_dies_keeps_everything_then_retry_delivers_once(
 def test_called_ae_mismatch_is_recorded_readably(outbox: Outbox, orthanc: Orthanc) -> None:
     queue_sr(outbox, sr_object("OBX005"))
     wrong = {"pacs": DicomSender(LOOPBACK, orthanc.dicom_port, "WRONGAE", "MRRP", timeout_s=10)}
-    assert outbox.drain(wrong) == DrainSummary(retried=1)
+    # rejected-permanent: trying again cannot help until someone changes a configuration
+    assert outbox.drain(wrong) == DrainSummary(dead=1)
     row = only_row(outbox)
-    assert (row.state, row.attempts) == ("pending", 1)
+    assert (row.state, row.attempts, row.next_attempt_at) == ("dead", 1, None)
     assert row.last_error == (f"association rejected by WRONGAE@{LOOPBACK}:{orthanc.dicom_port}: "
                               "Called AE title not recognised (Rejected Permanent, from "
                               "Service User; calling AE MRRP)")
