@@ -561,7 +561,7 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
 
             def drain(store: Store) -> DrainSummary:
                 return Outbox(store).drain(
-                    senders, max_attempts=export.max_attempts,
+                    senders, retry_hours=export.retry_hours, max_attempts=export.max_attempts,
                     backoff_s=export.backoff_s, max_backoff_s=export.max_backoff_s)
 
             components.drain = drain
