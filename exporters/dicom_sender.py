@@ -1,15 +1,21 @@
 """DICOM C-STORE SCU: sends stored result objects (SR, Encapsulated PDF) to a PACS.
 
-Each object is offered in a presentation context of its own SOP class with exactly its own
-transfer syntax: pynetdicom does not transcode, and an object is sent as it was made. A session
-keeps one association open for a batch and re-associates only when an object needs a context
-not yet negotiated, or after the peer aborted.
+Each object is offered in a presentation context of its own SOP class. A compressed object is
+offered in exactly its own transfer syntax (pynetdicom does not transcode pixel data); an
+uncompressed one (Explicit or Implicit VR Little Endian) is offered in its own first and in the
+other second, and sent in whichever the peer accepted (pynetdicom re-encodes between the two),
+so a PACS that takes Implicit VR Little Endian only still gets our Explicit VR SRs and PDFs.
+A session keeps one association open for a batch and re-associates only when an object needs a
+context not yet negotiated, or after the peer aborted.
 
-Failures are :class:`~exporters.outbox.SendError`. Transient (worth retrying): connection
-refused or timed out, association rejected or aborted, no response, status "out of resources"
-(A7xx), "processing failure" (0110) and "resource limitation" (0213). Permanent: the bytes are
-not a DICOM file, the peer accepts no context for the object, and any other failure status.
-Warnings B000, B006, B007 are deliveries, logged as warnings.
+Failures are :class:`~exporters.outbox.SendError`, classed by pynetdicom's status categories
+(:func:`pynetdicom.status.code_to_category`). Transient (worth retrying): connection refused
+or timed out, association rejected-transient or aborted, no response, failure statuses "out of
+resources" (A7xx), "processing failure" (0110) and "resource limitation" (0213). Permanent: the
+bytes are not a DICOM file, an association rejected-permanent (e.g. called AE title not
+recognised: retrying cannot help until the PACS or our configuration changes), the peer accepts
+no context for the object, and any other failure, cancel or unknown status (e.g. A9xx, Cxxx,
+0122). Every Warning status (B000–BFFF, 0001, 0107, 0116) is a delivery, logged as a warning.
 """
 
 from __future__ import annotations
@@ -21,10 +27,16 @@ from contextlib import contextmanager
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+from pynetdicom.status import (
+    STATUS_FAILURE,
+    STATUS_SUCCESS,
+    STATUS_WARNING,
+    STORAGE_SERVICE_CLASS_STATUS,
+    code_to_category,
+)
 
 from mrrp_pacs.errors import SendError
 
@@ -33,8 +45,9 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_CALLING_AE = "MRRP"  # the default [dicom] ae_title
 DEFAULT_TIMEOUT_S = 30.0
 MAX_CONTEXTS = 128  # PS3.8: presentation context ids are odd numbers 1..255
-WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 TRANSIENT_STATUSES = frozenset({0x0110, 0x0213, *range(0xA700, 0xA800)})
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # offered for one another
+REJECTED_PERMANENT = 0x01  # A-ASSOCIATE-RJ result (PS3.8 9.3.4); 0x02 is rejected-transient
 MAX_PDU_BYTES = 1 << 20  # the largest PDU we receive (pynetdicom's default is 16 KiB)
 
 
@@ -157,8 +170,9 @@ class DicomSession:
         self._assoc = assoc
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                     for cx in assoc.accepted_contexts}
-        self._contexts = [k for k in self._contexts if k in accepted]
-        if key not in accepted:
+        self._contexts = [k for k in self._contexts
+                          if any((k[0], syntax) in accepted for syntax in _offered(k[1]))]
+        if key not in self._contexts:
             raise SendError(f"{self._sender.peer} does not accept SOP class {key[0]} with "
                             f"transfer syntax {UID(key[1]).name}", transient=False)
         return assoc
@@ -169,17 +183,20 @@ class DicomSession:
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.acse_timeout = ae.dimse_timeout = sender.timeout_s
         ae.network_timeout = ae.connection_timeout = sender.timeout_s
-        contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in self._contexts]
+        contexts = [build_context(sop_class, _offered(syntax))
+                    for sop_class, syntax in self._contexts]
         assoc = ae.associate(sender.host, sender.port, contexts=contexts,
                              ae_title=sender.called_ae)
         if assoc.is_established:
             return assoc
         reply = assoc.acceptor.primitive
         if assoc.is_rejected and reply is not None:
+            # rejected-permanent (e.g. our calling AE or its called AE not known there) will
+            # not change by trying again; rejected-transient (e.g. too many associations) may
             error = SendError(
                 f"association rejected by {sender.peer}: {reply.reason_str} "
                 f"({reply.result_str}, from {reply.source_str}; calling AE "
-                f"{sender.calling_ae})", transient=True)
+                f"{sender.calling_ae})", transient=reply.result != REJECTED_PERMANENT)
         elif reply is not None and reply.result == 0:
             # it accepted the association but none of our contexts; pynetdicom then aborts
             raise SendError(f"{sender.peer} accepts none of the offered presentation contexts "
@@ -205,16 +222,25 @@ def _parse(data: bytes) -> Dataset:
     return dataset
 
 
+def _offered(syntax: str) -> list[str]:
+    """Transfer syntaxes offered for an object in ``syntax``: its own first, then, for an
+    uncompressed one, the other uncompressed one (pynetdicom converts between them)."""
+    if syntax in UNCOMPRESSED:
+        return [syntax, *(other for other in UNCOMPRESSED if other != syntax)]
+    return [syntax]
+
+
 def _check_status(status: Dataset, peer: str) -> None:
     if "Status" not in status:
         raise SendError(f"no C-STORE response from {peer} (association aborted or timed out)",
                         transient=True)
     code = int(status.Status)
-    if code == 0x0000:
+    category = code_to_category(code)
+    if category == STATUS_SUCCESS:
         return
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
-    if code in WARNING_STATUSES:
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", f"{category.lower()} status"))[1]
+    if category == STATUS_WARNING:
         LOGGER.warning("C-STORE to %s stored with warning 0x%04X (%s)", peer, code, meaning)
         return
     raise SendError(f"C-STORE refused by {peer}: status 0x{code:04X} ({meaning})",
-                    transient=code in TRANSIENT_STATUSES)
+                    transient=category == STATUS_FAILURE and code in TRANSIENT_STATUSES)

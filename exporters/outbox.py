@@ -2,9 +2,16 @@
 
 A row of ``exports`` is written (state ``pending``) when an object is enqueued; :meth:`Outbox.drain`
 sends the due rows through one :class:`Sender` per destination and records each outcome in its
-own transaction right after that send. A row ends ``sent``, or ``dead`` after ``max_attempts``
-failures (or one permanent failure); a dead row is kept, with its last error, until an operator
-calls :meth:`Outbox.retry`. Rows and objects are never deleted.
+own transaction right after that send. A row ends ``sent``, or ``dead`` after a permanent failure
+or once transient failures have gone on for the retry budget (``retry_hours``, 72 h by default,
+from the first failure); a dead row is kept, with its last error, until an operator calls
+:meth:`Outbox.retry`. Rows and objects are never deleted.
+
+A row is keyed by what it carries and where to: (``object_key``, ``destination``), the key being
+the SOP Instance UID of a DICOM object or ``hl7:`` + MSH-10 of an HL7 message. Queuing the same
+key and destination again with the same bytes returns the first row; with other bytes it is
+refused (:class:`ExportConflict`): one UID must never name two documents. The caller passes its
+transaction (``conn``) so that every object of one score is queued, or none.
 
 Delivery is **at least once**: a crash between a successful send and the update of its row sends
 the object again on restart. That is harmless for DICOM, since the object keeps its SOP Instance
@@ -15,6 +22,11 @@ Two drains (the daemon and an operator's ``export``) do not send the same row tw
 claimed, by moving its ``next_attempt_at`` ``claim_s`` into the future, in a transaction of its
 own just before it is sent. A crash while a row is claimed delays it by ``claim_s`` only.
 
+Retries back off exponentially (``backoff_s`` doubling up to ``max_backoff_s``) with jitter: each
+delay is drawn uniformly from its upper half, so rows that failed together (a PACS maintenance
+window) do not all come back in the same second. The last try is placed at the end of the
+budget. The random source is injectable (``rng``) for reproducible tests.
+
 Times are UTC and come from the store's clock (``store.clock``, :mod:`mrrp_pacs.clock`); the
 ``*_at`` columns hold ISO 8601 at second precision (:func:`mrrp_pacs.clock.iso_utc`), so they
 compare as strings. ``sent_at`` is the ``updated_at``
@@ -24,6 +36,7 @@ of a ``sent`` row: nothing updates a sent row except an explicit :meth:`Outbox.r
 from __future__ import annotations
 
 import logging
+import random
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,13 +47,14 @@ from enum import StrEnum
 from typing import Protocol
 
 from mrrp_pacs.clock import iso_utc
-from mrrp_pacs.errors import SendError
+from mrrp_pacs.errors import MrrpError, SendError
 from mrrp_pacs.store import ObjectStore, Store
 
 LOGGER = logging.getLogger(__name__)
 
 KINDS = ("sr", "pdf", "hl7")
-DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_RETRY_HOURS = 72.0  # a PACS down for a long weekend loses nothing
+DEFAULT_MAX_ATTEMPTS = 0  # no cap on tries: the time budget decides
 DEFAULT_BACKOFF_S = 60.0
 DEFAULT_MAX_BACKOFF_S = 3600.0
 DEFAULT_CLAIM_S = 900.0
@@ -48,6 +62,11 @@ ERROR_CHARS = 500
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _DESTINATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class ExportConflict(MrrpError, ValueError):
+    """An object whose key (SOP Instance UID or HL7 control id) is already queued for the
+    destination with other bytes (``uid``: the key). Nothing is queued."""
 
 
 class ExportState(StrEnum):
@@ -90,6 +109,9 @@ class ExportRow:
     next_attempt_at: str | None
     created_at: str
     updated_at: str
+    revision: int = 0
+    object_key: str | None = None
+    failing_since: str | None = None
 
     @property
     def sent_at(self) -> str | None:
@@ -138,12 +160,15 @@ class DrainSummary:
 class Outbox:
     """The ``exports`` table of ``store``, with the objects kept in ``objects``."""
 
-    def __init__(self, store: Store, objects: ObjectStore | None = None) -> None:
+    def __init__(self, store: Store, objects: ObjectStore | None = None,
+                 rng: random.Random | None = None) -> None:
         self.store = store
         self.objects = objects if objects is not None else store.objects
+        self.rng = rng if rng is not None else random.Random()  # noqa: S311 (jitter, not crypto)
 
     def enqueue(self, conn: sqlite3.Connection | None, *, score_id: int | None, kind: str,
-                destination: str, data: bytes, sop_instance_uid: str | None) -> Enqueued:
+                destination: str, data: bytes, sop_instance_uid: str | None,
+                revision: int = 0) -> Enqueued:
         """Store ``data`` and queue it for ``destination``, before any network call.
 
         Parameters
@@ -160,18 +185,23 @@ class Outbox:
         data
             The whole object: a DICOM file (Part 10) or an HL7 message.
         sop_instance_uid
-            Required for ``sr`` and ``pdf``.
+            Required for ``sr`` and ``pdf`` (their key); an ``hl7`` row is keyed by MSH-10.
+        revision
+            The score revision the object reports (``scores.revision``).
 
         Returns
         -------
         Enqueued
-            The same object (same SHA-256) queued twice for one destination gives one row:
+            The same key queued twice for one destination with the same bytes gives one row:
             the second call returns the first row, whatever its state, with ``created`` False.
 
         Raises
         ------
+        ExportConflict
+            The key is queued for ``destination`` with other bytes (logged, without the key).
         ValueError
-            ``kind``, ``destination`` or ``sop_instance_uid`` is not valid.
+            ``kind``, ``destination`` or ``sop_instance_uid`` is not valid, or an HL7 message
+            without MSH-10.
         """
         if kind not in KINDS:
             raise ValueError(f"export kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -184,18 +214,30 @@ class Outbox:
                              f"got {sop_instance_uid!r}")
         if not data:
             raise ValueError("refusing to queue an empty object")
+        key = object_key(kind, data, sop_instance_uid)
         stamp = iso_utc(self.store.clock())  # due at once
         # the object is on disk (fsynced) before its row exists; a crash in between leaves
         # an unreferenced object, never a row without its object
         stored = self.objects.put_bytes(data)
         with self._transaction(conn) as tx:
-            found = tx.execute("SELECT id FROM exports WHERE object_sha256 = ? AND destination = ?",
-                               (stored.sha256, destination)).fetchone()
+            found = tx.execute("SELECT id, object_sha256 FROM exports WHERE object_key = ? AND "
+                               "destination = ?", (key, destination)).fetchone()
             if found is not None:
-                return Enqueued(int(found["id"]), created=False)
+                if found["object_sha256"] == stored.sha256:
+                    return Enqueued(int(found["id"]), created=False)
+                LOGGER.error("refused to queue a %s for %s: export %d holds the same %s with "
+                             "other content (%s…, new %s…)", kind, destination, found["id"],
+                             "control id" if kind == "hl7" else "SOP Instance UID",
+                             str(found["object_sha256"])[:12], stored.sha256[:12])
+                raise ExportConflict(
+                    f"{'HL7 control id' if kind == 'hl7' else 'SOP Instance UID'} {key} is "
+                    f"already queued for {destination} (export {found['id']}) with other "
+                    "content; one identifier must not name two documents, so nothing was "
+                    "queued", uid=key)
             row_id = self.store.insert(tx, "exports", {
                 "score_id": score_id, "kind": kind, "destination": destination,
                 "object_sha256": stored.sha256, "sop_instance_uid": sop_instance_uid,
+                "object_key": key, "revision": revision,
                 "state": ExportState.PENDING.value, "attempts": 0, "last_error": None,
                 "next_attempt_at": stamp, "created_at": stamp, "updated_at": stamp,
             })
@@ -263,39 +305,49 @@ class Outbox:
                     raise ValueError(f"no export rows with id {', '.join(map(str, unknown))}; "
                                      "`mrrp-pacs outbox list` shows the ids")
             tx.executemany(
-                "UPDATE exports SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ? "
-                "WHERE id = ?",
+                "UPDATE exports SET state = ?, attempts = 0, failing_since = NULL, "
+                "next_attempt_at = ?, updated_at = ? WHERE id = ?",
                 [(ExportState.PENDING.value, stamp, stamp, i) for i in chosen])
         if chosen:
             LOGGER.info("%d exports made pending again", len(chosen))
         return chosen
 
     def drain(self, senders: Mapping[str, Sender], *,
-              max_attempts: int = DEFAULT_MAX_ATTEMPTS, backoff_s: float = DEFAULT_BACKOFF_S,
+              retry_hours: float = DEFAULT_RETRY_HOURS, backoff_s: float = DEFAULT_BACKOFF_S,
               max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
+              max_attempts: int = DEFAULT_MAX_ATTEMPTS,
               claim_s: float = DEFAULT_CLAIM_S) -> DrainSummary:
         """Send every due row once, through the sender of its destination.
 
-        Each outcome is committed right after its send. On failure ``attempts`` grows by one and
-        the row is due again after ``min(backoff_s * 2**(attempts - 1), max_backoff_s)`` seconds,
-        or goes ``dead`` when ``attempts`` reaches ``max_attempts`` or the failure is permanent.
+        Each outcome is committed right after its send. A permanent failure makes the row
+        ``dead``. After a transient one ``attempts`` grows by one and the row is due again
+        after a delay drawn uniformly from ``[d/2, d]``, ``d = min(backoff_s * 2**(attempts -
+        1), max_backoff_s)``, but no later than ``retry_hours`` after its first failure
+        (``failing_since``); a transient failure at or after that deadline makes it ``dead``.
 
         Parameters
         ----------
         senders
             Sender per destination name. Rows for a destination without one stay pending
             (counted as skipped).
-        max_attempts
-            Tries before a row is dead (≥ 1).
+        retry_hours
+            How long transient failures are retried, from the first one (> 0).
         backoff_s, max_backoff_s
-            First retry delay and its cap, in seconds.
+            First retry delay and its cap, in seconds (before jitter).
+        max_attempts
+            A cap on tries as well (≥ 1), or 0 for none (the default: the time budget alone
+            decides, so a long outage dead-letters nothing however often it was tried).
         claim_s
             Seconds a row being sent is hidden from other drains.
         """
-        if max_attempts < 1 or backoff_s <= 0 or max_backoff_s < backoff_s or claim_s <= 0:
-            raise ValueError("drain needs max_attempts >= 1, backoff_s > 0, "
+        if (retry_hours <= 0 or max_attempts < 0 or backoff_s <= 0
+                or max_backoff_s < backoff_s or claim_s <= 0):
+            raise ValueError("drain needs retry_hours > 0, max_attempts >= 0, backoff_s > 0, "
                              "max_backoff_s >= backoff_s and claim_s > 0; got "
-                             f"{max_attempts}, {backoff_s}, {max_backoff_s}, {claim_s}")
+                             f"{retry_hours}, {max_attempts}, {backoff_s}, {max_backoff_s}, "
+                             f"{claim_s}")
+        policy = RetryPolicy(timedelta(hours=retry_hours), backoff_s, max_backoff_s,
+                             max_attempts)
         summary = DrainSummary()
         by_destination: dict[str, list[ExportRow]] = {}
         for row in self.due():
@@ -312,8 +364,7 @@ class Outbox:
                     if not self._claim(row.id, self.store.clock(), claim_s):
                         continue  # another drain took it
                     error = self._deliver(session, sender.peer, row)
-                    state = self._record(row, error, self.store.clock(), max_attempts, backoff_s,
-                                         max_backoff_s)
+                    state = self._record(row, error, self.store.clock(), policy)
                     if state is ExportState.SENT:
                         summary.sent += 1
                     elif state is ExportState.DEAD:
@@ -355,37 +406,43 @@ class Outbox:
                  ExportState.PENDING.value, stamp))
             return cursor.rowcount == 1
 
-    def _record(self, row: ExportRow, error: SendError | None, at: datetime, max_attempts: int,
-                backoff_s: float, max_backoff_s: float) -> ExportState:
+    def _record(self, row: ExportRow, error: SendError | None, at: datetime,
+                policy: RetryPolicy) -> ExportState:
         attempts = row.attempts + 1
         stamp = iso_utc(at)
+        failing_since: str | None = None
         if error is None:
             state, next_at, last_error = ExportState.SENT, None, None
             LOGGER.info("export %d sent to %s (attempt %d)", row.id, row.destination, attempts)
         else:
             last_error = error.reason[:ERROR_CHARS]
-            if not error.transient or attempts >= max_attempts:
+            failing_since = row.failing_since or stamp
+            deadline = datetime.fromisoformat(failing_since) + policy.budget
+            if (not error.transient or at >= deadline
+                    or 0 < policy.max_attempts <= attempts):
                 state, next_at = ExportState.DEAD, None
-                LOGGER.error("export %d to %s is dead after %d attempts (%s): %s", row.id,
-                             row.destination, attempts,
+                LOGGER.error("export %d to %s is dead after %d attempts since %s (%s): %s",
+                             row.id, row.destination, attempts, failing_since,
                              "transient" if error.transient else "permanent", last_error)
             else:
-                delay_s = min(backoff_s * 2 ** (attempts - 1), max_backoff_s)
-                state, next_at = ExportState.PENDING, iso_utc(at + timedelta(seconds=delay_s))
+                delay = timedelta(seconds=policy.delay_s(attempts, self.rng))
+                due = min(at + delay, deadline)
+                state, next_at = ExportState.PENDING, iso_utc(due)
                 LOGGER.warning("export %d to %s failed (attempt %d), next try in %.0f s: %s",
-                               row.id, row.destination, attempts, delay_s, last_error)
+                               row.id, row.destination, attempts,
+                               (due - at).total_seconds(), last_error)
         with self.store.transaction() as tx:
             tx.execute(
                 "UPDATE exports SET state = ?, attempts = ?, last_error = ?, "
-                "next_attempt_at = ?, updated_at = ? WHERE id = ?",
-                (state.value, attempts, last_error, next_at, stamp, row.id))
+                "next_attempt_at = ?, failing_since = ?, updated_at = ? WHERE id = ?",
+                (state.value, attempts, last_error, next_at, failing_since, stamp, row.id))
         return state
 
     def _select(self, where: str, params: tuple[object, ...]) -> list[ExportRow]:
         cursor = self.store.conn.execute(
             "SELECT id, score_id, kind, destination, object_sha256, sop_instance_uid, state, "
-            "attempts, last_error, next_attempt_at, created_at, updated_at FROM exports "
-            f"WHERE {where}", params)
+            "attempts, last_error, next_attempt_at, created_at, updated_at, revision, "
+            f"object_key, failing_since FROM exports WHERE {where}", params)
         return [ExportRow(**dict(r)) for r in cursor.fetchall()]
 
     @contextmanager
@@ -396,3 +453,40 @@ class Outbox:
             with self.store.transaction() as tx:
                 yield tx
 
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed row is tried again, and when it is given up (see :meth:`Outbox.drain`)."""
+
+    budget: timedelta
+    backoff_s: float
+    max_backoff_s: float
+    max_attempts: int = 0  # 0: no cap
+
+    def delay_s(self, attempts: int, rng: random.Random) -> float:
+        """Seconds before try ``attempts + 1``: the capped exponential delay, jittered into
+        its upper half."""
+        ceiling = min(self.backoff_s * 2.0 ** min(attempts - 1, 64), self.max_backoff_s)
+        return ceiling * (0.5 + 0.5 * rng.random())
+
+
+def object_key(kind: str, data: bytes, sop_instance_uid: str | None) -> str:
+    """What an export row carries, whatever its bytes: the SOP Instance UID of a DICOM
+    object, ``hl7:`` + MSH-10 (the message control id) of an HL7 message.
+
+    Raises
+    ------
+    ValueError
+        An HL7 message without an MSH segment or control id.
+    """
+    if kind != "hl7":
+        if sop_instance_uid is None:
+            raise ValueError(f"a {kind} export needs a SOP Instance UID")
+        return sop_instance_uid
+    msh = data.lstrip(b"\x0b").split(b"\r", 1)[0]
+    fields = msh.split(msh[3:4]) if len(msh) > 3 else []
+    # MSH-1 is the field separator itself, so MSH-n is field n - 1 of the split
+    if not msh.startswith(b"MSH") or len(fields) < 10 or not fields[9].strip():
+        raise ValueError("an hl7 export needs a message starting with MSH and holding a "
+                         "control id (MSH-10)")
+    return "hl7:" + fields[9].decode("ascii", "replace").strip()

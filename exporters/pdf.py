@@ -240,6 +240,7 @@ def build_encapsulated_pdf(
     series_number: int,
     instance_number: int,
     uid_secret: str = DEFAULT_UID_SECRET,
+    revision: int = 0,
     manufacturer: str = "mrrp-pacs",
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
@@ -260,6 +261,8 @@ def build_encapsulated_pdf(
         Positive integers chosen by the caller.
     uid_secret
         Site secret of the name-based UIDs.
+    revision
+        The score's revision (:func:`exporters.sr.result_uid`).
 
     Returns
     -------
@@ -275,7 +278,7 @@ def build_encapsulated_pdf(
         study_instance_uid=study_uid,
         series_instance_uid=series_uid("pdf", result, study_uid, uid_secret),
         series_number=series_number,
-        sop_instance_uid=result_uid("pdf", result, study_uid, uid_secret),
+        sop_instance_uid=result_uid("pdf", result, study_uid, uid_secret, revision),
         sop_class_uid=ENCAPSULATED_PDF,
         instance_number=instance_number,
         modality="DOC",

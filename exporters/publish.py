@@ -4,15 +4,31 @@ One SR goes into the pathology study, or the ultrasound study (``sr_study``); a 
 the chosen one gets it in the other. When the ultrasound image the lesion region is drawn on
 lies in another study, a second SR (same content and Tracking UID) goes into that study, since
 viewers draw a region only on images of the study they show. The PDF goes into the chosen
-study. Each SR's predecessor is the patient's SR of an earlier score in the same study, found in
-the outbox (whose rows are never deleted). Objects are deterministic, so queuing the same result
-twice writes one outbox row per object.
+study.
+
+A score is published in **one transaction**: every object is built first, then all its outbox
+rows are inserted together with ``scores.published_revision``, so a crash leaves all of them
+queued or none, and the next scoring run publishes a current score whose ``published_revision``
+is not its ``revision`` (``mrrp_pacs.daemon.Pipeline._unpublished``).
+
+A *publication* is one (score, revision). A score made current again after being superseded
+(model v2 rolled back to v1, inputs A → B → A; :mod:`mrrp_pacs.scoring`) has a higher revision
+and is published anew, as new documents: their SOP Instance UIDs include the revision
+(:func:`exporters.sr.result_uid`), their predecessor is the newest SR in that study, whichever
+score it reported, and their instance number is one above the earlier ones of their series, so
+the reverted result is the newest in the viewer. Re-sending the old objects would not do: the
+viewer would keep showing the newer (rolled-back) one, and the old UID's bytes cannot change.
+
+Each SR's predecessor is the patient's SR of an earlier publication in the same study, found in
+the outbox (whose rows are never deleted). Objects are deterministic, so queuing the same
+publication twice writes one outbox row per object.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,35 +76,64 @@ class ResultPublisher:
         self._km: dict[str, TrainingKM] = {}
 
     def __call__(self, store: Store, outcomes: Sequence[ScoreOutcome]) -> dict[str, int]:
+        """Queue the objects of each outcome that has a result, one transaction per score.
+
+        Returns how many new outbox rows each kind got.
+
+        Raises
+        ------
+        ExportConflict
+            An object's SOP Instance UID (or HL7 control id) is queued with other bytes;
+            nothing of that score is queued. Scores before it in ``outcomes`` stay queued.
+        """
         queued = {"sr": 0, "pdf": 0, **({"hl7": 0} if self.settings.hl7 else {})}
         outbox = Outbox(store)
         for outcome in outcomes:
             if outcome.result is None or outcome.score_id is None:
                 continue
-            for kind, dataset in self.objects(store, outcome.result):
-                data = _encode(dataset)
-                if outbox.enqueue(None, score_id=outcome.score_id, kind=kind,
-                                  destination=DESTINATION, data=data,
-                                  sop_instance_uid=str(dataset.SOPInstanceUID)).created:
-                    queued[kind] += 1
-            if self.settings.hl7 and outbox.enqueue(
-                    None, score_id=outcome.score_id, kind="hl7", destination=HL7_DESTINATION,
-                    data=self.hl7_message(outcome.score_id, outcome.result),
-                    sop_instance_uid=None).created:
-                queued["hl7"] += 1
+            revision = score_revision(store, outcome.score_id)
+            # everything is built before the transaction, so it holds the write lock briefly
+            items: list[tuple[str, str, bytes, str | None]] = [
+                (kind, DESTINATION, _encode(dataset), str(dataset.SOPInstanceUID))
+                for kind, dataset in self.objects(store, outcome.result, revision)]
+            if self.settings.hl7:
+                items.append(("hl7", HL7_DESTINATION,
+                              self.hl7_message(outcome.score_id, outcome.result, revision),
+                              None))
+            created: list[str] = []
+            with store.transaction() as tx:
+                if score_revision(tx, outcome.score_id) != revision:
+                    # made current again meanwhile: the next run publishes the new revision
+                    LOGGER.warning("score %d changed while its results were built; left to "
+                                   "the next run", outcome.score_id)
+                    continue
+                for kind, destination, data, uid in items:
+                    if outbox.enqueue(tx, score_id=outcome.score_id, kind=kind,
+                                      destination=destination, data=data,
+                                      sop_instance_uid=uid, revision=revision).created:
+                        created.append(kind)
+                tx.execute("UPDATE scores SET published_revision = ? WHERE id = ?",
+                           (revision, outcome.score_id))
+            for kind in created:
+                queued[kind] += 1
         return queued
 
-    def hl7_message(self, score_id: int, result: RiskResult) -> bytes:
-        """The ORU^R01 of one score; its control id and time are those of the score, so a
-        rebuilt message is the same bytes (queued once)."""
+    def hl7_message(self, score_id: int, result: RiskResult, revision: int = 0) -> bytes:
+        """The ORU^R01 of one score; its control id (``MRRP<score id>``, ``R<revision>``
+        appended after a revert) and time are those of the score, so a rebuilt message is the
+        same bytes (queued once)."""
         return build_oru_r01(
-            result, control_id=f"MRRP{score_id}",
+            result, control_id=f"MRRP{score_id}" + (f"R{revision}" if revision else ""),
             message_time=datetime.fromisoformat(result.scored_at).astimezone(UTC),
             receiving_application=self.settings.hl7_receiving_application,
             receiving_facility=self.settings.hl7_receiving_facility)
 
-    def objects(self, store: Store, result: RiskResult) -> list[tuple[str, Dataset]]:
+    def objects(self, store: Store, result: RiskResult,
+                revision: int | None = None) -> list[tuple[str, Dataset]]:
         """The SRs and (optionally) the encapsulated PDF of one result.
+
+        ``revision`` is the score's (``scores.revision``); None reads it from the score row
+        of ``result`` (0 without one).
 
         One SR goes into the chosen study; when the ultrasound image the region is drawn on
         lies in another study, a second SR (same content, same Tracking UID) goes into that
@@ -102,7 +147,8 @@ class ResultPublisher:
         targets = [study]
         if us_image is not None and us_image.StudyInstanceUID != study.StudyInstanceUID:
             targets.append(us_image)
-        earlier = _earlier(store, result, "sr")
+        publication = _publication(store, result, revision)
+        earlier = _earlier(store, result, "sr", publication)
         made: list[tuple[str, Dataset]] = []
         for target in targets:
             in_study = [ds for ds in earlier if ds.StudyInstanceUID == target.StudyInstanceUID]
@@ -113,7 +159,8 @@ class ResultPublisher:
                                                                                self.settings)
                                         for ds in in_study),
                 predecessor=in_study[0] if in_study else None, us_image=us_image,
-                uid_secret=self.settings.uid_secret, manufacturer=self.settings.manufacturer,
+                uid_secret=self.settings.uid_secret, revision=publication[1],
+                manufacturer=self.settings.manufacturer,
                 institution_name=self.settings.institution_name)))
         if self.settings.pdf:
             pdf = build_companion_pdf(result, self._training(result),
@@ -123,8 +170,9 @@ class ResultPublisher:
             made.append(("pdf", build_encapsulated_pdf(
                 pdf, study, result=result, series_number=PDF_SERIES_NUMBER,
                 instance_number=1 + sum(ds.SeriesInstanceUID == pdf_series
-                                        for ds in _earlier(store, result, "pdf")),
-                uid_secret=self.settings.uid_secret, manufacturer=self.settings.manufacturer,
+                                        for ds in _earlier(store, result, "pdf", publication)),
+                uid_secret=self.settings.uid_secret, revision=publication[1],
+                manufacturer=self.settings.manufacturer,
                 institution_name=self.settings.institution_name)))
         return made
 
@@ -146,23 +194,48 @@ class ResultPublisher:
         return self._km[result.model_label]
 
 
-def _earlier(store: Store, result: RiskResult, kind: str) -> list[Dataset]:
-    """Headers of the patient's objects of ``kind`` queued for earlier scores, newest first.
+def score_revision(store: Store | sqlite3.Connection, score_id: int) -> int:
+    """``scores.revision`` of one score row (0 when there is no such row)."""
+    conn = store if isinstance(store, sqlite3.Connection) else store.conn
+    row = conn.execute("SELECT revision FROM scores WHERE id = ?", (score_id,)).fetchone()
+    return int(row[0]) if row is not None else 0
 
-    Earlier by score row, not "any other score": an older result published again after a
-    newer one must get back the same bytes, else its SOP Instance UID would name two
-    different documents. A result without a score row is taken as the newest.
+
+def _publication(store: Store, result: RiskResult, revision: int | None) -> tuple[int, int]:
+    """(score id, revision) of ``result``: its score row by patient, model version and inputs
+    (-1 without one), and ``revision`` or else the row's."""
+    row = store.conn.execute(
+        "SELECT id, revision FROM scores WHERE patient_key = ? AND model_version = ? "
+        "AND inputs_hash = ?",
+        (result.patient_key, result.model_version, result.inputs_hash)).fetchone()
+    if row is None:
+        return -1, revision or 0
+    return int(row[0]), int(row[1]) if revision is None else revision
+
+
+def _earlier(store: Store, result: RiskResult, kind: str,
+             publication: tuple[int, int]) -> list[Dataset]:
+    """Headers of the patient's objects of ``kind`` queued by earlier publications, newest
+    first (one per SOP Instance UID).
+
+    Earlier in the outbox, not "any other": a publication built again after a newer one was
+    queued (a crash, a second call) must get back the same bytes, else its SOP Instance UID
+    would name two different documents; so once a publication has rows, only rows queued
+    before its first one count. A publication without rows yet is the newest.
     """
+    score_id, revision = publication
     rows = store.conn.execute(
         "SELECT e.object_sha256 FROM exports e JOIN scores s ON s.id = e.score_id "
-        "WHERE s.patient_key = ? AND e.kind = ? AND s.id < coalesce("
-        "(SELECT id FROM scores WHERE patient_key = ? AND model_version = ? "
-        "AND inputs_hash = ?), 9223372036854775807) "
-        "ORDER BY s.id DESC, e.id DESC",
-        (result.patient_key, kind, result.patient_key, result.model_version,
-         result.inputs_hash)).fetchall()
-    return [pydicom.dcmread(store.objects.path_for(sha), stop_before_pixels=True)
-            for (sha,) in rows]
+        "WHERE s.patient_key = ? AND e.kind = ? AND NOT (e.score_id = ? AND e.revision = ?) "
+        "AND e.id < coalesce((SELECT min(id) FROM exports WHERE score_id = ? "
+        "AND revision = ?), 9223372036854775807) "
+        "ORDER BY e.id DESC",
+        (result.patient_key, kind, score_id, revision, score_id, revision)).fetchall()
+    found: dict[str, Dataset] = {}
+    for (sha,) in rows:
+        header = pydicom.dcmread(store.objects.path_for(sha), stop_before_pixels=True)
+        found.setdefault(str(header.SOPInstanceUID), header)
+    return list(found.values())
 
 
 def series_uid_of(study: Dataset, result: RiskResult, settings: PublishSettings) -> str:

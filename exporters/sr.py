@@ -88,14 +88,20 @@ def tracking_uid(patient_key: str, secret: str = DEFAULT_UID_SECRET) -> str:
 
 
 def result_uid(role: str, result: RiskResult, study_instance_uid: str,
-               secret: str = DEFAULT_UID_SECRET) -> str:
+               secret: str = DEFAULT_UID_SECRET, revision: int = 0) -> str:
     """UID of one object made from ``result`` in one study.
 
     ``role`` names the object (``sr``, ``pdf``); the UID changes with the model version and
-    the inputs hash, not with the scoring time.
+    the inputs hash, not with the scoring time. ``revision`` counts the times the score was
+    made current again after being superseded (``scores.revision``: model v2 rolled back to
+    v1, inputs A → B → A): each revision is a new document with a UID of its own (revision 0
+    keeps the UID it always had).
     """
-    return name_based_uid(secret, role, study_instance_uid, result.patient_key,
-                          result.model_label, result.inputs_hash)
+    names = [role, study_instance_uid, result.patient_key, result.model_label,
+             result.inputs_hash]
+    if revision:
+        names.append(f"revision {revision}")
+    return name_based_uid(secret, *names)
 
 
 def series_uid(role: str, result: RiskResult, study_instance_uid: str,
@@ -133,6 +139,7 @@ def build_risk_sr(
     us_image: Dataset | None = None,
     device_observer_uid: str | None = None,
     uid_secret: str = DEFAULT_UID_SECRET,
+    revision: int = 0,
     manufacturer: str = "mrrp-pacs",
     institution_name: str | None = None,
     institutional_department_name: str | None = None,
@@ -161,6 +168,8 @@ def build_risk_sr(
         Device Observer UID; default :func:`model_device_uid` of the model version.
     uid_secret
         Site secret of the name-based UIDs (Tracking, SOP Instance, Series, device).
+    revision
+        The score's revision (:func:`result_uid`): a later revision is another SOP instance.
     manufacturer, institution_name, institutional_department_name
         General Equipment of the SR.
 
@@ -210,7 +219,7 @@ def build_risk_sr(
         content=report,
         series_instance_uid=series_uid("sr", result, study_uid, uid_secret),
         series_number=series_number,
-        sop_instance_uid=result_uid("sr", result, study_uid, uid_secret),
+        sop_instance_uid=result_uid("sr", result, study_uid, uid_secret, revision),
         instance_number=instance_number,
         manufacturer=manufacturer,
         is_complete=True,

@@ -257,8 +257,10 @@ class ExportConfig:
     hl7_receiving_application: str = ""
     hl7_receiving_facility: str = ""
     interval_s: int = 60
-    max_attempts: int = 8
-    backoff_s: int = 60  # first retry delay; doubles up to max_backoff_s
+    # a failing object is retried for retry_hours from its first failure, then "dead"
+    retry_hours: float = 72.0
+    max_attempts: int = 0  # an extra cap on tries; 0 = none (retry_hours decides)
+    backoff_s: int = 60  # first retry delay; doubles up to max_backoff_s (jittered -50 %)
     max_backoff_s: int = 3600
 
 
@@ -339,7 +341,6 @@ class Config:
         for key, number in (("pacs.interval_s", self.pacs.interval_s),
                             ("scoring.interval_s", self.scoring.interval_s),
                             ("export.interval_s", self.export.interval_s),
-                            ("export.max_attempts", self.export.max_attempts),
                             ("pacs.window_days", self.pacs.window_days),
                             ("pacs.timeout_s", self.pacs.timeout_s),
                             ("pacs.lookback_patients", self.pacs.lookback_patients),
@@ -358,6 +359,12 @@ class Config:
             fail("pacs.retry_max_backoff_s / pacs.retry_budget_h",
                  (self.pacs.retry_max_backoff_s, self.pacs.retry_budget_h),
                  "a maximum backoff of at least retry_backoff_s and a budget above 0 hours")
+        if not self.export.retry_hours > 0:
+            fail("export.retry_hours", self.export.retry_hours, "hours above 0")
+        if not 0 < self.export.backoff_s <= self.export.max_backoff_s:
+            fail("export.backoff_s / max_backoff_s",
+                 (self.export.backoff_s, self.export.max_backoff_s),
+                 "a first delay above 0 s, at most max_backoff_s")
         if self.features.target_mpp <= 0 or self.features.us_default_mm_per_px <= 0:
             fail("features.target_mpp / us_default_mm_per_px",
                  (self.features.target_mpp, self.features.us_default_mm_per_px),

@@ -348,13 +348,15 @@ class Pipeline:
                 counts[name] = counts.get(name, 0) + count
 
     def _unpublished(self) -> list[ScoreOutcome]:
-        """Current scores with nothing queued (their publication failed or was cut short)."""
+        """Current scores whose current revision is not published (its publication failed or
+        was cut short; a score is published in one transaction that also sets
+        ``published_revision``)."""
         if self._exporter is None:
             return []
         return [ScoreOutcome(key, "scored", score_id, result=RiskResult.from_json(outputs))
                 for score_id, key, outputs in self.store.conn.execute(
                     "SELECT id, patient_key, outputs FROM scores WHERE superseded_by IS NULL "
-                    "AND id NOT IN (SELECT score_id FROM exports WHERE score_id IS NOT NULL) "
+                    "AND (published_revision IS NULL OR published_revision != revision) "
                     "ORDER BY id")]
 
     def export(self) -> DrainSummary:
@@ -781,7 +783,7 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
 
             def drain(store: Store) -> DrainSummary:
                 return Outbox(store).drain(
-                    senders, max_attempts=export.max_attempts,
+                    senders, retry_hours=export.retry_hours, max_attempts=export.max_attempts,
                     backoff_s=export.backoff_s, max_backoff_s=export.max_backoff_s)
 
             components.drain = drain

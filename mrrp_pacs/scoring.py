@@ -5,11 +5,14 @@ ultrasound), or when it has one of them and the wait window for the other has pa
 its first image arrived; it is then scored with the missing modality compensated by the
 model's learned embedding. A case is scored again when what arrived for it changes
 (``arrivals``, a digest of its stored rows) or when another model version is promoted; the
-same model on the same features (``inputs_hash``) never writes a second row.
+same model on the same features (``inputs_hash``) never writes a second row: when that row was
+superseded (model v2 rolled back to v1, inputs A → B → A) it is made current again, with its
+``revision`` raised, and published anew (:func:`reinstate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -98,7 +101,7 @@ class ScoreOutcome:
     """What :meth:`Scorer.score` did for one patient."""
 
     patient_key: str
-    state: str  # scored | unchanged | failed
+    state: str  # scored (new, or made current again) | unchanged | failed
     score_id: int | None = None
     reason: str = ""
     result: RiskResult | None = None
@@ -182,8 +185,15 @@ class Scorer:
         key = inputs.patient_key
         inputs_hash = self._inputs_hash(key)
         existing = self.store.conn.execute(
-            "SELECT id FROM scores WHERE patient_key = ? AND model_version = ? AND "
-            "inputs_hash = ?", (key, self.model_version, inputs_hash)).fetchone()
+            "SELECT id, superseded_by FROM scores WHERE patient_key = ? AND "
+            "model_version = ? AND inputs_hash = ?",
+            (key, self.model_version, inputs_hash)).fetchone()
+        if existing is not None and existing["superseded_by"] is not None:
+            result = reinstate(self.store, int(existing["id"]), arrivals)
+            LOGGER.info("score %d of model %s is current again", existing["id"],
+                        self.version.label)
+            return ScoreOutcome(key, "scored", int(existing["id"]), reason="current again",
+                                result=result)
         if existing is not None:
             with self.store.transaction() as conn:
                 # same model, same features: only what arrived may be new (e.g. a duplicate)
@@ -259,6 +269,32 @@ class Scorer:
             box = tuple(float(v) for v in archive["box_px"])
         return UsRegion(meta["image_uid"], (box[0], box[1], box[2], box[3]), meta["roi_source"],
                         meta.get("roi_shape", "box"), meta.get("frame"))
+
+
+def reinstate(store: Store, score_id: int, arrivals: str | None) -> RiskResult:
+    """Make a superseded score current again (the model or the inputs went back to it).
+
+    The same model on the same features gives the same result, so the row is reused, not
+    computed again: it supersedes the patient's current row, its ``revision`` grows by one
+    (the publisher names the new objects by it, :func:`exporters.sr.result_uid`) and its
+    ``scored_at`` becomes now, when it became current again (``created_at`` keeps the first
+    time), so that its new SR is the newest in the viewer. One transaction.
+
+    Returns
+    -------
+    RiskResult
+        The result as now stored.
+    """
+    with store.transaction() as conn:
+        key, outputs = conn.execute("SELECT patient_key, outputs FROM scores WHERE id = ?",
+                                    (score_id,)).fetchone()
+        result = dataclasses.replace(RiskResult.from_json(outputs), scored_at=store.stamp())
+        conn.execute("UPDATE scores SET superseded_by = ? WHERE patient_key = ? AND "
+                     "id != ? AND superseded_by IS NULL", (score_id, key, score_id))
+        conn.execute("UPDATE scores SET superseded_by = NULL, revision = revision + 1, "
+                     "outputs = ?, arrivals = ? WHERE id = ?",
+                     (result.to_json(), arrivals, score_id))
+    return result
 
 
 def first_image_at(store: Store, case: CaseInputs) -> datetime | None:

@@ -14,7 +14,14 @@ from builders import Patient, encode, us_image, us_roi_sr
 from orthanc import LOOPBACK, Orthanc, free_port, running_orthanc
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE
 from storage_peer import COMPREHENSIVE_SR, ENCAPSULATED_PDF, storage_scp
 
 from exporters.dicom_sender import DicomSender
@@ -108,7 +115,11 @@ def test_one_session_reuses_its_association_and_adds_contexts_on_demand() -> Non
 @pytest.mark.parametrize(("status", "transient", "words"), [
     (0xA700, True, "status 0xA700 (Refused: Out of Resources)"),
     (0x0110, True, "status 0x0110 (Processing Failure)"),
+    (0xA7FF, True, "status 0xA7FF (Refused: Out of Resources)"),
+    (0x0213, True, "status 0x0213 (Resource Limitation)"),
+    (0xA900, False, "status 0xA900 (Data Set Does Not Match SOP Class)"),
     (0xC000, False, "status 0xC000 (Cannot Understand)"),
+    (0xC123, False, "status 0xC123 (Cannot Understand)"),
     (0x0122, False, "status 0x0122 (Refused: SOP Class Not Supported)"),
     (0xFA11, False, "status 0xFA11 (unknown status)"),
 ])
@@ -123,7 +134,7 @@ def test_failure_statuses_raise_with_their_code(status: int, transient: bool,
     assert "SND004" not in caught.value.reason
 
 
-@pytest.mark.parametrize("status", [0xB000, 0xB006, 0xB007])
+@pytest.mark.parametrize("status", [0xB000, 0xB006, 0xB007, 0xB123, 0x0001, 0x0107])
 def test_warning_statuses_are_deliveries(status: int, caplog: pytest.LogCaptureFixture) -> None:
     with storage_scp([status]) as peer:
         DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10).send(
@@ -162,12 +173,58 @@ def test_silent_peer_times_out() -> None:
 @pytest.mark.needs_tool("Orthanc")
 def test_called_ae_mismatch_is_a_readable_rejection(orthanc: Orthanc) -> None:
     sender = DicomSender(LOOPBACK, orthanc.dicom_port, "NOTPACS", calling_ae="MRRP", timeout_s=10)
-    with pytest.raises(SendError) as caught:
-        sender.send(encode(encapsulated_pdf(Patient())))
-    assert caught.value.transient
-    assert caught.value.reason == (
+    with sender.session() as session:
+        with pytest.raises(SendError) as caught:
+            session.send(encode(encapsulated_pdf(Patient())))
+        started = time.monotonic()
+        with pytest.raises(SendError) as again:  # the rest of the batch fails fast
+            session.send(encode(sr_object(Patient())))
+        assert time.monotonic() - started < 1.0
+    # rejected-permanent: not worth retrying until the PACS or our configuration changes
+    assert not caught.value.transient and not again.value.transient
+    assert caught.value.reason == again.value.reason == (
         f"association rejected by NOTPACS@{LOOPBACK}:{orthanc.dicom_port}: Called AE title not "
         "recognised (Rejected Permanent, from Service User; calling AE MRRP)")
+
+
+def test_a_transient_association_rejection_is_retried_later() -> None:
+    with storage_scp(max_associations=1) as peer:
+        busy = AE(ae_title="OTHER")
+        busy.add_requested_context(ENCAPSULATED_PDF, ExplicitVRLittleEndian)
+        held = busy.associate(LOOPBACK, peer.port, ae_title="TESTSCP")
+        assert held.is_established
+        try:
+            sender = DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)
+            with pytest.raises(SendError) as caught:
+                sender.send(encode(encapsulated_pdf(Patient())))
+        finally:
+            held.release()
+        assert caught.value.transient
+        assert "Rejected Transient" in caught.value.reason
+        sender.send(encode(encapsulated_pdf(Patient())))  # free again: delivered
+        assert len(peer.received) == 1
+
+
+@pytest.mark.parametrize("make", [sr_object, encapsulated_pdf])
+def test_a_peer_taking_implicit_vr_only_gets_our_explicit_vr_objects(make) -> None:
+    ds = make(Patient("SND010"))
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    with storage_scp(transfer_syntaxes=[ImplicitVRLittleEndian]) as peer:
+        DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10).send(encode(ds))
+        assert peer.syntaxes == [ImplicitVRLittleEndian]
+        (received,) = peer.datasets
+    # the same attributes, re-encoded by pynetdicom in the accepted transfer syntax
+    assert received.SOPInstanceUID == ds.SOPInstanceUID
+    for keyword in ("ContentSequence", "EncapsulatedDocument", "PatientID", "StudyInstanceUID"):
+        if keyword in ds:
+            assert received[keyword].value == ds[keyword].value, keyword
+
+
+def test_an_explicit_vr_peer_gets_explicit_vr() -> None:
+    with storage_scp(transfer_syntaxes=[ExplicitVRLittleEndian, ImplicitVRLittleEndian]) as peer:
+        DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10).send(
+            encode(encapsulated_pdf(Patient())))
+        assert peer.syntaxes == [ExplicitVRLittleEndian]
 
 
 def test_peer_without_the_sop_class_is_a_permanent_failure() -> None:

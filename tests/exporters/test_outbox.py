@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import random
 import socket
 import sqlite3
 import threading
@@ -23,7 +25,14 @@ from storage_peer import storage_scp
 
 from exporters.dicom_sender import DicomSender, DicomSession
 from exporters.hl7_result import MllpSender, build_oru_r01
-from exporters.outbox import DrainSummary, Enqueued, ExportRow, Outbox, SendSession
+from exporters.outbox import (
+    DrainSummary,
+    Enqueued,
+    ExportConflict,
+    ExportRow,
+    Outbox,
+    SendSession,
+)
 from listeners.mllp import MllpServer
 from mrrp_pacs.config import load_config
 from mrrp_pacs.hl7.message import parse_message
@@ -121,6 +130,53 @@ def test_enqueue_commits_with_the_callers_transaction(outbox: Outbox, store: Sto
     assert [r.id for r in outbox.rows(["pending"])] == [queued.row_id]
 
 
+def test_one_sop_instance_uid_per_destination_same_bytes_or_refused(
+        outbox: Outbox, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    ds = sr_object("OBX013")
+    first = queue_sr(outbox, ds)
+    assert queue_sr(outbox, ds) == Enqueued(first.row_id, created=False)
+
+    changed = encode(ds)
+    ds.SeriesDescription = "another document under the same UID"
+    with pytest.raises(ExportConflict) as caught:
+        queue_sr(outbox, ds)
+    assert changed != encode(ds)
+    assert caught.value.uid == ds.SOPInstanceUID
+    assert f"SOP Instance UID {ds.SOPInstanceUID} is already queued for pacs" in str(caught.value)
+    assert [r.id for r in outbox.rows()] == [first.row_id]
+    assert "OBX013" not in caplog.text and ds.SOPInstanceUID not in caplog.text
+    assert f"export {first.row_id} holds the same SOP Instance UID" in caplog.text
+
+    # refused inside the caller's transaction: nothing of it is queued
+    other = sr_object("OBX014")
+    with pytest.raises(ExportConflict), store.transaction() as conn:
+        outbox.enqueue(conn, score_id=None, kind="sr", destination="pacs",
+                       data=encode(other), sop_instance_uid=other.SOPInstanceUID)
+        outbox.enqueue(conn, score_id=None, kind="sr", destination="pacs",
+                       data=encode(ds), sop_instance_uid=ds.SOPInstanceUID)
+    assert [r.id for r in outbox.rows()] == [first.row_id]
+    # another destination is another row
+    assert queue_sr(outbox, ds, destination="archive").created
+
+
+def test_hl7_results_are_keyed_by_their_control_id(outbox: Outbox) -> None:
+    def queue(control_id: str, risk: float) -> Enqueued:
+        message = build_oru_r01(dataclasses.replace(risk_result(), risk=risk),
+                                control_id=control_id, message_time=T0)
+        return outbox.enqueue(None, score_id=None, kind="hl7", destination="his",
+                              data=message, sop_instance_uid=None)
+
+    first = queue("MRRP7", 0.5)
+    assert queue("MRRP7", 0.5) == Enqueued(first.row_id, created=False)
+    with pytest.raises(ExportConflict, match="HL7 control id hl7:MRRP7 is already queued"):
+        queue("MRRP7", 0.9)
+    assert queue("MRRP7R1", 0.9).created
+    assert [r.object_key for r in outbox.rows()] == ["hl7:MRRP7", "hl7:MRRP7R1"]
+    with pytest.raises(ValueError, match="control id"):
+        outbox.enqueue(None, score_id=None, kind="hl7", destination="his",
+                       data=b"MSH|^~\\&|MRRP\r", sop_instance_uid=None)
+
+
 @pytest.mark.parametrize(("kwargs", "words"), [
     ({"kind": "png"}, "export kind 'png'"),
     ({"destination": "PACS 1"}, "destination name"),
@@ -158,65 +214,120 @@ def test_drain_delivers_to_orthanc_and_a_second_drain_sends_nothing(
     assert outbox.counts() == {"pending": 0, "sent": 2, "dead": 0}
 
 
+def next_try(row: ExportRow) -> datetime:
+    assert row.next_attempt_at is not None
+    return datetime.fromisoformat(row.next_attempt_at)
+
+
 @pytest.mark.needs_tool("Orthanc")
-def test_pacs_down_backs_off_dies_keeps_everything_then_retry_delivers_once(
-        outbox: Outbox, store: Store, tmp_path: Path, clock: SteppingClock) -> None:
+def test_pacs_down_backs_off_with_jitter_until_its_time_budget_then_retry_delivers_once(
+        store: Store, tmp_path: Path, clock: SteppingClock) -> None:
+    outbox = Outbox(store, rng=random.Random(4))
     ds = sr_object("OBX004")
     queued = queue_sr(outbox, ds)
     down_port = free_port()  # nothing listens there
     down = {"pacs": DicomSender(LOOPBACK, down_port, "PACS", timeout_s=5)}
-    policy: dict[str, Any] = {"max_attempts": 4, "backoff_s": 10.0, "max_backoff_s": 25.0}
+    policy: dict[str, Any] = {"retry_hours": 100 / 3600, "backoff_s": 10.0,
+                              "max_backoff_s": 25.0}
+    deadline = at(100)  # the budget counts from the first failure, at T0
 
-    history = []
-    for seconds in (0, 9, 10, 29, 30, 55):
-        clock.set(at(seconds))
+    now, delays = at(0), []
+    while True:
+        clock.set(now)
         summary = outbox.drain(down, **policy)
         row = only_row(outbox)
-        history.append((seconds, summary.retried, summary.dead, row.state, row.attempts,
-                        row.next_attempt_at))
-    assert history == [
-        (0, 1, 0, "pending", 1, "2026-01-06T12:00:10Z"),   # +10 s
-        (9, 0, 0, "pending", 1, "2026-01-06T12:00:10Z"),   # not due yet
-        (10, 1, 0, "pending", 2, "2026-01-06T12:00:30Z"),  # +20 s
-        (29, 0, 0, "pending", 2, "2026-01-06T12:00:30Z"),
-        (30, 1, 0, "pending", 3, "2026-01-06T12:00:55Z"),  # +40 s, capped at 25 s
-        (55, 0, 1, "dead", 4, None),
-    ]
-    dead = only_row(outbox)
-    assert dead.id == queued.row_id
-    assert dead.last_error == (f"no association with PACS@{LOOPBACK}:{down_port}: connection "
-                               "refused, timed out or aborted (timeout 5 s)")
-    assert dead.object_sha256 is not None and store.objects.contains(dead.object_sha256)
+        if row.state == "dead":
+            break
+        assert summary == DrainSummary(retried=1)
+        assert row.failing_since == "2026-01-06T12:00:00Z"
+        due = next_try(row)
+        delay = (due - now).total_seconds()
+        ceiling = min(10.0 * 2 ** (row.attempts - 1), 25.0)
+        # jittered into the upper half of the capped exponential delay (stamps in whole
+        # seconds), or cut short by the end of the budget
+        assert ceiling / 2 - 1 <= delay <= ceiling or due == deadline, (row.attempts, delay)
+        assert due <= deadline
+        clock.set(due - timedelta(seconds=1))
+        assert outbox.drain(down, **policy) == DrainSummary()  # not due yet
+        delays.append(delay)
+        now = due
+    assert summary == DrainSummary(dead=1)
+    assert now == deadline  # the last try is at the end of the budget, and it died then
+    assert row.attempts == len(delays) + 1 >= 5
+    assert len(set(delays)) > 2  # exponential, jittered: not one fixed step
+    assert row.id == queued.row_id
+    assert row.last_error == (f"no association with PACS@{LOOPBACK}:{down_port}: connection "
+                              "refused, timed out or aborted (timeout 5 s)")
+    assert row.object_sha256 is not None and store.objects.contains(row.object_sha256)
     clock.set(at(10**6))
     assert outbox.drain(down, **policy) == DrainSummary()
 
     with running_orthanc(tmp_path / "orthanc", aet="PACS") as server:
         up = {"pacs": DicomSender(LOOPBACK, server.dicom_port, "PACS", timeout_s=10)}
         assert held_uids(server) == set()
-        clock.set(at(100))
+        clock.set(at(200))
         assert outbox.retry() == [queued.row_id]
         retried = only_row(outbox)
-        assert (retried.state, retried.attempts, retried.next_attempt_at) == (
-            "pending", 0, "2026-01-06T12:01:40Z")
+        assert (retried.state, retried.attempts, retried.next_attempt_at,
+                retried.failing_since) == ("pending", 0, "2026-01-06T12:03:20Z", None)
 
         assert outbox.drain(up, **policy) == DrainSummary(sent=1)
         assert held_uids(server) == {ds.SOPInstanceUID}
         sent = only_row(outbox)
-        assert (sent.state, sent.attempts, sent.last_error) == ("sent", 1, None)
+        assert (sent.state, sent.attempts, sent.last_error, sent.failing_since) == (
+            "sent", 1, None, None)
 
-        clock.set(at(200))
+        clock.set(at(300))
         assert outbox.drain(up, **policy) == DrainSummary()
         assert server.statistics()["CountInstances"] == 1
         assert only_row(outbox) == sent
+
+
+def test_a_pacs_down_for_30_hours_loses_nothing_with_the_default_budget(
+        outbox: Outbox, clock: SteppingClock) -> None:
+    """A long maintenance window: tried all along (every 30-60 min once backed off), nothing dead;
+    delivered once the PACS is back. (The old policy, 8 attempts, gave up after about 2 h.)"""
+    objects = [sr_object("OBX020"), sr_object("OBX021")]
+    for ds in objects:
+        queue_sr(outbox, ds)
+    down = {"pacs": DicomSender(LOOPBACK, free_port(), "PACS", timeout_s=5)}
+    back = at(30 * 3600)
+    now = at(0)
+    while now < back:
+        clock.set(now)
+        summary = outbox.drain(down)
+        assert summary.dead == 0 and summary.sent == 0
+        rows = outbox.rows()
+        assert {r.state for r in rows} == {"pending"}
+        now = min(next_try(r) for r in rows)
+    attempts = [r.attempts for r in outbox.rows()]
+    assert all(30 < n < 70 for n in attempts), attempts  # every 30-60 min after ~2 h
+
+    with storage_scp() as peer:
+        clock.set(max(now, max(next_try(r) for r in outbox.rows())))
+        up = {"pacs": DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)}
+        assert outbox.drain(up) == DrainSummary(sent=2)
+        assert sorted(peer.received) == sorted(ds.SOPInstanceUID for ds in objects)
+
+
+def test_rows_that_fail_together_come_back_spread_out(outbox: Outbox) -> None:
+    for index in range(12):
+        queue_sr(outbox, sr_object(f"OBX03{index:02d}"))
+    down = {"pacs": DicomSender(LOOPBACK, free_port(), "PACS", timeout_s=5)}
+    assert outbox.drain(down, backoff_s=60) == DrainSummary(retried=12)
+    delays = [(next_try(r) - T0).total_seconds() for r in outbox.rows()]
+    assert all(29 <= d <= 60 for d in delays), delays
+    assert len(set(delays)) >= 6, delays  # not all back in the same second
 
 
 @pytest.mark.needs_tool("Orthanc")
 def test_called_ae_mismatch_is_recorded_readably(outbox: Outbox, orthanc: Orthanc) -> None:
     queue_sr(outbox, sr_object("OBX005"))
     wrong = {"pacs": DicomSender(LOOPBACK, orthanc.dicom_port, "WRONGAE", "MRRP", timeout_s=10)}
-    assert outbox.drain(wrong) == DrainSummary(retried=1)
+    # rejected-permanent: trying again cannot help until someone changes a configuration
+    assert outbox.drain(wrong) == DrainSummary(dead=1)
     row = only_row(outbox)
-    assert (row.state, row.attempts) == ("pending", 1)
+    assert (row.state, row.attempts, row.next_attempt_at) == ("dead", 1, None)
     assert row.last_error == (f"association rejected by WRONGAE@{LOOPBACK}:{orthanc.dicom_port}: "
                               "Called AE title not recognised (Rejected Permanent, from "
                               "Service User; calling AE MRRP)")
@@ -257,8 +368,9 @@ def test_out_of_resources_is_retried(outbox: Outbox, clock: SteppingClock) -> No
     with storage_scp([0xA700]) as peer:
         senders = {"pacs": DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)}
         assert outbox.drain(senders, backoff_s=30) == DrainSummary(retried=1)
-        assert only_row(outbox).next_attempt_at == "2026-01-06T12:00:30Z"
-        clock.set(at(30))
+        due = next_try(only_row(outbox))
+        assert at(15) <= due <= at(30)
+        clock.set(due)
         assert outbox.drain(senders, backoff_s=30) == DrainSummary(sent=1)
         assert len(peer.received) == 2
 
@@ -343,8 +455,10 @@ def test_a_sender_bug_is_recorded_not_raised(outbox: Outbox) -> None:
 
 
 def test_drain_refuses_a_bad_policy(outbox: Outbox) -> None:
-    with pytest.raises(ValueError, match="max_attempts >= 1"):
-        outbox.drain({}, max_attempts=0)
+    with pytest.raises(ValueError, match="max_attempts >= 0"):
+        outbox.drain({}, max_attempts=-1)
+    with pytest.raises(ValueError, match="retry_hours > 0"):
+        outbox.drain({}, retry_hours=0)
     with pytest.raises(ValueError, match="max_backoff_s >= backoff_s"):
         outbox.drain({}, backoff_s=60, max_backoff_s=10)
     with pytest.raises(ValueError, match="not a valid ExportState"):

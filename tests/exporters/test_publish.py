@@ -19,17 +19,18 @@ import pytest
 from pydicom.dataset import Dataset
 from validators import PRIVATE_SCHEME_WARNING, dciodvfy
 
-from exporters.outbox import ExportRow, Outbox
+from exporters.outbox import ExportConflict, ExportRow, Outbox
 from exporters.publish import PublishSettings, ResultPublisher, series_uid_of
 from exporters.sr import tracking_uid
 from model_store import ModelStore
 from mrrp_pacs.cases import case_inputs
 from mrrp_pacs.config import Config
+from mrrp_pacs.daemon import Pipeline
 from mrrp_pacs.identity import patient_key
 from mrrp_pacs.intake import Intake, Outcome
 from mrrp_pacs.model.train import MODEL_KIND
 from mrrp_pacs.results import EvidenceRef, RiskResult, UsRegion
-from mrrp_pacs.scoring import ScoreOutcome
+from mrrp_pacs.scoring import ScoreOutcome, reinstate
 from mrrp_pacs.store import Store
 
 MODEL_NAME = "mrrp"
@@ -112,12 +113,14 @@ def queued(store: Store, score_id: int, kind: str) -> tuple[ExportRow, Dataset]:
     return row, pydicom.dcmread(store.objects.path_for(row.object_sha256))
 
 
-def queued_srs(store: Store, score_id: int | None,
-               objects: dict[str, Dataset]) -> dict[str, Dataset]:
-    """The SRs of a score by the role (``wsi``, ``us_image``) of the study each is placed in."""
+def queued_srs(store: Store, score_id: int | None, objects: dict[str, Dataset],
+               revision: int = 0) -> dict[str, Dataset]:
+    """The SRs of a score (of one revision) by the role (``wsi``, ``us_image``) of the study
+    each is placed in."""
     roles = {str(ds.StudyInstanceUID): role for role, ds in objects.items() if role != "us_roi"}
     srs = [pydicom.dcmread(store.objects.path_for(r.object_sha256)) for r in Outbox(store).rows()
-           if r.score_id == score_id and r.kind == "sr" and r.object_sha256 is not None]
+           if r.score_id == score_id and r.kind == "sr" and r.object_sha256 is not None
+           and r.revision == revision]
     placed: dict[str, Dataset] = {roles[str(ds.StudyInstanceUID)]: ds for ds in srs}
     assert len(placed) == len(srs), "two SRs of one score in one study"
     return placed
@@ -312,6 +315,98 @@ def test_a_new_model_version_gives_new_srs_in_new_series_with_the_same_tracking_
         assert predecessor_of(sr) == identity(latest)  # the latest of its study, not the first
         assert tracking(sr) == tracking(earlier[0][role]) == tracking(latest)
         assert sr.SoftwareVersions[1] == other_version
+
+
+def test_a_result_made_current_again_is_published_anew_as_the_newest(
+        store, config, objects, models, version, clock):
+    """Model v1, then v2, then v1 again (a rollback): v1's score row is current again and gets
+    new objects (new SOP Instance UIDs, the next instance number of v1's series, v2's SR as
+    predecessor, content time of the rollback), not v1's old objects queued again, which the
+    viewer would keep showing behind v2's."""
+    publisher = ResultPublisher(models, dataclasses.replace(SETTINGS, hl7=True))
+    first = make_result(store, config, objects, version)
+    first_outcome = record_score(store, first)
+    assert publisher(store, [first_outcome]) == {"sr": 2, "pdf": 1, "hl7": 1}
+    v1_srs = queued_srs(store, first_outcome.score_id, objects)
+    _, v1_pdf = queued(store, first_outcome.score_id, "pdf")
+    other_version = save_model(models, b"retrained")
+    second = dataclasses.replace(first, model_version=other_version, risk=0.3,
+                                 scored_at="2026-02-01T08:00:00Z")
+    second_outcome = record_score(store, second)
+    assert publisher(store, [second_outcome]) == {"sr": 2, "pdf": 1, "hl7": 1}
+    v2_srs = queued_srs(store, second_outcome.score_id, objects)
+    before = {r.sop_instance_uid for r in Outbox(store).rows()}
+
+    clock.advance(days=3)
+    result = reinstate(store, first_outcome.score_id, "digest")
+    assert result == dataclasses.replace(first, scored_at=store.stamp())
+    scores = {row["id"]: tuple(row) for row in store.conn.execute(
+        "SELECT id, superseded_by, revision, published_revision FROM scores")}
+    assert scores == {first_outcome.score_id: (first_outcome.score_id, None, 1, 0),
+                      second_outcome.score_id: (second_outcome.score_id,
+                                                first_outcome.score_id, 0, 0)}
+    outcome = ScoreOutcome(first.patient_key, "scored", first_outcome.score_id, result=result)
+    assert publisher(store, [outcome]) == {"sr": 2, "pdf": 1, "hl7": 1}
+    assert publisher(store, [outcome]) == {"sr": 0, "pdf": 0, "hl7": 0}
+    assert store.conn.execute("SELECT published_revision FROM scores WHERE id = ?",
+                              (first_outcome.score_id,)).fetchone()[0] == 1
+
+    srs = queued_srs(store, first_outcome.score_id, objects, revision=1)
+    assert srs.keys() == {"wsi", "us_image"}
+    for role, sr in srs.items():
+        old, latest = v1_srs[role], v2_srs[role]
+        assert sr.SOPInstanceUID not in before
+        assert sr.SeriesInstanceUID == old.SeriesInstanceUID  # v1's series
+        assert (old.InstanceNumber, sr.InstanceNumber) == (1, 2)  # the newest of it
+        assert predecessor_of(sr) == identity(latest)  # v2's SR in that study
+        assert (sr.ContentDate + sr.ContentTime) > (latest.ContentDate + latest.ContentTime)
+        assert sr.SoftwareVersions[1] == version
+        assert tracking(sr) == tracking(old) == tracking(latest)
+    (pdf_row,) = [r for r in Outbox(store).rows() if r.kind == "pdf" and r.revision == 1]
+    pdf = pydicom.dcmread(store.objects.path_for(pdf_row.object_sha256))
+    assert pdf.SOPInstanceUID not in before
+    assert (pdf.SeriesInstanceUID, pdf.InstanceNumber) == (v1_pdf.SeriesInstanceUID, 2)
+    controls = [r.object_key for r in Outbox(store).rows() if r.kind == "hl7"]
+    assert controls == [f"hl7:MRRP{first_outcome.score_id}",
+                        f"hl7:MRRP{second_outcome.score_id}",
+                        f"hl7:MRRP{first_outcome.score_id}R1"]
+
+
+def test_a_failed_publication_queues_nothing_of_its_score_and_is_redone(
+        store, config, objects, models, version, publisher, clock, caplog):
+    """One transaction per score: when one object cannot be queued (here its SOP Instance UID
+    is already queued with other bytes), none of the score's objects is, and the next scoring
+    run finds the score unpublished."""
+    result = make_result(store, config, objects, version)
+    outcome = record_score(store, result)
+    (_, pdf), = [(kind, ds) for kind, ds in publisher.objects(store, result) if kind == "pdf"]
+    pdf.InstanceNumber = 7  # another document under the PDF's UID
+    squatter = Outbox(store).enqueue(None, score_id=None, kind="pdf", destination="pacs",
+                                     data=builders.encode(pdf),
+                                     sop_instance_uid=pdf.SOPInstanceUID)
+    with pytest.raises(ExportConflict):
+        publisher(store, [outcome])
+    assert [r.id for r in Outbox(store).rows()] == [squatter.row_id]
+
+    pipeline = Pipeline(config, exporter=publisher, clock=clock)
+    try:
+        (pending,) = pipeline._unpublished()
+        assert (pending.score_id, pending.result) == (outcome.score_id, result)
+        counts: dict[str, int] = {}
+        pipeline._publish([pending], counts)
+        assert counts == {"failed": 1}  # refused again, logged without the patient
+        assert "MRN001" not in caplog.text and result.patient_key not in caplog.text
+        # the squatting row gives up its key (as if it had never been queued)
+        with store.transaction() as conn:
+            conn.execute("UPDATE exports SET object_key = NULL WHERE id = ?",
+                         (squatter.row_id,))
+        pipeline._publish(pipeline._unpublished(), counts)
+        assert counts == {"failed": 1, "sr": 2, "pdf": 1}
+        assert pipeline._unpublished() == []
+    finally:
+        pipeline.close()
+    assert [r.kind for r in Outbox(store).rows() if r.score_id == outcome.score_id] == [
+        "sr", "sr", "pdf"]
 
 
 def test_republishing_an_older_result_keeps_its_objects(store, config, objects, version,

@@ -92,6 +92,9 @@ def test_config_file_from_environment(tmp_path):
     ('[ingest]\naccession_fields = "OBR-3"\n', ["ingest.accession_fields", "list of strings"]),
     ('[features]\nnuclei_region_mm2 = 0.0\n', ["features.nuclei_region_mm2", "above 0 mm²"]),
     ('[features]\nnuclei_block_tiles = 0\n', ["features.nuclei_block_tiles", "at least 1"]),
+    ('[export]\nretry_hours = 0\n', ["export.retry_hours", "hours above 0"]),
+    ('[export]\nmax_attempts = -1\n', ["export.max_attempts", "integer of 0 or more"]),
+    ('[export]\nbackoff_s = 600\nmax_backoff_s = 60\n', ["export.backoff_s", "max_backoff_s"]),
     ('paths = 3\n', ["'paths' must be a [section]"]),
     ('[paths\n', ["not valid TOML"]),
 ])

@@ -1,6 +1,7 @@
 """Scoring: readiness, and stored risk results from a model trained on a small phantom."""
 
 import csv
+import dataclasses
 import json
 from datetime import timedelta
 
@@ -15,6 +16,7 @@ from mrrp_pacs.cases import CaseInputs, ClinicalValue, InstanceRef, case_inputs
 from mrrp_pacs.cli import main
 from mrrp_pacs.config import load_config
 from mrrp_pacs.daemon import Pipeline
+from mrrp_pacs.model.train import MODEL_KIND
 from mrrp_pacs.phantom.generator import PhantomSpec
 from mrrp_pacs.results import RiskResult
 from mrrp_pacs.scoring import (
@@ -405,3 +407,48 @@ def test_a_promotion_during_a_run_takes_effect_at_the_next_run_never_between_pat
     finally:
         pipeline.close()
         models.promote("mrrp", "mrrp", before)
+
+
+def test_a_rolled_back_model_makes_its_scores_current_again(phantom_model):
+    """v1 → v2 → v1: v1's rows (unique per model and inputs) become current again, with their
+    revision raised and outcome ``scored`` so that they are published anew; before, they were
+    found "unchanged" while superseded, and v2's scores stayed current for good."""
+    config, _, _, env, db, outcomes = phantom_model
+    models = ModelStore(config.paths.model_store_dir)
+    if len(models.versions(MODEL_KIND, "mrrp")) < 2:  # this test run alone
+        retrained = CliRunner().invoke(main, ["train", *db, "--outcomes", str(outcomes),
+                                              "--max-epochs", "1", "--seed", "2"], env=env)
+        assert retrained.exit_code == 0, retrained.output
+    v1, v2 = models.versions(MODEL_KIND, "mrrp")[:2]
+    clock = SteppingClock(NOW)
+    with Store(config.paths.db_file, config.paths.objects_dir, clock=clock) as store:
+        with store.transaction() as conn:  # forget the previous tests' scores and exports
+            conn.execute("DELETE FROM exports")
+            conn.execute("DELETE FROM scores")
+
+        def run(version: str, everyone: bool = False) -> list:
+            scorer = Scorer(store, config, models, version=version)
+            due, digests, _ = due_cases(store, config, scorer, clock(), timedelta(0), everyone)
+            clock.advance(hours=1)
+            return scorer.score(due, digests)
+
+        first = run(v1)
+        assert first and {o.state for o in first} == {"scored"}
+        assert {o.state for o in run(v2)} == {"scored"}
+        back = run(v1)
+        assert [(o.patient_key, o.state, o.score_id) for o in back] == [
+            (o.patient_key, "scored", o.score_id) for o in first]
+        for before, after in zip(first, back, strict=True):
+            assert after.result == dataclasses.replace(before.result,
+                                                       scored_at=after.result.scored_at)
+            assert after.result.scored_at > before.result.scored_at
+        rows = store.conn.execute(
+            "SELECT model_version, superseded_by IS NULL, revision, COUNT(*) FROM scores "
+            "GROUP BY 1, 2, 3 ORDER BY 1").fetchall()
+        assert sorted(tuple(r) for r in rows) == sorted(
+            [(v1, 1, 1, len(first)), (v2, 0, 0, len(first))])
+        assert run(v1) == []  # nothing due any more
+        assert {o.state for o in run(v1, everyone=True)} == {"unchanged"}  # nothing twice
+        stored = {row[0]: RiskResult.from_json(row[1]) for row in store.conn.execute(
+            "SELECT id, outputs FROM scores WHERE superseded_by IS NULL")}
+        assert stored == {o.score_id: o.result for o in back}

@@ -87,3 +87,42 @@ def test_statements_split_on_semicolons_not_inside_strings():
     for statement in statements:
         conn.execute(statement)
     assert conn.execute("INSERT INTO a DEFAULT VALUES RETURNING x").fetchone() == ("a;b",)
+
+
+def test_the_outbox_migration_keys_old_rows_without_losing_any(tmp_path):
+    """0007 keys exports by (SOP Instance UID or HL7 control id, destination). Rows queued
+    before were keyed by bytes: two rows with one UID (other bytes) both stay, the first keeps
+    the key; scores with rows count as published; a failing row's budget starts at its last
+    failure."""
+    version = next(m.version for m in mig.available_migrations() if m.name == "outbox")
+    old = _connect(tmp_path / "old.sqlite3")
+    mig.migrate(old, target=version - 1)
+    old.executemany(
+        "INSERT INTO scores (id, patient_key, model_version, inputs_hash, outputs, created_at) "
+        "VALUES (?, 'P', ?, 'h', '{}', 't0')", [(1, "1"), (2, "2")])
+    rows = [  # id, score, kind, destination, sha, uid, state, attempts, updated_at
+        (1, 1, "sr", "pacs", "aa", "1.2.3", "sent", 1, "t1"),
+        (2, 1, "sr", "pacs", "bb", "1.2.3", "pending", 0, "t1"),  # same UID, other bytes
+        (3, 1, "sr", "archive", "aa", "1.2.3", "pending", 2, "t5"),
+        (4, 1, "hl7", "his", "cc", None, "sent", 1, "t1"),
+        (5, None, "hl7", "his", "dd", None, "dead", 8, "t1"),
+    ]
+    old.executemany(
+        "INSERT INTO exports (id, score_id, kind, destination, object_sha256, sop_instance_uid, "
+        "state, attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 't0', ?)",
+        rows)
+    old.close()
+
+    with Store(tmp_path / "old.sqlite3", tmp_path / "objects") as store:
+        migrated = [tuple(r) for r in store.conn.execute(
+            "SELECT id, object_key, revision, failing_since FROM exports ORDER BY id")]
+        assert migrated == [(1, "1.2.3", 0, None), (2, None, 0, None),
+                            (3, "1.2.3", 0, "t5"), (4, "hl7:MRRP1", 0, None),
+                            (5, None, 0, None)]
+        scores = [tuple(r) for r in store.conn.execute(
+            "SELECT id, revision, published_revision FROM scores ORDER BY id")]
+        assert scores == [(1, 0, 0), (2, 0, None)]
+        with pytest.raises(sqlite3.IntegrityError), store.transaction() as conn:
+            conn.execute("INSERT INTO exports (kind, destination, object_key, state, "
+                         "created_at, updated_at) VALUES ('sr', 'pacs', '1.2.3', 'pending', "
+                         "'t', 't')")
