@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_TOOLS_STAMP := $(VENV)/.test-tools
 
-.PHONY: demo test test-quick lint venv build-prerequisites test-tools viewer-deps viewer clean
+.PHONY: demo test test-quick soak lint venv build-prerequisites test-tools viewer-deps viewer clean
 
 # The demo installs Orthanc when it can (as root); without it, it runs in file-drop mode. As
 # root it runs in a private network namespace, like the tests (Orthanc binds every interface).
@@ -45,12 +45,14 @@ $(VIEWER_STAMP): deploy/viewer/package.json deploy/viewer/package-lock.json
 # it starts; tests/support/clock_travel.py): a test that compares a date literal with the wall
 # clock fails the day it is written, not on the day the calendar overtakes it. Feature
 # extraction, the model, the phantom, the viewer and the demo read no clock and are left out of
-# that pass to keep CI short.
+# that pass to keep CI short; so is the fault harness (tests/reliability), whose daemons decide by
+# the same code the time-sensitive tests already run ahead.
 FUTURE ?= +365d
 PYTEST_NOW := $(BIN)/pytest
 PYTEST_FUTURE := MRRP_TEST_CLOCK_AHEAD=$(FUTURE) $(BIN)/pytest -p no:cacheprovider \
 	--ignore=tests/mrrp_pacs/features --ignore=tests/mrrp_pacs/model \
-	--ignore=tests/mrrp_pacs/phantom --ignore=tests/viewer --ignore=tests/test_demo_e2e.py
+	--ignore=tests/mrrp_pacs/phantom --ignore=tests/viewer --ignore=tests/test_demo_e2e.py \
+	--ignore=tests/reliability
 test: venv test-tools viewer-deps lint
 	@if [ "$$(id -u)" = 0 ] && unshare --net true 2>/dev/null; then \
 		echo "pytest in a private network namespace (loopback only)"; \
@@ -60,6 +62,12 @@ test: venv test-tools viewer-deps lint
 		$(PYTEST_NOW) && echo "again with the clock $(FUTURE) ahead" \
 			&& $(PYTEST_FUTURE); \
 	fi
+
+# The fault harness at full size (tests/reliability): every named kill point in four seeded
+# chains on a six-patient phantom, SIGKILL each time; prints one table of totals. `make test`
+# runs one short chain of it.
+soak: venv test-tools
+	MRRP_SOAK=1 $(BIN)/pytest tests/reliability -s -p no:cacheprovider
 
 # The quick tier: lint, then every test not marked e2e, i.e. that runs no external program
 # (Orthanc, dcmtk, dicom3tools, R, poppler, Chromium, Node.js: tests/support/tools.py). It

@@ -48,6 +48,7 @@ from typing import Protocol
 
 from mrrp_pacs.clock import iso_utc
 from mrrp_pacs.errors import MrrpError, SendError
+from mrrp_pacs.faults import fault_point
 from mrrp_pacs.store import ObjectStore, Store
 
 LOGGER = logging.getLogger(__name__)
@@ -385,6 +386,7 @@ class Outbox:
                              "object store", transient=False)
         try:
             session.send(data)
+            fault_point("outbox.sent")
         except SendError as exc:
             return exc
         except Exception as exc:

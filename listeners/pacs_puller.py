@@ -72,6 +72,7 @@ from listeners.dicom_scp import (
 )
 from mrrp_pacs.clock import iso_utc
 from mrrp_pacs.errors import PullError
+from mrrp_pacs.faults import fault_point
 from mrrp_pacs.store import Store
 
 LOGGER = logging.getLogger(__name__)
@@ -601,6 +602,7 @@ class PacsPuller:
                 for index, series in enumerate(wanted, start=1):
                     done, code = self._retrieve_series(assoc, study, series)
                     totals.add(done)
+                    fault_point("pull.series")
                     if code != SUCCESS or done.failed:
                         raise PullError(
                             f"C-{self.method.upper()} of series {index} of {len(wanted)} ended "

@@ -46,6 +46,7 @@ from mrrp_pacs.cases import CaseInputs
 from mrrp_pacs.clock import Clock, system_clock
 from mrrp_pacs.config import Config
 from mrrp_pacs.errors import ModelUnavailable
+from mrrp_pacs.faults import fault_point
 from mrrp_pacs.features.families import FAMILY_NAMES
 from mrrp_pacs.features.pipeline import FamilyStatus
 from mrrp_pacs.model.train import MODEL_KIND
@@ -344,6 +345,7 @@ class Pipeline:
                              type(exc).__name__)
                 counts["failed"] = counts.get("failed", 0) + 1
                 continue
+            fault_point("publish.committed")
             for name, count in queued.items():
                 counts[name] = counts.get(name, 0) + count
 

@@ -29,6 +29,7 @@ from model_store import ModelStore, ModelVersion
 from mrrp_pacs.cases import CaseInputs, case_inputs
 from mrrp_pacs.clock import iso_utc
 from mrrp_pacs.config import Config
+from mrrp_pacs.faults import fault_point
 from mrrp_pacs.model.dataset import FAMILY_SOURCES, MODALITY_QUERY, cohort_from_store, collate
 from mrrp_pacs.model.evaluate import (
     BaselineHazard,
@@ -234,6 +235,7 @@ class Scorer:
                 "created_at": result.scored_at, "arrivals": arrivals})
             conn.execute("UPDATE scores SET superseded_by = ? WHERE patient_key = ? AND "
                          "id != ? AND superseded_by IS NULL", (score_id, key, score_id))
+        fault_point("score.committed")
         return ScoreOutcome(key, "scored", score_id, result=result)
 
     def _inputs_hash(self, key: str) -> str:

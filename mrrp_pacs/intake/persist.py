@@ -19,6 +19,7 @@ from pathlib import Path
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
 from mrrp_pacs.errors import DicomError, Hl7Error, SidecarError
+from mrrp_pacs.faults import fault_point
 from mrrp_pacs.hl7.message import looks_like_hl7, parse_message, split_messages
 from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, looks_like_dicom, read_meta
 from mrrp_pacs.intake.records import FINAL_STATUSES, ResultContent, read_result
@@ -176,6 +177,8 @@ class Intake:
                     "referenced_sop_instance_uid": roi.referenced_sop_instance_uid,
                     "referenced_series_instance_uid": roi.referenced_series_instance_uid,
                 })
+            fault_point("intake.dicom.before_commit")
+        fault_point("intake.dicom.committed")
         note = "replaces an earlier object with the same SOP Instance UID" if earlier else None
         LOGGER.debug("stored DICOM instance row %d (%s, %d bytes)%s", instance_id,
                     meta.modality or "?", size, " replacing an earlier version" if earlier else "")
@@ -249,6 +252,8 @@ class Intake:
                                     control_id=content.control_id)
             message_id = self.store.insert(conn, "hl7_messages", {**row, "state": "parsed"})
             self._write_result(conn, message_id, content)
+            fault_point("intake.hl7.before_commit")
+        fault_point("intake.hl7.committed")
         LOGGER.debug("stored HL7 %s message row %d (%d observations)", content.message_type,
                     message_id, sum(len(o.observations) for o in content.orders))
         return IntakeResult(Outcome.NEW, "hl7", row_id=message_id, control_id=content.control_id)
