@@ -20,7 +20,9 @@ receiver sees the same MSH-10 control id again.
 
 Two drains (the daemon and an operator's ``export``) do not send the same row twice: a row is
 claimed, by moving its ``next_attempt_at`` ``claim_s`` into the future, in a transaction of its
-own just before it is sent. A crash while a row is claimed delays it by ``claim_s`` only.
+own just before it is sent, and the claim names its process (``claimed_by``: host, pid, process
+start time). A row claimed by a process of this host that no longer runs (the daemon was killed
+while sending) is released at the next drain; one claimed on another host waits ``claim_s``.
 
 Retries back off exponentially (``backoff_s`` doubling up to ``max_backoff_s``) with jitter: each
 delay is drawn uniformly from its upper half, so rows that failed together (a PACS maintenance
@@ -36,8 +38,10 @@ of a ``sent`` row: nothing updates a sent row except an explicit :meth:`Outbox.r
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
+import socket
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -350,6 +354,7 @@ class Outbox:
         policy = RetryPolicy(timedelta(hours=retry_hours), backoff_s, max_backoff_s,
                              max_attempts)
         summary = DrainSummary()
+        self.release_abandoned_claims()
         by_destination: dict[str, list[ExportRow]] = {}
         for row in self.due():
             by_destination.setdefault(row.destination, []).append(row)
@@ -402,11 +407,29 @@ class Outbox:
         stamp = iso_utc(at)
         with self.store.transaction() as tx:
             cursor = tx.execute(
-                "UPDATE exports SET next_attempt_at = ?, updated_at = ? "
+                "UPDATE exports SET next_attempt_at = ?, updated_at = ?, claimed_by = ? "
                 "WHERE id = ? AND state = ? AND next_attempt_at <= ?",
-                (iso_utc(at + timedelta(seconds=claim_s)), stamp, row_id,
+                (iso_utc(at + timedelta(seconds=claim_s)), stamp, process_token(), row_id,
                  ExportState.PENDING.value, stamp))
             return cursor.rowcount == 1
+
+    def release_abandoned_claims(self) -> int:
+        """Make rows claimed by a process of this host that no longer runs due now; returns
+        how many."""
+        now = iso_utc(self.store.clock())
+        host = socket.gethostname()
+        abandoned = [row_id for row_id, token in self.store.conn.execute(
+            "SELECT id, claimed_by FROM exports WHERE state = ? AND claimed_by IS NOT NULL "
+            "AND next_attempt_at > ?", (ExportState.PENDING.value, now))
+            if _abandoned(token, host)]
+        if abandoned:
+            with self.store.transaction() as tx:
+                tx.executemany("UPDATE exports SET next_attempt_at = ?, claimed_by = NULL "
+                               "WHERE id = ? AND state = ?",
+                               [(now, i, ExportState.PENDING.value) for i in abandoned])
+            LOGGER.warning("%d export(s) claimed by a process that is gone (killed while "
+                           "sending?) are due again", len(abandoned))
+        return len(abandoned)
 
     def _record(self, row: ExportRow, error: SendError | None, at: datetime,
                 policy: RetryPolicy) -> ExportState:
@@ -436,7 +459,8 @@ class Outbox:
         with self.store.transaction() as tx:
             tx.execute(
                 "UPDATE exports SET state = ?, attempts = ?, last_error = ?, "
-                "next_attempt_at = ?, failing_since = ?, updated_at = ? WHERE id = ?",
+                "next_attempt_at = ?, failing_since = ?, updated_at = ?, claimed_by = NULL "
+                "WHERE id = ?",
                 (state.value, attempts, last_error, next_at, failing_since, stamp, row.id))
         return state
 
@@ -454,6 +478,31 @@ class Outbox:
         else:
             with self.store.transaction() as tx:
                 yield tx
+
+
+def process_token(pid: int | None = None) -> str:
+    """``host:pid:start`` of a process (this one by default): its start time (clock ticks since
+    boot, /proc) tells a live process from a later one that reuses the pid."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            # the command may hold spaces and parentheses: fields count from the last ')'
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _abandoned(token: str, host: str) -> bool:
+    """Whether the process that claimed a row (``token``) ran on ``host`` and is gone."""
+    parts = token.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        return False  # another host's (or unreadable): its claim runs out by itself
+    started = _start_ticks(int(parts[1]))
+    return started == "?" or started != parts[2]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -46,6 +47,7 @@ class Orthanc:
     dicom_port: int
     aet: str
     workdir: Path
+    pid: int = 0  # of the Orthanc process (a test pauses it with SIGSTOP to make it hang)
 
     @property
     def url(self) -> str:
@@ -64,7 +66,8 @@ class Orthanc:
 def running_orthanc(workdir: Path, aet: str = "ORTHANC",
                     modalities: dict[str, list[object]] | None = None,
                     plugins: list[Path] | None = None,
-                    extra: dict[str, Any] | None = None) -> Iterator[Orthanc]:
+                    extra: dict[str, Any] | None = None,
+                    ports: tuple[int, int] | None = None) -> Iterator[Orthanc]:
     """Start Orthanc with its storage in ``workdir``; stop it (and wait) on exit.
 
     Parameters
@@ -81,6 +84,9 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
         plugin of the system folder).
     extra
         Further configuration keys.
+    ports
+        (HTTP, DICOM) ports; free ones by default. Given, an Orthanc started again on the
+        same ``workdir`` comes back where its peers knew it (a PACS restarted).
 
     Raises
     ------
@@ -97,7 +103,8 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
     workdir = workdir.expanduser().absolute()
     plugins = [plugin.expanduser().absolute() for plugin in plugins or []]
     workdir.mkdir(parents=True, exist_ok=True)
-    server = Orthanc(free_port(), free_port(), aet, workdir)
+    http_port, dicom_port = ports or (free_port(), free_port())
+    server = Orthanc(http_port, dicom_port, aet, workdir)
     config = {
         "Name": "mrrp-pacs-private",
         "StorageDirectory": str(workdir / "storage"),
@@ -118,6 +125,7 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
     with (workdir / "orthanc.log").open("wb") as log:
         process = subprocess.Popen([ORTHANC, str(config_path)], stdout=log,
                                    stderr=subprocess.STDOUT)
+        server.pid = process.pid
         try:
             deadline = time.monotonic() + START_TIMEOUT_S
             while True:
@@ -131,6 +139,7 @@ def running_orthanc(workdir: Path, aet: str = "ORTHANC",
                     time.sleep(0.2)
             yield server
         finally:
+            process.send_signal(signal.SIGCONT)  # a paused Orthanc cannot act on SIGTERM
             process.terminate()
             try:
                 process.wait(timeout=30)

@@ -76,3 +76,13 @@ def store(config: Config, clock: SteppingClock):
 @pytest.fixture
 def intake(store: Store, config: Config) -> Intake:
     return Intake(store, config)
+
+
+@pytest.fixture(scope="session")
+def trained_phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The 16-patient phantom and the model store of a model trained on it
+    (``daemon_proc.TRAINING``), trained once per session: the daemon end-to-end test and the
+    fault harness both run daemons with it."""
+    from daemon_proc import TRAINING, train_on_phantom
+
+    return train_on_phantom(tmp_path_factory.mktemp("trained"), TRAINING)

@@ -14,20 +14,18 @@ import subprocess
 import urllib.request
 
 import pytest
-from daemon_proc import MRRP, daemon_config, find_series, query, serve, train_on_phantom, wait_for
+from daemon_proc import MRRP, TRAINING, daemon_config, find_series, query, serve, wait_for
 from orthanc import LOOPBACK, free_port, running_orthanc, storescu
 
 from exporters.pdf import SERIES_DESCRIPTION as PDF_SERIES
 from exporters.sr import SERIES_DESCRIPTION as SR_SERIES
-from mrrp_pacs.phantom.generator import PhantomSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.needs_tool("Orthanc", "storescu")]
 
-SPEC = PhantomSpec(patients=16, seed=4, slide_px=1024, missing_wsi=0.2, missing_us=0.2,
-                   missing_report=0.2)
-def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path):
-    phantom, models = train_on_phantom(tmp_path, SPEC)
+SPEC = TRAINING  # the daemon scores the phantom its model was trained on
+def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path, trained_phantom):
+    phantom, models = trained_phantom
     dicom_files = [p for p in (phantom / "dicom").rglob("*") if p.is_file()]
     with (phantom / "truth.csv").open() as handle:
         truth = list(csv.DictReader(handle))

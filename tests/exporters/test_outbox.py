@@ -582,3 +582,40 @@ def test_hl7_rejection_is_permanent_and_application_error_transient(
     assert outbox.drain(closed) == DrainSummary(retried=1)
     assert outbox.rows(["pending"])[0].last_error == (
         f"no MLLP connection to {closed['ris-ae'].peer} (ConnectionRefusedError)")
+
+
+def test_a_row_claimed_by_a_killed_process_is_sent_at_the_next_drain(
+        outbox: Outbox, store: Store) -> None:
+    """A daemon killed while sending leaves its row claimed for claim_s (15 min): the next
+    drain on this host releases it, because the claiming process is gone. A claim of a live
+    process, or of another host, is left to run out."""
+    import subprocess
+    import sys
+
+    from exporters.outbox import process_token
+    from mrrp_pacs.clock import iso_utc
+
+    objects = [sr_object("OBX020"), sr_object("OBX021"), sr_object("OBX022")]
+    for ds in objects:
+        queue_sr(outbox, ds)
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tokens = [process_token(dead.pid), process_token(alive.pid),
+                  f"another-host:{alive.pid}:1"]
+        dead.kill()
+        dead.wait()
+        later = iso_utc(store.clock() + timedelta(minutes=15))
+        with store.transaction() as tx:
+            for row, token in zip(outbox.rows(), tokens, strict=True):
+                tx.execute("UPDATE exports SET next_attempt_at = ?, claimed_by = ? WHERE id = ?",
+                           (later, token, row.id))
+        with storage_scp() as peer:
+            sent = outbox.drain({"pacs": DicomSender(LOOPBACK, peer.port, "TESTSCP",
+                                                     timeout_s=10)})
+            assert sent == DrainSummary(sent=1)
+            assert peer.received == [objects[0].SOPInstanceUID]
+        assert [r.state for r in outbox.rows()] == ["sent", "pending", "pending"]
+    finally:
+        alive.kill()
+        alive.wait()

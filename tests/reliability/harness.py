@@ -140,6 +140,7 @@ class Chain:
     ports: dict[str, int]
     patients: int
     rounds: list[Round] = field(default_factory=list)
+    settings: dict[str, dict[str, object]] = field(default_factory=dict)  # config overrides
 
     @classmethod
     def start(cls, root: Path, phantom: Path, models: Path, orthanc: Orthanc,
@@ -176,7 +177,7 @@ class Chain:
     @property
     def config(self) -> Path:
         return daemon_config(self.root, str(self.models), self.ports, self.orthanc.dicom_port,
-                             allowed_aes=(SENDER_AE,))
+                             allowed_aes=(SENDER_AE,), settings=self.settings)
 
     def run(self, senders: Senders, kill: KillPoint | None, timeout_s: float = 600) -> Round:
         """Run the daemon until ``kill`` kills it (or, without one, until all is done)."""
@@ -214,6 +215,10 @@ class Chain:
         uids = {u for (u,) in query(self.db, "SELECT sop_instance_uid FROM instances")}
         return ([f"HL7 {c}" for c in sorted(senders.acked - controls)]
                 + [f"instance {u}" for u in sorted(senders.stored - uids)])
+
+    def quiet(self, senders: Senders) -> bool:
+        """Everything answered, stored, scored and sent."""
+        return self._quiet(senders)
 
     def _quiet(self, senders: Senders) -> bool:
         if len(senders.acked) < len(senders.hl7) or len(senders.stored) < len(senders.instances):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from daemon_proc import train_on_phantom
+from daemon_proc import query
 from harness import POINTS, Chain, new_ports, print_table, seeded_points
 from orthanc import LOOPBACK, running_orthanc
 
@@ -20,8 +20,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.needs_tool("Orthanc", "storescu")]
 
 SOAK = os.environ.get("MRRP_SOAK") == "1"
-TRAINING = PhantomSpec(patients=16, seed=4, slide_px=1024, missing_wsi=0.2, missing_us=0.2,
-                       missing_report=0.2)
 # the hospital's patients: each with a slide, an ultrasound study and both reports
 HOSPITAL = PhantomSpec(patients=6 if SOAK else 4, seed=11, slide_px=1024, missing_wsi=0.0,
                        missing_us=0.0, missing_report=0.0)
@@ -42,9 +40,10 @@ def _phase(point) -> int:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, trained_phantom):
+    """The hospital's phantom, and the model store of a model trained on another history."""
     root = tmp_path_factory.mktemp("reliability")
-    _, models = train_on_phantom(root, TRAINING)
+    _, models = trained_phantom
     hospital = root / "hospital"
     generate(HOSPITAL, hospital)
     return hospital, models
@@ -68,3 +67,70 @@ def test_sigkill_at_seeded_points_loses_nothing_and_does_nothing_twice(trained, 
             totals.append(chain.check(senders))
     print_table(chains, totals)
     assert sum(r.killed for c in chains for r in c.rounds) == sum(len(k) for k in _chains())
+
+
+# a PACS that hangs or is down must cost time, not results: short timeouts and backoffs so
+# that the outage is noticed and recovered from within the test
+OUTAGE_SETTINGS: dict[str, dict[str, object]] = {
+    "pacs": {"timeout_s": 3, "retrieve_timeout_s": 10, "retry_backoff_s": 1,
+             "retry_max_backoff_s": 4},
+    "export": {"timeout_s": 3, "max_backoff_s": 4},
+}
+
+
+def test_a_pacs_that_hangs_then_goes_down_delays_results_and_loses_none(trained, tmp_path):
+    """Orthanc paused (SIGSTOP: connections open, nothing answers) for 20 s from the first
+    score on (while slides are pulled and results sent), then stopped for 20 s, then started
+    again on the same ports and storage: the daemon stays up, and in the end every result is
+    in Orthanc once."""
+    import signal
+    import time
+    import urllib.request
+
+    from daemon_proc import serve, wait_for
+    from orthanc import free_port
+
+    hospital, models = trained
+    ports = new_ports()
+    pacs_ports = (free_port(), free_port())
+    modalities = {"MRRP": ["MRRP", LOOPBACK, ports["dicom"]]}
+    with running_orthanc(tmp_path / "orthanc", modalities=modalities, ports=pacs_ports) as pacs:
+        chain, senders = Chain.start(tmp_path, hospital, models, pacs, ports, HOSPITAL.patients)
+        chain.settings = OUTAGE_SETTINGS
+        daemon = serve(chain.config, chain.log)
+        try:
+            senders.feed(ports, daemon)
+            wait_for("the first score", lambda: query(
+                chain.db, "SELECT COUNT(*) FROM scores")[:1] not in ([], [(0,)]),
+                600, daemon, chain.log)
+            os.kill(pacs.pid, signal.SIGSTOP)
+            time.sleep(20)
+            os.kill(pacs.pid, signal.SIGCONT)
+        except BaseException:
+            daemon.kill()
+            raise
+    try:
+        time.sleep(20)  # the PACS is down: connections refused
+        assert daemon.poll() is None, chain.log.read_text()[-3000:]
+        health = urllib.request.urlopen(f"http://{LOOPBACK}:{ports['http']}/healthz",
+                                        timeout=10)
+        assert health.status == 200
+        with running_orthanc(tmp_path / "orthanc", modalities=modalities,
+                             ports=pacs_ports) as pacs:
+            chain.orthanc = pacs
+            senders.feed(ports, daemon)
+            wait_for("everything stored, scored and sent after the outage",
+                     lambda: chain.quiet(senders), 600, daemon, chain.log)
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=120) == 0, chain.log.read_text()[-3000:]
+            totals = chain.check(senders)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    retried = query(chain.db, "SELECT COUNT(*) FROM exports WHERE attempts > 1")[0][0]
+    pulls = query(chain.db, "SELECT COUNT(*) FROM jobs WHERE kind = 'pull' AND "
+                            "(state = 'failed' OR json_extract(detail, '$.failed') > 0)")[0][0]
+    totals["results sent again after a failure"] = retried
+    totals["pulls that failed"] = pulls
+    print_table([chain], [totals])
+    assert retried + pulls > 0, "the outage touched neither pull nor export: it proved nothing"

@@ -5,6 +5,7 @@ history, the daemon's config, starting it, waiting on its database, and C-FIND i
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sqlite3
 import subprocess
@@ -23,6 +24,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from mrrp_pacs.phantom.generator import EARLIEST_STUDY_DATE, PhantomSpec
 
 MRRP = [sys.executable, "-m", "mrrp_pacs"]
+# the history a model is trained on (tests/conftest.py ``trained_phantom``)
+TRAINING = PhantomSpec(patients=16, seed=4, slide_px=1024, missing_wsi=0.2, missing_us=0.2,
+                       missing_report=0.2)
 # the puller queries study dates from today back: far enough for the phantom's oldest study,
 # counted from the day the test runs, so the window never runs out
 PHANTOM_WINDOW_DAYS = (date.today() - EARLIEST_STUDY_DATE).days + 1
@@ -47,37 +51,29 @@ def train_on_phantom(root: Path, spec: PhantomSpec, max_epochs: int = 3) -> tupl
 
 
 def daemon_config(root: Path, models: str, ports: dict[str, int], pacs_port: int,
-                  extra: str = "", allowed_aes: tuple[str, ...] = ()) -> Path:
+                  allowed_aes: tuple[str, ...] = (),
+                  settings: dict[str, dict[str, object]] | None = None) -> Path:
     """A config for a daemon in ``root / 'daemon'`` that pulls from and exports to the
-    Orthanc at ``pacs_port``, every job every 2 s, no wait for a second modality; ``extra``
-    is TOML appended (new sections), ``allowed_aes`` the senders besides the PACS."""
+    Orthanc at ``pacs_port``, every job every 2 s, no wait for a second modality;
+    ``allowed_aes`` the senders besides the PACS, ``settings`` further keys by section."""
+    sections: dict[str, dict[str, object]] = {
+        "paths": {"data_dir": str(root / "daemon"), "model_store": models},
+        "features": {"max_tiles": 4},
+        "dicom": {"port": ports["dicom"], "allowed_aes": list(allowed_aes)},
+        "hl7": {"port": ports["hl7"]},
+        "http": {"port": ports["http"]},
+        "pacs": {"host": LOOPBACK, "port": pacs_port, "ae_title": "ORTHANC", "interval_s": 2,
+                 "window_days": PHANTOM_WINDOW_DAYS},
+        "scoring": {"interval_s": 2, "wait_hours": 0},
+        "export": {"interval_s": 2, "backoff_s": 1},
+    }
+    for section, values in (settings or {}).items():
+        sections.setdefault(section, {}).update(values)
     path = root / "mrrp.toml"
-    path.write_text(f"""
-[paths]
-data_dir = "{root / 'daemon'}"
-model_store = "{models}"
-[features]
-max_tiles = 4
-[dicom]
-port = {ports['dicom']}
-allowed_aes = {list(allowed_aes)!r}
-[hl7]
-port = {ports['hl7']}
-[http]
-port = {ports['http']}
-[pacs]
-host = "{LOOPBACK}"
-port = {pacs_port}
-ae_title = "ORTHANC"
-interval_s = 2
-window_days = {PHANTOM_WINDOW_DAYS}
-[scoring]
-interval_s = 2
-wait_hours = 0
-[export]
-interval_s = 2
-backoff_s = 1
-{extra}""")
+    path.write_text("".join(
+        f"[{section}]\n" + "".join(f"{key} = {json.dumps(value)}\n"
+                                    for key, value in values.items())
+        for section, values in sections.items()))
     return path
 
 

@@ -26,13 +26,15 @@ __all__ = ["DICOMWEB_PLUGIN", "LOOPBACK", "Orthanc", "free_port", "running_ortha
 @contextmanager
 def running_orthanc(workdir: Path, aet: str = "ORTHANC",
                     modalities: dict[str, list[object]] | None = None,
-                    plugins: list[Path] | None = None) -> Iterator[Orthanc]:
+                    plugins: list[Path] | None = None,
+                    ports: tuple[int, int] | None = None) -> Iterator[Orthanc]:
     """:func:`mrrp_pacs.private_orthanc.running_orthanc`, once the test has declared Orthanc
     (and each plugin it loads) and they are installed."""
     tool("Orthanc")
     for plugin in plugins or []:
         tool(plugin.name)
-    with private_orthanc.running_orthanc(workdir, aet, modalities, plugins) as server:
+    with private_orthanc.running_orthanc(workdir, aet, modalities, plugins,
+                                         ports=ports) as server:
         yield server
 
 
