@@ -1,5 +1,6 @@
 """The scheduler's persistent job store: jobs survive a restart, a missed night is kept."""
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -100,3 +101,38 @@ def test_scoring_and_io_jobs_run_on_their_own_threads_also_after_an_upgrade(conf
         assert scheduler._executors["io"]._pool._max_workers == 1
     finally:
         scheduler.shutdown(wait=False)
+
+
+def test_dicom_max_associations_bounds_the_associations_served_at_once(config, store):
+    """[dicom] max_associations reaches the daemon's SCP: that many senders are served at
+    once, one more is rejected (A-ASSOCIATE-RJ) until one of them releases."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from mrrp_pacs.daemon import components_from_config
+
+    with pytest.raises(ConfigError, match=r"dicom\.max_associations = 0"):
+        config.replace("dicom", max_associations=0).check()
+    site = config.replace("dicom", max_associations=3, port=0).replace("http", port=0)
+    scp = components_from_config(site).listeners[0]
+    scp.start()
+    sender = AE(ae_title="ORTHANC")
+    sender.add_requested_context(Verification)
+    opened = []
+    try:
+        for _ in range(3):
+            opened.append(sender.associate("127.0.0.1", scp.port, ae_title="MRRP"))
+        assert all(a.is_established for a in opened)
+        extra = sender.associate("127.0.0.1", scp.port, ae_title="MRRP")
+        assert extra.is_rejected
+        opened.pop().release()
+        deadline = time.monotonic() + 10
+        while len(scp.ae.active_associations) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = sender.associate("127.0.0.1", scp.port, ae_title="MRRP")
+        assert again.is_established
+        opened.append(again)
+    finally:
+        for assoc in opened:
+            assoc.release()
+        scp.stop()
