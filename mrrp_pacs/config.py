@@ -169,6 +169,10 @@ class DicomConfig:
     # calling AE titles allowed to associate besides [pacs] ae_title, which is always allowed
     # (studies we C-MOVE arrive with it); see mrrp_pacs.daemon.allowed_calling_aes
     allowed_aes: list[str] = field(default_factory=list)
+    # associations served at once (C-STORE senders, C-MOVE sub-operations); more are refused
+    # (A-ASSOCIATE-RJ, local limit exceeded). Each one holds the object it is receiving in
+    # memory until it is stored (docs/daemon.md "Load").
+    max_associations: int = 10
 
 
 @dataclass(frozen=True)
@@ -346,6 +350,7 @@ class Config:
                             ("pacs.lookback_patients", self.pacs.lookback_patients),
                             ("pacs.retry_backoff_s", self.pacs.retry_backoff_s),
                             ("hl7.max_connections", self.hl7.max_connections),
+                            ("dicom.max_associations", self.dicom.max_associations),
                             ("hl7.idle_timeout_s", self.hl7.idle_timeout_s),
                             ("ingest.max_hl7_bytes", self.ingest.max_hl7_bytes),
                             ("features.tile_px", self.features.tile_px),

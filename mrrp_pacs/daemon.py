@@ -730,7 +730,8 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     schema = load_schema(config.clinical.schema_file)
     open_intake = intake_opener(config, schema, clock)
     scp = StorageScp(open_intake, config.dicom.ae_title, config.dicom.port,
-                     host=config.dicom.bind, allowed_aes=allowed_calling_aes(config))
+                     host=config.dicom.bind, allowed_aes=allowed_calling_aes(config),
+                     max_associations=config.dicom.max_associations)
 
     def new_intake() -> Intake:
         return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False,

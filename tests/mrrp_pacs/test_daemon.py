@@ -235,3 +235,38 @@ def test_healthz_names_the_listener_or_scheduler_whose_thread_died(config):
         assert _health(port) == (503, ["dicom", "hl7", "scheduler"])
     finally:
         daemon.stop()
+
+
+def test_dicom_max_associations_bounds_the_associations_served_at_once(config, store):
+    """[dicom] max_associations reaches the daemon's SCP: that many senders are served at
+    once, one more is rejected (A-ASSOCIATE-RJ) until one of them releases."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from mrrp_pacs.daemon import components_from_config
+
+    with pytest.raises(ConfigError, match=r"dicom\.max_associations = 0"):
+        config.replace("dicom", max_associations=0).check()
+    site = config.replace("dicom", max_associations=3, port=0).replace("http", port=0)
+    scp = components_from_config(site).listeners[0]
+    scp.start()
+    sender = AE(ae_title="ORTHANC")
+    sender.add_requested_context(Verification)
+    opened = []
+    try:
+        for _ in range(3):
+            opened.append(sender.associate("127.0.0.1", scp.port, ae_title="MRRP"))
+        assert all(a.is_established for a in opened)
+        extra = sender.associate("127.0.0.1", scp.port, ae_title="MRRP")
+        assert extra.is_rejected
+        opened.pop().release()
+        deadline = time.monotonic() + 10
+        while len(scp.ae.active_associations) > 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = sender.associate("127.0.0.1", scp.port, ae_title="MRRP")
+        assert again.is_established
+        opened.append(again)
+    finally:
+        for assoc in opened:
+            assoc.release()
+        scp.stop()
