@@ -63,7 +63,14 @@ from mrrp_pacs.scoring import (
 )
 from mrrp_pacs.statelock import StateLock
 from mrrp_pacs.store import Store
-from mrrp_pacs.workers import ExtractionWorker, InlineWorker, Worker, WorkerFailed, WorkerLimits
+from mrrp_pacs.workers import (
+    ExtractionWorker,
+    InlineWorker,
+    Worker,
+    WorkerFailed,
+    WorkerLimits,
+    WorkerUnavailable,
+)
 
 if TYPE_CHECKING:  # the wiring imports listeners and exporters when it builds them
     from apscheduler.job import Job
@@ -312,7 +319,9 @@ class Pipeline:
         try:
             outcomes = self.worker().extract(inputs, families_of(self.config))
             scored = scorer.score({key: inputs}, {key: digest})
-        except ModelUnavailable:
+        except (ModelUnavailable, WorkerUnavailable):
+            if self.stopping.is_set():
+                return 0, "stopped"
             raise  # every patient would fail alike: the job fails and says why
         except Exception as exc:
             if self.stopping.is_set():

@@ -13,7 +13,8 @@ threads), one patient at a time, with
 
 A child that dies, runs over a limit, or raises raises :class:`WorkerFailed` in the parent; the
 next patient starts a fresh child. :class:`~mrrp_pacs.errors.ModelUnavailable` (a missing
-encoder: every patient would fail the same way) comes back as itself so that the run stops.
+encoder: every patient would fail the same way) comes back as itself, and a child that cannot
+start raises :class:`WorkerUnavailable`, so that the run stops instead of failing everyone.
 
 :class:`InlineWorker` is the same interface in the calling process (``[scoring] isolation =
 "inline"``), for debugging.
@@ -48,6 +49,11 @@ START_TIMEOUT_S = 300.0  # importing torch and loading the encoders
 class WorkerFailed(MrrpError):
     """One patient's extraction failed in a way that is not a feature error: the worker
     raised, died (killed, out of memory), or ran over its memory or time limit."""
+
+
+class WorkerUnavailable(MrrpError):
+    """The extraction worker cannot start (its store or encoders cannot be loaded, or loading
+    them goes over the limits): every patient would fail alike, so the run stops."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,7 @@ class ExtractionWorker:
         reply = self._wait(START_TIMEOUT_S, "starting")
         if reply != ("ready",):
             self._kill()
-            raise WorkerFailed(f"the extraction worker did not start: {reply!r}")
+            raise WorkerUnavailable(f"the extraction worker did not start: {reply[-1]}")
         LOGGER.info("extraction worker started (pid %s, %d thread(s), memory limit %s)",
                     process.pid, self.limits.thread_count(),
                     f"{self.limits.memory_mb} MiB" if self.limits.memory_mb else "none")
@@ -164,6 +170,8 @@ class ExtractionWorker:
         ------
         WorkerFailed
             The child raised, died or ran over a limit (it is replaced for the next patient).
+        WorkerUnavailable
+            A fresh child could not start.
         ModelUnavailable
             An encoder or model the families need is missing (every patient would fail).
         """

@@ -452,3 +452,24 @@ def test_a_rolled_back_model_makes_its_scores_current_again(phantom_model):
         stored = {row[0]: RiskResult.from_json(row[1]) for row in store.conn.execute(
             "SELECT id, outputs FROM scores WHERE superseded_by IS NULL")}
         assert stored == {o.score_id: o.result for o in back}
+
+
+def test_a_worker_that_cannot_start_fails_the_run_not_the_patients(phantom_model):
+    """A memory limit below what loading torch and the encoders takes: the worker never
+    starts, so every patient would fail alike. The job fails and says why; nobody is
+    recorded as failed or quarantined."""
+    from mrrp_pacs.quarantine import failures
+    from mrrp_pacs.workers import WorkerUnavailable
+
+    config, *_ = phantom_model
+    pipeline = Pipeline(config.replace("scoring", wait_hours=0.0, worker_memory_mb=40),
+                        clock=SteppingClock(NOW))
+    try:
+        with pytest.raises(WorkerUnavailable, match="memory limit of 40 MiB while starting"):
+            pipeline.process(everyone=True)
+        assert not failures(pipeline.store)
+        state, error = pipeline.store.conn.execute(
+            "SELECT state, error FROM jobs ORDER BY id DESC LIMIT 1").fetchone()
+        assert state == "failed" and "did not start" in error
+    finally:
+        pipeline.close()
