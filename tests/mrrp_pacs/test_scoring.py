@@ -266,6 +266,7 @@ def test_rescore_with_db_finds_the_model_beside_the_database_and_writes_nothing_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.clock_free
 def test_a_patient_that_breaks_or_overfills_its_worker_costs_that_patient_only(
         phantom_model, monkeypatch):
     """Extraction raising for one patient, going over the worker's memory limit for another
@@ -338,6 +339,7 @@ def test_a_patient_that_breaks_or_overfills_its_worker_costs_that_patient_only(
         pipeline.close()
 
 
+@pytest.mark.clock_free
 def test_stopping_kills_the_worker_and_counts_no_failure(phantom_model, monkeypatch):
     """The daemon's stop kills a worker stuck in a patient (every extraction hangs 10 min
     here): the run ends as stopped within seconds, and nobody is recorded as failed."""
@@ -454,6 +456,7 @@ def test_a_rolled_back_model_makes_its_scores_current_again(phantom_model):
         assert stored == {o.score_id: o.result for o in back}
 
 
+@pytest.mark.clock_free
 def test_a_worker_that_cannot_start_fails_the_run_not_the_patients(phantom_model):
     """A memory limit below what loading torch and the encoders takes: the worker never
     starts, so every patient would fail alike. The job fails and says why; nobody is
