@@ -187,11 +187,11 @@ class Chain:
             senders.feed(self.ports, daemon)
             if kill is None:
                 wait_for("everything stored, scored and sent",
-                         lambda: self._quiet(senders), timeout_s, daemon, self.log)
+                         lambda: self.quiet(senders), timeout_s, daemon, self.log)
             else:
                 deadline = time.monotonic() + timeout_s
                 while daemon.poll() is None:
-                    assert not self._quiet(senders), (
+                    assert not self.quiet(senders), (
                         f"kill point {kill} was never reached: everything was done")
                     assert time.monotonic() < deadline, f"kill point {kill} not reached in time"
                     senders.feed(self.ports, daemon)
@@ -218,9 +218,6 @@ class Chain:
 
     def quiet(self, senders: Senders) -> bool:
         """Everything answered, stored, scored and sent."""
-        return self._quiet(senders)
-
-    def _quiet(self, senders: Senders) -> bool:
         if len(senders.acked) < len(senders.hl7) or len(senders.stored) < len(senders.instances):
             return False
         current = query(self.db, "SELECT COUNT(*) FROM scores WHERE superseded_by IS NULL")
