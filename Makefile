@@ -66,10 +66,12 @@ test: venv test-tools viewer-deps lint
 	fi
 
 # The fault harness at full size (tests/reliability): every named kill point in four seeded
-# chains on a six-patient phantom, SIGKILL each time; prints one table of totals. `make test`
-# runs one short chain of it.
+# chains on a six-patient phantom, SIGKILL each time; prints one table of totals. Then every
+# fuzz test (marker fuzz) with >= 100,000 inputs per surface. `make test` runs one short
+# chain of the harness and a bounded number of inputs of each fuzz test.
 soak: venv test-tools
 	MRRP_SOAK=1 $(BIN)/pytest tests/reliability -s -p no:cacheprovider
+	MRRP_SOAK=1 $(BIN)/pytest -m fuzz -p no:cacheprovider --durations=0
 
 # The quick tier: lint, then every test not marked e2e, i.e. that runs no external program
 # (Orthanc, dcmtk, dicom3tools, R, poppler, Chromium, Node.js: tests/support/tools.py). It

@@ -938,7 +938,11 @@ def hl7_send(state: _Context, files: tuple[Path, ...], host: str | None, port: i
               help="Folder of a `mrrp-pacs demo` run whose Orthanc storage is served.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=3000, show_default=True)
-def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> None:
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A name browsers use for this viewer besides 127.0.0.1/localhost and "
+                   "--host (repeatable); requests naming any other Host are refused.")
+def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int,
+           allowed_hosts: tuple[str, ...]) -> None:
     """Serve the OHIF viewer (same origin as Orthanc's DICOMweb) to look at the results: the
     SR drawn on the ultrasound lesion and the PDF report. Ctrl-C stops it."""
     import signal
@@ -964,7 +968,8 @@ def viewer(orthanc_url: str | None, demo_dir: Path, host: str, port: int) -> Non
             orthanc = _guarded(lambda: stack.enter_context(running_orthanc(
                 storage, "ORTHANC", plugins=[DICOMWEB_PLUGIN])))
             orthanc_url = orthanc.url
-        server = ViewerServer(files.dist_dir, files.app_config, orthanc_url, host, port)
+        server = ViewerServer(files.dist_dir, files.app_config, orthanc_url, host, port,
+                              allowed_hosts)
         server.start()
         stack.callback(server.stop)
         click.echo(f"OHIF viewer on {server.study_list_url} (Orthanc {orthanc_url}); "

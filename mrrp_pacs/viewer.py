@@ -12,10 +12,24 @@ One origin, because OHIF then needs no CORS and Orthanc writes its bulk-data URI
 viewer's own host (its DICOMweb plugin builds them from ``Host``). The proxy is read-only
 (no STOW, no DELETE): the viewer shows results, it does not change the PACS. It binds
 127.0.0.1 unless told otherwise.
+
+What a browser page on another site or a stranger on the network may send is refused before
+anything reaches Orthanc (:func:`route`):
+
+- a request target is confined to the DICOMweb prefixes *after* decoding: a dot segment
+  (``..``, ``%2e%2e``), an empty segment, an encoded ``/`` or a backslash, a ``%`` left after
+  decoding (double encoding) or a control character is a 400, so ``/dicom-web/../patients``
+  never becomes Orthanc's REST API; what is forwarded is the normalised path, re-encoded;
+- the ``Host`` header must name this viewer (loopback names, the address it binds, and
+  ``allowed_hosts``) with its port, else 421: a page of another site whose name was made to
+  resolve to 127.0.0.1 (DNS rebinding) cannot read the PACS through a user's browser;
+- a request that carries a body (every refused POST, a GET with a body) is answered and its
+  connection closed, so the body is never read as the next request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import mimetypes
@@ -33,19 +47,101 @@ LOOPBACK = "127.0.0.1"
 VIEWER_DIR = Path(__file__).resolve().parents[1] / "deploy" / "viewer"
 """``deploy/viewer`` of a source checkout: package.json, app-config.js, node_modules."""
 INSTALL_COMMAND = "npm ci --prefix deploy/viewer --no-audit --no-fund --ignore-scripts"
-PROXIED_PREFIXES = ("/dicom-web/", "/wado")
-"""Paths forwarded to Orthanc as they are; everything else is the viewer's own files."""
+DICOMWEB_PREFIX = "/dicom-web/"
+WADO_URI_PATH = "/wado"
+"""Forwarded to Orthanc: paths under :data:`DICOMWEB_PREFIX` and exactly :data:`WADO_URI_PATH`
+(WADO-URI takes its arguments in the query); everything else is the viewer's own files."""
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 _CHUNK_BYTES = 256 * 1024
 _MAX_TARGET_CHARS = 8192  # a request line longer than this is not OHIF's
 _UPSTREAM_TIMEOUT_S = 120.0
 _CLIENT_TIMEOUT_S = 120.0
+_DRAINED_BODY_BYTES = 64 * 1024  # a refused request's body up to this is read, then closed
+_SEGMENT_SAFE = "-._~!$&'()*+,;=:@"  # RFC 3986 pchar besides unreserved, kept as they are
 # RFC 9110 7.6.1: connection-specific fields are never forwarded
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                          "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"})
 _CONTENT_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm",
                   ".json": "application/json", ".css": "text/css", ".svg": "image/svg+xml",
                   ".html": "text/html; charset=utf-8", ".woff2": "font/woff2"}
+
+
+class Refused(ValueError):
+    """A request the viewer does not serve: its HTTP status and a line for the client."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request target goes: Orthanc (``proxied``) or the viewer's files.
+
+    ``path`` is normalised (decoded, checked, re-encoded); ``query`` is passed on as sent.
+    """
+
+    path: str
+    query: str
+    proxied: bool
+
+    @property
+    def target(self) -> str:
+        return self.path + (f"?{self.query}" if self.query else "")
+
+
+def route(target: str) -> Route:
+    """The normalised route of an origin-form request target, or :class:`Refused` (400/414).
+
+    Each ``/``-separated segment is percent-decoded once and must then be a plain name: not
+    empty (except a trailing ``/``), not ``.`` or ``..``, without ``/``, a backslash, ``%`` (a
+    second encoding) or control characters. Whether the target is proxied is decided on the
+    normalised path, which is what Orthanc receives; the query must hold no control
+    characters or spaces and no ``#``.
+    """
+    if len(target) > _MAX_TARGET_CHARS:
+        raise Refused(414, "request target too long")
+    if not target.startswith("/") or target.startswith("//"):
+        raise Refused(400, "the request target must be a path")
+    if "#" in target or any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in target):
+        raise Refused(400, "control characters, spaces or '#' in the request target")
+    raw_path, _, query = target.partition("?")
+    raw_segments = raw_path.split("/")[1:]
+    segments = []
+    for index, raw in enumerate(raw_segments):
+        try:
+            name = urllib.parse.unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise Refused(400, "a path segment is not UTF-8") from None
+        if name == "" and index == len(raw_segments) - 1:
+            segments.append("")  # a trailing slash
+            continue
+        if name in ("", ".", "..") or any(ch in name for ch in "/\\%") \
+                or any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in name):
+            raise Refused(400, "the path holds an empty or dot segment or an encoded "
+                               "separator")
+        segments.append(name)
+    path = "/" + "/".join(urllib.parse.quote(name, safe=_SEGMENT_SAFE) for name in segments)
+    proxied = path == WADO_URI_PATH or path.startswith(DICOMWEB_PREFIX)
+    return Route(path, query, proxied)
+
+
+def host_allowed(host_header: str | None, allowed: frozenset[str], port: int) -> bool:
+    """Whether a ``Host`` header names this server: an allowed name, and its own port."""
+    if not host_header:
+        return False
+    value = host_header.strip().lower()
+    if value.endswith("]") or ":" not in value:  # no port (an IPv6 literal is bracketed)
+        name, given_port = value, ""
+    else:
+        name, _, given_port = value.rpartition(":")
+    if given_port and (not given_port.isdigit() or int(given_port) != port):
+        return False
+    if not given_port and port != 80:
+        return False
+    return name in allowed
 
 
 @dataclass(frozen=True)
@@ -92,6 +188,9 @@ class ViewerServer:
         under ``/dicom-web/`` (the plugin's default root).
     host, port
         Where to listen; port 0 picks a free one (read it back from :attr:`port`).
+    allowed_hosts
+        Names besides the loopback ones and ``host`` that browsers may use for this server
+        (the ``Host`` header; e.g. the machine's DNS name when ``host`` is ``0.0.0.0``).
 
     Raises
     ------
@@ -102,7 +201,8 @@ class ViewerServer:
     """
 
     def __init__(self, dist_dir: Path, app_config: Path, orthanc_url: str,
-                 host: str = LOOPBACK, port: int = 0) -> None:
+                 host: str = LOOPBACK, port: int = 0,
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
         _check_files(dist_dir, app_config)
         upstream = urllib.parse.urlsplit(orthanc_url)
         if upstream.scheme != "http" or not upstream.hostname:
@@ -116,6 +216,10 @@ class ViewerServer:
         if host != LOOPBACK:
             LOGGER.warning("viewer listens on %s, not only on this machine: anyone who reaches "
                            "it reads the PACS through it", host)
+        wildcard = ("", "0.0.0.0", "::")  # noqa: S104 (names no host, so allows none)
+        bound = {host.lower()} if host not in wildcard else set()
+        self.allowed_hosts = frozenset(LOOPBACK_NAMES | bound
+                                       | {name.strip().lower() for name in allowed_hosts})
         self.server = ThreadingHTTPServer((host, port), _handler(self))
         self.server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -183,7 +287,20 @@ def _handler(viewer: ViewerServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "mrrp-pacs-viewer"
+        sys_version = ""  # the Server header does not advertise the Python version
         timeout = _CLIENT_TIMEOUT_S
+
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            if self.request_version == "HTTP/0.9":
+                # "GET /path" with no version: http.server would answer without a status
+                # line and has already read the lines after it as headers. Refused, closed.
+                self.request_version = "HTTP/1.0"
+                self.close_connection = True
+                self.send_error(400, "HTTP/0.9 is not served")
+                return False
+            return True
 
         def do_GET(self) -> None:
             self._answer(head=False)
@@ -192,21 +309,43 @@ def _handler(viewer: ViewerServer) -> type[BaseHTTPRequestHandler]:
             self._answer(head=True)
 
         def _refuse(self) -> None:
+            self._drain()
             self._plain(405, "the viewer is read-only: only GET and HEAD are served",
                         {"Allow": "GET, HEAD"})
 
         do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
 
-        def _answer(self, head: bool) -> None:
-            if len(self.path) > _MAX_TARGET_CHARS:
-                self._plain(414, "request target too long")
+        def _drain(self) -> None:
+            """A request with a body: read a small one, and close the connection after the
+            answer either way, so that no body is ever read as the next request."""
+            length = self.headers.get("Content-Length")
+            if length is None and "Transfer-Encoding" not in self.headers:
                 return
-            path = urllib.parse.urlsplit(self.path).path
+            self.close_connection = True
+            if length is not None and length.strip().isdigit() \
+                    and int(length) <= _DRAINED_BODY_BYTES:
+                with contextlib.suppress(OSError, TimeoutError):
+                    self.rfile.read(int(length))
+
+        def _answer(self, head: bool) -> None:
+            self._drain()
             try:
-                if path.startswith(PROXIED_PREFIXES):
-                    self._proxy(head)
+                if not host_allowed(self.headers.get("Host"), viewer.allowed_hosts,
+                                    viewer.port) or len(self.headers.get_all("Host") or []) != 1:
+                    raise Refused(421, "this viewer does not answer to that Host: open it by "
+                                       "the name it was started with (see --allowed-host)")
+                target = route(self.path)
+            except Refused as refusal:
+                LOGGER.info("viewer refused a %s from %s: %d", self.command,
+                            self.client_address[0], refusal.status)
+                self.close_connection = True
+                self._plain(refusal.status, refusal.text)
+                return
+            try:
+                if target.proxied:
+                    self._proxy(target, head)
                 else:
-                    self._static(path, head)
+                    self._static(target.path, head)
             except (ConnectionError, TimeoutError):
                 # the browser went away (a cancelled prefetch, a closed tab): nothing to answer
                 self.close_connection = True
@@ -229,14 +368,14 @@ def _handler(viewer: ViewerServer) -> type[BaseHTTPRequestHandler]:
                     while chunk := source.read(_CHUNK_BYTES):
                         self.wfile.write(chunk)
 
-        def _proxy(self, head: bool) -> None:
+        def _proxy(self, target: Route, head: bool) -> None:
             headers = {name: value for name, value in self.headers.items()
                        if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length"}
             upstream = http.client.HTTPConnection(viewer.upstream_host, viewer.upstream_port,
                                                   timeout=_UPSTREAM_TIMEOUT_S)
             try:
                 try:
-                    upstream.request(self.command, viewer.upstream_base + self.path,
+                    upstream.request(self.command, viewer.upstream_base + target.target,
                                      headers=headers)
                     response = upstream.getresponse()
                 except (OSError, http.client.HTTPException) as error:
@@ -272,6 +411,8 @@ def _handler(viewer: ViewerServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             for name, value in (extra or {}).items():
                 self.send_header(name, value)
             self.end_headers()
