@@ -274,6 +274,8 @@ class HttpConfig:
 
     port: int = 8080  # 0 = off
     bind: str = "127.0.0.1"
+    # /metrics: answered to loopback peers only, or, when set, to a Bearer token from anywhere
+    metrics_token: str = field(default="", metadata={"secret": True})
 
 
 @dataclass(frozen=True)

@@ -755,7 +755,7 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     if config.http.port:
         components.listeners.append(HealthServer(
             config.paths.db_file, config.paths.objects_dir, config.http.bind, config.http.port,
-            components.checks))
+            components.checks, config.http.metrics_token))
     pacs = config.pacs
     if pacs.host:
         remote = RemotePacs(pacs.host, pacs.port, pacs.ae_title)

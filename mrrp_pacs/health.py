@@ -2,10 +2,18 @@
 
 Figures come from the database on each request, so they survive restarts and agree with
 ``mrrp-pacs cases`` and ``outbox list``. No patient identifier appears in either answer.
+
+``/metrics`` tells a stranger how busy the hospital is and whether results are failing: it is
+answered only to peers on this machine (a loopback address) unless ``[http] metrics_token`` is
+set, and then only to requests carrying ``Authorization: Bearer <token>`` (Prometheus'
+``authorization`` / ``bearer_token`` setting), from anywhere. ``/healthz`` says nothing but
+up or down and stays open, for the container's and the load balancer's checks.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 import threading
@@ -82,16 +90,31 @@ def metrics_text(store: Store) -> str:
     return "\n".join(lines) + "\n"
 
 
+def metrics_allowed(peer: str, authorization: str | None, token: str) -> int:
+    """Whether ``/metrics`` is answered: 200, or the refusal's status (401 wrong or missing
+    token, 403 not a loopback peer and no token configured)."""
+    if token:
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        return 200 if hmac.compare_digest(given.encode(), token.encode()) else 401
+    try:
+        local = ipaddress.ip_address(peer.removeprefix("::ffff:")).is_loopback
+    except ValueError:
+        local = False
+    return 200 if local else 403
+
+
 class HealthServer:
     """An HTTP server for ``/healthz`` and ``/metrics`` on ``host`` (``[http] bind``, loopback by
     default); runs in its own thread.
 
     ``checks`` maps a component name to a function returning whether it is alive; ``/healthz``
-    answers 200 when all are, else 503, with a JSON body naming each.
+    answers 200 when all are, else 503, with a JSON body naming each. ``metrics_token``: see
+    :func:`metrics_allowed`.
     """
 
     def __init__(self, db_path: Path, objects_dir: Path, host: str, port: int,
-                 checks: dict[str, Callable[[], bool]]) -> None:
+                 checks: dict[str, Callable[[], bool]], metrics_token: str = "") -> None:
+        self.metrics_token = metrics_token
         self.db_path = db_path
         self.objects_dir = objects_dir
         self.checks = checks
@@ -154,6 +177,17 @@ def _handler(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
                 status, body = owner.health()
                 self._reply(status, "application/json", json.dumps(body).encode())
             elif self.path == "/metrics":
+                allowed = metrics_allowed(self.client_address[0],
+                                          self.headers.get("Authorization"), owner.metrics_token)
+                if allowed == 401:
+                    self._reply(401, "text/plain", b"a bearer token is needed\n",
+                                {"WWW-Authenticate": 'Bearer realm="mrrp-pacs metrics"'})
+                    return
+                if allowed != 200:
+                    LOGGER.info("metrics refused to %s (not this machine; set [http] "
+                                "metrics_token to serve them elsewhere)", self.client_address[0])
+                    self._reply(403, "text/plain", b"metrics are served on this machine only\n")
+                    return
                 try:
                     text = owner.metrics()
                 except Exception as exc:
@@ -164,9 +198,12 @@ def _handler(owner: HealthServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self._reply(404, "text/plain", b"not found: try /healthz or /metrics\n")
 
-        def _reply(self, status: int, content_type: str, body: bytes) -> None:
+        def _reply(self, status: int, content_type: str, body: bytes,
+                   extra: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
+            for name, value in (extra or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

@@ -80,3 +80,34 @@ def test_healthz_reports_each_component_and_fails_when_one_is_down(store, config
         assert _get(f"{base}/other")[0] == 404
     finally:
         server.stop()
+
+
+def test_metrics_are_for_this_machine_or_a_bearer_token(store, config):
+    from mrrp_pacs.health import metrics_allowed
+
+    # without a token: loopback peers only (IPv4, IPv6, IPv4-mapped)
+    assert metrics_allowed("127.0.0.1", None, "") == 200
+    assert metrics_allowed("::1", None, "") == 200
+    assert metrics_allowed("::ffff:127.0.0.1", None, "") == 200
+    assert metrics_allowed("10.1.2.3", None, "") == 403
+    assert metrics_allowed("::ffff:10.1.2.3", "Bearer guess", "") == 403
+    # with one: the token, from anywhere, and nothing else, not even from loopback
+    assert metrics_allowed("10.1.2.3", "Bearer s3cret-token", "s3cret-token") == 200
+    assert metrics_allowed("127.0.0.1", None, "s3cret-token") == 401
+    assert metrics_allowed("127.0.0.1", "Bearer s3cret-tokeN", "s3cret-token") == 401
+    assert metrics_allowed("127.0.0.1", "Basic czNjcmV0LXRva2Vu", "s3cret-token") == 401
+
+    server = HealthServer(config.paths.db_file, config.paths.objects_dir, "127.0.0.1", 0, {},
+                          metrics_token="s3cret-token")
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        status, _, body = _get(f"{base}/metrics")
+        assert status == 401 and "mrrp_" not in body
+        request = urllib.request.Request(f"{base}/metrics",
+                                         headers={"Authorization": "Bearer s3cret-token"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200 and "mrrp_scores_total 0" in answer.read().decode()
+        assert _get(f"{base}/healthz")[0] == 200  # health stays open
+    finally:
+        server.stop()
