@@ -795,6 +795,14 @@ def serve(state: _Context, db_path: Path | None, dicom_port: int | None,
             if given:
                 config = config.replace(section, **given)
         config.check()
+        if config.exports_with_public_secret:
+            raise click.ClickException(
+                f"{config.source}: [export] uid_secret is the public default "
+                f"{config.export.uid_secret!r}: anyone who knows a patient key could compute "
+                "the Tracking UID of the results this daemon exports. Set [export] uid_secret "
+                "(or MRRP__EXPORT__UID_SECRET) to a long random string, e.g. `python3 -c "
+                "'import secrets; print(secrets.token_hex(32))'`, and keep it with the "
+                "backups; or set [export] enabled = false")
         daemon = Daemon(config, components_from_config(config))
 
         def announce() -> None:

@@ -300,6 +300,14 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "built-in defaults"
 
+    @property
+    def exports_with_public_secret(self) -> bool:
+        """Whether results would be exported (enabled, with a destination) under the public
+        default ``uid_secret``, from which anyone can compute a patient's Tracking UID.
+        ``serve`` refuses to start so; ``doctor`` fails the check."""
+        return (self.export.enabled and bool(self.export.host or self.pacs.host)
+                and self.export.uid_secret == ExportConfig().uid_secret)
+
     def replace(self, section: str, **values: Any) -> Config:
         """Return a copy with keys of one section replaced (how CLI flags are applied)."""
         current = getattr(self, section)

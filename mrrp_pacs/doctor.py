@@ -61,13 +61,16 @@ def _uid_secret(config: Config, _: int) -> Iterator[Check]:
     if not config.export.enabled:
         return
     if config.export.uid_secret == ExportConfig().uid_secret:
-        yield Check("uid secret", True, "[export] uid_secret is the public default "
+        # with a destination, `serve` refuses to start: a failure; without one, a warning
+        refused = config.exports_with_public_secret
+        yield Check("uid secret", not refused, "[export] uid_secret is the public default "
                     f"{config.export.uid_secret!r}: anyone who knows a patient key can compute "
-                    "that patient's Tracking UID and the UIDs of its SRs and PDFs",
+                    "that patient's Tracking UID and the UIDs of its SRs and PDFs"
+                    + ("; `serve` refuses to export with it" if refused else ""),
                     "set [export] uid_secret to a long random string (e.g. `python3 -c "
                     "'import secrets; print(secrets.token_hex(32))'`) before results are "
                     "exported, and keep it with the backups: another secret gives every "
-                    "patient new UIDs", warning=True)
+                    "patient new UIDs", warning=not refused)
     else:
         yield Check("uid secret", True, "[export] uid_secret set (not the public default)")
 

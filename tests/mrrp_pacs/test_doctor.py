@@ -71,6 +71,23 @@ def test_default_uid_secret_and_export_without_destination_are_warnings(site):
     assert "WARN  uid secret" in result.output and "WARN  PACS" in result.output
 
 
+def test_the_public_uid_secret_with_a_destination_fails_and_serve_refuses_it(site, tmp_path):
+    exporting = site.replace("pacs", host="127.0.0.1")
+    secret = _by_name(run_checks(exporting, min_free_bytes=0))["uid secret"]
+    assert not secret.ok and "`serve` refuses" in secret.detail
+    assert secret.line().startswith("FAIL  uid secret: ")
+
+    data = tmp_path / "site"
+    config = tmp_path / "mrrp.toml"
+    config.write_text(f'[paths]\ndata_dir = "{data}"\n[pacs]\nhost = "127.0.0.1"\n'
+                      '[http]\nport = 0\n')
+    refused = CliRunner().invoke(main, ["--config", str(config), "serve"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "[export] uid_secret is the public default 'mrrp-pacs'" in refused.output
+    assert "secrets.token_hex(32)" in refused.output
+    assert not (data / "mrrp.lock").exists() and not (data / "mrrp.sqlite3").exists()
+
+
 def test_ports_held_by_our_running_daemon_are_ok_and_others_fail(site, monkeypatch):
     """Beside a running daemon its three ports are busy: ours, so not a failure."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -65,7 +65,7 @@ def daemon_config(root: Path, models: str, ports: dict[str, int], pacs_port: int
         "pacs": {"host": LOOPBACK, "port": pacs_port, "ae_title": "ORTHANC", "interval_s": 2,
                  "window_days": PHANTOM_WINDOW_DAYS},
         "scoring": {"interval_s": 2, "wait_hours": 0},
-        "export": {"interval_s": 2, "backoff_s": 1},
+        "export": {"interval_s": 2, "backoff_s": 1, "uid_secret": "test-site-secret"},
     }
     for section, values in (settings or {}).items():
         sections.setdefault(section, {}).update(values)
