@@ -97,10 +97,12 @@ def read_result(message: Hl7Message, ingest: IngestConfig, identity: IdentityCon
     patient_id, authority = _choose_patient_id(message, identity)
     accession_fields = [int(m[1]) for p in ingest.accession_fields if (m := _FIELD_PATH.match(p))]
     orders: list[Order] = []
+    numbered = 0  # OBRs so far (order 0 holds OBX before any OBR)
     for segment in message.segments:
         if segment.name == "OBR":
+            numbered += 1
             orders.append(Order(
-                index=sum(1 for o in orders if o.index) + 1,
+                index=numbered,
                 accession_number=next(
                     (v for n in accession_fields if (v := message.component(segment, n))), ""),
                 service_code=message.component(segment, 4, 1),
@@ -158,8 +160,10 @@ def _observation(message: Hl7Message, segment: Segment, obr_index: int) -> Obser
     value_type = message.component(segment, 2).upper()
     repetitions = message.repetitions(message.field(segment, 5))
     if value_type in NARRATIVE_TYPES or value_type == "ST":
-        # every repetition is a line; components are not meaningful in free text
-        value = "\n".join(message.unescape(r) for r in repetitions)
+        # every repetition is a line; components are not meaningful in free text. Escape
+        # codes hold no repetition separator or line break, so the joined field is unescaped
+        # at once: the same text as line by line, in one pass however many lines are sent
+        value = message.unescape("\n".join(repetitions))
     elif value_type in CODED_TYPES:
         parts = message.components(repetitions[0]) if repetitions else []
         value = (parts[0].strip() or (parts[1].strip() if len(parts) > 1 else "")) if parts else ""
