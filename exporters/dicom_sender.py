@@ -11,11 +11,17 @@ context not yet negotiated, or after the peer aborted.
 Failures are :class:`~exporters.outbox.SendError`, classed by pynetdicom's status categories
 (:func:`pynetdicom.status.code_to_category`). Transient (worth retrying): connection refused
 or timed out, association rejected-transient or aborted, no response, failure statuses "out of
-resources" (A7xx), "processing failure" (0110) and "resource limitation" (0213). Permanent: the
-bytes are not a DICOM file, an association rejected-permanent (e.g. called AE title not
-recognised: retrying cannot help until the PACS or our configuration changes), the peer accepts
-no context for the object, and any other failure, cancel or unknown status (e.g. A9xx, Cxxx,
-0122). Every Warning status (B000–BFFF, 0001, 0107, 0116) is a delivery, logged as a warning.
+resources" (A7xx), "processing failure" (0110), "resource limitation" (0213) and "cannot
+understand" (C000–CFFF). PS3.4 B.2.3 gives Cxxx to a data set the SCP cannot understand, but
+PACSs answer it for their own failures too (Orthanc 1.10 answers 0xC000 to a C-FIND or C-MOVE
+it cannot serve), and our objects are ones this PACS accepts when well: a PACS in trouble
+answering Cxxx for hours must cost time, not results, so the row is retried for the outbox's
+time budget (72 h) before it is dead. Permanent: the bytes are not a DICOM file, an association
+rejected-permanent (e.g. called AE title not recognised: retrying cannot help until the PACS or
+our configuration changes), the peer accepts no context for the object, and any other failure,
+cancel or unknown status: a refusal of the object itself (A9xx the data set does not match its
+SOP class, 0122 SOP class not supported, 0124 not authorized). Every Warning status (B000–BFFF,
+0001, 0107, 0116) is a delivery, logged as a warning.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_CALLING_AE = "MRRP"  # the default [dicom] ae_title
 DEFAULT_TIMEOUT_S = 30.0
 MAX_CONTEXTS = 128  # PS3.8: presentation context ids are odd numbers 1..255
-TRANSIENT_STATUSES = frozenset({0x0110, 0x0213, *range(0xA700, 0xA800)})
+TRANSIENT_STATUSES = frozenset({0x0110, 0x0213, *range(0xA700, 0xA800),
+                                *range(0xC000, 0xD000)})
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # offered for one another
 REJECTED_PERMANENT = 0x01  # A-ASSOCIATE-RJ result (PS3.8 9.3.4); 0x02 is rejected-transient
 MAX_PDU_BYTES = 1 << 20  # the largest PDU we receive (pynetdicom's default is 16 KiB)

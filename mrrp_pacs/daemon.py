@@ -483,7 +483,17 @@ def build_scheduler(config: Config, clock: Clock = system_clock,
             # time, so a missed nightly rescoring would be lost (and errors logged)
             if self.state == STATE_STOPPED:
                 return None
-            return super()._process_jobs()  # type: ignore[no-any-return]
+            try:
+                return super()._process_jobs()  # type: ignore[no-any-return]
+            except Exception as exc:
+                # APScheduler lets a failure to write its job store (SQLITE_FULL on a full
+                # disk, a lock held too long) end its only thread: every job would stop for
+                # good in a process that stays up. Try again later instead; meanwhile the
+                # heartbeat goes stale and /healthz says 503.
+                LOGGER.error("the scheduler could not update its job store (%s: %s); trying "
+                             "again in %g s", type(exc).__name__, str(exc).splitlines()[0],
+                             self.jobstore_retry_interval)
+                return float(self.jobstore_retry_interval)
 
     scheduler = Scheduler(
         jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{scheduler_db(config)}"),

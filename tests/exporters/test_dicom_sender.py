@@ -118,9 +118,10 @@ def test_one_session_reuses_its_association_and_adds_contexts_on_demand() -> Non
     (0xA7FF, True, "status 0xA7FF (Refused: Out of Resources)"),
     (0x0213, True, "status 0x0213 (Resource Limitation)"),
     (0xA900, False, "status 0xA900 (Data Set Does Not Match SOP Class)"),
-    (0xC000, False, "status 0xC000 (Cannot Understand)"),
-    (0xC123, False, "status 0xC123 (Cannot Understand)"),
+    (0xC000, True, "status 0xC000 (Cannot Understand)"),
+    (0xCFFF, True, "status 0xCFFF (Cannot Understand)"),
     (0x0122, False, "status 0x0122 (Refused: SOP Class Not Supported)"),
+    (0x0124, False, "status 0x0124 (Refused: Not Authorised)"),
     (0xFA11, False, "status 0xFA11 (unknown status)"),
 ])
 def test_failure_statuses_raise_with_their_code(status: int, transient: bool,

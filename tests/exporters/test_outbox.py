@@ -283,6 +283,28 @@ def test_pacs_down_backs_off_with_jitter_until_its_time_budget_then_retry_delive
         assert only_row(outbox) == sent
 
 
+def test_a_pacs_failing_with_cannot_understand_for_hours_dead_letters_nothing(
+        outbox: Outbox, clock: SteppingClock) -> None:
+    """A PACS in trouble answering 0xC000 to every C-STORE for 6 hours (tried ~15 times,
+    backed off up to the hour): nothing is dead, and the result is delivered once it is well."""
+    ds = sr_object("OBX022")
+    queue_sr(outbox, ds)
+    with storage_scp([0xC000] * 1000) as peer:
+        senders = {"pacs": DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)}
+        now = at(0)
+        while now < at(6 * 3600):
+            clock.set(now)
+            assert outbox.drain(senders) == DrainSummary(retried=1)
+            now = next_try(only_row(outbox))
+        failed = only_row(outbox)
+        assert failed.state == "pending" and 8 < failed.attempts < 20, failed.attempts
+        assert failed.last_error is not None and "0xC000" in failed.last_error
+        peer.statuses.clear()  # well again
+        clock.set(now)
+        assert outbox.drain(senders) == DrainSummary(sent=1)
+        assert peer.received == [ds.SOPInstanceUID] * (failed.attempts + 1)
+
+
 def test_a_pacs_down_for_30_hours_loses_nothing_with_the_default_budget(
         outbox: Outbox, clock: SteppingClock) -> None:
     """A long maintenance window: tried all along (every 30-60 min once backed off), nothing dead;
@@ -338,7 +360,7 @@ def test_permanent_refusal_is_dead_at_once_and_retry_by_id_resends(
         outbox: Outbox, clock: SteppingClock) -> None:
     ds = sr_object("OBX006")
     queued = queue_sr(outbox, ds)
-    with storage_scp([0xC000]) as peer:
+    with storage_scp([0xA900]) as peer:
         senders = {"pacs": DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)}
         assert outbox.drain(senders) == DrainSummary(dead=1)
         dead = only_row(outbox)
@@ -346,7 +368,7 @@ def test_permanent_refusal_is_dead_at_once_and_retry_by_id_resends(
         assert dead.summary() == (
             f"{queued.row_id:>6}  dead    sr  pacs  attempts=1  since 2026-01-06T12:00:00Z  "
             f"sop={ds.SOPInstanceUID}  error: C-STORE refused by TESTSCP@{LOOPBACK}:{peer.port}: "
-            "status 0xC000 (Cannot Understand)")
+            "status 0xA900 (Data Set Does Not Match SOP Class)")
 
         clock.set(at(5))
         assert outbox.retry([queued.row_id]) == [queued.row_id]
@@ -363,9 +385,11 @@ def test_permanent_refusal_is_dead_at_once_and_retry_by_id_resends(
     assert outbox.retry() == []
 
 
-def test_out_of_resources_is_retried(outbox: Outbox, clock: SteppingClock) -> None:
+@pytest.mark.parametrize("status", [0xA700, 0xC000])
+def test_out_of_resources_is_retried(outbox: Outbox, clock: SteppingClock, status: int) -> None:
+    """Out of resources, and 'cannot understand', which PACSs in trouble answer as well."""
     queue_sr(outbox, sr_object("OBX007"))
-    with storage_scp([0xA700]) as peer:
+    with storage_scp([status]) as peer:
         senders = {"pacs": DicomSender(LOOPBACK, peer.port, "TESTSCP", timeout_s=10)}
         assert outbox.drain(senders, backoff_s=30) == DrainSummary(retried=1)
         due = next_try(only_row(outbox))

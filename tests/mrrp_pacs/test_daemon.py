@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from mrrp_pacs.daemon import build_scheduler, scheduler_db
+from mrrp_pacs.daemon import Heartbeat, build_scheduler, scheduler_db
 from mrrp_pacs.errors import ConfigError
 
 
@@ -43,6 +43,36 @@ def test_jobs_persist_and_a_missed_nightly_rescore_runs_at_the_next_start(config
         assert with_pacs.get_job("pull") is not None
     finally:
         with_pacs.shutdown(wait=False)
+
+
+def test_the_scheduler_outlives_a_job_store_it_cannot_write(config, caplog):
+    """A job store that cannot be written (here locked by another connection; on a full disk
+    SQLITE_FULL) once ended APScheduler's thread for good; now the scheduler tries again, its
+    heartbeat goes stale meanwhile and beats again once the store can be written."""
+    import sqlite3
+
+    config.paths.db_file.parent.mkdir(parents=True)
+    heartbeat = Heartbeat(interval_s=0.2, limit_s=1.0)
+    scheduler = build_scheduler(config, heartbeat=heartbeat)
+    scheduler.jobstore_retry_interval = 0.5
+    for job in scheduler.get_jobs(jobstore="default"):
+        job.pause()  # the pipeline's jobs do not run here
+    # a job of the persistent store, due every 0.3 s: each run rewrites its next run time
+    scheduler.add_job("time:sleep", "interval", seconds=0.3, args=[0], id="probe")
+    scheduler.resume()
+    holder = sqlite3.connect(scheduler_db(config), timeout=10, isolation_level=None)
+    try:
+        _eventually(heartbeat.fresh)
+        holder.execute("BEGIN IMMEDIATE")  # readers go on, writers wait, then fail
+        _eventually(lambda: not heartbeat.fresh(), timeout_s=15)
+        _eventually(lambda: "could not update its job store" in caplog.text,
+                           timeout_s=15)
+        holder.execute("ROLLBACK")
+        _eventually(heartbeat.fresh, timeout_s=15)
+        assert scheduler._thread.is_alive()
+    finally:
+        holder.close()
+        scheduler.shutdown(wait=False)
 
 
 def test_nightly_rescore_keeps_its_local_time_across_daylight_saving(config):

@@ -16,7 +16,9 @@ patient failed, and the SRs in Orthanc (C-FIND) are exactly the SRs the outbox s
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,8 +34,20 @@ from pynetdicom import AE
 from exporters.mllp_client import send_messages
 from exporters.sr import SERIES_DESCRIPTION as SR_SERIES
 from mrrp_pacs.hl7.ack import read_header
+from mrrp_pacs.phantom.generator import PhantomSpec
 
 SENDER_AE = "MODALITY"  # the harness's storage SCU, allowed by the daemon's config
+SOAK = os.environ.get("MRRP_SOAK") == "1"
+# the hospital's patients: each with a slide, an ultrasound study and both reports
+HOSPITAL = PhantomSpec(patients=6 if SOAK else 4, seed=11, slide_px=1024, missing_wsi=0.0,
+                       missing_us=0.0, missing_report=0.0)
+# a PACS that hangs, is down or fails must cost time, not results: short timeouts and backoffs
+# so that the outage is noticed and recovered from within a test
+OUTAGE_SETTINGS: dict[str, dict[str, object]] = {
+    "pacs": {"timeout_s": 3, "retrieve_timeout_s": 10, "retry_backoff_s": 1,
+             "retry_max_backoff_s": 4},
+    "export": {"timeout_s": 3, "max_backoff_s": 4},
+}
 
 # Every kill point of the product (fault_point calls in the code) and the largest N-th pass
 # that a chain over the harness's phantom reaches: the seeded chains pick N in 1..max.
@@ -84,7 +98,11 @@ class Senders:
 
     def feed(self, ports: dict[str, int], daemon: subprocess.Popen[bytes]) -> None:
         """Send what holds no positive answer yet, until done or the daemon is gone."""
-        if not _wait_port(ports["hl7"], daemon) or not _wait_port(ports["dicom"], daemon):
+        # the MLLP port only: a bare TCP connect to the DICOM port holds one of the storage
+        # SCP's [dicom] max_associations for its ACSE timeout (pynetdicom waits for an
+        # A-ASSOCIATE-RQ), and probes every second lock every sender out; an association
+        # attempt while it does not listen yet just fails
+        if not wait_port(ports["hl7"], daemon):
             return
         waiting = [raw for cid, raw in self.hl7.items() if cid not in self.acked]
         try:
@@ -141,6 +159,7 @@ class Chain:
     patients: int
     rounds: list[Round] = field(default_factory=list)
     settings: dict[str, dict[str, object]] = field(default_factory=dict)  # config overrides
+    version: str | None = None  # the model version every current score must have to be done
 
     @classmethod
     def start(cls, root: Path, phantom: Path, models: Path, orthanc: Orthanc,
@@ -223,6 +242,10 @@ class Chain:
         current = query(self.db, "SELECT COUNT(*) FROM scores WHERE superseded_by IS NULL")
         if current != [(self.patients,)]:
             return False
+        if self.version is not None and query(
+                self.db, "SELECT COUNT(*) FROM scores WHERE superseded_by IS NULL AND "
+                         "model_version = ?", (self.version,)) != [(self.patients,)]:
+            return False
         if query(self.db, "SELECT COUNT(*) FROM exports WHERE state = 'pending'") != [(0,)]:
             return False
         unsent = query(self.db, "SELECT COUNT(*) FROM scores s WHERE superseded_by IS NULL AND "
@@ -291,11 +314,25 @@ def print_table(chains: list[Chain], totals: list[dict[str, int]]) -> str:
     return text
 
 
+def subset(phantom: Path, root: Path, patients: int) -> Path:
+    """A copy of ``phantom`` (its DICOM and HL7 folders) with its first ``patients`` patients
+    only: the outage scenarios run on fewer patients than the kill chains in CI."""
+    keep = sorted(p.name for p in (phantom / "dicom").iterdir())[:patients]
+    target = root / "hospital"
+    for patient in keep:
+        shutil.copytree(phantom / "dicom" / patient, target / "dicom" / patient)
+    (target / "hl7").mkdir(parents=True)
+    for message in (phantom / "hl7").glob("*.hl7"):
+        if any(message.name.startswith(f"{patient}-") for patient in keep):
+            shutil.copy2(message, target / "hl7" / message.name)
+    return target
+
+
 def new_ports() -> dict[str, int]:
     return {"dicom": free_port(), "hl7": free_port(), "http": free_port()}
 
 
-def _wait_port(port: int, daemon: subprocess.Popen[bytes], timeout_s: float = 120) -> bool:
+def wait_port(port: int, daemon: subprocess.Popen[bytes], timeout_s: float = 120) -> bool:
     """Whether the daemon listens on ``port`` (False when it died first)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -11,18 +11,21 @@ import os
 
 import pytest
 from daemon_proc import query
-from harness import POINTS, Chain, new_ports, print_table, seeded_points
+from harness import (
+    HOSPITAL,
+    OUTAGE_SETTINGS,
+    POINTS,
+    SOAK,
+    Chain,
+    new_ports,
+    print_table,
+    seeded_points,
+)
 from orthanc import LOOPBACK, running_orthanc
-
-from mrrp_pacs.phantom.generator import PhantomSpec, generate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.needs_tool("Orthanc", "storescu")]
 
-SOAK = os.environ.get("MRRP_SOAK") == "1"
-# the hospital's patients: each with a slide, an ultrasound study and both reports
-HOSPITAL = PhantomSpec(patients=6 if SOAK else 4, seed=11, slide_px=1024, missing_wsi=0.0,
-                       missing_us=0.0, missing_report=0.0)
 CI_POINTS = 4
 SOAK_CHAINS = 4  # of len(POINTS) kill points each: every named point 4 times, 32 kills
 
@@ -37,16 +40,6 @@ def _chains() -> list[list]:
 def _phase(point) -> int:
     """Chains kill in pipeline order: a point of a phase already done is never reached."""
     return list(POINTS).index(point.point)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, trained_phantom):
-    """The hospital's phantom, and the model store of a model trained on another history."""
-    root = tmp_path_factory.mktemp("reliability")
-    _, models = trained_phantom
-    hospital = root / "hospital"
-    generate(HOSPITAL, hospital)
-    return hospital, models
 
 
 def test_sigkill_at_seeded_points_loses_nothing_and_does_nothing_twice(trained, tmp_path):
@@ -67,15 +60,6 @@ def test_sigkill_at_seeded_points_loses_nothing_and_does_nothing_twice(trained, 
             totals.append(chain.check(senders))
     print_table(chains, totals)
     assert sum(r.killed for c in chains for r in c.rounds) == sum(len(k) for k in _chains())
-
-
-# a PACS that hangs or is down must cost time, not results: short timeouts and backoffs so
-# that the outage is noticed and recovered from within the test
-OUTAGE_SETTINGS: dict[str, dict[str, object]] = {
-    "pacs": {"timeout_s": 3, "retrieve_timeout_s": 10, "retry_backoff_s": 1,
-             "retry_max_backoff_s": 4},
-    "export": {"timeout_s": 3, "max_backoff_s": 4},
-}
 
 
 def test_a_pacs_that_hangs_then_goes_down_delays_results_and_loses_none(trained, tmp_path):

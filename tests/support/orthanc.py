@@ -27,13 +27,15 @@ __all__ = ["DICOMWEB_PLUGIN", "LOOPBACK", "Orthanc", "free_port", "running_ortha
 def running_orthanc(workdir: Path, aet: str = "ORTHANC",
                     modalities: dict[str, list[object]] | None = None,
                     plugins: list[Path] | None = None,
-                    ports: tuple[int, int] | None = None) -> Iterator[Orthanc]:
+                    ports: tuple[int, int] | None = None,
+                    extra: dict[str, object] | None = None) -> Iterator[Orthanc]:
     """:func:`mrrp_pacs.private_orthanc.running_orthanc`, once the test has declared Orthanc
-    (and each plugin it loads) and they are installed."""
+    (and each plugin it loads) and they are installed; ``extra``: further configuration
+    keys (e.g. ``LuaScripts``)."""
     tool("Orthanc")
     for plugin in plugins or []:
         tool(plugin.name)
-    with private_orthanc.running_orthanc(workdir, aet, modalities, plugins,
+    with private_orthanc.running_orthanc(workdir, aet, modalities, plugins, extra=extra,
                                          ports=ports) as server:
         yield server
 
