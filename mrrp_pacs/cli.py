@@ -99,15 +99,25 @@ def _guarded(work: Callable[[], Any]) -> Any:
     except MrrpError as exc:
         raise click.ClickException(str(exc)) from None
     except sqlite3.Error as exc:
-        raise click.ClickException(
-            f"the database cannot be used ({exc}); check the path, free disk space and that "
-            "no other program holds it locked") from None
+        raise _unusable_database(exc) from None
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+    except Exception as exc:
+        # the scheduler's job store reaches SQLite through SQLAlchemy, which wraps its errors
+        # (a daemon started on a full disk); sqlalchemy is not imported for this test
+        if isinstance(getattr(exc, "orig", None), sqlite3.Error):
+            raise _unusable_database(exc.orig) from None  # type: ignore[attr-defined]
+        raise
+
+
+def _unusable_database(exc: sqlite3.Error) -> click.ClickException:
+    return click.ClickException(
+        f"the database cannot be used ({exc}); check the path, free disk space and that "
+        "no other program holds it locked")
 
 
 @main.command()

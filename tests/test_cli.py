@@ -212,3 +212,26 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--patients", "16", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "was not made by the demo" in result.output
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_serve_with_an_unusable_job_store_says_so_without_a_traceback(tmp_path):
+    """The scheduler's job store is reached through SQLAlchemy, which wraps SQLite's errors
+    (a daemon started on a full disk gave a traceback)."""
+    import socket
+
+    data = tmp_path / "site"
+    data.mkdir()
+    (data / "scheduler.sqlite3").write_text("not a database")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    config = tmp_path / "mrrp.toml"
+    config.write_text(f'[paths]\ndata_dir = "{data}"\n[export]\nenabled = false\n')
+    result = CliRunner().invoke(main, ["--config", str(config), "serve", "--dicom-port",
+                                       str(ports[0]), "--mllp-port", str(ports[1]),
+                                       "--http-port", "0"])
+    assert result.exit_code == 1, result.output
+    assert "database cannot be used (file is not a database)" in result.output
+    assert "Traceback" not in result.output
