@@ -19,6 +19,7 @@ own thread and a :class:`~mrrp_pacs.store.Store` is meant for one thread.
 from __future__ import annotations
 
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -26,6 +27,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -39,6 +41,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -94,12 +97,16 @@ DEFAULT_ACSE_TIMEOUT_S = 30.0
 DEFAULT_DIMSE_TIMEOUT_S = 30.0
 DEFAULT_MAX_ASSOCIATIONS = 10
 DEFAULT_STOP_GRACE_S = 10.0
-# pynetdicom's DUL thread (one per association) sleeps this long between polls of an idle
-# socket (pynetdicom's own default: 1 ms). Each wake-up takes the GIL; 20 idle associations
-# polling every 1 ms cost the daemon most of a core (docs/daemon.md "Load"). A busy
-# association does not sleep (it polls again at once after each PDU); an idle one answers a
-# new request up to this much later.
+# pynetdicom 3.0 serves each association with two threads that poll: the DUL thread sleeps
+# 1 ms between looks at an idle socket, the association's reactor 1 ms between looks at its
+# queue of received DIMSE messages. Each wake-up takes the GIL; 20 idle associations cost the
+# SCP process about half a core (docs/daemon.md "Load"). The DUL thread sleeps this long
+# instead (a busy association does not sleep: it reads again at once after each PDU)...
 DUL_IDLE_POLL_S = 0.005
+# ... and the reactor, after its own 1 ms sleep, waits up to this long on the message queue
+# rather than looking once: a message that arrives is served at once, an idle association
+# wakes 1 / (1 ms + this) times a second, and a release or abort is noticed this much later.
+REACTOR_WAIT_S = 0.02
 
 
 def transfer_syntaxes_for(sop_class_uid: str) -> tuple[str, ...]:
@@ -188,6 +195,22 @@ def persist_c_store(event: Event, open_intake: IntakeOpener, origin: str) -> Sto
                        STATUS_CANNOT_UNDERSTAND)
         return StoreAnswer(STATUS_CANNOT_UNDERSTAND, "rejected", result.reason or "rejected")
     return StoreAnswer(STATUS_SUCCESS, str(result.outcome))
+
+
+def _waiting_get_msg(dimse: DIMSEServiceProvider, wait_s: float) -> Callable[..., Any]:
+    """``dimse.get_msg`` whose non-blocking call (the acceptor reactor's poll, pynetdicom 3.0
+    ``Association._run_reactor``) waits up to ``wait_s`` for a message instead."""
+    original = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if block:
+            return original(block=True)
+        try:
+            return dimse.msg_queue.get(block=True, timeout=wait_s)
+        except queue.Empty:
+            return None, None
+
+    return get_msg
 
 
 def printable_ae(title: str) -> str:
@@ -335,6 +358,7 @@ class StorageScp:
     def _on_connection(event: Event) -> None:
         # before the association's threads start (pynetdicom 3.0 RequestHandler.handle)
         event.assoc.dul._run_loop_delay = DUL_IDLE_POLL_S
+        event.assoc.dimse.get_msg = _waiting_get_msg(event.assoc.dimse, REACTOR_WAIT_S)  # type: ignore[method-assign]
 
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc

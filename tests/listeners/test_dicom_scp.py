@@ -4,6 +4,7 @@ import logging
 import sqlite3
 import struct
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -216,7 +217,15 @@ def test_idle_associations_poll_their_socket_less_often(running_scp):
         served = running_scp.ae.active_associations
         assert len(served) == 1
         assert served[0].dul._run_loop_delay == DUL_IDLE_POLL_S > 0.001  # pynetdicom's 1 ms
-        status = assoc.send_c_store(us_image(Patient()))  # and it still serves
-        assert status.Status == 0x0000
+        assert "_waiting_get_msg" in served[0].dimse.get_msg.__qualname__  # ours, not the poll
+        for _ in range(3):  # and it still serves one request after another
+            assert assoc.send_c_store(us_image(Patient())).Status == 0x0000
     finally:
         assoc.release()
+    # a release is noticed within the reactor's wait
+    deadline = time.monotonic() + 5
+    while running_scp.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not running_scp.ae.active_associations
+
+
