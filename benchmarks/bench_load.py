@@ -599,6 +599,10 @@ def report_profile(profile: dict, ticks: list[tuple[float, float]],
                             ("object", "object file + fsyncs")):
             print(f"  {label:34} listener: {_stats_ms(within(kind, who))}; scheduler: "
                   f"{_stats_ms(within(kind, 'ThreadPoolExecutor'))}")
+        group, sizes = within("group"), within("group_size")
+        if group:
+            print(f"  {'group commit (one batch)':34} {_stats_ms(group)}; writes per batch: "
+                  f"mean {np.mean(sizes):.1f}, max {max(sizes):.0f}")
         daemon_ticks = within("tick")
         machine = [late for t, late in ticks if phase.wall_start <= t <= phase.wall_end]
         print(f"  1 ms sleep, lateness in the daemon (GIL + CPU): {_stats_ms(daemon_ticks)}")

@@ -12,6 +12,8 @@ the thread it ran on, and written to ``OUT.json`` when the process exits:
   SQLite's write lock: its busy handler polls with sleeps of 1, 2, 5, … up to 100 ms), the
   statements, ``COMMIT`` (the WAL fsync with synchronous = FULL);
 - ``object``: ``ObjectStore._put`` (writing an object file, its fsync and the folder fsync);
+- ``group`` / ``group_size``: one batch of the listeners' group commit
+  (``GroupCommitter._commit``: its statements and its one COMMIT) and how many writes it held;
 - ``tick``: how late a thread that sleeps 1 ms wakes up (every 1 ms): the time it waited for
   the GIL (and a core), i.e. what any thread of the daemon waits before it can run Python;
 - ``cpu``: CPU seconds per thread group (threads alive at the sample), sampled every second
@@ -61,9 +63,19 @@ def group(name: str) -> str:
 def install() -> None:
     from listeners.mllp import MllpServer
     from mrrp_pacs.store.database import Store
+    from mrrp_pacs.store.groupcommit import GroupCommitter
     from mrrp_pacs.store.objects import ObjectStore
 
     persist, answer, put = MllpServer._persist, MllpServer._answer, ObjectStore._put
+    group_commit = GroupCommitter._commit
+
+    def timed_group_commit(self: Any, store: Any, batch: list[Any]) -> Any:
+        t0 = time.time()
+        try:
+            return group_commit(self, store, batch)
+        finally:
+            record("group", t0, time.time() - t0)
+            record("group_size", t0, float(len(batch)))  # a count, not seconds
 
     def timed_persist(self: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.time()
@@ -108,6 +120,7 @@ def install() -> None:
     MllpServer._answer = timed_answer  # type: ignore[method-assign]
     ObjectStore._put = timed_put  # type: ignore[method-assign]
     Store.transaction = timed_transaction  # type: ignore[method-assign]
+    GroupCommitter._commit = timed_group_commit  # type: ignore[method-assign]
 
 
 def probe() -> None:

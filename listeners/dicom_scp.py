@@ -19,6 +19,7 @@ own thread and a :class:`~mrrp_pacs.store.Store` is meant for one thread.
 from __future__ import annotations
 
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -26,6 +27,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -39,6 +41,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -61,6 +64,7 @@ from mrrp_pacs.intake.dicom import (
     VL_WHOLE_SLIDE_MICROSCOPY,
 )
 from mrrp_pacs.store import Store
+from mrrp_pacs.store.groupcommit import GroupCommitter
 
 LOGGER = logging.getLogger(__name__)
 
@@ -93,6 +97,16 @@ DEFAULT_ACSE_TIMEOUT_S = 30.0
 DEFAULT_DIMSE_TIMEOUT_S = 30.0
 DEFAULT_MAX_ASSOCIATIONS = 10
 DEFAULT_STOP_GRACE_S = 10.0
+# pynetdicom 3.0 serves each association with two threads that poll: the DUL thread sleeps
+# 1 ms between looks at an idle socket, the association's reactor 1 ms between looks at its
+# queue of received DIMSE messages. Each wake-up takes the GIL; 20 idle associations cost the
+# SCP process about half a core (docs/daemon.md "Load"). The DUL thread sleeps this long
+# instead (a busy association does not sleep: it reads again at once after each PDU)...
+DUL_IDLE_POLL_S = 0.005
+# ... and the reactor, after its own 1 ms sleep, waits up to this long on the message queue
+# rather than looking once: a message that arrives is served at once, an idle association
+# wakes 1 / (1 ms + this) times a second, and a release or abort is noticed this much later.
+REACTOR_WAIT_S = 0.02
 
 
 def transfer_syntaxes_for(sop_class_uid: str) -> tuple[str, ...]:
@@ -103,20 +117,36 @@ def transfer_syntaxes_for(sop_class_uid: str) -> tuple[str, ...]:
 
 
 def intake_opener(config: Config, schema: ClinicalSchema | None = None,
-                  clock: Clock = system_clock) -> IntakeOpener:
-    """An opener giving each call its own :class:`Store` connection, closed after use.
+                  clock: Clock = system_clock,
+                  committer: GroupCommitter | None = None) -> IntakeOpener:
+    """An opener lending each call a :class:`Store` connection of its own, kept for reuse.
 
-    The clinical schema is loaded once here rather than at every object. The database must
-    already be migrated (the daemon opens its own :class:`Store` first), so calls skip the
-    migration check.
+    Opening a connection costs about 1.4 ms (more than the rows of a small object), so a
+    connection returned after use is lent to the next call rather than closed; at most as
+    many stay open as calls ever ran at once (one per concurrent association). With a
+    ``committer`` the rows are written through it (group commit), the connection serving the
+    reads before the write. The clinical schema is loaded once here rather than at every
+    object. The database must already be migrated (the daemon opens its own :class:`Store`
+    first), so calls skip the migration check.
     """
     loaded = schema if schema is not None else load_schema(config.clinical.schema_file)
+    idle: list[Store] = []
+    lock = threading.Lock()
 
     @contextmanager
     def open_intake() -> Iterator[Intake]:
-        with Store(config.paths.db_file, config.paths.objects_dir, migrate=False,
-                   clock=clock) as store:
-            yield Intake(store, config, loaded)
+        with lock:
+            store = idle.pop() if idle else None
+        if store is None:
+            store = Store(config.paths.db_file, config.paths.objects_dir, migrate=False,
+                          clock=clock)
+        try:
+            yield Intake(store, config, loaded, committer)
+        except BaseException:
+            store.close()  # a connection in an unknown state is not lent again
+            raise
+        with lock:
+            idle.append(store)
 
     return open_intake
 
@@ -165,6 +195,22 @@ def persist_c_store(event: Event, open_intake: IntakeOpener, origin: str) -> Sto
                        STATUS_CANNOT_UNDERSTAND)
         return StoreAnswer(STATUS_CANNOT_UNDERSTAND, "rejected", result.reason or "rejected")
     return StoreAnswer(STATUS_SUCCESS, str(result.outcome))
+
+
+def _waiting_get_msg(dimse: DIMSEServiceProvider, wait_s: float) -> Callable[..., Any]:
+    """``dimse.get_msg`` whose non-blocking call (the acceptor reactor's poll, pynetdicom 3.0
+    ``Association._run_reactor``) waits up to ``wait_s`` for a message instead."""
+    original = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if block:
+            return original(block=True)
+        try:
+            return dimse.msg_queue.get(block=True, timeout=wait_s)
+        except queue.Empty:
+            return None, None
+
+    return get_msg
 
 
 def printable_ae(title: str) -> str:
@@ -247,6 +293,7 @@ class StorageScp:
             raise RuntimeError("the storage SCP is already running")
         handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended),
@@ -306,6 +353,12 @@ class StorageScp:
             counts = self._counts.setdefault(event.assoc, {})
             counts[answer.outcome] = counts.get(answer.outcome, 0) + 1
         return answer.as_dataset()
+
+    @staticmethod
+    def _on_connection(event: Event) -> None:
+        # before the association's threads start (pynetdicom 3.0 RequestHandler.handle)
+        event.assoc.dul._run_loop_delay = DUL_IDLE_POLL_S
+        event.assoc.dimse.get_msg = _waiting_get_msg(event.assoc.dimse, REACTOR_WAIT_S)  # type: ignore[method-assign]
 
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc

@@ -208,6 +208,10 @@ class Hl7Config:
     bind: str = "127.0.0.1"
     max_connections: int = 32
     idle_timeout_s: int = 600  # a connection silent this long is closed
+    # threads parsing and persisting messages; messages they hand over at once are committed
+    # together (group commit), so one per sending connection keeps a slow disk write from
+    # holding up the messages queued behind it (docs/daemon.md "Load")
+    workers: int = 8
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from mrrp_pacs.scoring import (
 )
 from mrrp_pacs.statelock import StateLock
 from mrrp_pacs.store import Store
+from mrrp_pacs.store.groupcommit import GroupCommitter
 from mrrp_pacs.workers import (
     ExtractionWorker,
     InlineWorker,
@@ -721,6 +722,23 @@ class _MllpListener:
             self.handle = None
 
 
+class _IntakeWriter:
+    """Start/stop adapter for the listeners' :class:`GroupCommitter`."""
+
+    def __init__(self, committer: GroupCommitter) -> None:
+        self.committer = committer
+
+    @property
+    def running(self) -> bool:
+        return self.committer.running
+
+    def start(self) -> None:
+        self.committer.start()
+
+    def stop(self) -> None:
+        self.committer.stop()
+
+
 def allowed_calling_aes(config: Config) -> set[str]:
     """Calling AE titles our storage SCP accepts: ``[dicom] allowed_aes`` and always the
     PACS's ``[pacs] ae_title``, since the studies we C-MOVE arrive on associations it opens
@@ -747,25 +765,32 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     from mrrp_pacs.intake import Intake
 
     schema = load_schema(config.clinical.schema_file)
-    open_intake = intake_opener(config, schema, clock)
+    # every listener's rows go through one writer: a transaction and a WAL fsync per batch of
+    # what arrived meanwhile, not per object (docs/daemon.md "Load"); listed last, so that it
+    # stops after the listeners that hand it writes
+    writer = _IntakeWriter(GroupCommitter(lambda: Store(
+        config.paths.db_file, config.paths.objects_dir, migrate=False, clock=clock)))
+    open_intake = intake_opener(config, schema, clock, writer.committer)
     scp = StorageScp(open_intake, config.dicom.ae_title, config.dicom.port,
                      host=config.dicom.bind, allowed_aes=allowed_calling_aes(config),
                      max_associations=config.dicom.max_associations)
 
     def new_intake() -> Intake:
         return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False,
-                            clock=clock), config, schema)
+                            clock=clock), config, schema, writer.committer)
 
     mllp = _MllpListener(MllpServer(
         new_intake, host=config.hl7.bind, port=config.hl7.port,
         max_message_bytes=config.ingest.max_hl7_bytes, idle_timeout_s=config.hl7.idle_timeout_s,
-        max_connections=config.hl7.max_connections))
+        max_connections=config.hl7.max_connections, workers=config.hl7.workers))
     components = Components(listeners=[scp, mllp], clock=clock,
-                            checks={"dicom": lambda: scp.running, "hl7": lambda: mllp.running})
+                            checks={"dicom": lambda: scp.running, "hl7": lambda: mllp.running,
+                                    "intake-writer": lambda: writer.committer.running})
     if config.http.port:
         components.listeners.append(HealthServer(
             config.paths.db_file, config.paths.objects_dir, config.http.bind, config.http.port,
             components.checks, config.http.metrics_token))
+    components.listeners.append(writer)
     pacs = config.pacs
     if pacs.host:
         remote = RemotePacs(pacs.host, pacs.port, pacs.ae_title)

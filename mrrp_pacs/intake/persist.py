@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
@@ -25,10 +27,13 @@ from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, looks_like_dicom, read_meta
 from mrrp_pacs.intake.records import FINAL_STATUSES, ResultContent, read_result
 from mrrp_pacs.intake.sidecars import MAX_SIDECAR_BYTES, looks_like_sidecar, read_sidecar
 from mrrp_pacs.store import Store, sha256_file
+from mrrp_pacs.store.groupcommit import GroupCommitter
 
 LOGGER = logging.getLogger(__name__)
 
 SNIFF_BYTES = PREAMBLE_BYTES + 4
+
+T = TypeVar("T")
 
 
 class Outcome(StrEnum):
@@ -47,12 +52,28 @@ class IntakeResult:
 
 
 class Intake:
-    """Persists received objects into one :class:`~mrrp_pacs.store.Store`."""
+    """Persists received objects into one :class:`~mrrp_pacs.store.Store`.
 
-    def __init__(self, store: Store, config: Config, schema: ClinicalSchema | None = None) -> None:
+    With a ``committer`` (the daemon's listeners share one), rows are written by its writer
+    thread, in a transaction shared with whatever other listeners handed it at that moment
+    (group commit, :mod:`mrrp_pacs.store.groupcommit`); ``receive_*`` still returns only once
+    they are committed. Without one, each object commits its own transaction on ``store``.
+    ``store`` serves the reads before the write and the object files either way.
+    """
+
+    def __init__(self, store: Store, config: Config, schema: ClinicalSchema | None = None,
+                 committer: GroupCommitter | None = None) -> None:
         self.store = store
         self.config = config
         self.schema = schema if schema is not None else load_schema(config.clinical.schema_file)
+        self.committer = committer
+
+    def _write(self, rows: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``rows`` in a committed transaction (the committer's, or one of our own)."""
+        if self.committer is not None:
+            return self.committer.submit(rows)
+        with self.store.transaction() as conn:
+            return rows(conn)
 
     # -- files ---------------------------------------------------------------------------
 
@@ -102,8 +123,9 @@ class Intake:
         if self._known("sidecars", sha):
             return IntakeResult(Outcome.DUPLICATE, "sidecar", "identical file already stored")
         self.store.objects.put_bytes(data)
-        with self.store.transaction() as conn:
-            if self._known("sidecars", sha):
+
+        def rows(conn: sqlite3.Connection) -> IntakeResult:
+            if self._known("sidecars", sha, conn):
                 return IntakeResult(Outcome.DUPLICATE, "sidecar", "identical file already stored")
             row_id = self.store.insert(conn, "sidecars", {
                 "kind": sidecar.kind, "sha256": sha, "size_bytes": len(data),
@@ -111,7 +133,9 @@ class Intake:
                 "stem": path.stem, "image_file_name": sidecar.image_file_name,
                 "received_at": self.store.stamp(),
             })
-        return IntakeResult(Outcome.NEW, "sidecar", row_id=row_id)
+            return IntakeResult(Outcome.NEW, "sidecar", row_id=row_id)
+
+        return self._write(rows)
 
     # -- DICOM ---------------------------------------------------------------------------
 
@@ -140,8 +164,8 @@ class Intake:
         except ValueError as exc:
             return IntakeResult(Outcome.REJECTED, "dicom", str(exc))
 
-        with self.store.transaction() as conn:
-            if self._known("instances", sha):
+        def rows(conn: sqlite3.Connection) -> IntakeResult:
+            if self._known("instances", sha, conn):
                 return IntakeResult(Outcome.DUPLICATE, "dicom", "identical object already stored")
             earlier = [r[0] for r in conn.execute(
                 "SELECT id FROM instances WHERE sop_instance_uid = ? AND superseded_by IS NULL",
@@ -178,11 +202,17 @@ class Intake:
                     "referenced_series_instance_uid": roi.referenced_series_instance_uid,
                 })
             fault_point("intake.dicom.before_commit")
+            note = "replaces an earlier object with the same SOP Instance UID" if earlier else None
+            return IntakeResult(Outcome.NEW, "dicom", note, row_id=instance_id)
+
+        result = self._write(rows)
+        if result.outcome is not Outcome.NEW:
+            return result
         fault_point("intake.dicom.committed")
-        note = "replaces an earlier object with the same SOP Instance UID" if earlier else None
-        LOGGER.debug("stored DICOM instance row %d (%s, %d bytes)%s", instance_id,
-                    meta.modality or "?", size, " replacing an earlier version" if earlier else "")
-        return IntakeResult(Outcome.NEW, "dicom", note, row_id=instance_id)
+        LOGGER.debug("stored DICOM instance row %s (%s, %d bytes)%s", result.row_id,
+                     meta.modality or "?", size,
+                     " replacing an earlier version" if result.reason else "")
+        return result
 
     # -- HL7 -----------------------------------------------------------------------------
 
@@ -210,8 +240,11 @@ class Intake:
             return IntakeResult(Outcome.DUPLICATE, "hl7", "identical message already stored",
                                 control_id=content.control_id)
         self.store.objects.put_bytes(message.raw)
-        with self.store.transaction() as conn:
-            if self._known("hl7_messages", sha):
+        parsed: list[bool] = []  # the rows of a used message were written (not ignored)
+
+        def rows(conn: sqlite3.Connection) -> IntakeResult:
+            parsed.clear()
+            if self._known("hl7_messages", sha, conn):
                 return IntakeResult(Outcome.DUPLICATE, "hl7", "identical message already stored",
                                     control_id=content.control_id)
             row = {
@@ -252,11 +285,18 @@ class Intake:
                                     control_id=content.control_id)
             message_id = self.store.insert(conn, "hl7_messages", {**row, "state": "parsed"})
             self._write_result(conn, message_id, content)
+            parsed.append(True)
             fault_point("intake.hl7.before_commit")
+            return IntakeResult(Outcome.NEW, "hl7", row_id=message_id,
+                                control_id=content.control_id)
+
+        result = self._write(rows)
+        if not parsed or result.outcome is not Outcome.NEW:
+            return result
         fault_point("intake.hl7.committed")
         LOGGER.debug("stored HL7 %s message row %d (%d observations)", content.message_type,
-                    message_id, sum(len(o.observations) for o in content.orders))
-        return IntakeResult(Outcome.NEW, "hl7", row_id=message_id, control_id=content.control_id)
+                     result.row_id, sum(len(o.observations) for o in content.orders))
+        return result
 
     def _write_result(self, conn: sqlite3.Connection, message_id: int,
                       content: ResultContent) -> None:
@@ -325,6 +365,6 @@ class Intake:
                 conn.execute(f"UPDATE {table} SET superseded_by = ? WHERE id = ?",
                              (row_id, new_id))
 
-    def _known(self, table: str, sha: str) -> bool:
-        return self.store.conn.execute(
+    def _known(self, table: str, sha: str, conn: sqlite3.Connection | None = None) -> bool:
+        return (conn or self.store.conn).execute(
             f"SELECT 1 FROM {table} WHERE sha256 = ?", (sha,)).fetchone() is not None

@@ -1,8 +1,10 @@
 """The storage SCP against real senders: dcmtk's storescu/echoscu and a pynetdicom SCU."""
 
 import logging
+import sqlite3
 import struct
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -13,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import UltrasoundImageStorage
 from tools import tool
 
-from listeners.dicom_scp import StorageScp, intake_opener
+from listeners.dicom_scp import DUL_IDLE_POLL_S, StorageScp, intake_opener
 from mrrp_pacs.phantom.generator import PhantomSpec, generate
 
 TINY = PhantomSpec(patients=2, seed=5, slide_px=1024, missing_wsi=0.0, missing_us=0.0,
@@ -187,3 +189,43 @@ def test_configuration_is_checked_eagerly(config):
     with pytest.raises(ValueError, match="port"):
         StorageScp(opener, "MRRP", 70000)
     assert StorageScp(opener, "MRRP", 0).host == "127.0.0.1"
+
+
+def test_the_opener_lends_connections_again_and_drops_a_failed_one(config, store):
+    opener = intake_opener(config)
+    with opener() as first:
+        pass
+    with opener() as second:
+        assert second.store is first.store  # returned after use, lent again
+        with opener() as third:  # at the same time: a connection of its own
+            assert third.store is not first.store
+    with pytest.raises(RuntimeError), opener() as failing:
+        lent = failing.store
+        raise RuntimeError("the object could not be stored")
+    with pytest.raises(sqlite3.ProgrammingError):  # closed, not lent again
+        lent.conn.execute("SELECT 1")
+    with opener() as after:
+        assert after.store is not lent
+
+
+def test_idle_associations_poll_their_socket_less_often(running_scp):
+    ae = AE(ae_title="MRRPTEST")
+    ae.add_requested_context(UltrasoundImageStorage)
+    assoc = ae.associate(LOOPBACK, running_scp.port, ae_title="MRRP")
+    assert assoc.is_established
+    try:
+        served = running_scp.ae.active_associations
+        assert len(served) == 1
+        assert served[0].dul._run_loop_delay == DUL_IDLE_POLL_S > 0.001  # pynetdicom's 1 ms
+        assert "_waiting_get_msg" in served[0].dimse.get_msg.__qualname__  # ours, not the poll
+        for _ in range(3):  # and it still serves one request after another
+            assert assoc.send_c_store(us_image(Patient())).Status == 0x0000
+    finally:
+        assoc.release()
+    # a release is noticed within the reactor's wait
+    deadline = time.monotonic() + 5
+    while running_scp.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not running_scp.ae.active_associations
+
+

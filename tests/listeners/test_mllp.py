@@ -531,3 +531,48 @@ def test_run_in_thread_reports_a_port_in_use(config):
         server = MllpServer(_factory(config), port=taken.getsockname()[1])
         with pytest.raises(OSError):
             server.run_in_thread()
+
+
+def test_through_a_group_committer_a_full_database_answers_ar_and_recovers(config, store):
+    """The daemon's listeners write through one GroupCommitter: SQLite's disk-full error on
+    its connection (which rolls the whole transaction back) is answered AR, nothing is kept,
+    and the resend is stored once there is room; ten connections at once are all stored."""
+    from mrrp_pacs.store.groupcommit import GroupCommitter
+
+    writers = []
+
+    def open_writer():
+        writers.append(Store(config.paths.db_file, config.paths.objects_dir, migrate=False))
+        return writers[-1]
+
+    committer = GroupCommitter(open_writer)
+    committer.start()
+    (writer,) = writers
+
+    def make():
+        return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False),
+                      config, committer=committer)
+
+    handle = MllpServer(make, port=0, idle_timeout_s=10.0, workers=4).run_in_thread()
+    try:
+        pages = writer.conn.execute("PRAGMA page_count").fetchone()[0]
+        writer.conn.execute(f"PRAGMA max_page_count = {pages}")
+        peer = Peer(handle.port)
+        message = us_report(Patient(), "FULL-1", text=("Findings. " * 400,) * 10)
+        peer.send(mllp(message))
+        ack = peer.ack()
+        assert _msa(ack) == ("AR", "FULL-1") and ack.get("ERR-8") == (
+            "database unavailable, send again")
+        assert _rows(store, "hl7_messages") == 0
+        writer.conn.execute("PRAGMA max_page_count = 1073741823")
+        peer.send(mllp(message))
+        assert _msa(peer.ack()) == ("AA", "FULL-1")
+        peers = [Peer(handle.port) for _ in range(10)]
+        for i, each in enumerate(peers):
+            each.send(mllp(pathology_result(Patient(f"MRN1{i:02d}"), f"MANY-{i}")))
+        assert [_msa(each.ack()) for each in peers] == [("AA", f"MANY-{i}") for i in range(10)]
+    finally:
+        handle.stop()
+        committer.stop()
+    assert _rows(store, "hl7_messages", "state = 'parsed'") == 11
+    assert committer.writes == 12

@@ -150,3 +150,49 @@ def test_a_segmentation_references_the_image_it_was_derived_from():
     (roi,) = read_meta(encode(seg)).rois
     assert (roi.kind, roi.label, roi.shape_count) == ("seg_segments", "mass", 1)
     assert roi.referenced_sop_instance_uid == image.SOPInstanceUID
+
+
+def _full_parse_meta(data: bytes):
+    """What read_meta gives when every object's whole header is parsed (the slow path)."""
+    import io
+
+    import pydicom
+
+    from mrrp_pacs.intake.dicom import _meta_from_dataset
+    return _meta_from_dataset(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True))
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+def test_an_image_read_from_its_walked_header_matches_a_full_parse(syntax):
+    """Images are read from the elements the completeness walk kept, not by parsing the
+    whole header: the same identifiers, texts decoded by their character set, in explicit
+    and implicit VR."""
+    import io
+
+    from pydicom.uid import UID
+
+    image = us_image(Patient(patient_id="MRN-ÄÖ-ø"))
+    image.SpecificCharacterSet = "ISO_IR 192"
+    image.AccessionNumber = "ACC-é"
+    if syntax == "1.2.840.10008.1.2":
+        image.file_meta.TransferSyntaxUID = UID(syntax)
+    buffer = io.BytesIO()
+    image.save_as(buffer, implicit_vr=syntax == "1.2.840.10008.1.2", little_endian=True,
+                  enforce_file_format=True)
+    data = buffer.getvalue()
+    meta = read_meta(data)
+    assert meta == _full_parse_meta(data)
+    assert meta.patient_id == "MRN-ÄÖ-ø" and meta.accession_number == "ACC-é"
+    assert meta.transfer_syntax_uid == syntax
+
+
+def test_a_walked_header_still_refuses_a_media_uid_that_differs():
+    image = us_image(Patient())
+    data = encode(image)
+    uid = image.SOPInstanceUID.encode()
+    other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    data = data.replace(uid, other, 1)  # the file meta's copy comes first
+    with pytest.raises(DicomError, match="MediaStorageSOPInstanceUID"):
+        _full_parse_meta(data)
+    with pytest.raises(DicomError, match="MediaStorageSOPInstanceUID"):
+        read_meta(data)
