@@ -202,6 +202,7 @@ def test_a_transient_association_rejection_is_retried_later() -> None:
             held.release()
         assert caught.value.transient
         assert "Rejected Transient" in caught.value.reason
+        peer.wait_idle()
         sender.send(encode(encapsulated_pdf(Patient())))  # free again: delivered
         assert len(peer.received) == 1
 

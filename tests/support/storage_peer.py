@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from orthanc import LOOPBACK, free_port
 from pydicom.dataset import Dataset
@@ -25,6 +27,15 @@ class Peer:
     associations: int = 0
     datasets: list[Dataset] = field(default_factory=list)  # as decoded by the SCP
     syntaxes: list[str] = field(default_factory=list)  # transfer syntax each arrived in
+    server: Any = None  # pynetdicom's AssociationServer
+
+    def wait_idle(self, timeout_s: float = 10) -> None:
+        """Until the SCP holds no association: a released one is still counted (and a new
+        one rejected under ``max_associations``) until its thread has ended."""
+        deadline = time.monotonic() + timeout_s
+        while self.server.active_associations:
+            assert time.monotonic() < deadline, "the peer still holds an association"
+            time.sleep(0.01)
 
 
 @contextmanager
@@ -52,6 +63,7 @@ def storage_scp(statuses: list[int] | None = None,
     server = ae.start_server((LOOPBACK, peer.port), block=False, evt_handlers=[
         (evt.EVT_C_STORE, on_store), (evt.EVT_ESTABLISHED, on_established)])
     assert server is not None
+    peer.server = server
     try:
         yield peer
     finally:
