@@ -30,14 +30,26 @@ def offset(text: str) -> timedelta:
     return timedelta(seconds=int(match[1]) * _UNITS_S[match[2]])
 
 
+_travelling: timedelta | None = None  # the offset once this process travels
+
+
 def travel_if_asked() -> timedelta:
-    """Start travelling by ``$MRRP_TEST_CLOCK_AHEAD`` (if set); returns the offset."""
+    """Start travelling by ``$MRRP_TEST_CLOCK_AHEAD`` (if set); returns the offset.
+
+    Once per process: a pytest-xdist worker travels at start-up (``sitecustomize``, since the
+    controller put ``time_travel/`` on its ``PYTHONPATH``) and again in its own
+    ``pytest_configure``; the second call must not move the clock a second offset ahead.
+    """
+    global _travelling
     wanted = os.environ.get(VARIABLE)
     if not wanted:
         return timedelta(0)
+    if _travelling is not None:
+        return _travelling
     ahead = offset(wanted)
     import time_machine
 
     time_machine.travel(datetime.now(UTC) + ahead, tick=True).start()
+    _travelling = ahead
     return ahead
 
