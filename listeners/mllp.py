@@ -28,15 +28,23 @@ written. Decisions, for the interface engineer on the other side:
   Echoed header fields are cut at ``MAX_ECHO_CHARS`` so a hostile header cannot make a large
   answer.
 
-Control ids, peer addresses and counts are logged; message content never is. The protocol
-itself (framing, header, acknowledgements, escaping) is :mod:`mrrp_pacs.hl7`; this module is
-the server around it.
+Limits against hostile peers: a frame must be complete within ``frame_timeout_s`` of its first
+byte (a sender trickling bytes cannot hold a connection; between frames ``idle_timeout_s``
+applies), and one address holds at most ``max_connections_per_address`` connections (more are
+closed at once, other senders still get in). A message answered AE for its content is kept
+(:mod:`mrrp_pacs.intake.refused`, ``mrrp-pacs quarantine``), so that nothing refused is lost.
+
+Peer addresses, counts and a short digest of the control id (:func:`control_digest`) are
+logged; message content, MSH-10 itself and exception texts (which can quote content) never
+are. The protocol itself (framing, header, acknowledgements, escaping) is :mod:`mrrp_pacs.hl7`;
+this module is the server around it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import sqlite3
 import threading
@@ -56,12 +64,24 @@ from mrrp_pacs.hl7.ack import (
 )
 from mrrp_pacs.hl7.mllp import Frame, MllpFramer, framed
 from mrrp_pacs.intake import Intake, IntakeResult, Outcome
+from mrrp_pacs.intake import refused as refused_input
 
 LOGGER = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 64 * 1024
 
 IntakeFactory = Callable[[], Intake]
+
+
+def control_digest(control_id: str) -> str:
+    """What the log shows of a control id (MSH-10 can quote an order or patient number).
+
+    The first 10 hex digits of its SHA-256: the same id gives the same digest, so an operator
+    can match log lines to a message (``sha256(MSH-10)``) without the log holding the id.
+    """
+    if not control_id:
+        return "-"
+    return "c:" + hashlib.sha256(control_id.encode("utf-8", "replace")).hexdigest()[:10]
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -73,6 +93,9 @@ class MllpStats:
     connections_open: int = 0
     connections_total: int = 0
     connections_refused: int = 0  # over max_connections, or arriving while stopping
+    connections_refused_address: int = 0  # over max_connections_per_address (also counted above)
+    frame_timeouts: int = 0  # connections closed: a frame not complete within frame_timeout_s
+    refused_kept: int = 0  # messages answered AE for their content and kept in refused_input
     in_flight: int = 0  # messages being persisted now
     acknowledgements: dict[str, int] = field(default_factory=dict)  # code sent -> count
     unanswered: int = 0  # no acknowledgement asked for by the message's mode
@@ -105,6 +128,14 @@ class MllpServer:
         writing one acknowledgement to a peer that does not read.
     max_connections
         Connections served at once; more are closed as soon as accepted.
+    frame_timeout_s
+        A frame must be complete this long (seconds) after its first byte, else the connection
+        is closed.
+    max_connections_per_address
+        Connections served at once from one peer address; more are closed as soon as accepted.
+    keep_refused
+        Keep messages answered AE for their content in ``refused_input`` (bounded by the
+        intake configuration's ``ingest.refused_keep_bytes``).
     workers
         Threads persisting messages; SQLite serialises commits, but object writes overlap.
     application
@@ -114,9 +145,12 @@ class MllpServer:
     def __init__(self, intake_factory: IntakeFactory, *, host: str = "127.0.0.1",
                  port: int = 2575, max_message_bytes: int = 4 * 1024 * 1024,
                  idle_timeout_s: float = 600.0, max_connections: int = 32, workers: int = 2,
-                 application: str = "MRRP") -> None:
+                 application: str = "MRRP", frame_timeout_s: float = 60.0,
+                 max_connections_per_address: int = 8, keep_refused: bool = True) -> None:
         for name, value in (("max_message_bytes", max_message_bytes),
                             ("idle_timeout_s", idle_timeout_s),
+                            ("frame_timeout_s", frame_timeout_s),
+                            ("max_connections_per_address", max_connections_per_address),
                             ("max_connections", max_connections), ("workers", workers)):
             if value <= 0:
                 raise ValueError(f"MLLP listener: {name} must be positive, not {value}")
@@ -128,6 +162,10 @@ class MllpServer:
         self.max_connections = max_connections
         self.workers = workers
         self.application = application
+        self.frame_timeout_s = frame_timeout_s
+        self.max_connections_per_address = max_connections_per_address
+        self.keep_refused = keep_refused
+        self._per_address: dict[str, int] = {}
         self._stats = MllpStats()
         self._server: asyncio.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -244,6 +282,8 @@ class MllpServer:
 
     async def _release(self) -> None:
         if self._executor is not None:
+            # waits only for the frames being worked on: one queued behind busy workers was
+            # cancelled with its connection's task (never answered: its sender resends it)
             await asyncio.to_thread(self._executor.shutdown, wait=True)
             self._executor = None
         with self._intakes_lock:
@@ -257,10 +297,15 @@ class MllpServer:
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if peer else "?"
         where = f"{host}:{peer[1]}" if peer else "?"
-        if self._stopping or self._stats.connections_open >= self.max_connections:
+        crowded = self._per_address.get(host, 0) >= self.max_connections_per_address
+        if self._stopping or crowded or self._stats.connections_open >= self.max_connections:
             self._stats.connections_refused += 1
+            if crowded and not self._stopping:
+                self._stats.connections_refused_address += 1
             LOGGER.warning("MLLP connection from %s refused: %s", where,
                            "stopping" if self._stopping else
+                           f"{self.max_connections_per_address} connections from {host} "
+                           "already open" if crowded else
                            f"{self.max_connections} connections already open")
             writer.close()
             return
@@ -269,19 +314,31 @@ class MllpServer:
         self._handlers.add(task)
         self._stats.connections_open += 1
         self._stats.connections_total += 1
+        self._per_address[host] = self._per_address.get(host, 0) + 1
         framer = MllpFramer(self.max_message_bytes)
         answered = 0
+        loop = asyncio.get_running_loop()
+        frame_deadline: float | None = None  # loop time by which the current frame must end
         LOGGER.info("MLLP connection from %s opened (%d open)", where,
                     self._stats.connections_open)
         try:
             while not self._stopping:
                 self._reading.add(task)
+                wait_s = self.idle_timeout_s
+                if frame_deadline is not None:
+                    wait_s = min(wait_s, frame_deadline - loop.time())
                 try:
-                    async with asyncio.timeout(self.idle_timeout_s):
+                    async with asyncio.timeout(max(wait_s, 0.0)):
                         chunk = await reader.read(READ_CHUNK_BYTES)
                 except TimeoutError:
-                    LOGGER.info("MLLP connection from %s idle for %g s: closing", where,
-                                self.idle_timeout_s)
+                    if frame_deadline is not None and loop.time() >= frame_deadline:
+                        self._stats.frame_timeouts += 1
+                        LOGGER.warning("MLLP connection from %s: frame not complete %g s after "
+                                       "its first byte (%d bytes so far): closing", where,
+                                       self.frame_timeout_s, framer.partial_bytes)
+                    else:
+                        LOGGER.info("MLLP connection from %s idle for %g s: closing", where,
+                                    self.idle_timeout_s)
                     break
                 finally:
                     self._reading.discard(task)
@@ -290,6 +347,11 @@ class MllpServer:
                 junk_before = framer.junk_bytes
                 frames = framer.feed(chunk)
                 self._stats.junk_bytes += framer.junk_bytes - junk_before
+                if not framer.in_frame:
+                    frame_deadline = None
+                elif frame_deadline is None or frames:
+                    # a frame started in this chunk (one after those it completed, if any)
+                    frame_deadline = loop.time() + self.frame_timeout_s
                 # frames already received are answered even while stopping: the sender waits
                 for frame in frames:
                     if not await self._answer(frame, writer, host, where):
@@ -306,6 +368,11 @@ class MllpServer:
         finally:
             self._handlers.discard(task)
             self._stats.connections_open -= 1
+            left = self._per_address.get(host, 0) - 1
+            if left > 0:
+                self._per_address[host] = left
+            else:
+                self._per_address.pop(host, None)
             if framer.junk_bytes or framer.partial_bytes:
                 LOGGER.warning("MLLP connection from %s: %d bytes outside frames and %d bytes "
                                "of an unfinished frame discarded", where, framer.junk_bytes,
@@ -325,12 +392,12 @@ class MllpServer:
             self._stats.in_flight -= 1
         if reply.ack is None or reply.sent_code is None:
             # the outcome (reply.code) was not sent: say so rather than name a code
-            LOGGER.info("HL7 %r from %s: %s; no acknowledgement sent (MSH-15/16 ask for none)",
-                        reply.control_id, where, reply.detail)
+            LOGGER.info("HL7 %s from %s: %s; no acknowledgement sent (MSH-15/16 ask for none)",
+                        control_digest(reply.control_id), where, reply.detail)
             self._stats.unanswered += 1
             return True
-        LOGGER.info("HL7 %r from %s: %s sent, %s", reply.control_id, where, reply.sent_code,
-                    reply.detail)
+        LOGGER.info("HL7 %s from %s: %s sent, %s", control_digest(reply.control_id), where,
+                    reply.sent_code, reply.detail)
         counts = self._stats.acknowledgements
         counts[reply.sent_code] = counts.get(reply.sent_code, 0) + 1
         try:
@@ -338,9 +405,9 @@ class MllpServer:
             async with asyncio.timeout(self.idle_timeout_s):
                 await writer.drain()
         except (ConnectionError, TimeoutError) as exc:
-            LOGGER.warning("MLLP connection from %s: acknowledgement %s of %r not delivered "
+            LOGGER.warning("MLLP connection from %s: acknowledgement %s of %s not delivered "
                            "(%s); the sender will resend", where, reply.sent_code,
-                           reply.control_id, type(exc).__name__)
+                           control_digest(reply.control_id), type(exc).__name__)
             return False
         return True
 
@@ -364,11 +431,14 @@ class MllpServer:
             detail = f"rejected: {frame.size_bytes} bytes"
             error = AckError(*ERROR_DATA, f"message is {frame.size_bytes} bytes, more than the "
                                           f"{self.max_message_bytes} this listener accepts")
+            detail += self._keep_refused(frame, host, error.reason)
         else:
             try:
                 result = self._intake().receive_hl7(frame.data, origin=f"mllp:{host}")
             except sqlite3.OperationalError as exc:
-                code, detail = "AR", f"database unavailable ({exc})"
+                # SQLite's code, not its text (a trigger's or extension's text can quote data)
+                name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+                code, detail = "AR", f"database unavailable ({name})"
                 busy = "locked" in str(exc) or "busy" in str(exc)
                 error = AckError(*(ERROR_LOCKED if busy else ERROR_INTERNAL),
                                  "database busy, send again" if busy else
@@ -384,10 +454,33 @@ class MllpServer:
                 error = AckError(*ERROR_INTERNAL, "internal error, send again")
             else:
                 code, detail, error = self._judge(result)
+                if result.outcome is Outcome.REJECTED and error is not None:
+                    detail += self._keep_refused(frame, host, error.reason)
         sent_code = acknowledgement_code(header, code)
         ack = None if sent_code is None else build_ack(
             header, sent_code, error, application=self.application)
         return _Reply(code, ack, sent_code, header.control_id if header else "", detail)
+
+    def _keep_refused(self, frame: Frame, host: str, reason: str) -> str:
+        """Keep a frame refused for its content; what the log line adds (never content)."""
+        if not self.keep_refused:
+            return ""
+        intake = self._intake()
+        ingest = intake.config.ingest
+        try:
+            row_id = refused_input.keep(
+                intake.store, kind="hl7", listener="mllp", peer=host, reason=reason,
+                data=frame.data, size_bytes=frame.size_bytes, max_bytes=ingest.max_hl7_bytes,
+                keep_bytes=ingest.refused_keep_bytes)
+        except (sqlite3.Error, OSError) as exc:
+            # the answer stays AE (the content is unusable); only the copy is missing
+            LOGGER.error("refused HL7 message from %s could not be kept (%s)", host,
+                         type(exc).__name__)
+            return ", not kept (storage failed)"
+        if row_id is None:
+            return ", not kept (larger than ingest.refused_keep_bytes)"
+        self._stats.refused_kept += 1
+        return f", kept as refused input {row_id}"
 
     @staticmethod
     def _judge(result: IntakeResult) -> tuple[str, str, AckError | None]:

@@ -1194,5 +1194,114 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
                f"summary: {out_dir / 'summary.json'}; database: {summary['database']}")
 
 
+@main.group("quarantine")
+def quarantine_group() -> None:
+    """Input refused for its content (HL7 answered AE): list, show, reprocess.
+
+    Not the patients held back after failed scoring (those are in `mrrp-pacs cases`)."""
+
+
+@quarantine_group.command("list")
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Show only the newest N rows.")
+@click.pass_obj
+def quarantine_list(state: _Context, db_path: Path | None, as_json: bool,
+                    limit: int | None) -> None:
+    """Refused input kept, newest first: id, time, kind, peer, reason, size (no content)."""
+    from mrrp_pacs.intake import refused
+
+    def work() -> None:
+        with _open_store(state.config(db_path)) as store:
+            items = refused.listing(store, limit)
+        if as_json:
+            click.echo(json.dumps([
+                {"id": i.id, "received_at": i.received_at, "kind": i.kind,
+                 "listener": i.listener, "peer": i.peer, "reason": i.reason,
+                 "size_bytes": i.size_bytes, "kept_bytes": i.kept_bytes,
+                 "reprocessed_at": i.reprocessed_at, "reprocess_outcome": i.reprocess_outcome}
+                for i in items], indent=2))
+            return
+        header = ["id", "received", "kind", "peer", "size", "state", "reason"]
+        rows = [[str(i.id), i.received_at, f"{i.kind}/{i.listener}", i.peer or "-",
+                 str(i.size_bytes) + ("" if i.complete else f" (first {i.kept_bytes} kept)"),
+                 f"reprocessed: {i.reprocess_outcome}" if i.reprocess_outcome else "held",
+                 i.reason] for i in items]
+        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+        for row in [header, *rows]:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        click.echo(f"{len(items)} refused inputs kept")
+
+    _guarded(work)
+
+
+@quarantine_group.command("show")
+@click.argument("row_id", metavar="ID", type=int)
+@DB_OPTION
+@click.option("--raw", is_flag=True,
+              help="Also print the message as received (it may hold patient data).")
+@click.pass_obj
+def quarantine_show(state: _Context, row_id: int, db_path: Path | None, raw: bool) -> None:
+    """One refused input: why, from where, when; with --raw the bytes themselves."""
+    from mrrp_pacs.intake import refused
+
+    def work() -> None:
+        with _open_store(state.config(db_path)) as store:
+            item = refused.get(store, row_id)
+            data = refused.raw_bytes(store, item) if raw else b""
+        click.echo(f"id:       {item.id}\nkind:     {item.kind} (via {item.listener})\n"
+                   f"peer:     {item.peer or '-'}\nreceived: {item.received_at}\n"
+                   f"size:     {item.size_bytes} bytes"
+                   + ("" if item.complete else f", only the first {item.kept_bytes} kept")
+                   + f"\nreason:   {item.reason}")
+        if item.reprocessed_at:
+            click.echo(f"reprocessed: {item.reprocessed_at}: {item.reprocess_outcome} "
+                       f"({item.reprocess_note})")
+        if not raw:
+            click.echo("(the message itself may hold patient data: --raw prints it)")
+            return
+        click.echo("--- raw message ---")
+        if item.kind == "hl7":
+            text = data.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+            click.echo(text.rstrip("\n"))
+        else:
+            click.echo(f"({len(data)} bytes of DICOM; not printed as text)")
+
+    _guarded(work)
+
+
+@quarantine_group.command("reprocess")
+@click.argument("row_id", metavar="ID", type=int, required=False)
+@click.option("--all", "every", is_flag=True, help="Every row not yet reprocessed.")
+@DB_OPTION
+@click.pass_obj
+def quarantine_reprocess(state: _Context, row_id: int | None, every: bool,
+                         db_path: Path | None) -> None:
+    """Run refused input through intake again with the current configuration (e.g. after
+    fixing [identity] hl7_assigning_authority). Each row is reprocessed once, and marked
+    with its outcome."""
+    from mrrp_pacs.intake import Intake, refused
+
+    if (row_id is None) == (not every):
+        raise click.UsageError("give one ID or --all")
+
+    def work() -> None:
+        config = state.config(db_path)
+        with _open_store(config) as store:
+            intake = Intake(store, config)
+            ids = refused.pending(store) if every else [row_id]
+            counts: dict[str, int] = {}
+            for each in ids:
+                assert each is not None
+                result = refused.reprocess(intake, each)
+                counts[str(result.outcome)] = counts.get(str(result.outcome), 0) + 1
+                done = refused.get(store, each)
+                click.echo(f"{each}: {result.outcome}: {done.reprocess_note}")
+        click.echo(f"{len(ids)} reprocessed" + (": " + ", ".join(
+            f"{n} {o}" for o, n in sorted(counts.items())) if counts else ""))
+
+    _guarded(work)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -109,6 +109,8 @@ class IngestConfig:
 
     # Largest HL7 file or MLLP message accepted; larger ones are rejected, not truncated.
     max_hl7_bytes: int = 4 * 1024 * 1024
+    # Bytes kept of input refused for its content (`mrrp-pacs quarantine`); oldest dropped beyond.
+    refused_keep_bytes: int = 256 * 1024 * 1024
     # Where an ORU's OBR carries the accession number linking a report to its imaging study,
     # tried in order; the first non-empty wins.
     accession_fields: list[str] = field(default_factory=lambda: ["OBR-3", "OBR-18"])
@@ -208,6 +210,9 @@ class Hl7Config:
     bind: str = "127.0.0.1"
     max_connections: int = 32
     idle_timeout_s: int = 600  # a connection silent this long is closed
+    # a frame not complete this long after its first byte closes the connection (slow senders)
+    frame_timeout_s: int = 60
+    max_connections_per_address: int = 8  # more from one address are closed at once
     # threads parsing and persisting messages; messages they hand over at once are committed
     # together (group commit), so one per sending connection keeps a slow disk write from
     # holding up the messages queued behind it (docs/daemon.md "Load")
@@ -366,6 +371,10 @@ class Config:
                             ("hl7.max_connections", self.hl7.max_connections),
                             ("dicom.max_associations", self.dicom.max_associations),
                             ("hl7.idle_timeout_s", self.hl7.idle_timeout_s),
+                            ("hl7.frame_timeout_s", self.hl7.frame_timeout_s),
+                            ("hl7.max_connections_per_address",
+                             self.hl7.max_connections_per_address),
+                            ("ingest.refused_keep_bytes", self.ingest.refused_keep_bytes),
                             ("ingest.max_hl7_bytes", self.ingest.max_hl7_bytes),
                             ("features.tile_px", self.features.tile_px),
                             ("features.max_tiles", self.features.max_tiles),

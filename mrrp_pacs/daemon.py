@@ -782,7 +782,9 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     mllp = _MllpListener(MllpServer(
         new_intake, host=config.hl7.bind, port=config.hl7.port,
         max_message_bytes=config.ingest.max_hl7_bytes, idle_timeout_s=config.hl7.idle_timeout_s,
-        max_connections=config.hl7.max_connections, workers=config.hl7.workers))
+        max_connections=config.hl7.max_connections, workers=config.hl7.workers,
+        frame_timeout_s=config.hl7.frame_timeout_s,
+        max_connections_per_address=config.hl7.max_connections_per_address))
     components = Components(listeners=[scp, mllp], clock=clock,
                             checks={"dicom": lambda: scp.running, "hl7": lambda: mllp.running,
                                     "intake-writer": lambda: writer.committer.running})

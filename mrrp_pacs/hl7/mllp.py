@@ -59,6 +59,11 @@ class MllpFramer:
         self._skip_cr = False
 
     @property
+    def in_frame(self) -> bool:
+        """Whether a frame has started (its start block seen) and not yet ended."""
+        return self._in_frame
+
+    @property
     def partial_bytes(self) -> int:
         """Bytes of a frame started but not finished (0 between frames)."""
         return self._size if self._in_frame else 0

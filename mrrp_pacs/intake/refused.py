@@ -1,0 +1,219 @@
+"""Input refused for its content, kept for the operator: ``mrrp-pacs quarantine ...``.
+
+A message answered AE (no usable patient identifier, bad encoding, larger than
+``ingest.max_hl7_bytes``) is not stored as a message, and the sender does not send it again.
+Without a copy, a misconfigured assigning authority would silently drop every result. So each
+refused input is kept here: its bytes in a content-addressed area of its own
+(``<objects>/refused/``), and a ``refused_input`` row with the reason, the peer, the time and
+the listener. A transient failure (database locked, disk full) is not kept: nothing was
+refused, the sender resends.
+
+Bounds: at most ``ingest.refused_keep_bytes`` are kept, the oldest rows (and their bytes)
+dropped beyond; an input larger than ``ingest.max_hl7_bytes`` keeps only its first
+:data:`HEAD_BYTES` and its size (it cannot be reprocessed). :func:`reprocess` runs kept bytes
+through :class:`~mrrp_pacs.intake.Intake` again with the current configuration and marks the
+row with the outcome; a row is never reprocessed twice. Not to be confused with
+:mod:`mrrp_pacs.quarantine`, which holds back *patients* whose scoring failed.
+
+The table has a ``kind`` column (``hl7``, ``dicom``) so that other listeners can keep their
+refused objects here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from mrrp_pacs.errors import MrrpError
+from mrrp_pacs.intake.persist import Intake, IntakeResult, Outcome
+from mrrp_pacs.store import ObjectStore, Store
+
+HEAD_BYTES = 64 * 1024
+"""Bytes kept of an input larger than the configured limit (with its size)."""
+
+KINDS = ("hl7", "dicom")
+
+
+class RefusedError(MrrpError):
+    """A quarantine row that does not exist or cannot be reprocessed."""
+
+
+@dataclass(frozen=True)
+class RefusedInput:
+    """One ``refused_input`` row (without its bytes)."""
+
+    id: int
+    kind: str
+    listener: str
+    peer: str | None
+    received_at: str
+    reason: str
+    size_bytes: int
+    kept_bytes: int
+    sha256: str
+    reprocessed_at: str | None
+    reprocess_outcome: str | None
+    reprocess_note: str | None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every byte was kept (only then can it be reprocessed)."""
+        return self.kept_bytes == self.size_bytes
+
+
+def refused_objects(store: Store) -> ObjectStore:
+    """The content-addressed area holding refused bytes, beside the store's objects."""
+    return ObjectStore(store.objects.root / "refused")
+
+
+def keep(store: Store, *, kind: str, listener: str, peer: str | None, reason: str,
+         data: bytes, size_bytes: int, max_bytes: int, keep_bytes: int) -> int | None:
+    """Keep one refused input; its row id, or None when it is larger than all we may keep.
+
+    Parameters
+    ----------
+    data
+        The bytes received (for a frame cut at the listener's limit: those it buffered).
+    size_bytes
+        The input's size as received (at least ``len(data)``).
+    max_bytes
+        Largest input kept whole (``ingest.max_hl7_bytes``); beyond, :data:`HEAD_BYTES`.
+    keep_bytes
+        Bytes kept in all (``ingest.refused_keep_bytes``); the oldest rows are dropped.
+
+    Raises
+    ------
+    sqlite3.Error, OSError
+        The row or the bytes could not be written (nothing is kept then).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of refused input {kind!r}")
+    if size_bytes > max_bytes or len(data) > max_bytes or size_bytes > len(data):
+        data = data[:HEAD_BYTES]
+    size_bytes = max(size_bytes, len(data))
+    if len(data) > keep_bytes:
+        return None
+    objects = refused_objects(store)
+    sha = objects.put_bytes(data).sha256
+    with store.transaction() as conn:
+        row_id = store.insert(conn, "refused_input", {
+            "kind": kind, "listener": listener, "peer": peer, "received_at": store.stamp(),
+            "reason": reason, "size_bytes": size_bytes, "kept_bytes": len(data),
+            "sha256": sha,
+        })
+        dropped = _drop_oldest(conn, keep_bytes)
+    for digest in dropped:
+        _forget(store, objects, digest)
+    return row_id
+
+
+def _drop_oldest(conn: sqlite3.Connection, keep_bytes: int) -> list[str]:
+    """Delete the oldest rows until the kept bytes fit; the digests whose rows went."""
+    total = conn.execute("SELECT COALESCE(SUM(kept_bytes), 0) FROM refused_input").fetchone()[0]
+    dropped: list[str] = []
+    if total <= keep_bytes:
+        return dropped
+    for row_id, kept, sha in conn.execute(
+            "SELECT id, kept_bytes, sha256 FROM refused_input ORDER BY id").fetchall():
+        if total <= keep_bytes:
+            break
+        conn.execute("DELETE FROM refused_input WHERE id = ?", (row_id,))
+        total -= kept
+        dropped.append(sha)
+    return dropped
+
+
+def _forget(store: Store, objects: ObjectStore, sha: str) -> None:
+    """Delete a refused object no row refers to any more (after the rows' commit)."""
+    if store.conn.execute("SELECT 1 FROM refused_input WHERE sha256 = ?",
+                          (sha,)).fetchone() is None:
+        objects.path_for(sha).unlink(missing_ok=True)
+
+
+def _row(values: sqlite3.Row) -> RefusedInput:
+    return RefusedInput(**{k: values[k] for k in values.keys()})  # noqa: SIM118
+
+
+def listing(store: Store, limit: int | None = None) -> list[RefusedInput]:
+    """Rows kept, newest first."""
+    sql = "SELECT * FROM refused_input ORDER BY id DESC"
+    rows = store.conn.execute(sql + (" LIMIT ?" if limit else ""),
+                              (limit,) if limit else ()).fetchall()
+    return [_row(r) for r in rows]
+
+
+def get(store: Store, row_id: int) -> RefusedInput:
+    """One row.
+
+    Raises
+    ------
+    RefusedError
+        No such row (never kept, or dropped as the oldest).
+    """
+    found = store.conn.execute("SELECT * FROM refused_input WHERE id = ?",
+                               (row_id,)).fetchone()
+    if found is None:
+        raise RefusedError(f"no refused input {row_id} (see `mrrp-pacs quarantine list`)")
+    return _row(found)
+
+
+def raw_bytes(store: Store, item: RefusedInput) -> bytes:
+    """The bytes kept for a row (which may hold patient data).
+
+    Raises
+    ------
+    RefusedError
+        The bytes are missing or do not match their digest.
+    """
+    path: Path = refused_objects(store).path_for(item.sha256)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RefusedError(f"refused input {item.id}: its bytes are missing ({path})") from None
+    if hashlib.sha256(data).hexdigest() != item.sha256:
+        raise RefusedError(f"refused input {item.id}: its bytes at {path} are damaged")
+    return data
+
+
+def reprocess(intake: Intake, row_id: int) -> IntakeResult:
+    """Run a row's bytes through intake again (current configuration) and mark the row.
+
+    Raises
+    ------
+    RefusedError
+        No such row, already reprocessed, or only its first bytes were kept.
+    sqlite3.Error, OSError
+        A transient failure: the row is left as it was, to be tried again.
+    """
+    store = intake.store
+    item = get(store, row_id)
+    if item.reprocessed_at is not None:
+        raise RefusedError(f"refused input {row_id} was already reprocessed "
+                           f"({item.reprocess_outcome}: {item.reprocess_note})")
+    if not item.complete:
+        raise RefusedError(f"refused input {row_id} cannot be reprocessed: only its first "
+                           f"{item.kept_bytes} of {item.size_bytes} bytes were kept")
+    data = raw_bytes(store, item)
+    origin = f"quarantine:{row_id}"
+    if item.kind == "hl7":
+        result = intake.receive_hl7(data, origin=origin)
+    else:
+        result = intake.receive_dicom(data, origin=origin)
+    if result.outcome is Outcome.NEW:
+        note = f"stored as row {result.row_id}"
+    else:
+        note = result.reason or str(result.outcome)
+    with store.transaction() as conn:
+        conn.execute("UPDATE refused_input SET reprocessed_at = ?, reprocess_outcome = ?, "
+                     "reprocess_note = ? WHERE id = ? AND reprocessed_at IS NULL",
+                     (store.stamp(), str(result.outcome), note, row_id))
+    return result
+
+
+def pending(store: Store) -> list[int]:
+    """Ids of rows that can be reprocessed (complete, not yet reprocessed), oldest first."""
+    return [r[0] for r in store.conn.execute(
+        "SELECT id FROM refused_input WHERE reprocessed_at IS NULL AND kept_bytes = size_bytes "
+        "ORDER BY id")]
