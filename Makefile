@@ -46,8 +46,8 @@ $(VIEWER_STAMP): deploy/viewer/package.json deploy/viewer/package-lock.json
 # clock fails the day it is written, not on the day the calendar overtakes it. Feature
 # extraction, the model, the phantom, the viewer and the demo read no clock and are left out of
 # that pass to keep CI short; so is the fault harness (tests/reliability), whose daemons decide by
-# the same code the time-sensitive tests already run ahead, and every test marked clock_free
-# (its decisions read an injected clock only). That pass runs in two pytest-xdist workers, a
+# the same code the time-sensitive tests already run ahead, every test marked clock_free
+# (its decisions read an injected clock only) and every fuzz test (inputs, not dates). That pass runs in two pytest-xdist workers, a
 # test file at a time each (--dist loadfile: a module's fixtures are built once): most of it
 # waits on sockets, daemons and back-offs rather than computing (on a busy 2-core machine its
 # 368 tests other than the daemon end-to-end test took 289 s in one process, 152 s in two).
@@ -55,7 +55,7 @@ $(VIEWER_STAMP): deploy/viewer/package.json deploy/viewer/package-lock.json
 FUTURE ?= +365d
 PYTEST_NOW := $(BIN)/pytest --durations=15
 PYTEST_FUTURE := MRRP_TEST_CLOCK_AHEAD=$(FUTURE) $(BIN)/pytest -p no:cacheprovider \
-	-n 2 --dist loadfile --durations=15 -m "not clock_free" \
+	-n 2 --dist loadfile --durations=15 -m "not clock_free and not fuzz" \
 	--ignore=tests/mrrp_pacs/features --ignore=tests/mrrp_pacs/model \
 	--ignore=tests/mrrp_pacs/phantom --ignore=tests/viewer --ignore=tests/test_demo_e2e.py \
 	--ignore=tests/reliability
