@@ -18,15 +18,20 @@ own thread and a :class:`~mrrp_pacs.store.Store` is meant for one thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import sqlite3
+import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from tempfile import NamedTemporaryFile
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -39,7 +44,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.events import Event, EventHandlerType
@@ -97,6 +102,22 @@ DEFAULT_ACSE_TIMEOUT_S = 30.0
 DEFAULT_DIMSE_TIMEOUT_S = 30.0
 DEFAULT_MAX_ASSOCIATIONS = 10
 DEFAULT_STOP_GRACE_S = 10.0
+# Limits against peers that never associate (docs/operator-guide.md "[dicom]"): a connection
+# must have sent its whole A-ASSOCIATE-RQ this soon after connecting, and may hold at most
+# this many such connections per address; until then it does not count against
+# max_associations, so port scans and half-open connections cannot lock real senders out.
+DEFAULT_ASSOCIATION_REQUEST_TIMEOUT_S = 5.0
+DEFAULT_MAX_UNASSOCIATED_PER_ADDRESS = 8
+# Each PDU must arrive whole within this many seconds of its first byte (a peer trickling a
+# byte a minute is cut off; the network timeout only bounds the gap between reads).
+DEFAULT_PDU_TIMEOUT_S = 60.0
+# Declared PDU lengths are checked before any body is read: an A-ASSOCIATE-RQ larger than this
+# (a real one is a few KiB: ~100 presentation contexts) or any other PDU before association,
+# and, once associated, a PDU larger than our maximum PDU, close the connection unread.
+MAX_ASSOCIATE_RQ_BYTES = 64 * 1024
+PDU_HEADER_BYTES = 6
+_ASSOCIATE_RQ = 0x01
+_RECV_CHUNK = 64 * 1024
 # pynetdicom 3.0 serves each association with two threads that poll: the DUL thread sleeps
 # 1 ms between looks at an idle socket, the association's reactor 1 ms between looks at its
 # queue of received DIMSE messages. Each wake-up takes the GIL; 20 idle associations cost the
@@ -107,6 +128,46 @@ DUL_IDLE_POLL_S = 0.005
 # rather than looking once: a message that arrives is served at once, an idle association
 # wakes 1 / (1 ms + this) times a second, and a release or abort is noticed this much later.
 REACTOR_WAIT_S = 0.02
+
+
+_SPOOLS: weakref.WeakKeyDictionary[Association, Path] = weakref.WeakKeyDictionary()
+
+
+def spool_into(assoc: Association, folder: Path) -> None:
+    """Have the data sets ``assoc`` receives written into ``folder`` (:func:`receive_to_disk`)."""
+    _SPOOLS[assoc] = folder
+
+
+def _spooled_temporary_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's ``NamedTemporaryFile``, in the spool folder of the receiving association.
+
+    Called by the association's DUL thread (``DULServiceProvider``, whose ``assoc`` it is) as
+    a C-STORE request's first data set fragment arrives; without a spool folder, the system's
+    temporary folder.
+    """
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    folder = _SPOOLS.get(assoc) if isinstance(assoc, Association) else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("dir", folder)
+        kwargs.setdefault("prefix", "dicom-rx-")
+    return NamedTemporaryFile(*args, **kwargs)
+
+
+def receive_to_disk() -> None:
+    """Make pynetdicom write every received C-STORE data set to a file as it arrives.
+
+    Without it, an object is held whole in memory (its P-DATA fragments, then their join, then
+    the Part 10 bytes: about 3x its size) until stored. The switch is global to pynetdicom, so
+    the puller's C-GET sub-operations are received to disk too; :func:`persist_c_store` takes
+    either form. The storage SCP puts the files in the object store's staging folder (same
+    disk as the objects, not a ``/tmp`` in memory) through :func:`spool_into`.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _spooled_temporary_file  # type: ignore[attr-defined]
+
+
+receive_to_disk()
 
 
 def transfer_syntaxes_for(sop_class_uid: str) -> tuple[str, ...]:
@@ -175,10 +236,19 @@ def persist_c_store(event: Event, open_intake: IntakeOpener, origin: str) -> Sto
     arrive on its own association. Any exception (disk full, database locked, a bug) is a
     retryable ``0xA700``: nothing was recorded, so success must not be claimed.
     """
+    request = event.request
+    received = getattr(request, "_dataset_path", None)
     try:
-        encoded = event.encoded_dataset(include_meta=True)
+        source: Path | bytes
+        if isinstance(received, Path):  # receive_to_disk(): the data set is in this file
+            spooled = getattr(request, "_dataset_file", None)
+            if spooled is not None:
+                spooled.close()
+            source = received
+        else:
+            source = event.encoded_dataset(include_meta=True)
         with open_intake() as intake:
-            result = intake.receive_dicom(encoded, origin=origin)
+            result = intake.receive_dicom(source, origin=origin)
     except (OSError, sqlite3.Error, MemoryError) as exc:
         LOGGER.error("could not persist an object from %s (%s: %s); answered 0x%04X",
                      origin, type(exc).__name__, exc, STATUS_OUT_OF_RESOURCES)
@@ -189,6 +259,10 @@ def persist_c_store(event: Event, open_intake: IntakeOpener, origin: str) -> Sto
                          origin, STATUS_OUT_OF_RESOURCES)
         return StoreAnswer(STATUS_OUT_OF_RESOURCES, "failed",
                            "receiver cannot store now; retry later")
+    finally:
+        if isinstance(received, Path):
+            # pynetdicom removes it after a storage SCP's handler, not after a C-GET's
+            received.unlink(missing_ok=True)
     if result.outcome is Outcome.REJECTED:
         # the reason may quote content: it goes back to the sender, not into our log
         LOGGER.warning("rejected an object from %s; answered 0x%04X", origin,
@@ -211,6 +285,92 @@ def _waiting_get_msg(dimse: DIMSEServiceProvider, wait_s: float) -> Callable[...
             return None, None
 
     return get_msg
+
+
+class _GuardedSocket:
+    """Reads of one association's socket with the limits that bind a peer before it is trusted.
+
+    pynetdicom 3.0's DUL reads a PDU as ``recv(6)`` (type, reserved byte, length) then
+    ``recv(length)`` (``DULServiceProvider._read_pdu_data``), after ``select`` found data
+    waiting. Standing in for ``AssociationSocket.recv``, this checks the declared length before
+    the body is read, and gives each PDU a deadline. A refused PDU makes ``recv(6)`` return
+    nothing: the DUL then treats the connection as closed (without reading or allocating).
+    """
+
+    def __init__(self, scp: StorageScp, assoc: Association, opened: float) -> None:
+        self.scp = scp
+        self.assoc = assoc
+        self.request_deadline = opened + scp.association_request_timeout_s
+        self.body_deadline = 0.0
+        self.in_body = False
+        self.refused = False
+
+    @property
+    def raw(self) -> socket.socket:
+        return self.assoc.dul.socket.socket  # type: ignore[union-attr, return-value]
+
+    def refuse(self, why: str) -> bytearray:
+        """Log ``why`` (no patient data: the peer's address and numbers), close, read nothing."""
+        if not self.refused:
+            self.refused = True
+            LOGGER.warning("DICOM connection from %s closed: %s", self.scp.peer(self.assoc), why)
+            with contextlib.suppress(OSError):  # already gone
+                self.raw.shutdown(socket.SHUT_RDWR)
+        return bytearray()
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self.refused:
+            return bytearray()
+        clock = self.scp.monotonic
+        if self.in_body:
+            self.in_body = False
+            return self._read(nr_bytes, self.body_deadline, "a PDU")
+        associated = self.assoc.is_established
+        deadline = clock() + self.scp.pdu_timeout_s
+        if not associated and not self.assoc.requestor.primitive:
+            deadline = min(deadline, self.request_deadline)
+        header = self._read(nr_bytes, deadline, "a PDU header")
+        if nr_bytes != PDU_HEADER_BYTES or len(header) < PDU_HEADER_BYTES or self.refused:
+            return header
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if not associated:
+            if pdu_type != _ASSOCIATE_RQ and not self.assoc.requestor.primitive:
+                return self.refuse(f"PDU type 0x{pdu_type:02X} of {length} bytes before an "
+                                   "A-ASSOCIATE-RQ")
+            if length > MAX_ASSOCIATE_RQ_BYTES:
+                return self.refuse(f"PDU type 0x{pdu_type:02X} declares {length} bytes before "
+                                   f"association (at most {MAX_ASSOCIATE_RQ_BYTES})")
+        elif self.scp.max_pdu and length > self.scp.max_pdu + PDU_HEADER_BYTES:
+            return self.refuse(f"PDU type 0x{pdu_type:02X} declares {length} bytes, more than "
+                               f"our maximum PDU ({self.scp.max_pdu})")
+        self.in_body, self.body_deadline = True, deadline
+        return header
+
+    def _read(self, nr_bytes: int, deadline: float, what: str) -> bytearray:
+        """``AssociationSocket.recv`` with a deadline for the whole read."""
+        raw = self.raw
+        data = bytearray()
+        network_timeout = self.assoc.network_timeout
+        try:
+            while len(data) < nr_bytes:
+                left = deadline - self.scp.monotonic()
+                if left <= 0:
+                    return self.refuse(f"{what} did not arrive whole in time ({len(data)} of "
+                                       f"{nr_bytes} bytes)")
+                raw.settimeout(left if network_timeout is None else min(left, network_timeout))
+                try:
+                    chunk = raw.recv(min(_RECV_CHUNK, nr_bytes - len(data)))
+                except TimeoutError:
+                    if self.scp.monotonic() < deadline:
+                        raise  # the network timeout, as pynetdicom would have raised it
+                    continue
+                if not chunk:
+                    return data
+                data += chunk
+        finally:
+            if not self.refused:
+                raw.settimeout(network_timeout)
+        return data
 
 
 def printable_ae(title: str) -> str:
@@ -241,6 +401,18 @@ class StorageScp:
         Concurrent associations; more are refused (A-ASSOCIATE-RJ, local limit exceeded).
     network_timeout_s, acse_timeout_s, dimse_timeout_s
         Seconds an association may be idle, wait in negotiation, wait for a DIMSE message.
+    association_request_timeout_s
+        Seconds a new connection has to send its whole A-ASSOCIATE-RQ; until it has, it does
+        not count against ``max_associations``.
+    max_unassociated_per_address
+        Connections from one address that have not yet associated; more are closed at once.
+    pdu_timeout_s
+        Seconds a PDU has, from its first byte, to arrive whole.
+    spool_dir
+        Folder the received data sets are written to while they arrive (on the data disk:
+        the object store's staging folder); ``None``: the system's temporary folder.
+    monotonic
+        The clock of those deadlines (seconds).
     """
 
     def __init__(self, open_intake: IntakeOpener, ae_title: str, port: int, *,
@@ -249,7 +421,12 @@ class StorageScp:
                  max_associations: int = DEFAULT_MAX_ASSOCIATIONS,
                  network_timeout_s: float = DEFAULT_NETWORK_TIMEOUT_S,
                  acse_timeout_s: float = DEFAULT_ACSE_TIMEOUT_S,
-                 dimse_timeout_s: float = DEFAULT_DIMSE_TIMEOUT_S) -> None:
+                 dimse_timeout_s: float = DEFAULT_DIMSE_TIMEOUT_S,
+                 association_request_timeout_s: float = DEFAULT_ASSOCIATION_REQUEST_TIMEOUT_S,
+                 max_unassociated_per_address: int = DEFAULT_MAX_UNASSOCIATED_PER_ADDRESS,
+                 pdu_timeout_s: float = DEFAULT_PDU_TIMEOUT_S,
+                 spool_dir: Path | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if allowed_aes is not None and not allowed_aes:
             raise ValueError("allowed_aes is empty, so no sender could connect; list the "
                              "calling AE titles to accept, or pass None to accept any")
@@ -260,8 +437,21 @@ class StorageScp:
         self.port = port
         self.allowed_aes = None if allowed_aes is None else frozenset(allowed_aes)
         self.ae = AE(ae_title=ae_title)  # raises ValueError naming a bad title
+        if max_associations < 1 or max_unassociated_per_address < 1:
+            raise ValueError("max_associations and max_unassociated_per_address must be at "
+                             "least 1")
         self.ae.maximum_pdu_size = max_pdu
-        self.ae.maximum_associations = max_associations
+        self.max_pdu = max_pdu
+        # pynetdicom counts every connection, associated or not, against its own limit; ours
+        # (in _on_requested) counts associations only, and unassociated connections have theirs
+        self.max_associations = max_associations
+        self.ae.maximum_associations = 1 << 30
+        self.max_unassociated_per_address = max_unassociated_per_address
+        self.association_request_timeout_s = association_request_timeout_s
+        self.pdu_timeout_s = pdu_timeout_s
+        self.acse_timeout_s = acse_timeout_s
+        self.monotonic = monotonic
+        self.spool_dir = spool_dir
         self.ae.network_timeout = network_timeout_s
         self.ae.acse_timeout = acse_timeout_s
         self.ae.dimse_timeout = dimse_timeout_s
@@ -276,6 +466,10 @@ class StorageScp:
         self._lock = threading.Lock()
         self._counts: weakref.WeakKeyDictionary[Association, dict[str, int]] = (
             weakref.WeakKeyDictionary())
+        # connections not yet associated (address each) and associations admitted
+        self._unassociated: weakref.WeakKeyDictionary[Association, str] = (
+            weakref.WeakKeyDictionary())
+        self._admitted: weakref.WeakSet[Association] = weakref.WeakSet()
 
     @property
     def ae_title(self) -> str:
@@ -294,6 +488,7 @@ class StorageScp:
         handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended),
@@ -355,10 +550,50 @@ class StorageScp:
         return answer.as_dataset()
 
     @staticmethod
-    def _on_connection(event: Event) -> None:
+    def peer(assoc: Association) -> str:
+        """The peer's IP address (a network address, not patient data)."""
+        try:
+            return str(assoc.dul.socket.socket.getpeername()[0])  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            return str(getattr(assoc.requestor, "address", "?"))
+
+    def _on_connection(self, event: Event) -> None:
         # before the association's threads start (pynetdicom 3.0 RequestHandler.handle)
-        event.assoc.dul._run_loop_delay = DUL_IDLE_POLL_S
-        event.assoc.dimse.get_msg = _waiting_get_msg(event.assoc.dimse, REACTOR_WAIT_S)  # type: ignore[method-assign]
+        assoc = event.assoc
+        assoc.dul._run_loop_delay = DUL_IDLE_POLL_S
+        assoc.dimse.get_msg = _waiting_get_msg(assoc.dimse, REACTOR_WAIT_S)  # type: ignore[method-assign]
+        # the reactor waits this long for the A-ASSOCIATE-RQ, then closes the connection
+        assoc.acse_timeout = self.association_request_timeout_s
+        if self.spool_dir is not None:
+            spool_into(assoc, self.spool_dir)
+        guard = _GuardedSocket(self, assoc, self.monotonic())
+        assoc.dul.socket.recv = guard.recv  # type: ignore[union-attr, method-assign]
+        address = self.peer(assoc)
+        with self._lock:
+            waiting = sum(1 for other, where in self._unassociated.items()
+                          if where == address and (other.ident is None or other.is_alive()))
+            self._unassociated[assoc] = address
+        if waiting >= self.max_unassociated_per_address:
+            guard.refuse(f"{waiting} connections from this address have not associated yet "
+                         f"(at most {self.max_unassociated_per_address})")
+
+    def _on_requested(self, event: Event) -> None:
+        """A whole A-ASSOCIATE-RQ arrived: count the connection as an association, or refuse."""
+        assoc = event.assoc
+        assoc.acse_timeout = self.acse_timeout_s
+        with self._lock:
+            self._unassociated.pop(assoc, None)
+            serving = sum(1 for other in self._admitted
+                          if other.is_alive() and not (other.is_released or other.is_aborted
+                                                       or other.is_rejected))
+            if serving < self.max_associations:
+                self._admitted.add(assoc)
+                return
+        LOGGER.warning("association rejected (too many associations: %d of %d): %s -> %s "
+                       "from %s", serving, self.max_associations,
+                       printable_ae(assoc.requestor.ae_title), self.ae_title, self.peer(assoc))
+        assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, local limit exceeded
+        assoc.kill()  # as pynetdicom's own rejection does: the DUL sends the A-ASSOCIATE-RJ
 
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc

@@ -111,6 +111,11 @@ class IngestConfig:
     max_hl7_bytes: int = 4 * 1024 * 1024
     # Bytes kept of input refused for its content (`mrrp-pacs quarantine`); oldest dropped beyond.
     refused_keep_bytes: int = 256 * 1024 * 1024
+    # Largest DICOM object accepted (file drop, storage SCP, pulls); larger ones are refused
+    # (C-STORE status 0xC000: not to be sent again). 8 GiB: a whole slide's base level can
+    # reach several GiB (40x, 100k x 100k pixels JPEG at ~1 bit/pixel is ~1.3 GB, larger when
+    # lossless); received to disk, so the cap is about disk use, not memory.
+    max_dicom_bytes: int = 8 * 1024 * 1024 * 1024
     # Where an ORU's OBR carries the accession number linking a report to its imaging study,
     # tried in order; the first non-empty wins.
     accession_fields: list[str] = field(default_factory=lambda: ["OBR-3", "OBR-18"])
@@ -175,6 +180,13 @@ class DicomConfig:
     # (A-ASSOCIATE-RJ, local limit exceeded). Each one holds the object it is receiving in
     # memory until it is stored (docs/daemon.md "Load").
     max_associations: int = 10
+    # seconds a new connection has to send its whole A-ASSOCIATE-RQ; before that it does not
+    # count against max_associations (port probes cannot lock senders out)
+    association_request_timeout_s: float = 5.0
+    # connections from one address that have not associated yet; more are closed at once
+    max_unassociated_per_address: int = 8
+    # seconds a PDU has, from its first byte, to arrive whole (a trickling peer is cut off)
+    pdu_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -370,6 +382,9 @@ class Config:
                             ("pacs.retry_backoff_s", self.pacs.retry_backoff_s),
                             ("hl7.max_connections", self.hl7.max_connections),
                             ("dicom.max_associations", self.dicom.max_associations),
+                            ("dicom.max_unassociated_per_address",
+                             self.dicom.max_unassociated_per_address),
+                            ("ingest.max_dicom_bytes", self.ingest.max_dicom_bytes),
                             ("hl7.idle_timeout_s", self.hl7.idle_timeout_s),
                             ("hl7.frame_timeout_s", self.hl7.frame_timeout_s),
                             ("hl7.max_connections_per_address",
@@ -387,6 +402,10 @@ class Config:
             fail("pacs.retry_max_backoff_s / pacs.retry_budget_h",
                  (self.pacs.retry_max_backoff_s, self.pacs.retry_budget_h),
                  "a maximum backoff of at least retry_backoff_s and a budget above 0 hours")
+        if not (self.dicom.association_request_timeout_s > 0 and self.dicom.pdu_timeout_s > 0):
+            fail("dicom.association_request_timeout_s / pdu_timeout_s",
+                 (self.dicom.association_request_timeout_s, self.dicom.pdu_timeout_s),
+                 "seconds above 0")
         if not self.export.retry_hours > 0:
             fail("export.retry_hours", self.export.retry_hours, "hours above 0")
         if not 0 < self.export.backoff_s <= self.export.max_backoff_s:

@@ -773,7 +773,11 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     open_intake = intake_opener(config, schema, clock, writer.committer)
     scp = StorageScp(open_intake, config.dicom.ae_title, config.dicom.port,
                      host=config.dicom.bind, allowed_aes=allowed_calling_aes(config),
-                     max_associations=config.dicom.max_associations)
+                     max_associations=config.dicom.max_associations,
+                     association_request_timeout_s=config.dicom.association_request_timeout_s,
+                     max_unassociated_per_address=config.dicom.max_unassociated_per_address,
+                     pdu_timeout_s=config.dicom.pdu_timeout_s,
+                     spool_dir=config.paths.objects_dir / "tmp")
 
     def new_intake() -> Intake:
         return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False,

@@ -19,9 +19,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
@@ -66,6 +67,11 @@ DEFLATED_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
 BIG_ENDIAN_TRANSFER_SYNTAX = "1.2.840.10008.1.2.2"
 IMPLICIT_VR_TRANSFER_SYNTAX = "1.2.840.10008.1.2"
 
+MAX_SEQUENCE_DEPTH = 64
+"""Sequences nested deeper than this are refused. Real objects nest a few levels (an SR
+content tree rarely ten); pydicom parses nested sequences by recursion, so a hostile object
+nesting thousands deep must be refused before it is parsed."""
+
 # A bulk annotation group with more shapes than this is recorded without its coordinates
 # (e.g. every nucleus of a slide); readers go back to the instance for them.
 MAX_INDEXED_SHAPES = 1000
@@ -75,6 +81,8 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_END = (0xFFFE, 0xE00D)
 _SEQUENCE_END = (0xFFFE, 0xE0DD)
+_PIXEL_DATA_NAME = "encapsulated pixel data"
+_BULK_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW"}  # undefined length: fragments
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
              b"UT", b"UV"}
 
@@ -116,6 +124,12 @@ def looks_like_dicom(head: bytes) -> bool:
     return head[PREAMBLE_BYTES : PREAMBLE_BYTES + 4] == MAGIC
 
 
+# What pydicom raises on bytes it cannot decode (an unknown VR, a value of the wrong length:
+# found by tests/mrrp_pacs/intake/test_dicom_fuzz.py)
+_DECODE_ERRORS = (ValueError, KeyError, TypeError, struct.error, NotImplementedError,
+                  OverflowError)
+
+
 def read_meta(source: Path | bytes) -> DicomMeta:
     """Check ``source`` is a whole DICOM Part 10 object and read its identifying attributes.
 
@@ -143,15 +157,18 @@ def read_meta(source: Path | bytes) -> DicomMeta:
             fp.seek(0)
             try:
                 ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError,
-                    struct.error, NotImplementedError, OverflowError) as exc:
+            except (InvalidDicomError, EOFError, BytesLengthException, *_DECODE_ERRORS) as exc:
                 raise DicomError(f"cannot be parsed as DICOM: {exc}") from exc
+            except RecursionError as exc:  # nesting the walk does not see (a deflated set)
+                raise DicomError("nests too deeply to be parsed; refused") from exc
     try:
         return _meta_from_dataset(ds)
     except DicomError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as exc:
+    except (BytesLengthException, AttributeError, IndexError, *_DECODE_ERRORS) as exc:
         raise DicomError(f"has an attribute that cannot be decoded: {exc}") from exc
+    except RecursionError as exc:  # sequences of defined length, which the walk skips over
+        raise DicomError("nests too deeply to be read; refused") from exc
 
 
 def check_complete(fp: BinaryIO, size: int) -> Dataset | None:
@@ -172,7 +189,7 @@ def check_complete(fp: BinaryIO, size: int) -> Dataset | None:
         return None  # a zlib stream cannot be walked by seeking; pydicom's inflate fails on damage
     walker.implicit = transfer_syntax == IMPLICIT_VR_TRANSFER_SYNTAX
     walker.little = transfer_syntax != BIG_ENDIAN_TRANSFER_SYNTAX
-    walker.dataset(until_item_end=False)
+    walker.dataset()
     ds = Dataset(walker.kept)
     ds.set_original_encoding(walker.implicit, walker.little)
     meta = FileMetaDataset()
@@ -247,21 +264,79 @@ class _Walker:
             raise DicomError("has no Transfer Syntax UID (0002,0010) in its file meta information")
         return transfer_syntax
 
-    def dataset(self, until_item_end: bool, implicit: bool | None = None) -> None:
-        implicit = self.implicit if implicit is None else implicit
+    def dataset(self) -> None:
+        """Walk the data set after the file meta to its end, into every sequence.
+
+        Iterative, with an explicit stack: an object nesting sequences thousands deep is
+        refused at :data:`MAX_SEQUENCE_DEPTH` levels instead of exhausting Python's stack (a
+        ``RecursionError`` escaped as an unexpected error, answered "retry later"). Sequences
+        of defined length are entered too (pydicom parses them by recursion when they are
+        read); other values of defined length, pixel data fragments among them, are skipped.
+        """
         little = self.little
         endian = "<" if little else ">"
+        # ``seqs``: the sequences the walk is inside, each (name, implicit VR of its items,
+        # end offset or None when delimited); ``items``: for each of them, the end of the item
+        # being walked (None when delimited), or no entry while between items. Encapsulated
+        # pixel data is walked as a sequence whose items (fragments) are skipped.
+        seqs: list[tuple[str, bool, int | None]] = []
+        fragments = 0  # how many of ``seqs`` are encapsulated pixel data (not nesting)
+        items: list[int | None] = []
+        implicit = self.implicit
         while True:
-            if not until_item_end and self.fp.tell() >= self.size:
-                return
+            if len(items) < len(seqs):  # between the items of the innermost sequence
+                name, nested_implicit, seq_end = seqs[-1]
+                at = self.fp.tell()
+                if seq_end is not None and at >= seq_end:
+                    if at > seq_end:
+                        raise DicomError(f"is corrupt: {name} overruns its length at byte {at}")
+                    seqs.pop()
+                    implicit = seqs[-1][1] if seqs else self.implicit
+                    continue
+                tag = self._tag(little)
+                (length,) = struct.unpack(endian + "I", self._read(4, "an item length"))
+                if tag == _SEQUENCE_END and seq_end is None:
+                    if name == _PIXEL_DATA_NAME:
+                        fragments -= 1
+                    seqs.pop()
+                    implicit = seqs[-1][1] if seqs else self.implicit
+                    continue
+                if tag != _ITEM:
+                    raise DicomError(
+                        f"is corrupt: {name} holds tag ({tag[0]:04X},{tag[1]:04X}) where an "
+                        f"item belongs (byte {at})"
+                    )
+                if length == _UNDEFINED:
+                    items.append(None)
+                elif name == _PIXEL_DATA_NAME:
+                    self._skip(length, f"a fragment of {name}")
+                    continue
+                else:
+                    if (seq_end is not None and at + 8 + length > seq_end) or \
+                            at + 8 + length > self.size:
+                        raise DicomError(f"is corrupt: an item of {name} at byte {at} runs "
+                                         "past its sequence or the end")
+                    items.append(at + 8 + length)
+                implicit = nested_implicit
+                continue
+            item_end = items[-1] if items else self.size
+            at = self.fp.tell()
+            if item_end is not None and at >= item_end:
+                if at > item_end:
+                    raise DicomError(f"is corrupt: an element overruns its item at byte {at}")
+                if not seqs:
+                    return
+                items.pop()
+                continue
             tag = self._tag(little)
             if tag == _ITEM_END:
                 self._read(4, "an item delimiter length")
-                if until_item_end:
-                    return
-                raise DicomError(f"has a stray item delimiter at byte {self.fp.tell() - 8}")
+                if items and items[-1] is None:
+                    items.pop()
+                    continue
+                raise DicomError(f"has a stray item delimiter at byte {at}")
             if tag[0] == 0xFFFE:
-                raise DicomError(f"has a misplaced item tag at byte {self.fp.tell() - 4}")
+                raise DicomError(f"has a misplaced item tag at byte {at}")
             vr = b""
             if implicit:
                 (length,) = struct.unpack(endian + "I", self._read(4, "a length"))
@@ -274,36 +349,40 @@ class _Walker:
                     (length,) = struct.unpack(endian + "H", self._read(2, "a length"))
             name = f"element ({tag[0]:04X},{tag[1]:04X})"
             key = tag[0] << 16 | tag[1]
-            if (not until_item_end and key in HEADER_TAGS and length != _UNDEFINED
+            if (not seqs and key in HEADER_TAGS and length != _UNDEFINED
                     and length <= MAX_HEADER_VALUE_BYTES):
-                at = self.fp.tell()
+                start = self.fp.tell()
                 value = self._read(length, name)
                 self.kept[BaseTag(key)] = RawDataElement(
                     BaseTag(key), None if implicit else vr.decode("ascii", "replace"), length,
-                    value, at, implicit, little)
+                    value, start, implicit, little)
                 continue
-            if length == _UNDEFINED:
-                # undefined length: a sequence, encapsulated pixel data, or UN holding a sequence
-                self._items(name, nested_implicit=implicit or vr == b"UN")
-            else:
+            # undefined length: a sequence, encapsulated pixel data, or UN holding a sequence
+            enter = length == _UNDEFINED or vr == b"SQ" or (
+                (implicit or vr == b"UN") and _is_sequence_tag(key))
+            if not enter:
                 self._skip(length, name)
+                continue
+            if len(seqs) - fragments >= MAX_SEQUENCE_DEPTH:
+                raise DicomError(f"nests sequences more than {MAX_SEQUENCE_DEPTH} levels deep "
+                                 f"(at byte {at}); refused")
+            start = self.fp.tell()
+            end = None if length == _UNDEFINED else start + length
+            if end is not None and (end > self.size or (item_end is not None and end > item_end)):
+                raise DicomError(f"is truncated: {name} at byte {at} needs {length} bytes, "
+                                 f"only {min(self.size, item_end or self.size) - start} remain")
+            if key == 0x7FE00010 or vr in _BULK_VRS:
+                name = _PIXEL_DATA_NAME
+                fragments += 1
+            seqs.append((name, implicit or vr == b"UN", end))
 
-    def _items(self, name: str, nested_implicit: bool) -> None:
-        endian = "<" if self.little else ">"
-        while True:
-            tag = self._tag(self.little)
-            (length,) = struct.unpack(endian + "I", self._read(4, "an item length"))
-            if tag == _SEQUENCE_END:
-                return
-            if tag != _ITEM:
-                raise DicomError(
-                    f"is corrupt: {name} holds tag ({tag[0]:04X},{tag[1]:04X}) where an item "
-                    f"belongs (byte {self.fp.tell() - 8})"
-                )
-            if length == _UNDEFINED:
-                self.dataset(until_item_end=True, implicit=nested_implicit)
-            else:
-                self._skip(length, f"an item of {name}")
+
+def _is_sequence_tag(key: int) -> bool:
+    """Whether pydicom's dictionary makes ``key`` a sequence (it then parses it as one)."""
+    try:
+        return bool(dictionary_VR(key) == "SQ")
+    except KeyError:
+        return False
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

@@ -141,8 +141,18 @@ class Intake:
 
     def receive_dicom(self, source: Path | bytes, origin: str) -> IntakeResult:
         """Persist one DICOM Part 10 object given as a file or as its encoded bytes."""
+        limit = self.config.ingest.max_dicom_bytes
+        try:
+            size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        except OSError as exc:
+            return IntakeResult(Outcome.REJECTED, "dicom", f"cannot be read: {exc.strerror}")
+        if size > limit:
+            LOGGER.warning("refused a DICOM object of %d bytes from %s: more than "
+                           "ingest.max_dicom_bytes (%d)", size, origin.split(":")[0], limit)
+            return IntakeResult(Outcome.REJECTED, "dicom", f"DICOM object is {size} bytes, more "
+                                f"than ingest.max_dicom_bytes ({limit})")
         if isinstance(source, bytes):
-            sha, size = hashlib.sha256(source).hexdigest(), len(source)
+            sha = hashlib.sha256(source).hexdigest()
         else:
             try:
                 sha, size = sha256_file(source)
