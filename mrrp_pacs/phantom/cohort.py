@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from sksurv.exceptions import NoComparablePairException
 from sksurv.metrics import concordance_index_censored
 
 TARGET_EVENT_FRACTION = 0.16
@@ -280,10 +281,14 @@ def stratified_split(rng: np.random.Generator, event: np.ndarray,
 
 
 def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's C (risk: higher = worse), scikit-survival's definition."""
+    """Harrell's C (risk: higher = worse), scikit-survival's definition; NaN without a
+    comparable pair (no event, or, in a small cohort, only events after every other time)."""
     if not event.any():
         return float("nan")
-    return float(concordance_index_censored(event.astype(bool), time, risk)[0])
+    try:
+        return float(concordance_index_censored(event.astype(bool), time, risk)[0])
+    except NoComparablePairException:
+        return float("nan")
 
 
 def make_cohort(params: CohortParameters) -> Cohort:

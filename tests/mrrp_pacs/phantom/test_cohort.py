@@ -75,6 +75,20 @@ def test_harrell_c_sign_convention():
     assert harrell_c(time, event, np.array([1.0, 2.0, 3.0, 4.0])) == 0.0
 
 
+def test_harrell_c_without_a_comparable_pair_is_nan():
+    """The one event after every censored time: no pair to compare (``mrrp-pacs demo
+    --patients 16`` crashed on such a test split)."""
+    time = np.array([1.0, 2.0, 3.0])
+    assert np.isnan(harrell_c(time, np.array([False, False, True]), np.array([1.0, 2.0, 3.0])))
+    assert np.isnan(harrell_c(time, np.zeros(3, bool), np.array([1.0, 2.0, 3.0])))
+
+
+def test_the_smallest_cohort_the_demo_accepts_is_drawn_for_many_seeds():
+    for seed in range(40):
+        cohort = make_cohort(CohortParameters(patients=16, seed=seed))
+        assert len(cohort.ids) == 16
+
+
 def test_event_and_test_fractions_are_parameters():
     """A benchmark cohort asks for more events and a larger test split; the images' inputs
     (traits, clinical values, missingness) stay those of the default cohort."""
