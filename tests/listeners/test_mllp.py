@@ -305,6 +305,23 @@ def test_a_failed_commit_answers_ar_and_the_next_message_is_stored(serve, store,
     assert _rows(store, "hl7_messages", "state = 'parsed'") == 2
 
 
+def _full_database_then_room(writer, store, port):
+    """With ``writer``'s database capped at its present size, a report needing new (overflow)
+    pages (~40 kB) is answered AR and not kept; once the cap is lifted its resend is AA."""
+    pages = writer.conn.execute("PRAGMA page_count").fetchone()[0]
+    writer.conn.execute(f"PRAGMA max_page_count = {pages}")
+    peer = Peer(port)
+    message = us_report(Patient(), "FULL-1", text=("Findings. " * 400,) * 10)
+    peer.send(mllp(message))
+    ack = peer.ack()
+    assert _msa(ack) == ("AR", "FULL-1") and ack.get("ERR-8") == (
+        "database unavailable, send again")
+    assert _rows(store, "hl7_messages") == 0
+    writer.conn.execute("PRAGMA max_page_count = 1073741823")
+    peer.send(mllp(message))
+    assert _msa(peer.ack()) == ("AA", "FULL-1")
+
+
 def test_a_full_database_answers_ar_and_recovers_when_there_is_room(config, store, caplog):
     """SQLite's own disk-full error (a tiny max_page_count on the worker's connection) is
     answered AR, the log names the full disk (not a failed ROLLBACK), and the next message is
@@ -319,20 +336,8 @@ def test_a_full_database_answers_ar_and_recovers_when_there_is_room(config, stor
     handle = MllpServer(make, port=0, idle_timeout_s=10.0, workers=1).run_in_thread()
     try:
         (worker,) = opened
-        pages = worker.conn.execute("PRAGMA page_count").fetchone()[0]
-        worker.conn.execute(f"PRAGMA max_page_count = {pages}")
-        peer = Peer(handle.port)
-        # a report of ~40 kB needs new (overflow) pages where the first rows fitted
-        message = us_report(Patient(), "FULL-1", text=("Findings. " * 400,) * 10)
-        peer.send(mllp(message))
-        ack = peer.ack()
-        assert _msa(ack) == ("AR", "FULL-1") and ack.get("ERR-8") == (
-            "database unavailable, send again")
-        assert _rows(store, "hl7_messages") == 0
+        _full_database_then_room(worker, store, handle.port)
         assert "AR sent, database unavailable (SQLITE_FULL)" in caplog.text
-        worker.conn.execute("PRAGMA max_page_count = 1073741823")
-        peer.send(mllp(message))
-        assert _msa(peer.ack()) == ("AA", "FULL-1")
     finally:
         handle.stop()
     assert _rows(store, "hl7_messages", "state = 'parsed'") == 1
@@ -559,18 +564,7 @@ def test_through_a_group_committer_a_full_database_answers_ar_and_recovers(confi
     handle = MllpServer(make, port=0, idle_timeout_s=10.0, workers=4,
                         max_connections_per_address=16).run_in_thread()
     try:
-        pages = writer.conn.execute("PRAGMA page_count").fetchone()[0]
-        writer.conn.execute(f"PRAGMA max_page_count = {pages}")
-        peer = Peer(handle.port)
-        message = us_report(Patient(), "FULL-1", text=("Findings. " * 400,) * 10)
-        peer.send(mllp(message))
-        ack = peer.ack()
-        assert _msa(ack) == ("AR", "FULL-1") and ack.get("ERR-8") == (
-            "database unavailable, send again")
-        assert _rows(store, "hl7_messages") == 0
-        writer.conn.execute("PRAGMA max_page_count = 1073741823")
-        peer.send(mllp(message))
-        assert _msa(peer.ack()) == ("AA", "FULL-1")
+        _full_database_then_room(writer, store, handle.port)
         peers = [Peer(handle.port) for _ in range(10)]
         for i, each in enumerate(peers):
             each.send(mllp(pathology_result(Patient(f"MRN1{i:02d}"), f"MANY-{i}")))
