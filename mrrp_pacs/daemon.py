@@ -706,7 +706,10 @@ class _MllpListener:
 
     @property
     def port(self) -> int:
-        return int(self.handle.port if self.handle is not None else self.server.port)
+        if self.handle is not None:
+            return self.handle.port
+        return int(self.server.port if self.server.port is not None else self.server.tls_port
+                   or 0)
 
     @property
     def running(self) -> bool:
