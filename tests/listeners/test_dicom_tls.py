@@ -13,7 +13,6 @@ import time
 
 import pytest
 from builders import Patient, us_image, write
-from certs import make_certs
 from orthanc import LOOPBACK
 from pynetdicom import AE
 from pynetdicom.sop_class import UltrasoundImageStorage, Verification
@@ -24,11 +23,6 @@ from mrrp_pacs.config import TlsConfig
 from mrrp_pacs.tls import client_context, parse_networks, server_context
 
 pytestmark = pytest.mark.needs_tool("openssl")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def _server_tls(certs, require_client_cert=True):

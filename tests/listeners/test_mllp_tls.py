@@ -8,7 +8,6 @@ import time
 
 import pytest
 from builders import Patient, mllp, pathology_result, us_report
-from certs import make_certs
 
 from exporters.hl7_result import MllpSender
 from exporters.mllp_client import FrameReader, send_messages
@@ -20,11 +19,6 @@ from mrrp_pacs.store import Store
 from mrrp_pacs.tls import client_context, parse_networks, server_context
 
 pytestmark = pytest.mark.needs_tool("openssl")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture
