@@ -174,3 +174,27 @@ def test_allow_list_closes_other_addresses_at_once(serve, config, store, caplog)
     assert _count(store) == 1
     assert "refused: address not in hl7.allowed_addresses" in caplog.text
     assert "127.0.0.2" in caplog.text
+
+
+def test_hl7_send_command_uses_tls_for_a_tls_only_listener(serve, certs, tmp_path):
+    """`hl7 send` to a listener configured TLS only goes to [hl7] tls_port over TLS with the
+    [tls] files; --no-tls sends plain (and the TLS listener refuses it)."""
+    from click.testing import CliRunner
+
+    from mrrp_pacs.cli import main
+
+    server = serve()
+    message = tmp_path / "report.hl7"
+    message.write_bytes(us_report(Patient(), "CLI-TLS"))
+    config = tmp_path / "mrrp.toml"
+    config.write_text(
+        f'[hl7]\ntls = true\nplain = false\ntls_port = {server.tls_port}\n'
+        f'[tls]\ncert_file = "{certs.client_cert}"\nkey_file = "{certs.client_key}"\n'
+        f'ca_file = "{certs.ca}"\n')
+    result = CliRunner().invoke(main, ["--config", str(config), "hl7", "send", str(message)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "report.hl7: CLI-TLS AA\n"
+    plain = CliRunner().invoke(main, ["--config", str(config), "hl7", "send", str(message),
+                                      "--no-tls", "--port", str(server.tls_port),
+                                      "--timeout", "3"])
+    assert plain.exit_code != 0 and "AA" not in plain.output
