@@ -480,9 +480,10 @@ class Config:
             if not addresses:
                 fail(f"dicom.ae_addresses.{title}", addresses,
                      "at least one address or CIDR network (remove the AE to leave it unpinned)")
-            tls.parse_networks(addresses, f"dicom.ae_addresses.{title}")
-        tls.parse_networks(self.hl7.allowed_addresses, "hl7.allowed_addresses")
         try:
+            for title, addresses in self.dicom.ae_addresses.items():
+                tls.parse_networks(addresses, f"dicom.ae_addresses.{title}")
+            tls.parse_networks(self.hl7.allowed_addresses, "hl7.allowed_addresses")
             if self.dicom.tls or self.hl7.tls:
                 tls.server_context(self.tls)
             if self.pacs.tls or self.export.tls or self.export.hl7_tls:
