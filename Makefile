@@ -107,18 +107,19 @@ $(STAMP): pyproject.toml
 # Real external programs the tests use: Orthanc (PACS) with its DICOMweb plugin and its WSI
 # Dicomizer (slides as another producer writes them), dcmtk,
 # dicom3tools, R survival, poppler (pdftoppm renders the PDF companion), chromium (the viewer
-# test) and iproute2 for the private network namespace.
+# test), openssl (the TLS tests' certificates) and iproute2 for the private network namespace.
 # A test that runs one says so (needs_tool, tests/support/tools.py) and fails if it is missing.
 test-tools:
 	@if command -v storescu >/dev/null && command -v dsrdump >/dev/null \
 		&& command -v dciodvfy >/dev/null && test -x /usr/sbin/Orthanc \
 		&& command -v OrthancWSIDicomizer >/dev/null && command -v ip >/dev/null \
 		&& command -v pdftoppm >/dev/null && command -v chromium >/dev/null \
+		&& command -v openssl >/dev/null \
 		&& test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
 		&& Rscript -e 'suppressMessages({library(survival); library(riskRegression); library(pec)})' \
 			>/dev/null 2>&1; then :; \
 	else deploy/apt-install.sh orthanc orthanc-dicomweb orthanc-wsi dcmtk dicom3tools \
-		r-cran-survival r-cran-riskregression r-cran-pec poppler-utils chromium iproute2; fi
+		r-cran-survival r-cran-riskregression r-cran-pec poppler-utils chromium iproute2 openssl; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

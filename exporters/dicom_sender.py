@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -72,6 +73,9 @@ class DicomSender:
     timeout_s
         Limit in seconds for connecting, association negotiation, each network read and
         each C-STORE response.
+    ssl_context
+        Associate over TLS with this client context (:func:`mrrp_pacs.tls.client_context`);
+        ``port`` is then the peer's DICOM-TLS port.
 
     Raises
     ------
@@ -82,7 +86,8 @@ class DicomSender:
 
     def __init__(self, host: str, port: int, called_ae: str,
                  calling_ae: str = DEFAULT_CALLING_AE,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         for label, title in (("called AE title", called_ae), ("calling AE title", calling_ae)):
             if not 0 < len(title.strip()) <= 16 or "\\" in title or not title.isprintable():
                 raise ValueError(f"{label} {title!r} must be 1-16 printable characters "
@@ -98,6 +103,7 @@ class DicomSender:
         self.called_ae = called_ae
         self.calling_ae = calling_ae
         self.timeout_s = timeout_s
+        self.ssl_context = ssl_context
 
     @property
     def peer(self) -> str:
@@ -192,8 +198,9 @@ class DicomSession:
         ae.network_timeout = ae.connection_timeout = sender.timeout_s
         contexts = [build_context(sop_class, _offered(syntax))
                     for sop_class, syntax in self._contexts]
+        tls = None if sender.ssl_context is None else (sender.ssl_context, sender.host)
         assoc = ae.associate(sender.host, sender.port, contexts=contexts,
-                             ae_title=sender.called_ae)
+                             ae_title=sender.called_ae, tls_args=tls)
         if assoc.is_established:
             return assoc
         reply = assoc.acceptor.primitive
@@ -210,8 +217,11 @@ class DicomSession:
                             f"({', '.join(f'{c} {UID(t).name}' for c, t in self._contexts)})",
                             transient=False)
         else:
-            error = SendError(f"no association with {sender.peer}: connection refused, timed "
-                              f"out or aborted (timeout {sender.timeout_s:g} s)", transient=True)
+            how = ("connection refused, timed out, aborted or TLS handshake failed (certificate "
+                   "not trusted, name not matching, ours refused)" if tls is not None else
+                   "connection refused, timed out or aborted")
+            error = SendError(f"no association with {sender.peer}: {how} (timeout "
+                              f"{sender.timeout_s:g} s)", transient=True)
         self._unreachable = error
         raise error
 

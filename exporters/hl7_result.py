@@ -13,6 +13,7 @@ transient failures, AR/CR permanent. The peer's error text is not kept (it may q
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -106,9 +107,12 @@ class MllpSender:
         The listener.
     timeout_s
         Seconds to connect, and to wait for the acknowledgement.
+    ssl_context
+        MLLP over TLS with this client context (:func:`mrrp_pacs.tls.client_context`).
     """
 
-    def __init__(self, host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if not host:
             raise ValueError("MLLP destination needs a host")
         if not 0 < port < 65536:
@@ -118,10 +122,11 @@ class MllpSender:
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
+        self.ssl_context = ssl_context
 
     @property
     def peer(self) -> str:
-        return f"mllp://{self.host}:{self.port}"
+        return f"mllp{'s' if self.ssl_context is not None else ''}://{self.host}:{self.port}"
 
     def send(self, data: bytes) -> None:
         """Send one unframed message and check its acknowledgement.
@@ -135,9 +140,13 @@ class MllpSender:
         if MLLP_START in data or MLLP_END[:1] in data:
             raise SendError("the message holds MLLP framing bytes (0x0B/0x1C)", transient=False)
         try:
-            (ack,) = send_messages(self.host, self.port, [data], self.timeout_s)
+            (ack,) = send_messages(self.host, self.port, [data], self.timeout_s,
+                                   self.ssl_context)
         except OSError as exc:
-            raise SendError(f"no MLLP connection to {self.peer} ({type(exc).__name__})",
+            # a TLS failure (certificate not trusted, name mismatch) is retried too: the
+            # outbox's time budget lets an operator fix either side
+            why = f": {exc.reason}" if isinstance(exc, ssl.SSLError) and exc.reason else ""
+            raise SendError(f"no MLLP connection to {self.peer} ({type(exc).__name__}{why})",
                             transient=True) from None
         if ack.accepted:
             return

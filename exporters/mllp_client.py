@@ -10,7 +10,9 @@ error or only on success (ER, SU) is waited for up to the timeout.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from mrrp_pacs.errors import Hl7Error
@@ -22,7 +24,7 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 def send_messages(host: str, port: int, messages: Iterable[bytes],
-                  timeout_s: float = 30.0) -> list[Ack]:
+                  timeout_s: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> list[Ack]:
     """Send ``messages`` (unframed HL7 v2) over one MLLP connection; one :class:`Ack` each.
 
     Parameters
@@ -33,6 +35,10 @@ def send_messages(host: str, port: int, messages: Iterable[bytes],
         Messages without MLLP framing, segments ended by CR.
     timeout_s
         Seconds to connect, and to wait for each acknowledgement.
+    ssl_context
+        MLLP over TLS with this client context (:func:`mrrp_pacs.tls.client_context`): the
+        listener's certificate is verified (its name against ``host`` when the context checks
+        host names) before anything is sent.
 
     Returns
     -------
@@ -43,11 +49,15 @@ def send_messages(host: str, port: int, messages: Iterable[bytes],
     Raises
     ------
     OSError
-        The connection cannot be opened (nothing was sent).
+        The connection cannot be opened, or its TLS handshake failed (``ssl.SSLError``; nothing
+        was sent).
     """
     pending = list(messages)
     acks: list[Ack] = []
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+    with ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout_s))
+        if ssl_context is not None:
+            sock = stack.enter_context(ssl_context.wrap_socket(sock, server_hostname=host))
         connection = FrameReader(sock, timeout_s)
         broken = ""
         for raw in pending:
@@ -105,8 +115,8 @@ def read_messages(path: Path, max_file_bytes: int = MAX_FILE_BYTES) -> list[byte
     return messages
 
 
-def send_files(paths: Sequence[Path], host: str, port: int,
-               timeout_s: float = 30.0) -> list[tuple[Path, Ack]]:
+def send_files(paths: Sequence[Path], host: str, port: int, timeout_s: float = 30.0,
+               ssl_context: ssl.SSLContext | None = None) -> list[tuple[Path, Ack]]:
     """Send every message of every file over one connection, in order.
 
     A file that cannot be read or split yields one entry with an empty code and the reason;
@@ -125,5 +135,5 @@ def send_files(paths: Sequence[Path], host: str, port: int,
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             entries.append((path, Ack("", "", error=f"{path}: {reason}")))
     to_send = [item for _, item in entries if isinstance(item, bytes)]
-    acks = iter(send_messages(host, port, to_send, timeout_s) if to_send else [])
+    acks = iter(send_messages(host, port, to_send, timeout_s, ssl_context) if to_send else [])
     return [(path, item if isinstance(item, Ack) else next(acks)) for path, item in entries]

@@ -9,7 +9,12 @@ Modelled on pynetdicom's ``storescp`` app, with the differences this daemon need
 * only the SOP classes the pipeline reads are offered, and compressed transfer syntaxes are
   accepted as they are so that JPEG tiles of a slide are never transcoded;
 * calling AE titles outside the allow-list and a called AE title other than ours are refused
-  at association (A-ASSOCIATE-RJ, reasons "calling/called AE title not recognised").
+  at association (A-ASSOCIATE-RJ, reasons "calling/called AE title not recognised"), and so is
+  a calling AE title pinned to source addresses (``ae_addresses``) calling from another one;
+* it may listen on a plain port, a TLS port (``ssl_context``: mutual TLS when the context
+  requires client certificates), or both. The TLS handshake is made in the connection's own
+  thread, within the deadline of the association request, not in the thread accepting
+  connections (pynetdicom's own server would let one silent peer stall every other).
 
 Each C-STORE opens its own :class:`~mrrp_pacs.intake.Intake` through an *opener* (a
 callable returning a context manager), because pynetdicom serves every association in its
@@ -21,13 +26,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import select
 import socket
 import sqlite3
+import ssl
 import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +77,7 @@ from mrrp_pacs.intake.dicom import (
 )
 from mrrp_pacs.store import Store
 from mrrp_pacs.store.groupcommit import GroupCommitter
+from mrrp_pacs.tls import Network, address_allowed
 
 LOGGER = logging.getLogger(__name__)
 
@@ -373,6 +381,49 @@ class _GuardedSocket:
         return data
 
 
+class _DeferredTlsServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, but a TLS connection is only wrapped when accepted; its
+    handshake is made by :meth:`StorageScp._on_connection` in the connection's own thread."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+
+def tls_handshake(sock: ssl.SSLSocket, deadline: float,
+                  monotonic: Callable[[], float] = time.monotonic) -> str | None:
+    """Make the server side of ``sock``'s handshake by ``deadline``; None, or why it failed.
+
+    Non-blocking steps with a wait for each, so that the deadline bounds the whole handshake
+    (a blocking ``do_handshake`` restarts its timeout at every byte a slow peer sends).
+    """
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while True:
+            left = deadline - monotonic()
+            if left <= 0:
+                return "TLS handshake not complete in time"
+            try:
+                sock.do_handshake()
+                return None
+            except ssl.SSLWantReadError:
+                select.select([sock], [], [], left)
+            except ssl.SSLWantWriteError:
+                select.select([], [sock], [], left)
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed ({exc.reason or type(exc).__name__})"
+    except OSError as exc:
+        return f"TLS handshake failed ({type(exc).__name__})"
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
+
+
 def printable_ae(title: str) -> str:
     """An AE title as received, safe to log and to store in a ``source`` column."""
     return "".join(c for c in title if " " <= c <= "~").strip() or "?"
@@ -389,7 +440,8 @@ class StorageScp:
     ae_title
         Our AE title; associations calling another title are refused.
     port
-        TCP port to listen on; 0 picks a free one (read :attr:`port` after :meth:`start`).
+        TCP port to listen on; 0 picks a free one (read :attr:`port` after :meth:`start`);
+        ``None``: no plain listener (``tls_port`` then).
     host
         Address to bind. The default, 127.0.0.1, accepts only local peers; a PACS on another
         machine needs the address of the interface it reaches, or the wildcard address.
@@ -411,11 +463,17 @@ class StorageScp:
     spool_dir
         Folder the received data sets are written to while they arrive (on the data disk:
         the object store's staging folder); ``None``: the system's temporary folder.
+    tls_port, ssl_context
+        A TLS listener on ``tls_port`` (0 picks a free one, read :attr:`tls_port`) with this
+        server context (:func:`mrrp_pacs.tls.server_context`).
+    ae_addresses
+        Calling AE title -> networks it may associate from; from elsewhere it is rejected
+        (calling AE title not recognised). Titles not listed are not pinned.
     monotonic
         The clock of those deadlines (seconds).
     """
 
-    def __init__(self, open_intake: IntakeOpener, ae_title: str, port: int, *,
+    def __init__(self, open_intake: IntakeOpener, ae_title: str, port: int | None, *,
                  host: str = "127.0.0.1", allowed_aes: set[str] | None = None,
                  max_pdu: int = DEFAULT_MAX_PDU,
                  max_associations: int = DEFAULT_MAX_ASSOCIATIONS,
@@ -426,15 +484,26 @@ class StorageScp:
                  max_unassociated_per_address: int = DEFAULT_MAX_UNASSOCIATED_PER_ADDRESS,
                  pdu_timeout_s: float = DEFAULT_PDU_TIMEOUT_S,
                  spool_dir: Path | None = None,
+                 tls_port: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                 ae_addresses: Mapping[str, Iterable[Network]] | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         if allowed_aes is not None and not allowed_aes:
             raise ValueError("allowed_aes is empty, so no sender could connect; list the "
                              "calling AE titles to accept, or pass None to accept any")
-        if not 0 <= port <= 65535:
-            raise ValueError(f"port must be between 0 and 65535, got {port}")
+        if port is None and tls_port is None:
+            raise ValueError("no listener: give a port, a tls_port, or both")
+        if (tls_port is None) != (ssl_context is None):
+            raise ValueError("tls_port and ssl_context go together")
+        for number in (port, tls_port):
+            if number is not None and not 0 <= number <= 65535:
+                raise ValueError(f"port must be between 0 and 65535, got {number}")
         self.open_intake = open_intake
         self.host = host
         self.port = port
+        self.tls_port = tls_port
+        self.ssl_context = ssl_context
+        self.ae_addresses = {title.strip(): tuple(networks)
+                             for title, networks in (ae_addresses or {}).items()}
         self.allowed_aes = None if allowed_aes is None else frozenset(allowed_aes)
         self.ae = AE(ae_title=ae_title)  # raises ValueError naming a bad title
         if max_associations < 1 or max_unassociated_per_address < 1:
@@ -461,8 +530,7 @@ class StorageScp:
         for sop_class in STORAGE_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, list(transfer_syntaxes_for(sop_class)))
         self.ae.add_supported_context(Verification)  # so an operator can check with echoscu
-        self._server: ThreadedAssociationServer | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: list[tuple[ThreadedAssociationServer, threading.Thread]] = []
         self._lock = threading.Lock()
         self._counts: weakref.WeakKeyDictionary[Association, dict[str, int]] = (
             weakref.WeakKeyDictionary())
@@ -478,12 +546,11 @@ class StorageScp:
     @property
     def running(self) -> bool:
         """Started, and the thread accepting associations is alive (``/healthz``)."""
-        return self._server is not None and self._thread is not None \
-            and self._thread.is_alive()
+        return bool(self._servers) and all(thread.is_alive() for _, thread in self._servers)
 
     def start(self) -> None:
         """Listen in background threads; returns once the port is bound."""
-        if self._server is not None:
+        if self._servers:
             raise RuntimeError("the storage SCP is already running")
         handlers: list[EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_c_store),
@@ -494,20 +561,39 @@ class StorageScp:
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
         ]
+        listening = []
+        try:
+            if self.port is not None:
+                self.port = self._serve(self.port, None, handlers)
+                listening.append(f"{self.host}:{self.port}")
+            if self.tls_port is not None:
+                self.tls_port = self._serve(self.tls_port, self.ssl_context, handlers)
+                verify = self.ssl_context.verify_mode if self.ssl_context else ssl.CERT_NONE
+                listening.append(f"{self.host}:{self.tls_port} (TLS, client certificate "
+                                 + {ssl.CERT_REQUIRED: "required", ssl.CERT_OPTIONAL:
+                                    "verified when sent"}.get(verify, "not asked") + ")")
+        except BaseException:
+            self.stop(grace_s=0)
+            raise
+        LOGGER.info("DICOM storage SCP %s listening on %s (%s%s)", self.ae_title,
+                    " and ".join(listening), "any calling AE" if self.allowed_aes is None else
+                    "calling AEs allowed: " + ", ".join(sorted(self.allowed_aes)),
+                    "; pinned to addresses: " + ", ".join(sorted(self.ae_addresses))
+                    if self.ae_addresses else "")
+
+    def _serve(self, port: int, context: ssl.SSLContext | None,
+               handlers: list[EventHandlerType]) -> int:
+        """One listener; returns its bound port."""
         # AE.start_server(block=False) without hiding the acceptor thread, so that `running`
         # can tell a thread that died from one that serves (pynetdicom 3.0's own steps)
-        server = self.ae.make_server((self.host, self.port), evt_handlers=handlers,
-                                     server_class=ThreadedAssociationServer)
+        server = self.ae.make_server((self.host, port), evt_handlers=handlers,
+                                     ssl_context=context, server_class=_DeferredTlsServer)
         thread = threading.Thread(target=make_target(server.serve_forever),
-                                  name=f"dicom-scp-{self.ae_title}", daemon=True)
+                                  name=f"dicom-scp-{self.ae_title}-{port}", daemon=True)
         thread.start()
         self.ae._servers.append(server)  # what AE.shutdown() and server.shutdown() expect
-        self._server = server
-        self._thread = thread
-        self.port = int(server.server_address[1])
-        LOGGER.info("DICOM storage SCP %s listening on %s:%d (%s)", self.ae_title, self.host,
-                    self.port, "any calling AE" if self.allowed_aes is None else
-                    "calling AEs allowed: " + ", ".join(sorted(self.allowed_aes)))
+        self._servers.append((server, thread))
+        return int(server.server_address[1])
 
     def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
         """Stop listening, let running associations finish for ``grace_s`` seconds, abort the rest.
@@ -515,13 +601,13 @@ class StorageScp:
         An aborted transfer loses nothing: an object is acknowledged only once persisted, and
         the sender sends it again.
         """
-        if self._server is None:
+        if not self._servers:
             return
-        self._server.shutdown()
-        self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        servers, self._servers = self._servers, []
+        for server, _ in servers:
+            server.shutdown()
+        for _, thread in servers:
+            thread.join(timeout=10)
         deadline = time.monotonic() + grace_s
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -576,11 +662,30 @@ class StorageScp:
         if waiting >= self.max_unassociated_per_address:
             guard.refuse(f"{waiting} connections from this address have not associated yet "
                          f"(at most {self.max_unassociated_per_address})")
+            return
+        raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+        if isinstance(raw, ssl.SSLSocket):
+            failed = tls_handshake(raw, guard.request_deadline, self.monotonic)
+            if failed is not None:
+                guard.refuse(failed)
 
     def _on_requested(self, event: Event) -> None:
         """A whole A-ASSOCIATE-RQ arrived: count the connection as an association, or refuse."""
         assoc = event.assoc
         assoc.acse_timeout = self.acse_timeout_s
+        # requestor.ae_title is set only by the negotiation, after this event
+        calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "")).strip()
+        pinned = self.ae_addresses.get(calling)
+        address = self.peer(assoc)
+        if pinned is not None and not address_allowed(address, pinned):
+            with self._lock:
+                self._unassociated.pop(assoc, None)
+            LOGGER.warning("association rejected (calling AE title not recognised: pinned to "
+                           "other addresses): %s -> %s from %s", printable_ae(calling),
+                           self.ae_title, address)
+            assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE
+            assoc.kill()
+            return
         with self._lock:
             self._unassociated.pop(assoc, None)
             serving = sum(1 for other in self._admitted
@@ -591,7 +696,7 @@ class StorageScp:
                 return
         LOGGER.warning("association rejected (too many associations: %d of %d): %s -> %s "
                        "from %s", serving, self.max_associations,
-                       printable_ae(assoc.requestor.ae_title), self.ae_title, self.peer(assoc))
+                       printable_ae(calling), self.ae_title, address)
         assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, local limit exceeded
         assoc.kill()  # as pynetdicom's own rejection does: the DUL sends the A-ASSOCIATE-RJ
 

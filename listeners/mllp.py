@@ -31,8 +31,15 @@ written. Decisions, for the interface engineer on the other side:
 Limits against hostile peers: a frame must be complete within ``frame_timeout_s`` of its first
 byte (a sender trickling bytes cannot hold a connection; between frames ``idle_timeout_s``
 applies), and one address holds at most ``max_connections_per_address`` connections (more are
-closed at once, other senders still get in). A message answered AE for its content is kept
+closed at once, other senders still get in); with ``allowed_addresses`` a peer from another
+address is closed at once. A message answered AE for its content is kept
 (:mod:`mrrp_pacs.intake.refused`, ``mrrp-pacs quarantine``), so that nothing refused is lost.
+
+TLS: a listener on ``tls_port`` (beside the plain one on ``port``, or alone) upgrades each
+connection with ``ssl_context`` once the address checks and connection limits have admitted it,
+so a peer that never completes its handshake holds one counted connection for at most
+``handshake_timeout_s``; a failed handshake (no client certificate where one is required, one
+of another CA, a plain client) closes the connection with one warning.
 
 Peer addresses, counts and a short digest of the control id (:func:`control_digest`) are
 logged; message content, MSH-10 itself and exception texts (which can quote content) never
@@ -44,12 +51,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 import sqlite3
+import ssl
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -65,6 +74,7 @@ from mrrp_pacs.hl7.ack import (
 from mrrp_pacs.hl7.mllp import Frame, MllpFramer, framed
 from mrrp_pacs.intake import Intake, IntakeResult, Outcome
 from mrrp_pacs.intake import refused as refused_input
+from mrrp_pacs.tls import Network, address_allowed
 
 LOGGER = logging.getLogger(__name__)
 
@@ -94,6 +104,8 @@ class MllpStats:
     connections_total: int = 0
     connections_refused: int = 0  # over max_connections, or arriving while stopping
     connections_refused_address: int = 0  # over max_connections_per_address (also counted above)
+    connections_not_allowed: int = 0  # from an address outside allowed_addresses (also above)
+    tls_handshake_failures: int = 0  # TLS connections closed: handshake failed or too slow
     frame_timeouts: int = 0  # connections closed: a frame not complete within frame_timeout_s
     refused_kept: int = 0  # messages answered AE for their content and kept in refused_input
     in_flight: int = 0  # messages being persisted now
@@ -120,7 +132,15 @@ class MllpServer:
         Makes an ``Intake`` with its own ``Store``; called once in each worker thread (a
         ``Store`` is used by one thread). The server closes those stores in :meth:`stop`.
     host, port
-        Address to listen on; port 0 picks a free one (see :attr:`port` after start).
+        Address to listen on; port 0 picks a free one (see :attr:`port` after start); port
+        ``None``: no plain listener (``tls_port`` then).
+    tls_port, ssl_context
+        A TLS listener on ``tls_port`` (0 picks a free one: :attr:`tls_port`) with this server
+        context (:func:`mrrp_pacs.tls.server_context`).
+    handshake_timeout_s
+        Seconds a TLS connection has to complete its handshake; default ``frame_timeout_s``.
+    allowed_addresses
+        Networks peers may connect from; others are closed at once. ``None``: any.
     max_message_bytes
         Largest frame content accepted (bytes); a larger one is answered AE.
     idle_timeout_s
@@ -143,11 +163,21 @@ class MllpServer:
     """
 
     def __init__(self, intake_factory: IntakeFactory, *, host: str = "127.0.0.1",
-                 port: int = 2575, max_message_bytes: int = 4 * 1024 * 1024,
+                 port: int | None = 2575, max_message_bytes: int = 4 * 1024 * 1024,
                  idle_timeout_s: float = 600.0, max_connections: int = 32, workers: int = 2,
                  application: str = "MRRP", frame_timeout_s: float = 60.0,
-                 max_connections_per_address: int = 8, keep_refused: bool = True) -> None:
+                 max_connections_per_address: int = 8, keep_refused: bool = True,
+                 tls_port: int | None = None, ssl_context: ssl.SSLContext | None = None,
+                 handshake_timeout_s: float | None = None,
+                 allowed_addresses: Iterable[Network] | None = None) -> None:
+        if port is None and tls_port is None:
+            raise ValueError("MLLP listener: no port; give port, tls_port or both")
+        if (tls_port is None) != (ssl_context is None):
+            raise ValueError("MLLP listener: tls_port and ssl_context go together")
+        handshake_timeout_s = frame_timeout_s if handshake_timeout_s is None \
+            else handshake_timeout_s
         for name, value in (("max_message_bytes", max_message_bytes),
+                            ("handshake_timeout_s", handshake_timeout_s),
                             ("idle_timeout_s", idle_timeout_s),
                             ("frame_timeout_s", frame_timeout_s),
                             ("max_connections_per_address", max_connections_per_address),
@@ -165,9 +195,14 @@ class MllpServer:
         self.frame_timeout_s = frame_timeout_s
         self.max_connections_per_address = max_connections_per_address
         self.keep_refused = keep_refused
+        self.tls_port = tls_port
+        self.ssl_context = ssl_context
+        self.handshake_timeout_s = handshake_timeout_s
+        self.allowed_addresses = None if allowed_addresses is None else tuple(allowed_addresses)
         self._per_address: dict[str, int] = {}
         self._stats = MllpStats()
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | None = None  # the plain listener
+        self._tls_server: asyncio.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed: asyncio.Event | None = None
         self._stopping = False
@@ -187,7 +222,7 @@ class MllpServer:
         OSError
             The address cannot be bound (port in use, address not local).
         """
-        if self._server is not None:
+        if self._server is not None or self._tls_server is not None:
             raise RuntimeError("MLLP listener already started")
         self._stopping = False
         self._stats = MllpStats()
@@ -195,17 +230,32 @@ class MllpServer:
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="mllp-intake")
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._intake)
-            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+            if self.port is not None:
+                self._server = await asyncio.start_server(
+                    functools.partial(self._handle, tls=False), self.host, self.port)
+                self.port = self._server.sockets[0].getsockname()[1]
+            if self.tls_port is not None:
+                self._tls_server = await asyncio.start_server(
+                    functools.partial(self._handle, tls=True), self.host, self.tls_port)
+                self.tls_port = self._tls_server.sockets[0].getsockname()[1]
         except BaseException:
+            for server in (self._server, self._tls_server):
+                if server is not None:
+                    server.close()
+            self._server = self._tls_server = None
             await self._release()
             raise
-        self.port = self._server.sockets[0].getsockname()[1]
-        LOGGER.info("MLLP listener on %s:%d (max %d connections, %d bytes per message)",
-                    self.host, self.port, self.max_connections, self.max_message_bytes)
+        where = [f"{self.host}:{self.port}"] if self.port is not None else []
+        if self.tls_port is not None:
+            where.append(f"{self.host}:{self.tls_port} (TLS)")
+        LOGGER.info("MLLP listener on %s (max %d connections, %d bytes per message%s)",
+                    " and ".join(where), self.max_connections, self.max_message_bytes,
+                    "" if self.allowed_addresses is None else ", from "
+                    + ", ".join(map(str, self.allowed_addresses)) + " only")
 
     async def serve_forever(self) -> None:
         """Start (unless started) and return once :meth:`stop` has finished."""
-        if self._server is None:
+        if self._server is None and self._tls_server is None:
             await self.start()
         assert self._closed is not None
         await self._closed.wait()
@@ -218,10 +268,12 @@ class MllpServer:
         cancelled (a message being stored then is stored, but not answered: the sender resends
         it and receives AA as for a duplicate).
         """
-        if self._server is None:
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
+        if not servers:
             return
         self._stopping = True
-        self._server.close()
+        for server in servers:
+            server.close()
         for task in list(self._reading):
             task.cancel()
         if self._handlers:
@@ -230,10 +282,12 @@ class MllpServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        await self._server.wait_closed()
-        self._server = None
+        for server in servers:
+            await server.wait_closed()
+        self._server = self._tls_server = None
         await self._release()
-        LOGGER.info("MLLP listener on port %d stopped (%d connections served)", self.port,
+        LOGGER.info("MLLP listener on port %s stopped (%d connections served)",
+                    self.port if self.port is not None else self.tls_port,
                     self._stats.connections_total)
         assert self._closed is not None
         self._closed.set()
@@ -293,10 +347,19 @@ class MllpServer:
 
     # -- one connection ----------------------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                      tls: bool = False) -> None:
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if peer else "?"
         where = f"{host}:{peer[1]}" if peer else "?"
+        if self.allowed_addresses is not None and not address_allowed(host,
+                                                                      self.allowed_addresses):
+            self._stats.connections_refused += 1
+            self._stats.connections_not_allowed += 1
+            LOGGER.warning("MLLP connection from %s refused: address not in hl7.allowed_addresses",
+                           where)
+            writer.close()
+            return
         crowded = self._per_address.get(host, 0) >= self.max_connections_per_address
         if self._stopping or crowded or self._stats.connections_open >= self.max_connections:
             self._stats.connections_refused += 1
@@ -319,9 +382,11 @@ class MllpServer:
         answered = 0
         loop = asyncio.get_running_loop()
         frame_deadline: float | None = None  # loop time by which the current frame must end
-        LOGGER.info("MLLP connection from %s opened (%d open)", where,
-                    self._stats.connections_open)
+        LOGGER.info("MLLP connection from %s opened (%d open%s)", where,
+                    self._stats.connections_open, ", TLS" if tls else "")
         try:
+            if tls and not await self._start_tls(writer, task, where):
+                return
             while not self._stopping:
                 self._reading.add(task)
                 wait_s = self.idle_timeout_s
@@ -379,6 +444,28 @@ class MllpServer:
                                framer.partial_bytes)
             writer.close()
             LOGGER.info("MLLP connection from %s closed after %d messages", where, answered)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter, task: asyncio.Task[None],
+                         where: str) -> bool:
+        """The server side of the TLS handshake, within ``handshake_timeout_s``; False (and a
+        warning) when it failed."""
+        assert self.ssl_context is not None
+        self._reading.add(task)  # stop() cancels a handshake as it cancels a read
+        try:
+            await writer.start_tls(self.ssl_context,
+                                   ssl_handshake_timeout=self.handshake_timeout_s)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
+            self._stats.tls_handshake_failures += 1
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else (
+                f"not complete within {self.handshake_timeout_s:g} s"
+                if "taking longer" in str(exc) or isinstance(exc, TimeoutError)
+                else type(exc).__name__)
+            LOGGER.warning("MLLP connection from %s: TLS handshake failed (%s): closing", where,
+                           reason)
+            return False
+        finally:
+            self._reading.discard(task)
+        return True
 
     async def _answer(self, frame: Frame, writer: asyncio.StreamWriter, host: str,
                       where: str) -> bool:
@@ -503,7 +590,14 @@ class MllpServerThread:
 
     @property
     def port(self) -> int:
-        return self.server.port
+        """The plain listener's port; the TLS listener's when there is no plain one."""
+        port = self.server.port if self.server.port is not None else self.server.tls_port
+        assert port is not None  # one of them is set (checked in MllpServer.__init__)
+        return port
+
+    @property
+    def tls_port(self) -> int | None:
+        return self.server.tls_port
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop gracefully (see :meth:`MllpServer.stop`) and join the thread; idempotent."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -230,6 +231,10 @@ class PacsPuller:
         A study failing for this long (since its first failure in a row) is given up.
     stop_requested
         Set when the daemon stops: the poll ends after the study being retrieved.
+    ssl_context
+        Associate over TLS with this client context (:func:`mrrp_pacs.tls.client_context`);
+        the remote's port is then its DICOM-TLS port. (A C-MOVE's objects arrive on the
+        PACS's own association to our SCP: over TLS when the PACS is set up for our TLS port.)
     """
 
     def __init__(self, store: Store, remote: RemotePacs, our_ae: str, *,
@@ -247,7 +252,8 @@ class PacsPuller:
                  retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S,
                  retry_max_backoff_s: float = DEFAULT_RETRY_MAX_BACKOFF_S,
                  retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
-                 stop_requested: threading.Event | None = None) -> None:
+                 stop_requested: threading.Event | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if method not in ("move", "get"):
             raise ValueError(f"method must be 'move' or 'get', got {method!r}")
         if method == "get" and open_intake is None:
@@ -291,6 +297,7 @@ class PacsPuller:
         self.retry_max_backoff_s = retry_max_backoff_s
         self.retry_budget_s = retry_budget_s
         self.stop_requested = stop_requested
+        self.ssl_context = ssl_context
 
     # -- the poll ---------------------------------------------------------------------------
 
@@ -689,16 +696,20 @@ class PacsPuller:
                 ae.add_requested_context(sop_class, syntaxes)
             else:
                 ae.add_requested_context(sop_class)
+        tls = None if self.ssl_context is None else (self.ssl_context, self.remote.host)
         assoc = ae.associate(self.remote.host, self.remote.port, ae_title=self.remote.ae_title,
                              # pynetdicom types ext_neg with a private union of item types
                              ext_neg=cast("list[Any]", roles) or None,
-                             evt_handlers=handlers or None)
+                             evt_handlers=handlers or None, tls_args=tls)
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise PullError(f"{self._remote_text()} rejected our association (calling "
                                 f"AE {self.our_ae})" + self._acl_hint(), source=self._remote_text())
             raise PullError(f"cannot associate with {self._remote_text()}: connection "
-                            "refused, timed out or aborted", source=self._remote_text())
+                            "refused, timed out or aborted" + (
+                                "" if tls is None else " or TLS handshake failed (certificate "
+                                "not trusted, name not matching, ours refused)"),
+                            source=self._remote_text())
         try:
             yield assoc
         finally:

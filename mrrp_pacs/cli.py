@@ -925,9 +925,12 @@ def hl7() -> None:
               help="Listener port (default: [hl7] port of the configuration).")
 @click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
               help="Seconds to wait for each acknowledgement.")
+@click.option("--tls/--no-tls", "use_tls", default=None,
+              help="MLLP over TLS, with the [tls] certificates (default: when the configured "
+                   "listener is TLS only; then the default port is [hl7] tls_port).")
 @click.pass_obj
 def hl7_send(state: _Context, files: tuple[Path, ...], host: str | None, port: int | None,
-             timeout_s: float) -> None:
+             timeout_s: float, use_tls: bool | None) -> None:
     """Send HL7 files (one or more messages each) over MLLP on one connection; print each
     acknowledgement. Exit status 1 when any message is not accepted (AA).
 
@@ -935,9 +938,14 @@ def hl7_send(state: _Context, files: tuple[Path, ...], host: str | None, port: i
     from exporters.mllp_client import send_files
 
     def work() -> None:
-        listener = state.config().hl7
+        from mrrp_pacs.tls import client_context
+
+        config = state.config()
+        listener = config.hl7
+        over_tls = use_tls if use_tls is not None else listener.tls and not listener.plain
         results = send_files(list(files), host or local_address(listener.bind),
-                             port or listener.port, timeout_s)
+                             port or (listener.tls_port if over_tls else listener.port),
+                             timeout_s, client_context(config.tls) if over_tls else None)
         for path, ack in results:
             line = f"{path.name}: {ack.control_id or '-'} {ack.code or 'no answer'}"
             click.echo(f"{line} {ack.error}" if ack.error else line)

@@ -17,7 +17,7 @@ import tomllib
 import types
 import typing
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -187,6 +187,14 @@ class DicomConfig:
     max_unassociated_per_address: int = 8
     # seconds a PDU has, from its first byte, to arrive whole (a trickling peer is cut off)
     pdu_timeout_s: float = 60.0
+    # DICOM over TLS ([tls] certificate) on tls_port (2762: the registered DICOM-TLS port)
+    tls: bool = False
+    tls_port: int = 2762
+    # the unencrypted listener on `port`; false (with tls = true) leaves TLS the only way in
+    plain: bool = True
+    # calling AE title -> source addresses/CIDR networks it may associate from; an AE listed
+    # here associating from elsewhere is rejected (calling AE title not recognised)
+    ae_addresses: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,8 @@ class PacsConfig:
     retry_backoff_s: int = 300
     retry_max_backoff_s: int = 21600
     retry_budget_h: float = 72.0
+    # associate over TLS ([tls]); `port` is then the PACS's DICOM-TLS port
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,13 @@ class Hl7Config:
     # together (group commit), so one per sending connection keeps a slow disk write from
     # holding up the messages queued behind it (docs/daemon.md "Load")
     workers: int = 8
+    # MLLP over TLS ([tls] certificate) on tls_port (no registered port exists)
+    tls: bool = False
+    tls_port: int = 2576
+    # the unencrypted listener on `port`; false (with tls = true) leaves TLS the only way in
+    plain: bool = True
+    # source addresses/CIDR networks allowed to connect; empty = any. Others are closed at once
+    allowed_addresses: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -281,12 +298,30 @@ class ExportConfig:
     hl7_port: int = 2575
     hl7_receiving_application: str = ""
     hl7_receiving_facility: str = ""
+    tls: bool = False  # the DICOM destination over TLS ([tls]); port is then its TLS port
+    hl7_tls: bool = False  # the ORU destination over TLS ([tls]); hl7_port is its TLS port
     interval_s: int = 60
     # a failing object is retried for retry_hours from its first failure, then "dead"
     retry_hours: float = 72.0
     max_attempts: int = 0  # an extra cap on tries; 0 = none (retry_hours decides)
     backoff_s: int = 60  # first retry delay; doubles up to max_backoff_s (jittered -50 %)
     max_backoff_s: int = 3600
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Certificates of every TLS listener and client (mrrp_pacs/tls.py); each listener and
+    peer turns TLS on for itself ([dicom] tls, [hl7] tls, [pacs] tls, [export] tls/hl7_tls)."""
+
+    cert_file: Path | None = None  # our certificate (PEM, chain after it)
+    key_file: Path | None = None  # its private key (PEM, not encrypted)
+    # CA certificates (PEM) our peers' certificates are verified against: servers by our
+    # clients (empty = the system's CAs), clients by our listeners (asked for one when set)
+    ca_file: Path | None = None
+    # our listeners refuse a client without a certificate signed by ca_file (mutual TLS)
+    require_client_cert: bool = False
+    # our clients check that the server's certificate names the host connected to
+    check_hostname: bool = True
 
 
 @dataclass(frozen=True)
@@ -317,6 +352,7 @@ class Config:
     hl7: Hl7Config = field(default_factory=Hl7Config)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "built-in defaults"
@@ -347,7 +383,9 @@ class Config:
                               key=key, source=self.source)
 
         for key, port, lowest in (("dicom.port", self.dicom.port, 1),
+                                  ("dicom.tls_port", self.dicom.tls_port, 1),
                                   ("hl7.port", self.hl7.port, 1),
+                                  ("hl7.tls_port", self.hl7.tls_port, 1),
                                   ("pacs.port", self.pacs.port, 1),
                                   ("export.port", self.export.port, 0),
                                   ("export.hl7_port", self.export.hl7_port, 1),
@@ -364,6 +402,7 @@ class Config:
             for title in titles:
                 if not 0 < len(title.strip()) <= 16 or not title.isascii() or "\\" in title:
                     fail(key, title, "an AE title of 1-16 ASCII characters without backslash")
+        self._check_transport(fail)
         hour, _, minute = self.scoring.rescore_time.partition(":")
         if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
             fail("scoring.rescore_time", self.scoring.rescore_time, "a time of day HH:MM")
@@ -424,6 +463,33 @@ class Config:
                  (self.features.nuclei_region_mm2, self.features.nuclei_margin_um),
                  "an area above 0 mm² and a margin of at least 0 µm")
         return self
+
+    def _check_transport(self, fail: Callable[[str, object, str], None]) -> None:
+        """Listeners on, TLS contexts that load, address lists that parse."""
+        from mrrp_pacs import tls
+
+        for name, section in (("dicom", self.dicom), ("hl7", self.hl7)):
+            if not (section.plain or section.tls):
+                fail(f"{name}.plain", section.plain, f"true, or {name}.tls = true: one listener")
+            if section.plain and section.tls and section.port == section.tls_port:
+                fail(f"{name}.tls_port", section.tls_port, f"a port other than {name}.port")
+        for title, addresses in self.dicom.ae_addresses.items():
+            if not 0 < len(title.strip()) <= 16 or not title.isascii() or "\\" in title:
+                fail("dicom.ae_addresses", title,
+                     "AE titles of 1-16 ASCII characters without backslash as keys")
+            if not addresses:
+                fail(f"dicom.ae_addresses.{title}", addresses,
+                     "at least one address or CIDR network (remove the AE to leave it unpinned)")
+        try:
+            for title, addresses in self.dicom.ae_addresses.items():
+                tls.parse_networks(addresses, f"dicom.ae_addresses.{title}")
+            tls.parse_networks(self.hl7.allowed_addresses, "hl7.allowed_addresses")
+            if self.dicom.tls or self.hl7.tls:
+                tls.server_context(self.tls)
+            if self.pacs.tls or self.export.tls or self.export.hl7_tls:
+                tls.client_context(self.tls)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}", key=exc.key, source=self.source) from None
 
     def with_db(self, db: Path) -> Config:
         """Use ``db`` as the database (``--db``): its folder becomes the state folder.
@@ -620,6 +686,12 @@ def _coerce(key: str, kind: Any, value: Any, source: str, base_dir: Path) -> Any
                               f"{sorted(set(value) - set(FAMILY_NAMES))}; known: "
                               f"{', '.join(FAMILY_NAMES)}")
         return list(value)
+    if origin is dict and args and typing.get_origin(args[1]) is list:
+        if not isinstance(value, dict) or not all(
+                isinstance(v, list) and all(isinstance(item, str) for item in v)
+                for v in value.values()):
+            raise bad("a table of lists of strings")
+        return {k: list(v) for k, v in value.items()}
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise bad("a table of strings")

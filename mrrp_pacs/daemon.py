@@ -706,7 +706,10 @@ class _MllpListener:
 
     @property
     def port(self) -> int:
-        return int(self.handle.port if self.handle is not None else self.server.port)
+        if self.handle is not None:
+            return self.handle.port
+        return int(self.server.port if self.server.port is not None else self.server.tls_port
+                   or 0)
 
     @property
     def running(self) -> bool:
@@ -763,7 +766,12 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     from mrrp_pacs.clinical_schema import load_schema
     from mrrp_pacs.health import HealthServer
     from mrrp_pacs.intake import Intake
+    from mrrp_pacs.tls import client_context, parse_networks, server_context
 
+    dicom, hl7 = config.dicom, config.hl7
+    listening_tls = server_context(config.tls) if dicom.tls or hl7.tls else None
+    calling_tls = client_context(config.tls) \
+        if config.pacs.tls or config.export.tls or config.export.hl7_tls else None
     schema = load_schema(config.clinical.schema_file)
     # every listener's rows go through one writer: a transaction and a WAL fsync per batch of
     # what arrived meanwhile, not per object (docs/daemon.md "Load"); listed last, so that it
@@ -771,24 +779,32 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
     writer = _IntakeWriter(GroupCommitter(lambda: Store(
         config.paths.db_file, config.paths.objects_dir, migrate=False, clock=clock)))
     open_intake = intake_opener(config, schema, clock, writer.committer)
-    scp = StorageScp(open_intake, config.dicom.ae_title, config.dicom.port,
-                     host=config.dicom.bind, allowed_aes=allowed_calling_aes(config),
-                     max_associations=config.dicom.max_associations,
-                     association_request_timeout_s=config.dicom.association_request_timeout_s,
-                     max_unassociated_per_address=config.dicom.max_unassociated_per_address,
-                     pdu_timeout_s=config.dicom.pdu_timeout_s,
-                     spool_dir=config.paths.objects_dir / "tmp")
+    scp = StorageScp(open_intake, dicom.ae_title, dicom.port if dicom.plain else None,
+                     host=dicom.bind, allowed_aes=allowed_calling_aes(config),
+                     max_associations=dicom.max_associations,
+                     association_request_timeout_s=dicom.association_request_timeout_s,
+                     max_unassociated_per_address=dicom.max_unassociated_per_address,
+                     pdu_timeout_s=dicom.pdu_timeout_s,
+                     spool_dir=config.paths.objects_dir / "tmp",
+                     tls_port=dicom.tls_port if dicom.tls else None,
+                     ssl_context=listening_tls if dicom.tls else None,
+                     ae_addresses={title: parse_networks(addresses, f"dicom.ae_addresses.{title}")
+                                   for title, addresses in dicom.ae_addresses.items()})
 
     def new_intake() -> Intake:
         return Intake(Store(config.paths.db_file, config.paths.objects_dir, migrate=False,
                             clock=clock), config, schema, writer.committer)
 
     mllp = _MllpListener(MllpServer(
-        new_intake, host=config.hl7.bind, port=config.hl7.port,
-        max_message_bytes=config.ingest.max_hl7_bytes, idle_timeout_s=config.hl7.idle_timeout_s,
-        max_connections=config.hl7.max_connections, workers=config.hl7.workers,
-        frame_timeout_s=config.hl7.frame_timeout_s,
-        max_connections_per_address=config.hl7.max_connections_per_address))
+        new_intake, host=hl7.bind, port=hl7.port if hl7.plain else None,
+        max_message_bytes=config.ingest.max_hl7_bytes, idle_timeout_s=hl7.idle_timeout_s,
+        max_connections=hl7.max_connections, workers=hl7.workers,
+        frame_timeout_s=hl7.frame_timeout_s,
+        max_connections_per_address=hl7.max_connections_per_address,
+        tls_port=hl7.tls_port if hl7.tls else None,
+        ssl_context=listening_tls if hl7.tls else None,
+        allowed_addresses=parse_networks(hl7.allowed_addresses, "hl7.allowed_addresses")
+        if hl7.allowed_addresses else None))
     components = Components(listeners=[scp, mllp], clock=clock,
                             checks={"dicom": lambda: scp.running, "hl7": lambda: mllp.running,
                                     "intake-writer": lambda: writer.committer.running})
@@ -802,7 +818,9 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
         remote = RemotePacs(pacs.host, pacs.port, pacs.ae_title)
 
         def pull(store: Store) -> PullSummary:
-            puller = PacsPuller(store, remote, config.dicom.ae_title, our_port=scp.port,
+            puller = PacsPuller(store, remote, config.dicom.ae_title,
+                                our_port=scp.port if scp.port is not None else scp.tls_port,
+                                ssl_context=calling_tls if pacs.tls else None,
                                 open_intake=open_intake, modalities=tuple(pacs.modalities),
                                 window_days=pacs.window_days, method=pacs.method,
                                 query_timeout_s=pacs.timeout_s,
@@ -828,10 +846,12 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
             senders[DESTINATION] = DicomSender(host, export.port or pacs.port,
                                                export.ae_title or pacs.ae_title,
                                                export.calling_ae_title or config.dicom.ae_title,
-                                               timeout_s=export.timeout_s)
+                                               timeout_s=export.timeout_s,
+                                               ssl_context=calling_tls if export.tls else None)
         if export.hl7_host:
-            senders[HL7_DESTINATION] = MllpSender(export.hl7_host, export.hl7_port,
-                                                  timeout_s=export.timeout_s)
+            senders[HL7_DESTINATION] = MllpSender(
+                export.hl7_host, export.hl7_port, timeout_s=export.timeout_s,
+                ssl_context=calling_tls if export.hl7_tls else None)
         if senders:
 
             def drain(store: Store) -> DrainSummary:

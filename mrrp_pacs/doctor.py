@@ -16,6 +16,7 @@ import json
 import shutil
 import socket
 import sqlite3
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrrp_pacs import quarantine
+from mrrp_pacs import quarantine, tls
 from mrrp_pacs.config import Config, ExportConfig, local_address
 
 MIN_FREE_BYTES = 2 * 1024**3  # one day of slides on a small site
@@ -49,7 +50,7 @@ def run_checks(config: Config, min_free_bytes: int = MIN_FREE_BYTES,
                check_ports: bool = True) -> list[Check]:
     """Every check, in the order an operator fixes them."""
     checks: list[Check] = [Check("configuration", True, f"valid ({config.source})")]
-    for check in (_uid_secret, _disk, _database, _models, _encoders):
+    for check in (_uid_secret, _tls, _disk, _database, _models, _encoders):
         checks.extend(check(config, min_free_bytes))
     if check_ports:
         checks.extend(_ports(config))
@@ -187,6 +188,26 @@ def _encoders(config: Config, _: int) -> Iterator[Check]:
                           "segmenter")
 
 
+def _tls(config: Config, _: int) -> Iterator[Check]:
+    """What runs over TLS (the certificates themselves were loaded by the configuration check)."""
+    dicom, hl7, export = config.dicom, config.hl7, config.export
+    servers = [f"{name} port {section.tls_port}" + ("" if section.plain else " only")
+               for name, section in (("DICOM", dicom), ("MLLP", hl7)) if section.tls]
+    clients = [name for name, on in (("PACS", config.pacs.tls), ("export", export.tls),
+                                     ("HL7 export", export.hl7_tls)) if on]
+    if not servers and not clients:
+        yield Check("TLS", True, "off (no listener or peer has tls = true)")
+        return
+    how = []
+    if servers:
+        how.append("client certificates " + ("required" if config.tls.require_client_cert
+                                              else "not required"))
+    if clients and not config.tls.check_hostname:
+        how.append("server names not checked")
+    yield Check("TLS", True, f"listening on {', '.join(servers) or 'no TLS port'}; to "
+                f"{', '.join(clients) or 'no peer'} ({'; '.join(how) or 'server names checked'})")
+
+
 def _file_check(name: str, path: str | None, fix: str, folder: bool = False) -> Check:
     if not path:
         return Check(name, False, "no local path configured", fix)
@@ -195,8 +216,13 @@ def _file_check(name: str, path: str | None, fix: str, folder: bool = False) -> 
 
 
 def _ports(config: Config) -> Iterator[Check]:
-    wanted = [("DICOM port", config.dicom.bind, config.dicom.port, "[dicom] port"),
-              ("MLLP port", config.hl7.bind, config.hl7.port, "[hl7] port")]
+    wanted = []
+    for name, section, key in (("DICOM", config.dicom, "dicom"), ("MLLP", config.hl7, "hl7")):
+        if section.plain:
+            wanted.append((f"{name} port", section.bind, section.port, f"[{key}] port"))
+        if section.tls:
+            wanted.append((f"{name} TLS port", section.bind, section.tls_port,
+                           f"[{key}] tls_port"))
     if config.http.port:
         wanted.append(("HTTP port", config.http.bind, config.http.port, "[http] port"))
     health: list[dict[str, Any] | None] = []  # asked once, when a port is busy
@@ -249,10 +275,17 @@ def _held_by_our_daemon(name: str, config: Config, health: dict[str, Any] | None
     components = (health or {}).get("components", {})
     if name == "HTTP port":
         return f"its /healthz answers {health.get('status')!r}" if health else None
-    if name == "DICOM port":
+    if name in ("DICOM port", "DICOM TLS port"):
         dicom = config.dicom
-        error = c_echo(local_address(dicom.bind), dicom.port, dicom.ae_title,
-                       config.pacs.ae_title, timeout_s=PROBE_TIMEOUT_S)
+        context = None
+        if name == "DICOM TLS port":
+            # only "is it our AE?": our own listener need not be signed by the peers' CA
+            context = tls.client_context(config.tls)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        port = dicom.tls_port if context is not None else dicom.port
+        error = c_echo(local_address(dicom.bind), port, dicom.ae_title,
+                       config.pacs.ae_title, timeout_s=PROBE_TIMEOUT_S, ssl_context=context)
         return f"our AE {dicom.ae_title} answers C-ECHO there" if error is None else None
     if components.get("hl7") is True:
         return "its /healthz reports the hl7 listener up"
@@ -275,22 +308,26 @@ def _peers(config: Config) -> Iterator[Check]:
         return
     targets = []
     if pacs.host:
-        targets.append(("PACS", pacs.host, pacs.port, pacs.ae_title))
-    if export.enabled and export.host and (export.host, export.port) != (pacs.host,
-                                                                          pacs.port):
+        targets.append(("PACS", pacs.host, pacs.port, pacs.ae_title, pacs.tls))
+    if export.enabled and export.host and (export.host, export.port, export.tls) != (
+            pacs.host, pacs.port, pacs.tls):
         targets.append(("export destination", export.host, export.port or pacs.port,
-                        export.ae_title or pacs.ae_title))
-    for name, host, port, called in targets:
+                        export.ae_title or pacs.ae_title, export.tls))
+    contexts = {True: tls.client_context(config.tls)} if pacs.tls or export.tls else {}
+    for name, host, port, called, over_tls in targets:
         error = c_echo(host, port, called, export.calling_ae_title or config.dicom.ae_title,
-                       timeout_s=min(pacs.timeout_s, 10))
-        yield Check(f"{name} (C-ECHO)", error is None,
+                       timeout_s=min(pacs.timeout_s, 10), ssl_context=contexts.get(over_tls))
+        yield Check(f"{name} (C-ECHO{' over TLS' if over_tls else ''})", error is None,
                     f"{called}@{host}:{port} " + ("answered" if error is None else error),
-                    "check host, port and AE title")
+                    "check host, port and AE title" + (
+                        "; over TLS also [tls] ca_file (their CA), check_hostname, and our "
+                        "certificate if they require one" if over_tls else ""))
     if pacs.host:
         # Orthanc answers C-ECHO from anyone but aborts queries from AEs it does not know:
         # the commonest set-up failure, seen only by a query
         error = c_find_probe(pacs.host, pacs.port, pacs.ae_title, config.dicom.ae_title,
-                             timeout_s=min(pacs.timeout_s, 10))
+                             timeout_s=min(pacs.timeout_s, 10),
+                             ssl_context=contexts.get(pacs.tls))
         yield Check("PACS (C-FIND)", error is None,
                     "accepts our queries" if error is None else error,
                     f"add our AE {config.dicom.ae_title} (host and port "
@@ -298,13 +335,16 @@ def _peers(config: Config) -> Iterator[Check]:
 
 
 def c_echo(host: str, port: int, called_ae: str, calling_ae: str,
-           timeout_s: float = 10.0) -> str | None:
-    """None when the peer answers a C-ECHO with success, else why not."""
+           timeout_s: float = 10.0, ssl_context: ssl.SSLContext | None = None) -> str | None:
+    """None when the peer answers a C-ECHO with success, else why not (over TLS with
+    ``ssl_context``)."""
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    with _association(host, port, called_ae, calling_ae, timeout_s, Verification) as assoc:
+    with _association(host, port, called_ae, calling_ae, timeout_s, Verification,
+                      ssl_context) as assoc:
         if assoc is None:
-            return "did not accept an association (refused, rejected or unreachable)"
+            return ("did not accept an association (refused, rejected or unreachable" +
+                    (", or the TLS handshake failed)" if ssl_context is not None else ")"))
         status = assoc.send_c_echo()
     if not status or status.Status != 0x0000:
         return f"answered C-ECHO with status {getattr(status, 'Status', 'none')}"
@@ -312,7 +352,8 @@ def c_echo(host: str, port: int, called_ae: str, calling_ae: str,
 
 
 def c_find_probe(host: str, port: int, called_ae: str, calling_ae: str,
-                 timeout_s: float = 10.0) -> str | None:
+                 timeout_s: float = 10.0, ssl_context: ssl.SSLContext | None = None
+                 ) -> str | None:
     """None when the peer answers a study-level C-FIND (for a date no study has) with
     success, else why not."""
     from pydicom.dataset import Dataset
@@ -325,7 +366,8 @@ def c_find_probe(host: str, port: int, called_ae: str, calling_ae: str,
     query.StudyDate = "29991231"
     query.StudyInstanceUID = ""
     final = None
-    with _association(host, port, called_ae, calling_ae, timeout_s, Find) as assoc:
+    with _association(host, port, called_ae, calling_ae, timeout_s, Find,
+                      ssl_context) as assoc:
         if assoc is None:
             return "did not accept a query association"
         for status, _ in assoc.send_c_find(query, Find):
@@ -338,14 +380,16 @@ def c_find_probe(host: str, port: int, called_ae: str, calling_ae: str,
 
 @contextmanager
 def _association(host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float,
-                 sop_class: str) -> Iterator[Any]:
+                 sop_class: str, ssl_context: ssl.SSLContext | None = None) -> Iterator[Any]:
     """An association offering ``sop_class`` (None when refused), released on exit."""
     from pynetdicom import AE
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    ae.connection_timeout = timeout_s  # also bounds a TLS handshake
     ae.add_requested_context(sop_class)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae,
+                         tls_args=None if ssl_context is None else (ssl_context, host))
     try:
         yield assoc if assoc.is_established else None
     finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 import clock_travel
 import pytest
 import tools
+from certs import Certs, make_certs
 from clocks import SteppingClock
 
 from mrrp_pacs.config import Config, load_config
@@ -54,6 +55,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     problem = tools.missing_message(tools.declared(item))
     if problem:
         pytest.fail(f"{item.nodeid}: {problem}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA, server and client certificates of it, another CA's (tests/support/certs.py); the
+    test declares ``needs_tool("openssl")``."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

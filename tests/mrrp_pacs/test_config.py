@@ -95,6 +95,19 @@ def test_config_file_from_environment(tmp_path):
     ('[export]\nretry_hours = 0\n', ["export.retry_hours", "hours above 0"]),
     ('[export]\nmax_attempts = -1\n', ["export.max_attempts", "integer of 0 or more"]),
     ('[export]\nbackoff_s = 600\nmax_backoff_s = 60\n', ["export.backoff_s", "max_backoff_s"]),
+    ('[dicom]\nplain = false\n', ["dicom.plain", "one listener"]),
+    ('[hl7]\ntls = true\ntls_port = 2575\n', ["hl7.tls_port", "other than hl7.port"]),
+    ('[dicom]\ntls = true\n', ["tls.cert_file is empty", "our certificate"]),
+    ('[dicom]\nae_addresses = { ORTHANC = ["10.0.0.300"] }\n',
+     ["dicom.ae_addresses.ORTHANC", "10.0.0.300", "CIDR network"]),
+    ('[dicom]\nae_addresses = { ORTHANC = "10.0.0.1" }\n',
+     ["dicom.ae_addresses", "table of lists of strings"]),
+    ('[dicom]\nae_addresses = { ORTHANC = [] }\n', ["dicom.ae_addresses.ORTHANC", "at least one"]),
+    ('[hl7]\nallowed_addresses = ["10.0.0.0/33"]\n', ["hl7.allowed_addresses", "10.0.0.0/33"]),
+    ('[tls]\nca_file = "missing-ca.pem"\n[export]\ntls = true\n',
+     ["tls.ca_file", "missing-ca.pem", "no such file"]),
+    ('[tls]\ncert_file = "our.pem"\n[pacs]\ntls = true\n',
+     ["tls.cert_file and tls.key_file go together"]),
     ('paths = 3\n', ["'paths' must be a [section]"]),
     ('[paths\n', ["not valid TOML"]),
 ])
@@ -159,3 +172,31 @@ def test_db_in_a_file_moves_the_state_folder_and_explicit_folders_stay(tmp_path,
     assert moved.paths.scheduler_db == tmp_path / "other" / "scheduler.sqlite3"
     assert moved.paths.model_store_dir == site / "shared-models"
     assert moved.paths.objects_dir == tmp_path / "bulk"
+
+
+def test_address_tables_load_from_file_and_environment_and_write_back(tmp_path):
+    from mrrp_pacs.config import config_toml
+
+    path = tmp_path / "m.toml"
+    path.write_text('[dicom]\nae_addresses = { ORTHANC = ["10.1.2.3", "10.9.0.0/16"] }\n'
+                    '[hl7]\nallowed_addresses = ["10.1.2.3", "fd00::/8"]\n')
+    config = load_config(path, environ={
+        "MRRP__DICOM__AE_ADDRESSES": '{ ORTHANC = ["10.1.2.4"], "US 1" = ["10.5.0.0/24"] }'})
+    assert config.dicom.ae_addresses == {"ORTHANC": ["10.1.2.4"], "US 1": ["10.5.0.0/24"]}
+    assert config.hl7.allowed_addresses == ["10.1.2.3", "fd00::/8"]
+    again = tmp_path / "again.toml"
+    again.write_text(config_toml(config))
+    reloaded = load_config(again, environ={})
+    assert reloaded.dicom.ae_addresses == config.dicom.ae_addresses
+    assert reloaded.hl7.allowed_addresses == config.hl7.allowed_addresses
+
+
+def test_addresses_match_networks_and_mapped_ipv4():
+    from mrrp_pacs.tls import address_allowed, parse_networks
+
+    networks = parse_networks(["10.1.2.3", "10.9.0.0/16", "fd00::/8"], "test")
+    assert address_allowed("10.1.2.3", networks) and address_allowed("10.9.200.1", networks)
+    assert address_allowed("::ffff:10.9.0.7", networks)  # IPv4 seen through an IPv6 socket
+    assert address_allowed("fd00::1", networks)
+    assert not address_allowed("10.1.2.4", networks)
+    assert not address_allowed("?", networks) and not address_allowed("10.1.2.3", ())

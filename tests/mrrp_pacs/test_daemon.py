@@ -257,8 +257,9 @@ def test_healthz_names_the_listener_or_scheduler_whose_thread_died(config):
         assert _health(port) == (503, ["hl7"])
 
         scp = components.listeners[0]
-        socketserver.BaseServer.shutdown(scp._server)  # its acceptor loop ends
-        _eventually(lambda: not scp._thread.is_alive())
+        server, acceptor = scp._servers[0]
+        socketserver.BaseServer.shutdown(server)  # its acceptor loop ends
+        _eventually(lambda: not acceptor.is_alive())
         assert _health(port) == (503, ["dicom", "hl7"])
 
         daemon.scheduler.shutdown(wait=False)
@@ -299,4 +300,48 @@ def test_dicom_max_associations_bounds_the_associations_served_at_once(config, s
     finally:
         for assoc in opened:
             assoc.release()
+        scp.stop()
+
+
+@pytest.mark.needs_tool("openssl")
+def test_tls_only_listeners_pinning_and_allow_list_reach_the_daemon(config, store, certs):
+    """[dicom]/[hl7] tls with plain = false: only the TLS ports listen (the plain ports stay
+    closed); [dicom] ae_addresses and [hl7] allowed_addresses reach the listeners."""
+    from exporters.mllp_client import send_messages
+    from mrrp_pacs.daemon import components_from_config
+    from mrrp_pacs.doctor import c_echo
+    from mrrp_pacs.tls import client_context
+
+    dicom_plain, hl7_plain, dicom_tls, hl7_tls = (_free_port() for _ in range(4))
+    site = (config.replace("tls", cert_file=certs.server_cert, key_file=certs.server_key,
+                           ca_file=certs.ca, require_client_cert=True)
+            .replace("dicom", port=dicom_plain, tls=True, tls_port=dicom_tls, plain=False,
+                     allowed_aes=["MODALITY"], ae_addresses={"MODALITY": ["127.0.0.2"]})
+            .replace("hl7", port=hl7_plain, tls=True, tls_port=hl7_tls, plain=False,
+                     allowed_addresses=["127.0.0.2/32"])
+            .replace("http", port=0)).check()
+    components = components_from_config(site)
+    scp, mllp = components.listeners[0], components.listeners[1]
+    client = client_context(site.tls)  # our server certificate is the client's here too
+    scp.start()
+    mllp.start()
+    try:
+        assert scp.port is None and mllp.handle.server.port is None
+        assert (scp.tls_port, mllp.handle.tls_port) == (dicom_tls, hl7_tls)
+        for port in (dicom_plain, hl7_plain):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert c_echo("127.0.0.1", scp.tls_port, "MRRP", "ORTHANC", timeout_s=10,
+                      ssl_context=client) is None
+        assert c_echo("127.0.0.1", scp.tls_port, "MRRP", "ORTHANC", timeout_s=3) is not None
+        # MODALITY is pinned to 127.0.0.2: from 127.0.0.1 it is rejected
+        assert c_echo("127.0.0.1", scp.tls_port, "MRRP", "MODALITY", timeout_s=10,
+                      ssl_context=client) is not None
+        # the MLLP listener admits 127.0.0.2 only: from 127.0.0.1 the connection is closed
+        # before the TLS handshake
+        with pytest.raises(OSError):
+            send_messages("127.0.0.1", mllp.handle.tls_port, [b"MSH|^~\\&|A|B|C|D|"
+                          b"20260101||ORU^R01|X1|P|2.5\r"], timeout_s=5, ssl_context=client)
+    finally:
+        mllp.stop()
         scp.stop()

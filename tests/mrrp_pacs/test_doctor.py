@@ -190,3 +190,35 @@ def test_cli_exit_status_and_a_broken_config_file(tmp_path):
     result = CliRunner().invoke(main, ["--config", str(good), "doctor"])
     assert result.exit_code == 1
     assert "FAIL  database" in result.output and "failed" in result.output.splitlines()[-1]
+
+
+@pytest.mark.needs_tool("openssl")
+def test_tls_peers_and_ports_are_checked_over_tls_and_a_bad_key_is_reported(site, certs,
+                                                                             tmp_path):
+    from listeners.dicom_scp import StorageScp
+    from mrrp_pacs.tls import server_context
+
+    tls = site.replace("tls", cert_file=certs.client_cert, key_file=certs.client_key,
+                       ca_file=certs.ca, require_client_cert=True)
+    serving = tls.replace("tls", cert_file=certs.server_cert, key_file=certs.server_key)
+    ours = StorageScp(lambda: None, "MRRP", None, tls_port=0,
+                      ssl_context=server_context(serving.tls))
+    with ours:
+        checked = (tls.replace("dicom", tls=True, tls_port=ours.tls_port)
+                   .replace("pacs", host="127.0.0.1", port=ours.tls_port, ae_title="MRRP",
+                            tls=True))
+        checks = _by_name(run_checks(checked, min_free_bytes=0))
+        assert checks["DICOM TLS port"].ok, checks["DICOM TLS port"].detail
+        assert "in use by the running mrrp-pacs daemon" in checks["DICOM TLS port"].detail
+        echo = checks["PACS (C-ECHO over TLS)"]
+        assert echo.ok and echo.detail == f"MRRP@127.0.0.1:{ours.tls_port} answered"
+        assert checks["TLS"].detail.startswith(f"listening on DICOM port {ours.tls_port}")
+        plain = checked.replace("pacs", tls=False)
+        echo = _by_name(run_checks(plain, min_free_bytes=0))["PACS (C-ECHO)"]
+        assert not echo.ok and "did not accept" in echo.detail
+    broken = tmp_path / "broken.toml"
+    broken.write_text(f'[tls]\ncert_file = "{certs.server_cert}"\nkey_file = '
+                      f'"{certs.client_key}"\n[dicom]\ntls = true\n')
+    result = CliRunner().invoke(main, ["--config", str(broken), "doctor"])
+    assert result.exit_code != 0
+    assert "tls.cert_file" in result.output and "cannot be loaded" in result.output

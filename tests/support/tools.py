@@ -51,6 +51,7 @@ TOOLS: dict[str, Tool] = {
     "Orthanc": Tool("orthanc", Path(ORTHANC)),
     "libOrthancDicomWeb.so": Tool("orthanc-dicomweb", DICOMWEB_PLUGIN),
     "OrthancWSIDicomizer": Tool("orthanc-wsi"),  # writes slides as another producer would
+    "openssl": Tool("openssl"),  # makes the TLS tests' certificates (tests/support/certs.py)
     "pdftoppm": Tool("poppler-utils"),
     "pdftotext": Tool("poppler-utils"),
     "chromium": Tool("chromium"),
