@@ -153,6 +153,13 @@ def test_a_foreign_host_is_refused_so_a_rebound_page_reads_nothing(viewer, upstr
     answer, closed = raw_exchange(port, f"GET /dicom-web/studies\n HTTP/1.1\r\nHost: "
                                         f"127.0.0.1:{port}\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 400 ") and closed, answer
+    # a request line refused before its version is read (found by make soak): still a status
+    # line, never an HTML page alone
+    for line in (b"GET /dicom-web/\r/\n", b"GET /dicom-web/ HTTP/x\r\n", b"GET / a b c\r\n",
+                 b"GET /dicom-web/ HTTP/2.0\r\n"):
+        answer, closed = raw_exchange(port, line + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 4") or answer.startswith(b"HTTP/1.1 505"), answer
+        assert closed
     two = (f"GET /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
            f"Host: attacker.example:{port}\r\n\r\n")
     assert raw_exchange(port, two.encode())[0].startswith(b"HTTP/1.1 421 ")

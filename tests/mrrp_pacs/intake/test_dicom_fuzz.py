@@ -63,6 +63,18 @@ def mutated_objects(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+def test_an_unknown_vr_in_the_sop_class_uid_is_refused():
+    """Found by make soak: a VR of 00 49 on (0008,0016) escaped read_meta as
+    NotImplementedError while it picked the header-only path."""
+    data = SEEDS[1]
+    at = data.index(struct.pack("<HH", 0x0008, 0x0016) + b"UI")
+    mangled = data[:at + 4] + b"\x00I" + data[at + 6:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DicomError):
+            read_meta(mangled)
+
+
 @pytest.mark.fuzz
 @fuzz_settings(ci_examples=1500)
 @given(mutated_objects())
