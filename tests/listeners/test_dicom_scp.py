@@ -74,7 +74,7 @@ def test_storescu_objects_are_persisted_as_sent(running_scp, store, phantom, cap
         # rebuilt from the request: Implementation Class UID of pynetdicom, not of the writer)
         assert _dataset_bytes(stored) == _dataset_bytes(original)
         assert stored != original
-        assert row["source"] == "dicom:MRRPTEST"
+        assert row["source"] == f"dicom:MRRPTEST@{LOOPBACK}"
         assert row["transfer_syntax_uid"] == pydicom.dcmread(path).file_meta.TransferSyntaxUID
     slides = [r for r in rows.values() if r["modality"] == "SM"]
     assert len(slides) == 6

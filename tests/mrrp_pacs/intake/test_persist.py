@@ -54,9 +54,10 @@ def test_dicom_bytes_and_rois(intake, store):
 
 def test_same_sop_instance_with_new_content_supersedes(intake, store):
     image = us_image(Patient())
-    first = intake.receive_dicom(encode(image), origin="a")
+    first = intake.receive_dicom(encode(image), origin="dicom:A@10.0.0.1")
     image.InstanceNumber = 2
-    second = intake.receive_dicom(encode(image), origin="b")
+    # the same source sending a corrected object replaces the stored one
+    second = intake.receive_dicom(encode(image), origin="dicom:A@10.0.0.1")
     assert second.outcome is Outcome.NEW and "replaces" in (second.reason or "")
     rows = store.conn.execute("SELECT id, superseded_by FROM instances ORDER BY id").fetchall()
     assert [tuple(r) for r in rows] == [(first.row_id, second.row_id), (second.row_id, None)]
