@@ -1203,7 +1203,8 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
 
 @main.group("quarantine")
 def quarantine_group() -> None:
-    """Input refused for its content (HL7 answered AE): list, show, reprocess.
+    """Input refused for its content (HL7 answered AE, a DICOM object replacing one stored
+    from another source): list, show, reprocess.
 
     Not the patients held back after failed scoring (those are in `mrrp-pacs cases`)."""
 

@@ -283,8 +283,8 @@ class Intake:
             from mrrp_pacs.intake import refused
 
             dropped.clear()
-            reason = ("an instance with this SOP Instance UID is already stored from another "
-                      "source; not replaced")
+            # the C-STORE answer's Error Comment (64 characters at most)
+            reason = "SOP Instance UID stored from another source; not replaced"
             kept = None
             if size <= keep_limit:
                 place("refused")  # when the stored one's source changed since the first look
