@@ -44,10 +44,11 @@ def same_source(stored: str | None, origin: str) -> bool:
 
     The same calling AE title (and, when both are known, the same peer address: ``dicom:<AE>@<
     address>``; rows received before addresses were recorded, and pulls, name the AE alone)
-    is the same source; any file drop (``file:<path>``) is the same source as any other;
-    ``quarantine:<id>`` (an operator reprocessing a refused object) may replace anything.
+    is the same source; any file drop (``file:<path>``) is the same source as any other. (An
+    operator reprocessing a refused object accepts it whatever its source:
+    :meth:`Intake.receive_dicom` ``accepted``.)
     """
-    if origin.startswith("quarantine:") or not stored:
+    if not stored:
         return True
     kind, _, rest = origin.partition(":")
     stored_kind, _, stored_rest = stored.partition(":")
@@ -174,8 +175,16 @@ class Intake:
 
     # -- DICOM ---------------------------------------------------------------------------
 
-    def receive_dicom(self, source: Path | bytes, origin: str) -> IntakeResult:
-        """Persist one DICOM Part 10 object given as a file or as its encoded bytes."""
+    def receive_dicom(self, source: Path | bytes, origin: str, *,
+                      accepted: str | None = None) -> IntakeResult:
+        """Persist one DICOM Part 10 object given as a file or as its encoded bytes.
+
+        Other bytes under the SOP Instance UID of a stored instance replace it when they come
+        from the same source (:func:`same_source`); from another they are refused and kept
+        in ``refused_input`` (``mrrp-pacs quarantine``). ``accepted`` (``quarantine:<id>``,
+        from ``quarantine reprocess``) is the operator accepting such an object: it replaces
+        the stored one, ``origin`` being the source it came from.
+        """
         limit = self.config.ingest.max_dicom_bytes
         try:
             size = len(source) if isinstance(source, bytes) else source.stat().st_size
@@ -219,7 +228,7 @@ class Intake:
 
         keep_limit = self.config.ingest.refused_keep_bytes
         try:
-            if self._foreign_sources(self.store.conn, uid, origin):
+            if not accepted and self._foreign_sources(self.store.conn, uid, origin):
                 if size <= keep_limit:
                     place("refused")
             else:
@@ -230,7 +239,7 @@ class Intake:
         def rows(conn: sqlite3.Connection) -> IntakeResult:
             if self._known("instances", sha, conn):
                 return IntakeResult(Outcome.DUPLICATE, "dicom", "identical object already stored")
-            foreign = self._foreign_sources(conn, uid, origin)
+            foreign = [] if accepted else self._foreign_sources(conn, uid, origin)
             if foreign:
                 return refuse_replacement(conn, foreign)
             place("objects")  # when the stored one's source changed since the first look
@@ -273,7 +282,9 @@ class Intake:
                          patient_key=patient,
                          detail=f"instance {instance_id}, {meta.modality or '?'}, {size} bytes"
                                 + (f", replaces instance {', '.join(map(str, earlier))}"
-                                   if earlier else ""))
+                                   if earlier else "")
+                                + (f", accepted by the operator from {accepted}"
+                                   if accepted else ""))
             fault_point("intake.dicom.before_commit")
             return IntakeResult(Outcome.NEW, "dicom", note, row_id=instance_id)
 

@@ -221,7 +221,11 @@ def reprocess(intake: Intake, row_id: int) -> IntakeResult:
     if item.kind == "hl7":
         result = intake.receive_hl7(data, origin=origin)
     else:
-        result = intake.receive_dicom(data, origin=origin)
+        # a DICOM object refused as a replacement from another source: reprocessing it is
+        # the operator accepting it; it is stored as coming from where it came from
+        sender = item.peer or f"(refused input {row_id})"
+        result = intake.receive_dicom(data, origin=f"{item.listener}:{sender}",
+                                      accepted=origin)
     if result.outcome is Outcome.NEW:
         note = f"stored as row {result.row_id}"
     else:

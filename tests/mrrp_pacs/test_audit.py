@@ -168,7 +168,6 @@ def test_sources_that_may_replace_a_stored_instance():
     assert same_source("file:/drop/a.dcm", "file:/other/b.dcm")
     assert not same_source("file:/drop/a.dcm", "dicom:A@10.0.0.1")
     assert not same_source("dicom:A@10.0.0.1", "file:/drop/a.dcm")
-    assert same_source("dicom:A@10.0.0.1", "quarantine:3")  # the operator's decision
 
 
 def test_prune_keeps_rows_younger_than_keep_days(store, clock: SteppingClock):

@@ -223,9 +223,18 @@ def test_another_source_cannot_replace_a_stored_instance(intake, store):
     assert [(r.event, r.who) for r in audit.listing(store)] == [
         ("received", "dicom:A@10.0.0.1"), ("refused", "dicom:B@10.0.0.1"),
         ("refused", "dicom:A@10.0.0.2")]
-    # an operator who decides the replacement is right reprocesses it: it replaces
+    # an operator who decides the replacement is right reprocesses it: it replaces, as from
+    # the source it came from, which may then send corrections of its own
     assert refused.reprocess(intake, kept[0].id).outcome is Outcome.NEW
     assert _stored_bytes(store, image.SOPInstanceUID) == other
+    (row,) = store.conn.execute("SELECT source FROM instances WHERE superseded_by IS NULL")
+    assert row["source"] == "dicom:A@10.0.0.2"
+    last = audit.listing(store)[-1]
+    assert (last.event, last.who) == ("received", "dicom:A@10.0.0.2")
+    assert "accepted by the operator from quarantine:" in (last.detail or "")
+    image.InstanceNumber = 3
+    assert intake.receive_dicom(encode(image), "dicom:A@10.0.0.2").outcome is Outcome.NEW
+    assert intake.receive_dicom(encode(image), "dicom:A@10.0.0.1").outcome is Outcome.DUPLICATE
 
 
 def test_a_file_drop_cannot_replace_an_instance_received_over_dicom(intake, store, tmp_path):
