@@ -339,13 +339,26 @@ class Intake:
 
         return refused.refused_objects(self.store)
 
-    @staticmethod
-    def _foreign_sources(conn: sqlite3.Connection, uid: str, origin: str) -> list[int]:
+    def _foreign_sources(self, conn: sqlite3.Connection, uid: str, origin: str) -> list[int]:
         """Current instances with SOP Instance UID ``uid`` stored from a source other than
-        ``origin`` (see :func:`same_source`): their row ids."""
+        ``origin`` (see :func:`same_source`): their row ids; none when ``origin`` is the
+        PACS we pull from (:meth:`_from_archive`)."""
+        if self._from_archive(origin):
+            return []
         return [row_id for row_id, stored in conn.execute(
             "SELECT id, source FROM instances WHERE sop_instance_uid = ? AND "
             "superseded_by IS NULL", (uid,)) if not same_source(stored, origin)]
+
+    def _from_archive(self, origin: str) -> bool:
+        """Whether ``origin`` is the configured PACS (``[pacs] ae_title``, from ``[pacs] host``
+        when the address is known): the archive of record may replace any object, e.g. with
+        its transcoded copy of an image a modality sent us directly."""
+        pacs = self.config.pacs
+        kind, _, rest = origin.partition(":")
+        if kind != "dicom" or not pacs.host:
+            return False
+        title, _, address = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        return title == pacs.ae_title and (not address or address == pacs.host)
 
     def refuse(self, kind: str, origin: str, what: str, reason: str,
                  control_id: str | None = None) -> IntakeResult:

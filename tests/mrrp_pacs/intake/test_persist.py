@@ -265,3 +265,26 @@ def test_a_refused_replacement_larger_than_the_quarantine_is_refused_unkept(stor
     result = small.receive_dicom(encode(image), origin="dicom:B@h")
     assert result.outcome is Outcome.REJECTED and result.row_id is None
     assert refused.listing(store) == []
+
+
+def test_the_pacs_we_pull_from_may_replace_what_a_modality_sent(store, config):
+    """The archive of record (its transcoded copy pulled by C-MOVE or C-GET) replaces; another
+    address using its AE title does not."""
+    pulling = Intake(store, config.replace("pacs", host="10.0.0.50", ae_title="PACS"))
+    image = us_image(Patient())
+    assert pulling.receive_dicom(encode(image), "dicom:US1@10.0.0.1").outcome is Outcome.NEW
+    image.InstanceNumber = 2
+    assert pulling.receive_dicom(encode(image), "dicom:PACS@10.0.0.66").outcome \
+        is Outcome.REJECTED
+    assert pulling.receive_dicom(encode(image), "dicom:PACS@10.0.0.50").outcome is Outcome.NEW
+    image.InstanceNumber = 3
+    assert pulling.receive_dicom(encode(image), "dicom:PACS").outcome is Outcome.NEW  # C-GET
+    # without [pacs] host nothing is pulled, and the title alone is no archive
+    assert Intake(store, config.replace("pacs", ae_title="PACS")).receive_dicom(
+        encode(us_image(Patient("MRN002"))), "dicom:PACS@10.0.0.50").outcome is Outcome.NEW
+    image.InstanceNumber = 4
+    assert Intake(store, config.replace("pacs", ae_title="PACS")).receive_dicom(
+        encode(image), "dicom:PACS@10.0.0.50").outcome is Outcome.NEW  # the same source
+    image.InstanceNumber = 5
+    assert Intake(store, config.replace("pacs", ae_title="PACS")).receive_dicom(
+        encode(image), "dicom:US1@10.0.0.1").outcome is Outcome.REJECTED
