@@ -50,6 +50,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from mrrp_pacs import audit
 from mrrp_pacs.clock import iso_utc
 from mrrp_pacs.errors import MrrpError, SendError
 from mrrp_pacs.faults import fault_point
@@ -370,7 +371,7 @@ class Outbox:
                     if not self._claim(row.id, self.store.clock(), claim_s):
                         continue  # another drain took it
                     error = self._deliver(session, sender.peer, row)
-                    state = self._record(row, error, self.store.clock(), policy)
+                    state = self._record(row, error, self.store.clock(), policy, sender.peer)
                     if state is ExportState.SENT:
                         summary.sent += 1
                     elif state is ExportState.DEAD:
@@ -432,7 +433,7 @@ class Outbox:
         return len(abandoned)
 
     def _record(self, row: ExportRow, error: SendError | None, at: datetime,
-                policy: RetryPolicy) -> ExportState:
+                policy: RetryPolicy, peer: str) -> ExportState:
         attempts = row.attempts + 1
         stamp = iso_utc(at)
         failing_since: str | None = None
@@ -462,7 +463,27 @@ class Outbox:
                 "next_attempt_at = ?, failing_since = ?, updated_at = ?, claimed_by = NULL "
                 "WHERE id = ?",
                 (state.value, attempts, last_error, next_at, failing_since, stamp, row.id))
+            if state is not ExportState.PENDING:
+                self._audit(tx, row, state, stamp, peer, attempts)
         return state
+
+    def _audit(self, tx: sqlite3.Connection, row: ExportRow, state: ExportState, stamp: str,
+               peer: str, attempts: int) -> None:
+        """The audit row of an export sent or given up (in the transaction recording it)."""
+        patient = None
+        if row.score_id is not None:
+            found = tx.execute("SELECT patient_key FROM scores WHERE id = ?",
+                               (row.score_id,)).fetchone()
+            patient = found[0] if found else None
+        key = row.object_key or row.sop_instance_uid or ""
+        what = (audit.control_digest(key.removeprefix("hl7:")) if row.kind == "hl7"
+                else row.sop_instance_uid or key or "-")
+        sent = state is ExportState.SENT
+        audit.record(tx, at=stamp, event=audit.EXPORTED if sent else audit.EXPORT_FAILED,
+                     who=peer, what=what, patient_key=patient,
+                     detail=f"export {row.id}, {row.kind} to {row.destination}, "
+                            f"{'sent' if sent else 'dead'} after {attempts} attempt(s)"
+                            + ("" if row.score_id is None else f", score {row.score_id}"))
 
     def _select(self, where: str, params: tuple[object, ...]) -> list[ExportRow]:
         cursor = self.store.conn.execute(

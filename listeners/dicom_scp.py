@@ -629,7 +629,9 @@ class StorageScp:
 
     def _on_c_store(self, event: Event) -> Dataset:
         calling = printable_ae(event.assoc.requestor.ae_title)
-        answer = persist_c_store(event, self.open_intake, origin=f"dicom:{calling}")
+        # the source of an object: a replacement from another one is refused (intake)
+        origin = f"dicom:{calling}@{self.peer(event.assoc)}"
+        answer = persist_c_store(event, self.open_intake, origin=origin)
         with self._lock:
             counts = self._counts.setdefault(event.assoc, {})
             counts[answer.outcome] = counts.get(answer.outcome, 0) + 1

@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import hashlib
 import logging
 import sqlite3
 import ssl
@@ -62,6 +61,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from mrrp_pacs.audit import control_digest
 from mrrp_pacs.hl7.ack import (
     ERROR_DATA,
     ERROR_INTERNAL,
@@ -81,17 +81,6 @@ LOGGER = logging.getLogger(__name__)
 READ_CHUNK_BYTES = 64 * 1024
 
 IntakeFactory = Callable[[], Intake]
-
-
-def control_digest(control_id: str) -> str:
-    """What the log shows of a control id (MSH-10 can quote an order or patient number).
-
-    The first 10 hex digits of its SHA-256: the same id gives the same digest, so an operator
-    can match log lines to a message (``sha256(MSH-10)``) without the log holding the id.
-    """
-    if not control_id:
-        return "-"
-    return "c:" + hashlib.sha256(control_id.encode("utf-8", "replace")).hexdigest()[:10]
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -519,6 +508,12 @@ class MllpServer:
             error = AckError(*ERROR_DATA, f"message is {frame.size_bytes} bytes, more than the "
                                           f"{self.max_message_bytes} this listener accepts")
             detail += self._keep_refused(frame, host, error.reason)
+            try:
+                self._intake().refuse("hl7", f"mllp:{host}", "-", error.reason)
+            except (sqlite3.Error, OSError) as exc:
+                # the answer stays AE (the frame is unusable); only the audit row is missing
+                LOGGER.error("refused HL7 message from %s could not be audited (%s)", host,
+                             type(exc).__name__)
         else:
             try:
                 result = self._intake().receive_hl7(frame.data, origin=f"mllp:{host}")

@@ -50,6 +50,13 @@ def _open_store(config: Config) -> Iterator[Store]:
         yield store
 
 
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns padded to their widest value, two spaces apart."""
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
 def _progress(total: int, unit: str) -> tqdm:
     return tqdm(total=total, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(),
                 dynamic_ncols=True)
@@ -1204,7 +1211,8 @@ def demo(patients: int, seed: int, out_dir: Path, slide_px: int, file_drop: bool
 
 @main.group("quarantine")
 def quarantine_group() -> None:
-    """Input refused for its content (HL7 answered AE): list, show, reprocess.
+    """Input refused for its content (HL7 answered AE, a DICOM object replacing one stored
+    from another source): list, show, reprocess.
 
     Not the patients held back after failed scoring (those are in `mrrp-pacs cases`)."""
 
@@ -1236,9 +1244,7 @@ def quarantine_list(state: _Context, db_path: Path | None, as_json: bool,
                  str(i.size_bytes) + ("" if i.complete else f" (first {i.kept_bytes} kept)"),
                  f"reprocessed: {i.reprocess_outcome}" if i.reprocess_outcome else "held",
                  i.reason] for i in items]
-        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-        for row in [header, *rows]:
-            click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        _print_table(header, rows)
         click.echo(f"{len(items)} refused inputs kept")
 
     _guarded(work)
@@ -1310,6 +1316,49 @@ def quarantine_reprocess(state: _Context, row_id: int | None, every: bool,
             f"{n} {o}" for o, n in sorted(counts.items())) if counts else ""))
 
     _guarded(work)
+
+@main.command("audit")
+@DB_OPTION
+@click.option("--since", metavar="ISO", default=None,
+              help="Only rows at or after this time (ISO 8601; without a zone: UTC), e.g. "
+                   "2026-01-31 or 2026-01-31T08:00:00Z.")
+@click.option("--patient", metavar="KEY", default=None,
+              help="Only rows of this patient key (as `mrrp-pacs cases` lists it).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the newest N rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.pass_obj
+def audit_command(state: _Context, db_path: Path | None, since: str | None,
+                  patient: str | None, limit: int | None, as_json: bool) -> None:
+    """The audit trail, oldest first: when, event (received, refused, scored, exported,
+    export-failed), who, what, patient key. Kept for [audit] keep_days (0 = forever)."""
+    from datetime import UTC, datetime
+
+    from mrrp_pacs import audit
+
+    since_at = None
+    if since is not None:
+        try:
+            since_at = datetime.fromisoformat(since)
+        except ValueError:
+            raise click.BadParameter(f"{since!r} is not an ISO 8601 date or time",
+                                     param_hint="--since") from None
+        if since_at.tzinfo is None:
+            since_at = since_at.replace(tzinfo=UTC)
+
+    def work() -> None:
+        with _open_store(state.config(db_path)) as store:
+            rows = audit.listing(store, since=since_at, patient=patient, limit=limit)
+        if as_json:
+            click.echo(json.dumps([vars(r) for r in rows], indent=2))
+            return
+        _print_table(["id", "at", "event", "who", "what", "patient", "detail"],
+                     [[str(r.id), r.at, r.event, r.who, r.what, r.patient_key or "-",
+                       r.detail or ""] for r in rows])
+        click.echo(f"{len(rows)} audit rows")
+
+    _guarded(work)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -335,6 +335,14 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail (`mrrp-pacs audit`): who sent, scored and exported what, when."""
+
+    # Days audit rows are kept (older ones are deleted at each processing run); 0 = forever.
+    keep_days: int = 0
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json: bool = False  # one JSON object per line instead of plain text
@@ -354,6 +362,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "built-in defaults"
 
@@ -445,6 +454,8 @@ class Config:
             fail("dicom.association_request_timeout_s / pdu_timeout_s",
                  (self.dicom.association_request_timeout_s, self.dicom.pdu_timeout_s),
                  "seconds above 0")
+        if self.audit.keep_days < 0:
+            fail("audit.keep_days", self.audit.keep_days, "days of at least 0 (0 = forever)")
         if not self.export.retry_hours > 0:
             fail("export.retry_hours", self.export.retry_hours, "hours above 0")
         if not 0 < self.export.backoff_s <= self.export.max_backoff_s:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from model_store import ModelStore
-from mrrp_pacs import quarantine
+from mrrp_pacs import audit, quarantine
 from mrrp_pacs.cases import CaseInputs
 from mrrp_pacs.clock import Clock, system_clock
 from mrrp_pacs.config import Config
@@ -245,6 +245,10 @@ class Pipeline:
         the daemon is stopping; what was done stays done.
         """
         kind = "rescore" if everyone else "process"
+        pruned = audit.prune(self.store, self.config.audit.keep_days, self.store.clock())
+        if pruned:
+            LOGGER.info("%d audit rows older than %d days deleted ([audit] keep_days)", pruned,
+                        self.config.audit.keep_days)
         with self.job(kind) as record:
             name = self.config.scoring.model
             if not self.models.versions(MODEL_KIND, name):

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from model_store import ModelStore, ModelVersion
+from mrrp_pacs import audit
 from mrrp_pacs.cases import CaseInputs, case_inputs
 from mrrp_pacs.clock import iso_utc
 from mrrp_pacs.config import Config
@@ -235,6 +236,9 @@ class Scorer:
                 "created_at": result.scored_at, "arrivals": arrivals})
             conn.execute("UPDATE scores SET superseded_by = ? WHERE patient_key = ? AND "
                          "id != ? AND superseded_by IS NULL", (score_id, key, score_id))
+            audit.record(conn, at=result.scored_at, event=audit.SCORED,
+                         who=f"model:{self.model_version}", what=f"score:{score_id}",
+                         patient_key=key)
         fault_point("score.committed")
         return ScoreOutcome(key, "scored", score_id, result=result)
 
@@ -288,14 +292,18 @@ def reinstate(store: Store, score_id: int, arrivals: str | None) -> RiskResult:
         The result as now stored.
     """
     with store.transaction() as conn:
-        key, outputs = conn.execute("SELECT patient_key, outputs FROM scores WHERE id = ?",
-                                    (score_id,)).fetchone()
+        key, outputs, version = conn.execute(
+            "SELECT patient_key, outputs, model_version FROM scores WHERE id = ?",
+            (score_id,)).fetchone()
         result = dataclasses.replace(RiskResult.from_json(outputs), scored_at=store.stamp())
         conn.execute("UPDATE scores SET superseded_by = ? WHERE patient_key = ? AND "
                      "id != ? AND superseded_by IS NULL", (score_id, key, score_id))
         conn.execute("UPDATE scores SET superseded_by = NULL, revision = revision + 1, "
                      "outputs = ?, arrivals = ? WHERE id = ?",
                      (result.to_json(), arrivals, score_id))
+        audit.record(conn, at=result.scored_at, event=audit.SCORED, who=f"model:{version}",
+                     what=f"score:{score_id}", patient_key=key,
+                     detail="current again")
     return result
 
 

@@ -1,6 +1,7 @@
 """End to end: a phantom in a real Orthanc, its HL7 over MLLP, the daemon pulls, scores and
 stores one SR (and PDF) per patient back in Orthanc; a SIGTERM mid-run and a restart score
-every patient exactly once.
+every patient exactly once. The daemon logs at DEBUG, and no line of its log nor of /metrics
+and /healthz quotes a phantom patient's name, ID, accession number or birth date.
 
 The model is trained beforehand on the phantom's training split (file-drop ingest into a
 separate database), as a hospital would train it on its own history.
@@ -16,6 +17,7 @@ import urllib.request
 import pytest
 from daemon_proc import MRRP, TRAINING, daemon_config, find_series, query, serve, wait_for
 from orthanc import LOOPBACK, free_port, running_orthanc, storescu
+from phi import leaks, phantom_identifiers
 
 from exporters.pdf import SERIES_DESCRIPTION as PDF_SERIES
 from exporters.sr import SERIES_DESCRIPTION as SR_SERIES
@@ -35,12 +37,14 @@ def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path, 
     # Orthanc moves studies to our SCP and answers our queries: it must know our AE and port
     with running_orthanc(tmp_path / "orthanc", modalities={
             "MRRP": ["MRRP", LOOPBACK, ports["dicom"]]}) as orthanc:
-        config = daemon_config(tmp_path, str(models), ports, orthanc.dicom_port)
+        config = daemon_config(tmp_path, str(models), ports, orthanc.dicom_port,
+                               settings={"logging": {"level": "DEBUG"}})
         loaded = storescu(orthanc, phantom / "dicom")
         assert loaded.returncode == 0, loaded.stderr
         db = tmp_path / "daemon" / "mrrp.sqlite3"
         log = tmp_path / "daemon.log"
         daemon = serve(config, log)
+        served = []  # the text of /healthz and /metrics
         try:
             wait_for("every DICOM object pulled",
                   lambda: query(db, "SELECT COUNT(*) FROM instances")[:1] == [
@@ -53,6 +57,7 @@ def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path, 
             health = urllib.request.urlopen(f"http://{LOOPBACK}:{ports['http']}/healthz",
                                             timeout=10)
             assert health.status == 200
+            served.append(health.read().decode())
             # interrupt while scoring is under way
             wait_for("the first score", lambda: query(db, "SELECT COUNT(*) FROM scores")[:1]
                   not in ([], [(0,)]), 300, daemon, log)
@@ -69,12 +74,20 @@ def test_e2e_daemon_pulls_scores_and_stores_reports_surviving_sigterm(tmp_path, 
                   == [(expected_srs + SPEC.patients,)], 120, daemon, log)
             metrics = urllib.request.urlopen(f"http://{LOOPBACK}:{ports['http']}/metrics",
                                              timeout=10).read().decode()
+            served.append(metrics)
             assert f"mrrp_patients_scored {SPEC.patients}" in metrics
             assert f'mrrp_exports{{state="sent"}} {expected_srs + SPEC.patients}' in metrics
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(timeout=120)
         assert code == 0, log.read_text()[-3000:]
+
+        # no patient identifier in any log line, at DEBUG, nor in what the HTTP port serves
+        text = log.read_text()
+        assert " DEBUG " in text and "stored HL7 ORU^R01 message row" in text
+        identifiers = phantom_identifiers(phantom)
+        assert len({v for v, what in identifiers.items() if what == "PatientID"}) == SPEC.patients
+        assert leaks("\n".join([text, *served]), identifiers) == []
 
         # exactly once: one score per patient; one PDF each, and an SR in each study reported
         # on (the pathology study, and the US study where the lesion region is drawn)

@@ -18,15 +18,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
+from mrrp_pacs import audit
+from mrrp_pacs.audit import content_digest, control_digest, who_received
 from mrrp_pacs.clinical_schema import ClinicalSchema, load_schema
 from mrrp_pacs.config import Config
 from mrrp_pacs.errors import DicomError, Hl7Error, SidecarError
 from mrrp_pacs.faults import fault_point
 from mrrp_pacs.hl7.message import looks_like_hl7, parse_message, split_messages
+from mrrp_pacs.identity import patient_key
 from mrrp_pacs.intake.dicom import PREAMBLE_BYTES, looks_like_dicom, read_meta
 from mrrp_pacs.intake.records import FINAL_STATUSES, ResultContent, read_result
 from mrrp_pacs.intake.sidecars import MAX_SIDECAR_BYTES, looks_like_sidecar, read_sidecar
-from mrrp_pacs.store import Store, sha256_file
+from mrrp_pacs.store import ObjectStore, Store, sha256_file
 from mrrp_pacs.store.groupcommit import GroupCommitter
 
 LOGGER = logging.getLogger(__name__)
@@ -34,6 +37,38 @@ LOGGER = logging.getLogger(__name__)
 SNIFF_BYTES = PREAMBLE_BYTES + 4
 
 T = TypeVar("T")
+
+
+def same_source(stored: str | None, origin: str) -> bool:
+    """Whether ``origin`` may replace an instance stored from ``stored`` (both intake origins).
+
+    The same calling AE title (and, when both are known, the same peer address: ``dicom:<AE>@<
+    address>``; rows received before addresses were recorded, and pulls, name the AE alone)
+    is the same source; any file drop (``file:<path>``) is the same source as any other. (An
+    operator reprocessing a refused object accepts it whatever its source:
+    :meth:`Intake.receive_dicom` ``accepted``.)
+    """
+    if not stored:
+        return True
+    kind, _, rest = origin.partition(":")
+    stored_kind, _, stored_rest = stored.partition(":")
+    if kind != stored_kind:
+        return False
+    if kind == "file":
+        return True
+    if kind == "dicom":
+        title, _, address = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        stored_title, _, stored_address = (stored_rest.rpartition("@") if "@" in stored_rest
+                                           else (stored_rest, "", ""))
+        return title == stored_title and (not address or not stored_address
+                                          or address == stored_address)
+    return rest == stored_rest
+
+
+def _peer(origin: str) -> str | None:
+    """The peer part of an origin for a ``refused_input`` row (not a file's path)."""
+    kind, _, rest = origin.partition(":")
+    return None if kind == "file" else rest or None
 
 
 class Outcome(StrEnum):
@@ -90,8 +125,9 @@ class Intake:
             size = path.stat().st_size
             limit = self.config.ingest.max_hl7_bytes
             if size > limit:
-                return [IntakeResult(Outcome.REJECTED, "hl7", f"is {size} bytes, more than "
-                                     f"ingest.max_hl7_bytes ({limit})")]
+                return [self.refuse("hl7", f"file:{path.absolute()}", "-",
+                                      f"is {size} bytes, more than ingest.max_hl7_bytes "
+                                      f"({limit})")]
             try:
                 messages = split_messages(path.read_bytes())
             except Hl7Error as exc:
@@ -139,8 +175,16 @@ class Intake:
 
     # -- DICOM ---------------------------------------------------------------------------
 
-    def receive_dicom(self, source: Path | bytes, origin: str) -> IntakeResult:
-        """Persist one DICOM Part 10 object given as a file or as its encoded bytes."""
+    def receive_dicom(self, source: Path | bytes, origin: str, *,
+                      accepted: str | None = None) -> IntakeResult:
+        """Persist one DICOM Part 10 object given as a file or as its encoded bytes.
+
+        Other bytes under the SOP Instance UID of a stored instance replace it when they come
+        from the same source (:func:`same_source`); from another they are refused and kept
+        in ``refused_input`` (``mrrp-pacs quarantine``). ``accepted`` (``quarantine:<id>``,
+        from ``quarantine reprocess``) is the operator accepting such an object: it replaces
+        the stored one, ``origin`` being the source it came from.
+        """
         limit = self.config.ingest.max_dicom_bytes
         try:
             size = len(source) if isinstance(source, bytes) else source.stat().st_size
@@ -149,8 +193,8 @@ class Intake:
         if size > limit:
             LOGGER.warning("refused a DICOM object of %d bytes from %s: more than "
                            "ingest.max_dicom_bytes (%d)", size, origin.split(":")[0], limit)
-            return IntakeResult(Outcome.REJECTED, "dicom", f"DICOM object is {size} bytes, more "
-                                f"than ingest.max_dicom_bytes ({limit})")
+            return self.refuse("dicom", origin, "-", f"DICOM object is {size} bytes, more "
+                                 f"than ingest.max_dicom_bytes ({limit})")
         if isinstance(source, bytes):
             sha = hashlib.sha256(source).hexdigest()
         else:
@@ -163,23 +207,45 @@ class Intake:
         try:
             meta = read_meta(source)
         except DicomError as exc:
-            return IntakeResult(Outcome.REJECTED, "dicom", f"DICOM object {exc}")
+            return self.refuse("dicom", origin, content_digest(sha), f"DICOM object {exc}")
         except OSError as exc:
             return IntakeResult(Outcome.REJECTED, "dicom", f"cannot be read: {exc.strerror}")
-        try:
+        patient = patient_key(meta.patient_id, meta.issuer_of_patient_id, self.config.identity)
+        who = who_received(origin)
+        uid = meta.sop_instance_uid
+        placed: set[str] = set()  # the areas holding the bytes: "objects", "refused"
+
+        def place(area: str) -> None:
+            """Copy the bytes into the object store or the refused area, once."""
+            if area in placed:
+                return
+            objects = self.store.objects if area == "objects" else self._refused_objects()
             if isinstance(source, bytes):
-                self.store.objects.put_bytes(source)
+                objects.put_bytes(source)
             else:
-                self.store.objects.put_file(source, expected_sha256=sha)
+                objects.put_file(source, expected_sha256=sha)
+            placed.add(area)
+
+        keep_limit = self.config.ingest.refused_keep_bytes
+        try:
+            if not accepted and self._foreign_sources(self.store.conn, uid, origin):
+                if size <= keep_limit:
+                    place("refused")
+            else:
+                place("objects")
         except ValueError as exc:
             return IntakeResult(Outcome.REJECTED, "dicom", str(exc))
 
         def rows(conn: sqlite3.Connection) -> IntakeResult:
             if self._known("instances", sha, conn):
                 return IntakeResult(Outcome.DUPLICATE, "dicom", "identical object already stored")
+            foreign = [] if accepted else self._foreign_sources(conn, uid, origin)
+            if foreign:
+                return refuse_replacement(conn, foreign)
+            place("objects")  # when the stored one's source changed since the first look
             earlier = [r[0] for r in conn.execute(
                 "SELECT id FROM instances WHERE sop_instance_uid = ? AND superseded_by IS NULL",
-                (meta.sop_instance_uid,))]
+                (uid,))]
             instance_id = self.store.insert(conn, "instances", {
                 "sop_instance_uid": meta.sop_instance_uid,
                 "sop_class_uid": meta.sop_class_uid,
@@ -211,11 +277,55 @@ class Intake:
                     "referenced_sop_instance_uid": roi.referenced_sop_instance_uid,
                     "referenced_series_instance_uid": roi.referenced_series_instance_uid,
                 })
-            fault_point("intake.dicom.before_commit")
             note = "replaces an earlier object with the same SOP Instance UID" if earlier else None
+            audit.record(conn, at=self.store.stamp(), event=audit.RECEIVED, who=who, what=uid,
+                         patient_key=patient,
+                         detail=f"instance {instance_id}, {meta.modality or '?'}, {size} bytes"
+                                + (f", replaces instance {', '.join(map(str, earlier))}"
+                                   if earlier else "")
+                                + (f", accepted by the operator from {accepted}"
+                                   if accepted else ""))
+            fault_point("intake.dicom.before_commit")
             return IntakeResult(Outcome.NEW, "dicom", note, row_id=instance_id)
 
-        result = self._write(rows)
+        dropped: list[str] = []
+
+        def refuse_replacement(conn: sqlite3.Connection, foreign: list[int]) -> IntakeResult:
+            from mrrp_pacs.intake import refused
+
+            dropped.clear()
+            # the C-STORE answer's Error Comment (64 characters at most)
+            reason = "SOP Instance UID stored from another source; not replaced"
+            kept = None
+            if size <= keep_limit:
+                place("refused")  # when the stored one's source changed since the first look
+                kept, gone = refused.keep_row(
+                    conn, self.store, kind="dicom", listener=origin.partition(":")[0],
+                    peer=_peer(origin), reason=reason, sha256=sha, size_bytes=size,
+                    kept_bytes=size, keep_bytes=keep_limit)
+                dropped.extend(gone)
+            audit.record(conn, at=self.store.stamp(), event=audit.REFUSED, who=who, what=uid,
+                         patient_key=patient,
+                         detail=f"replacement of instance {', '.join(map(str, foreign))} from "
+                                "another source; " + (f"kept as refused input {kept}" if kept
+                                                      else "not kept (over refused_keep_bytes)"))
+            fault_point("intake.dicom.before_commit")
+            return IntakeResult(Outcome.REJECTED, "dicom", reason, row_id=kept)
+
+        try:
+            result = self._write(rows)
+        except ValueError as exc:  # the bytes did not match their digest while copied
+            return IntakeResult(Outcome.REJECTED, "dicom", str(exc))
+        if dropped:
+            from mrrp_pacs.intake import refused
+
+            refused.forget(self.store, dropped)
+        if result.outcome is Outcome.REJECTED:
+            LOGGER.warning("refused a DICOM object from %s replacing an instance stored from "
+                           "another source%s", origin.partition(":")[0],
+                           f" (kept as refused input {result.row_id})"
+                           if result.row_id is not None else "")
+            return result
         if result.outcome is not Outcome.NEW:
             return result
         fault_point("intake.dicom.committed")
@@ -224,27 +334,80 @@ class Intake:
                      " replacing an earlier version" if result.reason else "")
         return result
 
+    def _refused_objects(self) -> ObjectStore:
+        from mrrp_pacs.intake import refused
+
+        return refused.refused_objects(self.store)
+
+    def _foreign_sources(self, conn: sqlite3.Connection, uid: str, origin: str) -> list[int]:
+        """Current instances with SOP Instance UID ``uid`` stored from a source other than
+        ``origin`` (see :func:`same_source`): their row ids; none when ``origin`` is the
+        PACS we pull from (:meth:`_from_archive`)."""
+        if self._from_archive(origin):
+            return []
+        return [row_id for row_id, stored in conn.execute(
+            "SELECT id, source FROM instances WHERE sop_instance_uid = ? AND "
+            "superseded_by IS NULL", (uid,)) if not same_source(stored, origin)]
+
+    def _from_archive(self, origin: str) -> bool:
+        """Whether ``origin`` is the configured PACS (``[pacs] ae_title``, from ``[pacs] host``
+        when the address is known): the archive of record may replace any object, e.g. with
+        its transcoded copy of an image a modality sent us directly."""
+        pacs = self.config.pacs
+        kind, _, rest = origin.partition(":")
+        if kind != "dicom" or not pacs.host:
+            return False
+        title, _, address = rest.rpartition("@") if "@" in rest else (rest, "", "")
+        return title == pacs.ae_title and (not address or address == pacs.host)
+
+    def refuse(self, kind: str, origin: str, what: str, reason: str,
+                 control_id: str | None = None) -> IntakeResult:
+        """A rejection for content, with its ``refused`` audit row (its own transaction).
+
+        Raises
+        ------
+        sqlite3.Error
+            The audit row could not be written: the caller answers "try again", as for any
+            input not recorded.
+        """
+        def rows(conn: sqlite3.Connection) -> None:
+            audit.record(conn, at=self.store.stamp(), event=audit.REFUSED,
+                         who=who_received(origin), what=what, detail=f"{kind} refused")
+
+        self._write(rows)
+        return IntakeResult(Outcome.REJECTED, kind, reason, control_id=control_id)
+
     # -- HL7 -----------------------------------------------------------------------------
 
     def receive_hl7(self, raw: bytes, origin: str) -> IntakeResult:
         """Persist one HL7 v2 message (MLLP framing already removed or not)."""
         limit = self.config.ingest.max_hl7_bytes
         if len(raw) > limit:
-            return IntakeResult(Outcome.REJECTED, "hl7",
-                                f"message is {len(raw)} bytes, more than ingest.max_hl7_bytes "
-                                f"({limit})")
+            return self.refuse("hl7", origin, "-",
+                                 f"message is {len(raw)} bytes, more than ingest.max_hl7_bytes "
+                                 f"({limit})")
         try:
             message = parse_message(raw)
             content = read_result(message, self.config.ingest, self.config.identity, self.schema)
         except Hl7Error as exc:
-            return IntakeResult(Outcome.REJECTED, "hl7", f"HL7 message {exc}")
+            return self.refuse("hl7", origin,
+                                 content_digest(hashlib.sha256(raw).hexdigest()),
+                                 f"HL7 message {exc}")
         used = content.message_type.startswith("ORU")
+        what = control_digest(content.control_id)
         if used and not content.patient_id:
             # a result nobody can be matched to would be stored and never used
-            return IntakeResult(Outcome.REJECTED, "hl7",
-                                "ORU message names no patient: PID-3 is empty or has no "
-                                "identifier of the configured assigning authority",
-                                control_id=content.control_id)
+            return self.refuse("hl7", origin, what,
+                                 "ORU message names no patient: PID-3 is empty or has no "
+                                 "identifier of the configured assigning authority",
+                                 control_id=content.control_id)
+        patient = patient_key(content.patient_id, content.assigning_authority,
+                              self.config.identity)
+
+        def received(conn: sqlite3.Connection, message_id: int, note: str) -> None:
+            audit.record(conn, at=self.store.stamp(), event=audit.RECEIVED,
+                         who=who_received(origin), what=what, patient_key=patient,
+                         detail=f"message {message_id}, {content.message_type}, {note}")
         sha = hashlib.sha256(message.raw).hexdigest()
         if self._known("hl7_messages", sha):
             return IntakeResult(Outcome.DUPLICATE, "hl7", "identical message already stored",
@@ -284,6 +447,7 @@ class Intake:
                           f"(message row {earlier[0]}); kept, not processed again")
                 message_id = self.store.insert(conn, "hl7_messages", {
                     **row, "state": "duplicate_control_id", "note": reason})
+                received(conn, message_id, "control id already received, not processed")
                 return IntakeResult(Outcome.DUPLICATE, "hl7", reason, row_id=message_id,
                                     control_id=content.control_id)
             if not used:
@@ -291,10 +455,12 @@ class Intake:
                 message_id = self.store.insert(conn, "hl7_messages", {
                     **row, "state": "ignored",
                     "note": f"message type {content.message_type} is not used"})
+                received(conn, message_id, "not used")
                 return IntakeResult(Outcome.NEW, "hl7", row_id=message_id,
                                     control_id=content.control_id)
             message_id = self.store.insert(conn, "hl7_messages", {**row, "state": "parsed"})
             self._write_result(conn, message_id, content)
+            received(conn, message_id, "parsed")
             parsed.append(True)
             fault_point("intake.hl7.before_commit")
             return IntakeResult(Outcome.NEW, "hl7", row_id=message_id,

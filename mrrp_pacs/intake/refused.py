@@ -15,8 +15,10 @@ through :class:`~mrrp_pacs.intake.Intake` again with the current configuration a
 row with the outcome; a row is never reprocessed twice. Not to be confused with
 :mod:`mrrp_pacs.quarantine`, which holds back *patients* whose scoring failed.
 
-The table has a ``kind`` column (``hl7``, ``dicom``) so that other listeners can keep their
-refused objects here too.
+The table has a ``kind`` column (``hl7``, ``dicom``). DICOM objects are kept here when intake
+refuses to let them replace an instance stored from another source
+(:meth:`~mrrp_pacs.intake.Intake.receive_dicom`); reprocessing such a row is the operator's
+decision to accept the replacement, so it replaces the stored instance.
 """
 
 from __future__ import annotations
@@ -98,15 +100,34 @@ def keep(store: Store, *, kind: str, listener: str, peer: str | None, reason: st
     objects = refused_objects(store)
     sha = objects.put_bytes(data).sha256
     with store.transaction() as conn:
-        row_id = store.insert(conn, "refused_input", {
-            "kind": kind, "listener": listener, "peer": peer, "received_at": store.stamp(),
-            "reason": reason, "size_bytes": size_bytes, "kept_bytes": len(data),
-            "sha256": sha,
-        })
-        dropped = _drop_oldest(conn, keep_bytes)
+        row_id, dropped = keep_row(conn, store, kind=kind, listener=listener, peer=peer,
+                                   reason=reason, sha256=sha, size_bytes=size_bytes,
+                                   kept_bytes=len(data), keep_bytes=keep_bytes)
+    forget(store, dropped)
+    return row_id
+
+
+def keep_row(conn: sqlite3.Connection, store: Store, *, kind: str, listener: str,
+             peer: str | None, reason: str, sha256: str, size_bytes: int, kept_bytes: int,
+             keep_bytes: int) -> tuple[int, list[str]]:
+    """Write one row inside the caller's transaction, its bytes already kept in
+    :func:`refused_objects`; its id and the digests of rows dropped as the oldest (pass them
+    to :func:`forget` once the transaction committed)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of refused input {kind!r}")
+    row_id = store.insert(conn, "refused_input", {
+        "kind": kind, "listener": listener, "peer": peer, "received_at": store.stamp(),
+        "reason": reason, "size_bytes": size_bytes, "kept_bytes": kept_bytes,
+        "sha256": sha256,
+    })
+    return row_id, _drop_oldest(conn, keep_bytes)
+
+
+def forget(store: Store, dropped: list[str]) -> None:
+    """Delete the bytes of dropped rows no other row refers to (after the commit)."""
+    objects = refused_objects(store)
     for digest in dropped:
         _forget(store, objects, digest)
-    return row_id
 
 
 def _drop_oldest(conn: sqlite3.Connection, keep_bytes: int) -> list[str]:
@@ -200,7 +221,11 @@ def reprocess(intake: Intake, row_id: int) -> IntakeResult:
     if item.kind == "hl7":
         result = intake.receive_hl7(data, origin=origin)
     else:
-        result = intake.receive_dicom(data, origin=origin)
+        # a DICOM object refused as a replacement from another source: reprocessing it is
+        # the operator accepting it; it is stored as coming from where it came from
+        sender = item.peer or f"(refused input {row_id})"
+        result = intake.receive_dicom(data, origin=f"{item.listener}:{sender}",
+                                      accepted=origin)
     if result.outcome is Outcome.NEW:
         note = f"stored as row {result.row_id}"
     else:

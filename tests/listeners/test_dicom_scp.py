@@ -74,7 +74,7 @@ def test_storescu_objects_are_persisted_as_sent(running_scp, store, phantom, cap
         # rebuilt from the request: Implementation Class UID of pynetdicom, not of the writer)
         assert _dataset_bytes(stored) == _dataset_bytes(original)
         assert stored != original
-        assert row["source"] == "dicom:MRRPTEST"
+        assert row["source"] == f"dicom:MRRPTEST@{LOOPBACK}"
         assert row["transfer_syntax_uid"] == pydicom.dcmread(path).file_meta.TransferSyntaxUID
     slides = [r for r in rows.values() if r["modality"] == "SM"]
     assert len(slides) == 6
@@ -229,3 +229,54 @@ def test_idle_associations_poll_their_socket_less_often(running_scp):
     assert not running_scp.ae.active_associations
 
 
+
+
+@pytest.mark.needs_tool("storescu")
+def test_another_ae_cannot_replace_an_instance_and_is_told_not_to_retry(config, store,
+                                                                        tmp_path):
+    """AE A stores an image; AE B sends the same SOP Instance UID with other bytes: refused
+    with 0xC000 (not retried), the stored bytes stay, the object is kept for the operator
+    (`mrrp-pacs quarantine list`) and audited. A re-sending a corrected object replaces it."""
+    from click.testing import CliRunner
+
+    from mrrp_pacs import audit
+    from mrrp_pacs.cli import main
+
+    image = us_image(Patient())
+    first = write(image, tmp_path / "a" / "us.dcm")
+    image.InstanceNumber = 2
+    with StorageScp(intake_opener(config), "MRRP", 0, allowed_aes={"A", "B"}) as scp:
+        sent = _storescu(scp, first.parent, "A", "MRRP")
+        assert sent.returncode == 0, sent.stderr
+        (row,) = store.conn.execute("SELECT * FROM instances").fetchall()
+        assert row["source"] == f"dicom:A@{LOOPBACK}"
+        stored = store.objects.read_bytes(row["sha256"])
+
+        ae = AE(ae_title="B")
+        ae.add_requested_context(UltrasoundImageStorage)
+        assoc = ae.associate(LOOPBACK, scp.port, ae_title="MRRP")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(image)
+        finally:
+            assoc.release()
+        assert status.Status == 0xC000
+        assert "another source" in status.ErrorComment
+        (still,) = store.conn.execute("SELECT * FROM instances").fetchall()
+        assert store.objects.read_bytes(still["sha256"]) == stored
+
+        listed = CliRunner().invoke(main, ["quarantine", "list", "--db",
+                                           str(config.paths.db_file)])
+        assert listed.exit_code == 0, listed.output
+        assert f"dicom/dicom  B@{LOOPBACK}" in listed.output
+        assert "SOP Instance UID stored from another source; not replaced" in listed.output
+        assert [(r.event, r.who, r.what) for r in audit.listing(store)] == [
+            ("received", f"dicom:A@{LOOPBACK}", image.SOPInstanceUID),
+            ("refused", f"dicom:B@{LOOPBACK}", image.SOPInstanceUID)]
+
+        corrected = write(image, tmp_path / "a2" / "us.dcm")
+        sent = _storescu(scp, corrected.parent, "A", "MRRP")
+        assert sent.returncode == 0, sent.stderr
+    current = store.conn.execute("SELECT * FROM instances WHERE superseded_by IS NULL").fetchall()
+    assert len(current) == 1 and current[0]["id"] != row["id"]
+    assert pydicom.dcmread(store.objects.path_for(current[0]["sha256"])).InstanceNumber == 2

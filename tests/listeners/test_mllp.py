@@ -24,6 +24,7 @@ from listeners.mllp import (
     control_digest,
     read_header,
 )
+from mrrp_pacs import audit
 from mrrp_pacs.hl7.message import parse_message
 from mrrp_pacs.intake import Intake
 from mrrp_pacs.store import Store
@@ -205,6 +206,12 @@ def test_too_large_message_is_refused_and_serving_goes_on(serve, store):
     assert _msa(other.ack()) == ("AA", "OTHER-1")
     assert _rows(store, "hl7_messages", "control_id = 'BIG-1'") == 0
     assert server.stats().acknowledgements == {"AE": 1, "AA": 2}
+    # the audit names the peer and the control id digests: the refused frame (its control id
+    # unknown: the frame was not read whole) and each message stored, one row each
+    rows = sorted((r.event, r.who, r.what) for r in audit.listing(store))
+    assert rows == sorted([("refused", "mllp:127.0.0.1", "-"),
+                           ("received", "mllp:127.0.0.1", control_digest("SMALL-1")),
+                           ("received", "mllp:127.0.0.1", control_digest("OTHER-1"))])
 
 
 def test_hostile_frames_each_get_an_answer(serve):

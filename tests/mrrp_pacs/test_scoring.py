@@ -184,6 +184,12 @@ def test_scores_are_stored_once_per_model_and_inputs(phantom_model):
         again = scorer.score(due, digests)
         assert [o.state for o in again] == ["unchanged"] * len(due)
         assert store.conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == len(due)
+        # one audit row per score (none for "unchanged"), naming model version and patient
+        scored = store.conn.execute("SELECT who, what, patient_key FROM audit WHERE event = "
+                                    "'scored' ORDER BY id").fetchall()
+        assert [tuple(r) for r in scored] == [
+            (f"model:{scorer.model_version}", f"score:{o.score_id}", o.patient_key)
+            for o in outcomes]
         assert not due_cases(store, config, scorer, NOW, timedelta(0))[0]
         # nightly rescoring looks at everyone and still writes nothing
         everyone = due_cases(store, config, scorer, NOW, timedelta(0), everyone=True)[0]

@@ -196,3 +196,13 @@ def test_a_walked_header_still_refuses_a_media_uid_that_differs():
         _full_parse_meta(data)
     with pytest.raises(DicomError, match="MediaStorageSOPInstanceUID"):
         read_meta(data)
+
+
+def test_an_unknown_vr_of_the_sop_class_is_refused_not_raised():
+    """Found by the fuzz test: a SOP Class UID element whose VR is not a VR (b'\\x00I') made
+    pydicom raise NotImplementedError out of the header's first look."""
+    data = encode(us_image(Patient()))
+    element = b"\x08\x00\x16\x00UI"  # (0008,0016) SOP Class UID, explicit VR little endian
+    assert data.count(element) == 1
+    with pytest.raises(DicomError):
+        read_meta(data.replace(element, b"\x08\x00\x16\x00\x00I"))

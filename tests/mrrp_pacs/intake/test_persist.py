@@ -54,9 +54,10 @@ def test_dicom_bytes_and_rois(intake, store):
 
 def test_same_sop_instance_with_new_content_supersedes(intake, store):
     image = us_image(Patient())
-    first = intake.receive_dicom(encode(image), origin="a")
+    first = intake.receive_dicom(encode(image), origin="dicom:A@10.0.0.1")
     image.InstanceNumber = 2
-    second = intake.receive_dicom(encode(image), origin="b")
+    # the same source sending a corrected object replaces the stored one
+    second = intake.receive_dicom(encode(image), origin="dicom:A@10.0.0.1")
     assert second.outcome is Outcome.NEW and "replaces" in (second.reason or "")
     rows = store.conn.execute("SELECT id, superseded_by FROM instances ORDER BY id").fetchall()
     assert [tuple(r) for r in rows] == [(first.row_id, second.row_id), (second.row_id, None)]
@@ -190,3 +191,100 @@ def test_a_failing_transaction_leaves_no_half_written_rows(intake, store, monkey
         assert _count(store, table) == 0
     monkeypatch.setattr(store, "insert", real_insert)
     assert intake.receive_hl7(pathology_result(Patient()), "x").outcome is Outcome.NEW
+
+
+def _stored_bytes(store, uid):
+    (sha,) = store.conn.execute("SELECT sha256 FROM instances WHERE sop_instance_uid = ? AND "
+                                "superseded_by IS NULL", (uid,)).fetchone()
+    return store.objects.read_bytes(sha)
+
+
+def test_another_source_cannot_replace_a_stored_instance(intake, store):
+    from mrrp_pacs import audit
+    from mrrp_pacs.intake import refused
+
+    image = us_image(Patient())
+    original = encode(image)
+    assert intake.receive_dicom(original, origin="dicom:A@10.0.0.1").outcome is Outcome.NEW
+    image.InstanceNumber = 2
+    other = encode(image)
+    for origin in ("dicom:B@10.0.0.1", "dicom:A@10.0.0.2"):  # another AE; A from elsewhere
+        result = intake.receive_dicom(other, origin=origin)
+        assert result.outcome is Outcome.REJECTED
+        assert "another source" in (result.reason or "")
+    assert _stored_bytes(store, image.SOPInstanceUID) == original
+    assert _count(store, "instances") == 1
+    kept = refused.listing(store)
+    assert [(k.kind, k.listener, k.peer) for k in kept] == [
+        ("dicom", "dicom", "A@10.0.0.2"), ("dicom", "dicom", "B@10.0.0.1")]
+    assert refused.raw_bytes(store, kept[0]) == other
+    # the refused bytes are in the refused area only, not among the stored objects
+    assert not store.objects.path_for(kept[0].sha256).exists()
+    assert [(r.event, r.who) for r in audit.listing(store)] == [
+        ("received", "dicom:A@10.0.0.1"), ("refused", "dicom:B@10.0.0.1"),
+        ("refused", "dicom:A@10.0.0.2")]
+    # an operator who decides the replacement is right reprocesses it: it replaces, as from
+    # the source it came from, which may then send corrections of its own
+    assert refused.reprocess(intake, kept[0].id).outcome is Outcome.NEW
+    assert _stored_bytes(store, image.SOPInstanceUID) == other
+    (row,) = store.conn.execute("SELECT source FROM instances WHERE superseded_by IS NULL")
+    assert row["source"] == "dicom:A@10.0.0.2"
+    last = audit.listing(store)[-1]
+    assert (last.event, last.who) == ("received", "dicom:A@10.0.0.2")
+    assert "accepted by the operator from quarantine:" in (last.detail or "")
+    image.InstanceNumber = 3
+    assert intake.receive_dicom(encode(image), "dicom:A@10.0.0.2").outcome is Outcome.NEW
+    assert intake.receive_dicom(encode(image), "dicom:A@10.0.0.1").outcome is Outcome.DUPLICATE
+
+
+def test_a_file_drop_cannot_replace_an_instance_received_over_dicom(intake, store, tmp_path):
+    image = us_image(Patient())
+    original = encode(image)
+    assert intake.receive_dicom(original, origin="dicom:A@10.0.0.1").outcome is Outcome.NEW
+    image.InstanceNumber = 2
+    (result,) = intake.receive_path(write(image, tmp_path / "drop" / "a.dcm"))
+    assert result.outcome is Outcome.REJECTED and "another source" in (result.reason or "")
+    assert _stored_bytes(store, image.SOPInstanceUID) == original
+    # nor the other way round; a file drop replaces what a file drop stored
+    dropped = us_image(Patient("MRN002"))
+    (first,) = intake.receive_path(write(dropped, tmp_path / "drop" / "b.dcm"))
+    dropped.InstanceNumber = 2
+    assert intake.receive_dicom(encode(dropped), "dicom:A@10.0.0.1").outcome is Outcome.REJECTED
+    (second,) = intake.receive_path(write(dropped, tmp_path / "later" / "b.dcm"))
+    assert (first.outcome, second.outcome) == (Outcome.NEW, Outcome.NEW)
+    assert _stored_bytes(store, dropped.SOPInstanceUID) == encode(dropped)
+
+
+def test_a_refused_replacement_larger_than_the_quarantine_is_refused_unkept(store, config):
+    from mrrp_pacs.intake import refused
+
+    small = Intake(store, config.replace("ingest", refused_keep_bytes=100))
+    image = us_image(Patient())
+    assert small.receive_dicom(encode(image), origin="dicom:A@h").outcome is Outcome.NEW
+    image.InstanceNumber = 2
+    result = small.receive_dicom(encode(image), origin="dicom:B@h")
+    assert result.outcome is Outcome.REJECTED and result.row_id is None
+    assert refused.listing(store) == []
+
+
+def test_the_pacs_we_pull_from_may_replace_what_a_modality_sent(store, config):
+    """The archive of record (its transcoded copy pulled by C-MOVE or C-GET) replaces; another
+    address using its AE title does not."""
+    pulling = Intake(store, config.replace("pacs", host="10.0.0.50", ae_title="PACS"))
+    image = us_image(Patient())
+    assert pulling.receive_dicom(encode(image), "dicom:US1@10.0.0.1").outcome is Outcome.NEW
+    image.InstanceNumber = 2
+    assert pulling.receive_dicom(encode(image), "dicom:PACS@10.0.0.66").outcome \
+        is Outcome.REJECTED
+    assert pulling.receive_dicom(encode(image), "dicom:PACS@10.0.0.50").outcome is Outcome.NEW
+    image.InstanceNumber = 3
+    assert pulling.receive_dicom(encode(image), "dicom:PACS").outcome is Outcome.NEW  # C-GET
+    # without [pacs] host nothing is pulled, and the title alone is no archive
+    assert Intake(store, config.replace("pacs", ae_title="PACS")).receive_dicom(
+        encode(us_image(Patient("MRN002"))), "dicom:PACS@10.0.0.50").outcome is Outcome.NEW
+    image.InstanceNumber = 4
+    assert Intake(store, config.replace("pacs", ae_title="PACS")).receive_dicom(
+        encode(image), "dicom:PACS@10.0.0.50").outcome is Outcome.NEW  # the same source
+    image.InstanceNumber = 5
+    assert Intake(store, config.replace("pacs", ae_title="PACS")).receive_dicom(
+        encode(image), "dicom:US1@10.0.0.1").outcome is Outcome.REJECTED

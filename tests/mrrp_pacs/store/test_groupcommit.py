@@ -53,7 +53,7 @@ def _one_batch(committer, writes):
 
     def hold(conn):
         deadline = time.monotonic() + 10
-        while committer._queue.qsize() < len(writes) - 1 and time.monotonic() < deadline:
+        while committer._queue.qsize() < len(writes) and time.monotonic() < deadline:
             time.sleep(0.005)
         queued.set()
         return "held"
