@@ -312,6 +312,12 @@ class _GuardedSocket:
         self.body_deadline = 0.0
         self.in_body = False
         self.refused = False
+        # the A-ASSOCIATE-RQ has been read: what follows is judged as in an association.
+        # pynetdicom sets ``is_established`` only after sending the A-ASSOCIATE-AC and running
+        # the EVT_ACCEPTED handlers; a sender's first P-DATA can arrive before that (under
+        # load it did: bench_load_ceiling.py lost whole senders), and the DUL state machine,
+        # not this guard, answers a PDU the association's state does not allow
+        self.request_read = False
 
     @property
     def raw(self) -> socket.socket:
@@ -333,7 +339,7 @@ class _GuardedSocket:
         if self.in_body:
             self.in_body = False
             return self._read(nr_bytes, self.body_deadline, "a PDU")
-        associated = self.assoc.is_established
+        associated = self.request_read or self.assoc.is_established
         deadline = clock() + self.scp.pdu_timeout_s
         if not associated and not self.assoc.requestor.primitive:
             deadline = min(deadline, self.request_deadline)
@@ -348,6 +354,7 @@ class _GuardedSocket:
             if length > MAX_ASSOCIATE_RQ_BYTES:
                 return self.refuse(f"PDU type 0x{pdu_type:02X} declares {length} bytes before "
                                    f"association (at most {MAX_ASSOCIATE_RQ_BYTES})")
+            self.request_read = pdu_type == _ASSOCIATE_RQ
         elif self.scp.max_pdu and length > self.scp.max_pdu + PDU_HEADER_BYTES:
             return self.refuse(f"PDU type 0x{pdu_type:02X} declares {length} bytes, more than "
                                f"our maximum PDU ({self.scp.max_pdu})")

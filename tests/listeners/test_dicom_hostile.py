@@ -307,6 +307,27 @@ def test_an_association_request_just_over_the_cap_is_refused(scp):
         sock.close()
 
 
+def test_data_sent_right_after_the_accept_is_not_judged_before_association(scp, store):
+    """pynetdicom marks the association established only after sending A-ASSOCIATE-AC and
+    running the EVT_ACCEPTED handlers; a sender's first P-DATA (larger than an association
+    request may be) arriving meanwhile was refused and the sender cut off (found under load by
+    benchmarks/bench_load_ceiling.py). A slow EVT_ACCEPTED handler holds that window open."""
+    from pynetdicom import evt
+
+    for server, _ in scp._servers:
+        server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(0.5))
+    image = us_image(Patient(patient_id="MRN-RACE-1"), rows=320, columns=320)
+    assert len(encode(image)) > MAX_ASSOCIATE_RQ_BYTES  # one P-DATA larger than a request
+    assoc = _associate(scp.port)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(image)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000
+    assert store.conn.execute("SELECT count(*) FROM instances").fetchone()[0] == 1
+
+
 def test_a_pdu_over_our_maximum_inside_an_association_is_refused(scp, caplog):
     caplog.set_level(logging.WARNING, logger="listeners.dicom_scp")
     assoc = _associate(scp.port)
