@@ -499,6 +499,15 @@ def report(stores: list[StoreRun], hl7: list[Hl7Run], args: argparse.Namespace,
     print(f"\nThe ceiling, {args.rounds} rounds alternating; medians over rounds; load average "
           f"(1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, at end "
           f"{'/'.join(f'{x:.2f}' for x in load_end)}; {os.cpu_count()} CPUs")
+    if stores:
+        report_stores(stores, args, summary)
+    if hl7:
+        report_hl7(hl7, args, summary)
+    return summary
+
+
+def report_stores(stores: list[StoreRun], args: argparse.Namespace,
+                  summary: dict[str, object]) -> None:
     print(f"\nA. C-STORE: {args.instances} US instances (78 kB) over {args.associations} "
           f"associations, sender dcmtk storescu (one process per association) for every "
           f"server; target >= {TARGET_CSTORE_PER_S:g}/s")
@@ -528,6 +537,10 @@ def report(stores: list[StoreRun], hl7: list[Hl7Run], args: argparse.Namespace,
             "scp_cpu_ms_per_instance": scp_ms, "received_min": got}
     print("(SCP / send CPU: ms of CPU per instance in the server / in all senders; max/s "
           "1 core = 1000 / SCP CPU ms: the rate one fully available core would give)")
+
+
+def report_hl7(hl7: list[Hl7Run], args: argparse.Namespace, summary: dict[str, object]
+               ) -> None:
     if hl7:
         print(f"\nB. HL7: {args.hl7_rate:g} msg/s over {args.hl7_connections} connections "
               f"(threads) for {args.hl7_seconds:g} s per run; latency from a message's start "
@@ -557,7 +570,6 @@ def report(stores: list[StoreRun], hl7: list[Hl7Run], args: argparse.Namespace,
                     "p99_ms": [percentile(r.latency_ms, 99) for r in arm_runs]}
         print("(commit p99: the INSERT + COMMIT alone, lock held; object p99: ObjectStore."
               "put_bytes; medians of each run's p99)")
-    return summary
 
 
 def options() -> argparse.Namespace:
