@@ -424,7 +424,15 @@ def store_run(name: str, busy: bool, folders: list[Path], work: Path, associatio
     scp_cpu = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))
     errors = " | ".join(out.strip().splitlines()[-1] for out in outputs
                         if out.strip() and "E:" in out)[-600:]
-    return StoreRun(name, busy, sent / elapsed, sent, server.count(), failed,
+    log = work / "daemon.log"
+    if failed and log.exists():  # why the daemon refused or aborted (its own words)
+        errors += "\n    daemon: " + "\n    daemon: ".join(
+            line for line in log.read_text(errors="replace").splitlines()
+            if " WARNING " in line or " ERROR " in line or "Traceback" in line)[-3000:]
+    received = server.count()
+    # the rate counts what the server received (a failed sender's objects are not counted)
+    done = sent if received is None else received
+    return StoreRun(name, busy, done / elapsed, sent, received, failed,
                     scp_cpu / sent * 1000, clients / sent * 1000, (load_before, load_after),
                     elapsed, errors)
 
