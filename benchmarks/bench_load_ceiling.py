@@ -1,8 +1,9 @@
 """Ceilings of the two load targets of issue 17, measured side by side with the daemon.
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_load_ceiling.py`` (5 rounds, 2,000
-instances, 6 s per HL7 run: about 15 min on 2 cores) or ``... --quick`` (2 rounds, 400
-instances, 3 s per HL7 run: about 3 min, a smoke run). ``--help`` lists the options.
+instances, 6 s per HL7 run: 9 to 14 min on 2 shared cores) or ``... --quick`` (2 rounds,
+400 instances, 3 s per HL7 run: 1.5 to 3 min, a smoke run). ``--help`` lists the options.
+Figures and what they prove: docs/daemon.md, "Load", "The ceiling".
 
 A. C-STORE: ``--instances`` 78 kB US images (``bench_load.write_instances``: the benchmark's
    own, unique UIDs) over ``--associations`` concurrent dcmtk ``storescu`` processes (the same
