@@ -160,11 +160,15 @@ def prepare_training(root: Path, patients: int, max_tiles: int) -> Path:
 
 
 def prepare_daemon(root: Path, patients: int, models: Path, max_tiles: int,
-                   ports: dict[str, int], associations: int) -> tuple[Path, Path]:
+                   ports: dict[str, int], associations: int, hl7_connections: int
+                   ) -> tuple[Path, Path]:
     """The daemon's phantom ingested (not extracted) and its config; (config, db).
 
     Differences from the defaults, all said in the output: ``[dicom] max_associations`` is
-    raised to ``associations`` (the default, 10, rejects the rest), export is off (no PACS),
+    raised to ``associations`` (the default, 10, rejects the rest) and so is
+    ``max_unassociated_per_address`` (every sender is 127.0.0.1), ``[hl7]
+    max_connections_per_address`` to ``hl7_connections`` (the default, 8, closes the 9th and
+    10th flood connections), export is off (no PACS),
     ``scoring.wait_hours = 0`` (every case with one modality is ready at once).
     """
     data = root / "daemon"
@@ -187,9 +191,11 @@ port = {ports['dicom']}
 bind = "{LOOPBACK}"
 allowed_aes = ["{BENCH_AE}"]
 max_associations = {associations}
+max_unassociated_per_address = {associations}
 [hl7]
 port = {ports['hl7']}
 bind = "{LOOPBACK}"
+max_connections_per_address = {hl7_connections}
 [http]
 port = {ports['http']}
 bind = "{LOOPBACK}"
@@ -667,10 +673,12 @@ def main() -> None:
         print("setup:", flush=True)
         models = prepare_training(work / "training", args.training_patients, args.max_tiles)
         config, db = prepare_daemon(work / "run", args.patients, models, args.max_tiles, ports,
-                                    args.associations)
+                                    args.associations, args.hl7_connections)
         ready = query(db, "SELECT COUNT(*) FROM instances")[0][0]
         print(f"  daemon database: {ready} instances, no features; config differs from the "
-              f"defaults in [dicom] max_associations = {args.associations} (default 10), "
+              f"defaults in [dicom] max_associations = {args.associations} (default 10) and "
+              f"max_unassociated_per_address (8), [hl7] max_connections_per_address = "
+              f"{args.hl7_connections} (8), "
               "[export] enabled = false, [scoring] wait_hours = 0", flush=True)
         folders = write_instances(work / "run" / "us", args.instances, args.associations)
         slide = work / "run" / "slide.dcm"
