@@ -17,8 +17,10 @@ from builders import (
     with_ack_modes,
 )
 from hl7apy.parser import parse_message as hl7apy_parse
+from mllp_peer import Peer, close_open_peers
+from mllp_peer import msa as _msa
 
-from exporters.mllp_client import FrameReader, send_files, send_messages
+from exporters.mllp_client import send_files, send_messages
 from listeners.mllp import (
     MllpServer,
     control_digest,
@@ -57,54 +59,10 @@ def serve(config):
         handle.stop()
 
 
-_OPEN_PEERS = []
-
-
 @pytest.fixture(autouse=True)
 def _close_peers():
     yield
-    while _OPEN_PEERS:
-        _OPEN_PEERS.pop().close()
-
-
-class Peer:
-    """A raw MLLP sender, so tests control every byte and every TCP write."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        _OPEN_PEERS.append(self.sock)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = FrameReader(self.sock, 5.0, max_frame_bytes=1 << 20)
-
-    def send(self, data):
-        self.sock.sendall(data)
-
-    def frame(self, timeout=5.0):
-        """The next acknowledgement's bytes, or None when none comes within ``timeout``."""
-        self.reader.timeout_s = timeout
-        try:
-            return self.reader.next_frame()
-        except ConnectionError:
-            raise AssertionError("the listener closed the connection") from None
-
-    def ack(self, timeout=5.0):
-        data = self.frame(timeout)
-        assert data is not None, f"no acknowledgement within {timeout} s"
-        return parse_message(data)
-
-    def closed_by_server(self, timeout=5.0):
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self):
-        self.sock.close()  # closing twice (again at teardown) is harmless
-
-
-def _msa(ack):
-    return ack.get("MSA-1"), ack.field(ack.segment("MSA"), 2)
+    close_open_peers()
 
 
 def _rows(store, table, where="1", params=()):

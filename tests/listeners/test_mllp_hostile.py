@@ -3,17 +3,15 @@ quarantine of refused input it fills (``refused_input``, ``mrrp-pacs quarantine`
 
 import dataclasses
 import logging
-import socket
 import time
 
+import mllp_peer
 import pytest
 from builders import Patient, mllp, pathology_result, us_report
 from click.testing import CliRunner
 
-from exporters.mllp_client import FrameReader
 from listeners.mllp import MllpServer, control_digest
 from mrrp_pacs.cli import main
-from mrrp_pacs.hl7.message import parse_message
 from mrrp_pacs.intake import Intake, refused
 from mrrp_pacs.store import Store
 
@@ -41,34 +39,16 @@ def serve():
         handle.stop()
 
 
-class Peer:
-    """A raw MLLP sender from a chosen loopback address."""
-
-    def __init__(self, port, source="127.0.0.1"):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5,
-                                             source_address=(source, 0))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = FrameReader(self.sock, 5.0, max_frame_bytes=1 << 20)
-
-    def send(self, data):
-        self.sock.sendall(data)
-
+class Peer(mllp_peer.Peer):
     def ack(self, timeout=5.0):
-        self.reader.timeout_s = timeout
-        data = self.reader.next_frame()
-        assert data is not None, f"no acknowledgement within {timeout} s"
-        message = parse_message(data)
-        return message.get("MSA-1"), message.field(message.segment("MSA"), 2)
+        """(MSA-1, MSA-2) of the next acknowledgement."""
+        return mllp_peer.msa(super().ack(timeout))
 
-    def closed_by_server(self, timeout=5.0):
-        self.sock.settimeout(timeout)
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
 
-    def close(self):
-        self.sock.close()
+@pytest.fixture(autouse=True)
+def _close_peers():
+    yield
+    mllp_peer.close_open_peers()
 
 
 def _count(config, table, where="1", params=()):
