@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from builders import Patient, encode, us_image, us_roi_sr
+from dicom_peer import store_one
 from orthanc import LOOPBACK
 from pynetdicom import AE
 from pynetdicom.sop_class import UltrasoundImageStorage
@@ -318,13 +319,7 @@ def test_data_sent_right_after_the_accept_is_not_judged_before_association(scp, 
         server.bind(evt.EVT_ACCEPTED, lambda event: time.sleep(0.5))
     image = us_image(Patient(patient_id="MRN-RACE-1"), rows=320, columns=320)
     assert len(encode(image)) > MAX_ASSOCIATE_RQ_BYTES  # one P-DATA larger than a request
-    assoc = _associate(scp.port)
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(image)
-    finally:
-        assoc.release()
-    assert status.Status == 0x0000
+    assert store_one(scp.port, image).Status == 0x0000
     assert store.conn.execute("SELECT count(*) FROM instances").fetchone()[0] == 1
 
 
@@ -353,11 +348,7 @@ def test_an_object_over_max_dicom_bytes_is_refused_not_to_be_resent(config, stor
     caplog.set_level(logging.WARNING)
     with StorageScp(intake_opener(small), "MRRP", 0, allowed_aes={"MRRPTEST"},
                     spool_dir=small.paths.objects_dir / "tmp") as server:
-        assoc = _associate(server.port)
-        try:
-            answer = assoc.send_c_store(image)
-        finally:
-            assoc.release()
+        answer = store_one(server.port, image)
     assert answer.Status == 0xC000
     assert "max_dicom_bytes" in answer.ErrorComment
     assert store.conn.execute("SELECT count(*) FROM instances").fetchone()[0] == 0

@@ -9,6 +9,7 @@ import time
 import pydicom
 import pytest
 from builders import Patient, us_image, write
+from dicom_peer import store_one
 from orthanc import LOOPBACK
 from pydicom.uid import JPEGBaseline8Bit
 from pynetdicom import AE
@@ -166,14 +167,7 @@ def test_persistence_failure_answers_out_of_resources(config, store, tmp_path):
 def test_unusable_object_answers_cannot_understand(running_scp, store):
     bad = us_image(Patient())
     del bad.StudyInstanceUID  # intake refuses an object it cannot file
-    ae = AE(ae_title="MRRPTEST")
-    ae.add_requested_context(UltrasoundImageStorage)
-    assoc = ae.associate(LOOPBACK, running_scp.port, ae_title="MRRP")
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(bad)
-    finally:
-        assoc.release()
+    status = store_one(running_scp.port, bad)
     assert status.Status == 0xC000
     assert "StudyInstanceUID" in status.ErrorComment
     assert len(status.ErrorComment) <= 64
@@ -252,14 +246,7 @@ def test_another_ae_cannot_replace_an_instance_and_is_told_not_to_retry(config, 
         assert row["source"] == f"dicom:A@{LOOPBACK}"
         stored = store.objects.read_bytes(row["sha256"])
 
-        ae = AE(ae_title="B")
-        ae.add_requested_context(UltrasoundImageStorage)
-        assoc = ae.associate(LOOPBACK, scp.port, ae_title="MRRP")
-        assert assoc.is_established
-        try:
-            status = assoc.send_c_store(image)
-        finally:
-            assoc.release()
+        status = store_one(scp.port, image, calling="B")
         assert status.Status == 0xC000
         assert "another source" in status.ErrorComment
         (still,) = store.conn.execute("SELECT * FROM instances").fetchall()
