@@ -8,12 +8,12 @@ refused input is kept here: its bytes in a content-addressed area of its own
 the listener. A transient failure (database locked, disk full) is not kept: nothing was
 refused, the sender resends.
 
-Bounds: at most ``ingest.refused_keep_bytes`` are kept, the oldest rows (and their bytes)
-dropped beyond; an input larger than ``ingest.max_hl7_bytes`` keeps only its first
-:data:`HEAD_BYTES` and its size (it cannot be reprocessed). :func:`reprocess` runs kept bytes
-through :class:`~mrrp_pacs.intake.Intake` again with the current configuration and marks the
-row with the outcome; a row is never reprocessed twice. Not to be confused with
-:mod:`mrrp_pacs.quarantine`, which holds back *patients* whose scoring failed.
+Bounds: at most ``ingest.refused_keep_bytes`` and :data:`MAX_ROWS` rows are kept, the oldest
+rows (and their bytes) dropped beyond; an input larger than ``ingest.max_hl7_bytes`` keeps
+only its first :data:`HEAD_BYTES` and its size (it cannot be reprocessed). :func:`reprocess`
+runs kept bytes through :class:`~mrrp_pacs.intake.Intake` again with the current
+configuration and marks the row with the outcome; a row is never reprocessed twice. Not to be
+confused with :mod:`mrrp_pacs.quarantine`, which holds back *patients* whose scoring failed.
 
 The table has a ``kind`` column (``hl7``, ``dicom``). DICOM objects are kept here when intake
 refuses to let them replace an instance stored from another source
@@ -36,6 +36,10 @@ HEAD_BYTES = 64 * 1024
 """Bytes kept of an input larger than the configured limit (with its size)."""
 
 KINDS = ("hl7", "dicom")
+
+MAX_ROWS = 100_000
+"""Refused inputs kept at most, however small (a flood of 10-byte junk frames would otherwise
+fill the table with millions of rows within ``refused_keep_bytes``); the oldest are dropped."""
 
 
 class RefusedError(MrrpError):
@@ -131,18 +135,23 @@ def forget(store: Store, dropped: list[str]) -> None:
 
 
 def _drop_oldest(conn: sqlite3.Connection, keep_bytes: int) -> list[str]:
-    """Delete the oldest rows until the kept bytes fit; the digests whose rows went."""
-    total = conn.execute("SELECT COALESCE(SUM(kept_bytes), 0) FROM refused_input").fetchone()[0]
+    """Delete the oldest rows until the kept bytes fit and at most :data:`MAX_ROWS` rows
+    remain; the digests whose rows went. The totals come from ``refused_totals`` (kept by
+    triggers), so the cost is that of the rows dropped, not of the rows kept."""
+    count, total = conn.execute(
+        "SELECT row_count, kept_bytes FROM refused_totals WHERE id = 1").fetchone()
     dropped: list[str] = []
-    if total <= keep_bytes:
-        return dropped
-    for row_id, kept, sha in conn.execute(
-            "SELECT id, kept_bytes, sha256 FROM refused_input ORDER BY id").fetchall():
-        if total <= keep_bytes:
+    while total > keep_bytes or count > MAX_ROWS:
+        batch = conn.execute("SELECT id, kept_bytes, sha256 FROM refused_input ORDER BY id "
+                             "LIMIT 256").fetchall()
+        if not batch:
             break
-        conn.execute("DELETE FROM refused_input WHERE id = ?", (row_id,))
-        total -= kept
-        dropped.append(sha)
+        for row_id, kept, sha in batch:
+            if total <= keep_bytes and count <= MAX_ROWS:
+                break
+            conn.execute("DELETE FROM refused_input WHERE id = ?", (row_id,))
+            total, count = total - kept, count - 1
+            dropped.append(sha)
     return dropped
 
 
