@@ -737,7 +737,9 @@ class _IntakeWriter:
 
     @property
     def running(self) -> bool:
-        return self.committer.running
+        """Started by the daemon, and its thread alive (a committer not started yet would
+        start at its first write: that is not a running daemon's listener)."""
+        return self.committer.started and self.committer.running
 
     def start(self) -> None:
         self.committer.start()
@@ -811,7 +813,7 @@ def components_from_config(config: Config, clock: Clock = system_clock) -> Compo
         if hl7.allowed_addresses else None))
     components = Components(listeners=[scp, mllp], clock=clock,
                             checks={"dicom": lambda: scp.running, "hl7": lambda: mllp.running,
-                                    "intake-writer": lambda: writer.committer.running})
+                                    "intake-writer": lambda: writer.running})
     if config.http.port:
         components.listeners.append(HealthServer(
             config.paths.db_file, config.paths.objects_dir, config.http.bind, config.http.port,

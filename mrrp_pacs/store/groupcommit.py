@@ -89,6 +89,12 @@ class GroupCommitter:
             return False
         return self._thread is None or self._thread.is_alive()
 
+    @property
+    def started(self) -> bool:
+        """The writer thread was started (by :meth:`start` or a first :meth:`submit`) and
+        has not been stopped since."""
+        return self._thread is not None
+
     def start(self) -> None:
         """Start the writer thread (:meth:`submit` starts it too, unless stopped); also after
         :meth:`stop`.
